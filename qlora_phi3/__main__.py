@@ -1,0 +1,7 @@
+"""``python -m qlora_phi3`` (and ``accelerate launch -m qlora_phi3``) runs the CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""The ``qlora-phi3`` command: parses arguments and dispatches. Nothing heavy is imported here, so
+``--help`` answers instantly; each command imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import UserError
+
+__all__ = ["main"]
+
+
+def _recipe_keys_help() -> str:
+    from .config import field_help
+
+    lines = ["recipe keys (override any with section.key=value):"]
+    for key, doc, default in field_help():
+        lines.append(f"  {key} (default {default!r})\n      {doc}")
+    return "\n".join(lines)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("recipe", nargs=None if required else "?", metavar="RECIPE",
+                   help="recipe YAML file" + ("" if required else " (default: the embedded tiny CPU recipe)"))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. lora.r=32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-phi3",
+        description="QLoRA fine-tuning of Microsoft Phi-3 Mini on one consumer GPU (or offline on a CPU).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `qlora-phi3 COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune with a recipe (no recipe: the tiny offline demo)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_LazyHelp())
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="delete the run already in train.output_dir and start over")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+class _LazyHelp(str):
+    """The recipe-key table for ``train --help``, built only when help is printed."""
+
+    def __new__(cls):
+        return str.__new__(cls, "")
+
+    def __str__(self):
+        return _recipe_keys_help()
+
+    def __bool__(self):
+        return True
+
+
+def _split_recipe_and_overrides(args) -> tuple[str | None, list[str]]:
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        overrides.insert(0, recipe)  # `qlora-phi3 train lora.r=8`: overrides on the default recipe
+        recipe = None
+    return recipe, overrides
+
+
+def _default_recipe() -> str:
+    from .config import RECIPES_DIR
+
+    return str(RECIPES_DIR / "tiny_cpu.yaml") if (RECIPES_DIR / "tiny_cpu.yaml").is_file() else None
+
+
+def _cmd_train(args) -> int:
+    from .config import load_recipe
+
+    recipe_path, overrides = _split_recipe_and_overrides(args)
+    recipe = load_recipe(recipe_path or _default_recipe(), overrides)
+    _quiet_libraries()
+    from .train import train
+
+    train(recipe, resume=args.resume, force=args.force)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Warnings that confuse users more than they help (see PITFALLS #12), silenced once here."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*use_cache=True.*")
+    for name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "transformers", "trl", "peft", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except UserError as e:
+        from .ui import error
+
+        error(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        from .ui import error
+
+        error("interrupted.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The recipe: one typed schema for everything a run needs, loaded from YAML plus ``key=value`` overrides.
+
+Precedence: dataclass defaults < recipe file < command-line ``section.key=value``. Unknown keys and
+wrong types are errors that name the key, the file:line, and the closest valid key. The resolved
+recipe is written next to every output (``recipe.yaml``) so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from .errors import UserError
+
+__all__ = [
+    "DataConfig", "LoraSettings", "ModelConfig", "Recipe", "TrainConfig", "EMBEDDED_DATA", "EMBEDDED_MODEL",
+    "RECIPES_DIR", "load_recipe", "recipe_to_dict", "dump_recipe", "field_help",
+]
+
+EMBEDDED_MODEL = "embedded:tiny-phi3"
+EMBEDDED_DATA = "embedded:tiny-chat"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_torch", "adamw_8bit", "paged_adamw_32bit")
+
+
+def _f(default, doc: str, **kw):
+    """A dataclass field whose help text lives next to it (shown by ``--help`` and in errors)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": doc}, **kw)
+    return field(default=default, metadata={"help": doc}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(EMBEDDED_MODEL, "Hub id or local directory of a Phi-3 model; "
+                           f"'{EMBEDDED_MODEL}' is the tiny offline model shipped with qlora-phi3.")
+    revision: str | None = _f(None, "Hub commit to pin (config fields changed between Phi-3 revisions).")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _f(
+        "auto", "auto = flash_attention_2 when flash-attn is installed and the GPU is Ampere+, else sdpa.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "auto = bfloat16 where supported (CPU, Ampere+), float16 with loss scaling otherwise.")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of the frozen base weights.")
+    double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.37 bit/weight).")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _f(
+        "uint8", "Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype.")
+    trust_remote_code: bool = _f(False, "Run Python code from the model repository (off: native Phi3ForCausalLM).")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(16, "LoRA rank. Memory cost is small (~100 MB at r=16 on Phi-3-mini); quality rises then plateaus.")
+    alpha: int = _f(32, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] = _f(PHI3_TARGETS, "Module names to adapt. Phi-3 fuses q/k/v into qkv_proj and "
+                                                 "gate/up into gate_up_proj.")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f(EMBEDDED_DATA, "Local JSONL file, or a Hugging Face dataset id; "
+                   f"'{EMBEDDED_DATA}' is the bundled synthetic chat set.")
+    split: str = _f("train", "Dataset split to train on (Hub datasets).")
+    revision: str | None = _f(None, "Dataset revision to pin (Hub datasets).")
+    eval_split: str | None = _f(None, "Split to evaluate on; unset = hold out eval_fraction of the training data.")
+    eval_fraction: float = _f(0.05, "Share of samples held out for eval when there is no eval_split.")
+    max_eval_samples: int = _f(200, "Cap on eval samples, so evaluation stays a small share of the run.")
+    max_seq_len: int = _f(1024, "Tokens per sample; longer samples are truncated (and counted). "
+                                "Activation memory grows linearly with it.")
+    max_samples: int | None = _f(None, "Use only the first N training samples (quick experiments).")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/tiny", "Run directory: checkpoints, adapter/, run.json, recipe.yaml.")
+    max_steps: int = _f(-1, "Optimizer steps; -1 = run train.epochs epochs.")
+    epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.")
+    micro_batch_size: int = _f(1, "Samples per forward pass. Activation memory grows linearly with it.")
+    grad_accum: int = _f(8, "Micro-batches per optimizer step: a bigger effective batch at no memory cost.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f("cosine", "LR schedule.")
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming the LR up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = _f(0.3, "Gradient clipping (QLoRA paper value).")
+    optimizer: Literal["paged_adamw_8bit", "adamw_torch", "adamw_8bit", "paged_adamw_32bit"] = _f(
+        "paged_adamw_8bit", "8-bit states cost 2 bytes/param vs 8 for 32-bit AdamW; paged ones spill to CPU "
+                            "instead of OOM on spikes.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: saves several GB at 2k tokens "
+                                            "for ~30% more compute.")
+    seed: int = _f(42, "Seed for init, data order and dropout.")
+    logging_steps: int = _f(10, "Steps between log lines.")
+    eval_steps: int = _f(50, "Steps between evaluations (0 = only at start and end).")
+    save_steps: int = _f(100, "Steps between checkpoints (0 = none).")
+    save_total_limit: int = _f(2, "Checkpoints kept; older ones are deleted.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu.")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+
+SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig}
+
+
+def field_help() -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every recipe field, for ``--help`` and docs."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{section}.{f.name}", f.metadata.get("help", ""), default))
+    return rows
+
+
+def _all_keys() -> list[str]:
+    return [key for key, _, _ in field_help()]
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close and "." in key:  # 'lora.rank' -> compare the leaf too
+        leaf = key.rsplit(".", 1)[-1]
+        close = [c for c in candidates if difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1]], cutoff=0.6)][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {type(None): "null", int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp) -> Any:
+    """``value`` as type ``tp``, or ``_NO``. Strings from the command line are parsed by the schema's type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        for c in choices:  # `gradient_checkpointing=true` arrives as the string 'true'
+            if isinstance(value, str) and str(c).lower() == value.lower():
+                return c
+        return _NO
+    if origin is Union or type(tp).__name__ == "UnionType":
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None if type(None) in args else _NO
+        for a in args:
+            if a is type(None):
+                continue
+            out = _coerce(value, a)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list):
+            return _NO
+        items = [_coerce(v, inner) for v in value]
+        return _NO if any(i is _NO for i in items) else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        return _NO
+    if tp is int:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                return _NO
+        return _NO
+    if tp is float:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '2e-4' as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _NO
+        return _NO
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        return _NO
+    raise TypeError(f"unsupported schema type {tp}")  # a bug in the schema, not user input
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """1-based line of every dotted key in a YAML document, for file:line messages."""
+    import yaml
+
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _set_field(recipe: Recipe, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise UserError(f"{where}: unknown key '{key}'{_suggest(key, _all_keys())}. "
+                        f"Keys look like section.name with sections {', '.join(SECTIONS)}.")
+    section, name = parts
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise UserError(f"{where}: unknown key '{key}'{_suggest(key, _all_keys())}.")
+    out = _coerce(value, hints[name])
+    if out is _NO:
+        raise UserError(f"{where}: '{key}' must be {_type_name(hints[name])}, got {value!r}.")
+    setattr(getattr(recipe, section), name, out)
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not key=value (e.g. lora.r=32 train.max_steps=10).")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
+    """Values that have the right type but cannot work; checked before any model is loaded."""
+
+    def where(key):
+        return origins.get(key, f"{source} (default value)")
+
+    checks = [
+        ("lora.r", recipe.lora.r >= 1, "must be at least 1"),
+        ("lora.alpha", recipe.lora.alpha >= 1, "must be at least 1"),
+        ("lora.dropout", 0.0 <= recipe.lora.dropout < 1.0, "must be in [0, 1)"),
+        ("lora.target_modules", len(recipe.lora.target_modules) > 0, "must name at least one module"),
+        ("data.max_seq_len", recipe.data.max_seq_len >= 16, "must be at least 16 tokens"),
+        ("data.eval_fraction", 0.0 <= recipe.data.eval_fraction < 1.0, "must be in [0, 1)"),
+        ("data.max_eval_samples", recipe.data.max_eval_samples >= 1, "must be at least 1"),
+        ("data.max_samples", recipe.data.max_samples is None or recipe.data.max_samples >= 1, "must be at least 1"),
+        ("train.max_steps", recipe.train.max_steps == -1 or recipe.train.max_steps >= 1,
+         "must be -1 (use train.epochs) or at least 1"),
+        ("train.epochs", recipe.train.epochs > 0, "must be positive"),
+        ("train.micro_batch_size", recipe.train.micro_batch_size >= 1, "must be at least 1"),
+        ("train.grad_accum", recipe.train.grad_accum >= 1, "must be at least 1"),
+        ("train.lr", recipe.train.lr > 0, "must be positive"),
+        ("train.warmup_ratio", 0.0 <= recipe.train.warmup_ratio < 1.0, "must be in [0, 1)"),
+        ("train.weight_decay", recipe.train.weight_decay >= 0, "must be non-negative"),
+        ("train.max_grad_norm", recipe.train.max_grad_norm > 0, "must be positive"),
+        ("train.logging_steps", recipe.train.logging_steps >= 1, "must be at least 1"),
+        ("train.eval_steps", recipe.train.eval_steps >= 0, "must be 0 or more"),
+        ("train.save_steps", recipe.train.save_steps >= 0, "must be 0 or more"),
+        ("train.save_total_limit", recipe.train.save_total_limit >= 1, "must be at least 1"),
+    ]
+    for key, ok, what in checks:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(recipe, section), name)
+            raise UserError(f"{where(key)}: '{key}' {what}, got {value!r}.")
+    if not recipe.train.output_dir.strip():
+        raise UserError(f"{where('train.output_dir')}: 'train.output_dir' must not be empty.")
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults, then the YAML file at ``path`` (if any), then ``section.key=value`` overrides."""
+    import yaml
+
+    recipe = Recipe()
+    origins: dict[str, str] = {}  # dotted key -> where it was set, for error messages
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            hint = f" Shipped recipes: {', '.join(sorted(x.name for x in RECIPES_DIR.glob('*.yaml')))}." \
+                if RECIPES_DIR.is_dir() else ""
+            raise UserError(f"recipe file not found: {p}.{hint}")
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8.")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise UserError(f"{loc}: invalid YAML: {getattr(e, 'problem', None) or e}.")
+        lines = _yaml_lines(text)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: a recipe is a mapping with sections {', '.join(SECTIONS)}, got {type(data).__name__}.")
+        for section, body in data.items():
+            sec_where = f"{p}:{lines.get(str(section), 1)}"
+            if section not in SECTIONS:
+                raise UserError(f"{sec_where}: unknown section '{section}'"
+                                f"{_suggest(str(section), list(SECTIONS))}; sections are {', '.join(SECTIONS)}.")
+            if body is None:
+                continue
+            if not isinstance(body, dict):
+                raise UserError(f"{sec_where}: section '{section}' must be a mapping of keys, got {body!r}.")
+            for name, value in body.items():
+                key = f"{section}.{name}"
+                origins[key] = f"{p}:{lines.get(key, lines.get(section, 1))}"
+                _set_field(recipe, key, value, origins[key])
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        origins[key] = f"command line '{text}'"
+        _set_field(recipe, key, value, origins[key])
+    recipe.source = source
+    _check_values(recipe, origins, source)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return {section: dataclasses.asdict(getattr(recipe, section)) for section in SECTIONS}
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe as YAML that ``load_recipe`` reads back to the same values."""
+    import yaml
+
+    header = f"# Resolved recipe (defaults < {recipe.source} < command-line overrides).\n"
+    path.write_text(header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,188 @@
+"""Loading Phi-3 for QLoRA: device, compute dtype and attention choice, 4-bit NF4 base, tokenizer.
+
+The embedded tiny model and the real ``microsoft/Phi-3-mini-*`` go through the same
+``from_pretrained`` calls here; only the path differs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import EMBEDDED_MODEL, ModelConfig
+from .errors import UserError
+
+__all__ = ["Choice", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype", "pick_device",
+           "resolve_model_path", "read_model_config", "quantization_config"]
+
+END_TOKEN = "<|end|>"
+EOT_TOKEN = "<|endoftext|>"
+
+
+@dataclass
+class Choice:
+    """A decision made on the user's behalf, with the reason printed next to it."""
+    value: str
+    reason: str
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == EMBEDDED_MODEL:
+        from .tiny import TINY_MODEL_DIR
+
+        return str(TINY_MODEL_DIR)
+    return name_or_path
+
+
+def pick_device(requested: str = "auto") -> Choice:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible to PyTorch (check the driver, "
+                        "CUDA_VISIBLE_DEVICES, or that a CUDA build of torch is installed); use train.device=auto.")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return Choice("cpu", "no CUDA GPU visible" if requested == "auto" else "train.device=cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0"))  # one device per process under accelerate/torchrun
+    return Choice(f"cuda:{index}", torch.cuda.get_device_name(index))
+
+
+def pick_compute_dtype(requested: str, device: str) -> Choice:
+    import torch
+
+    if requested != "auto":
+        if requested == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+            raise UserError(f"model.compute_dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16 "
+                            "support (pre-Ampere); use model.compute_dtype=float16 or auto.")
+        return Choice(requested, "model.compute_dtype")
+    if device == "cpu":
+        return Choice("bfloat16", "CPU: bf16 kernels, no loss scaling needed")
+    if torch.cuda.is_bf16_supported():
+        return Choice("bfloat16", "GPU supports bf16")
+    return Choice("float16", "GPU lacks bf16 (pre-Ampere): fp16 compute with loss scaling, fp32 adapter weights")
+
+
+def pick_attention(requested: str, device: str) -> Choice:
+    import torch
+
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    on_gpu = device.startswith("cuda")
+    ampere = on_gpu and torch.cuda.get_device_capability(device)[0] >= 8
+    if requested == "flash_attention_2":
+        if not has_flash:
+            raise UserError("model.attn_implementation=flash_attention_2 but flash-attn is not installed; "
+                            "pip install 'qlora-phi3[flash]' or use model.attn_implementation=auto.")
+        if not ampere:
+            raise UserError("model.attn_implementation=flash_attention_2 needs an Ampere or newer GPU; "
+                            "use model.attn_implementation=auto (sdpa).")
+        return Choice(requested, "model.attn_implementation")
+    if requested != "auto":
+        return Choice(requested, "model.attn_implementation")
+    if has_flash and ampere:
+        return Choice("flash_attention_2", "flash-attn installed and GPU is Ampere or newer")
+    if not on_gpu:
+        return Choice("sdpa", "CPU: flash-attn needs a CUDA GPU")
+    if not has_flash:
+        return Choice("sdpa", "flash-attn not installed (pip install 'qlora-phi3[flash]')")
+    return Choice("sdpa", "GPU older than Ampere: flash-attn 2 unsupported")
+
+
+def read_model_config(cfg: ModelConfig):
+    """The model's ``config.json`` only (no weights): for validation and estimates."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(_not_found(cfg, e)) from None
+    except ValueError as e:
+        raise UserError(f"model.name_or_path={cfg.name_or_path!r}: cannot read its config: {e}") from None
+
+
+def _not_found(cfg: ModelConfig, err: Exception) -> str:
+    if Path(cfg.name_or_path).expanduser().exists() or cfg.name_or_path.startswith((".", "/", "~")):
+        return (f"model.name_or_path={cfg.name_or_path!r}: not a model directory (needs config.json, "
+                f"tokenizer and *.safetensors): {str(err).splitlines()[0]}")
+    return (f"model.name_or_path={cfg.name_or_path!r}: not found locally and the Hub is unreachable or has no "
+            f"such repo/revision. Download it once with `hf download {cfg.name_or_path}"
+            f"{' --revision ' + cfg.revision if cfg.revision else ''}` on a connected machine, or point "
+            f"model.name_or_path at a local directory. ({str(err).splitlines()[0]})")
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """Phi-3 tokenizer set up for training: pad = unk (never eos), right padding."""
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(_not_found(cfg, e)) from None
+    if tok.convert_tokens_to_ids(END_TOKEN) in (None, tok.unk_token_id):
+        raise UserError(f"{cfg.name_or_path}: tokenizer has no {END_TOKEN} token; this is not a Phi-3 chat tokenizer.")
+    if tok.unk_token is None:
+        raise UserError(f"{cfg.name_or_path}: tokenizer has no unk token to pad with (Phi-3 pads with <unk>).")
+    # pad == eos would mask the end token out of the loss and the model would never learn to stop.
+    tok.pad_token = tok.unk_token
+    tok.padding_side = "right"
+    if not tok.chat_template:
+        raise UserError(f"{cfg.name_or_path}: tokenizer has no chat template; Phi-3 tokenizers ship one.")
+    return tok
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage),
+    )
+
+
+def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implementation: str):
+    """The frozen 4-bit base model on ``device``; non-quantized weights in the compute dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet_bitsandbytes()
+    path = resolve_model_path(cfg.name_or_path)
+    if cfg.trust_remote_code:
+        from .ui import warn
+
+        warn("model.trust_remote_code=true: Python code from the model repository will run on this machine.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            quantization_config=quantization_config(cfg, compute_dtype),
+            dtype=getattr(torch, compute_dtype),
+            device_map={"": device},
+            attn_implementation=attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
+        )
+    except OSError as e:
+        raise UserError(_not_found(cfg, e)) from None
+    if model.config.model_type != "phi3":
+        from .ui import warn
+
+        warn(f"{cfg.name_or_path} is a '{model.config.model_type}' model; qlora-phi3 is built and tested for Phi-3.")
+    # KV cache is useless in training and warns under checkpointing; set on the live config only.
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _quiet_bitsandbytes() -> None:
+    """bitsandbytes logs an optional-kernel miss on CPU at every load; it is noise to our users."""
+    import logging
+
+    for name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.cpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)

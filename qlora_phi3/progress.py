@@ -1,0 +1,75 @@
+"""The live training display: a rich progress bar plus one log line per ``train.logging_steps``.
+
+A ``TrainerCallback`` because TRL/transformers own the loop; we only render what they report.
+"""
+
+from __future__ import annotations
+
+import time
+
+from transformers import TrainerCallback
+
+from .memory import PeakMemory
+from .ui import console
+
+__all__ = ["RichProgress"]
+
+
+class RichProgress(TrainerCallback):
+    """Step, loss, learning rate, tokens/s, peak memory and ETA; the numbers also land in ``self.history``."""
+
+    def __init__(self, meter: PeakMemory):
+        self.meter = meter
+        self.history: list[dict] = []
+        self._progress = None
+        self._task = None
+        self._t0 = None
+        self._tokens0 = 0
+        self._last = {}
+
+    def _tokens_per_second(self, state) -> float:
+        elapsed = time.perf_counter() - self._t0 if self._t0 else 0.0
+        return (state.num_input_tokens_seen - self._tokens0) / elapsed if elapsed > 0 else 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._t0 = time.perf_counter()
+        self._tokens0 = state.num_input_tokens_seen
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TextColumn("ETA"), TimeRemainingColumn(), console=console(), transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        mem = self.meter.read()
+        self._last.update(tokens_per_second=self._tokens_per_second(state), peak=mem)
+        stats = f"loss {self._last.get('loss', float('nan')):.4f}  lr {self._last.get('lr', 0):.2e}  " \
+                f"{self._last['tokens_per_second']:,.0f} tok/s  {mem.short()}"
+        self._progress.update(self._task, completed=state.global_step, stats=stats)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "loss" in logs:
+            self._last["loss"] = logs["loss"]
+        if "learning_rate" in logs:
+            self._last["lr"] = logs["learning_rate"]
+        mem = self.meter.read()
+        row = {"step": state.global_step, **logs, "tokens_per_second": self._tokens_per_second(state),
+               "peak_memory_gib": mem.peak_reserved_gib}
+        self.history.append(row)
+        if self._progress is None:
+            return
+        if "eval_loss" in logs:
+            self._progress.console.print(f"step {state.global_step:>5}  [cyan]eval loss {logs['eval_loss']:.4f}[/]")
+        elif "loss" in logs:
+            self._progress.console.print(
+                f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+                f"{row['tokens_per_second']:,.0f} tok/s  peak {mem.short()}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,302 @@
+"""A training run, top to bottom: check inputs, load data and the 4-bit model, attach LoRA, train with
+TRL's SFTTrainer, save the adapter and ``run.json``.
+
+Everything that can be wrong with the user's input is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Recipe, dump_recipe, recipe_to_dict
+from .errors import UserError
+from .ui import info, is_main_process, warn
+
+__all__ = ["RunResult", "prepare_output_dir", "train"]
+
+RUN_MARKERS = ("run.json", "recipe.yaml", "adapter")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_dir: Path
+    run: dict
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS) or any(path.glob("checkpoint-*"))
+
+
+def prepare_output_dir(path: Path, resume: bool, force: bool) -> None:
+    """Refuse to mix two runs in one directory unless told to resume or overwrite; check it is writable."""
+    if resume and force:
+        raise UserError("--resume and --force contradict each other: resume continues the run in "
+                        f"{path}, force deletes it.")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"train.output_dir={str(path)!r} is a file, not a directory.")
+    if path.is_dir() and any(path.iterdir()):
+        if not _is_run_dir(path):
+            raise UserError(f"train.output_dir={str(path)!r} holds files that are not a qlora-phi3 run; "
+                            "choose an empty or new directory.")
+        if force and is_main_process():
+            shutil.rmtree(path)
+        elif not resume and not force:
+            raise UserError(f"train.output_dir={str(path)!r} already holds a run. Add --resume to continue it "
+                            "from its last checkpoint, --force to delete it and start over, or set "
+                            "train.output_dir=NEW_DIR.")
+    elif resume:
+        raise UserError(f"--resume: nothing to resume in {path} (no run there yet); drop --resume.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"train.output_dir={str(path)!r} is not writable ({e.strerror}); "
+                        "choose a directory you can write to.") from None
+
+
+def _sft_config(recipe: Recipe, device: str, compute_dtype: str, n_train: int):
+    from trl import SFTConfig
+
+    t = recipe.train
+    return SFTConfig(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps in transformers 5
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",  # GradScaler loss scaling; LoRA weights stay fp32
+        use_cpu=device == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=[],
+        disable_tqdm=True,  # our rich display replaces tqdm
+        include_num_input_tokens_seen="non_padding",
+        max_length=None,  # already truncated (and counted) in formatting.encode_records
+        packing=False,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _print_coverage(rows) -> None:
+    from rich.table import Table
+
+    from .ui import console
+
+    table = Table(title="LoRA coverage", title_justify="left")
+    for col in ("target", "layers adapted", "trainable params"):
+        table.add_column(col, justify="right" if col != "target" else "left")
+    for r in rows:
+        table.add_row(r.target, f"{r.layers_adapted}/{r.layers_total}", f"{r.trainable_params:,}")
+    table.add_row("[bold]total", "", f"[bold]{sum(r.trainable_params for r in rows):,}")
+    console().print(table)
+
+
+def _load_splits(recipe: Recipe, tokenizer):
+    from .data import load_records
+    from .formatting import encode_records, split_records
+
+    records, report = load_records(recipe.data)
+    if recipe.data.max_samples:
+        records = records[: recipe.data.max_samples]
+    if recipe.data.eval_split:
+        train_recs = records
+        eval_recs, eval_report = load_records(recipe.data, split=recipe.data.eval_split)
+        eval_recs = eval_recs[: recipe.data.max_eval_samples]
+    else:
+        train_recs, eval_recs = split_records(records, recipe.data.eval_fraction, recipe.data.max_eval_samples,
+                                              recipe.train.seed)
+    if report.n_skipped:
+        warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
+        for line in report.summary_lines():
+            info(f"  {line}")
+    train_enc = encode_records(train_recs, tokenizer, recipe.data.max_seq_len)
+    eval_enc = encode_records(eval_recs, tokenizer, recipe.data.max_seq_len)
+    if not train_enc.input_ids:
+        raise UserError(f"no training sample keeps an assistant token within data.max_seq_len="
+                        f"{recipe.data.max_seq_len}; raise data.max_seq_len.")
+    if not eval_enc.input_ids:
+        raise UserError("no eval sample keeps an assistant token within data.max_seq_len; raise data.max_seq_len.")
+    info(f"data: {len(train_enc.input_ids)} train / {len(eval_enc.input_ids)} eval conversations, "
+         f"{train_enc.n_tokens:,} train tokens ({train_enc.n_label_tokens:,} with loss)")
+    for name, enc in (("train", train_enc), ("eval", eval_enc)):
+        if enc.truncated:
+            warn(f"{enc.truncated} {name} samples longer than data.max_seq_len={recipe.data.max_seq_len} were "
+                 f"truncated ({enc.dropped} dropped: no assistant token left).")
+    return train_enc, eval_enc, report
+
+
+def _check_against_model(recipe: Recipe, model_config) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and recipe.data.max_seq_len > limit:
+        raise UserError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's context of {limit} "
+                        f"tokens ({recipe.model.name_or_path}); lower it or use a long-context model "
+                        "(microsoft/Phi-3-mini-128k-instruct).")
+
+
+def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResult:
+    from .model import (load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device,
+                        read_model_config)
+
+    t_start = time.perf_counter()
+    out = Path(recipe.train.output_dir).expanduser()
+    prepare_output_dir(out, resume, force)
+    model_config = read_model_config(recipe.model)
+    _check_against_model(recipe, model_config)
+    device = pick_device(recipe.train.device)
+    dtype = pick_compute_dtype(recipe.model.compute_dtype, device.value)
+    attn = pick_attention(recipe.model.attn_implementation, device.value)
+    info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
+         f"attention [bold]{attn.value}[/] ({attn.reason})")
+
+    tokenizer = load_tokenizer(recipe.model)
+    train_enc, eval_enc, _ = _load_splits(recipe, tokenizer)
+    if is_main_process():
+        dump_recipe(recipe, out / "recipe.yaml")
+
+    from .trainer import build_trainer
+
+    import transformers
+
+    transformers.set_seed(recipe.train.seed)
+    model = load_model(recipe.model, device.value, dtype.value, attn.value)
+    from .lora import attach_lora, coverage
+
+    model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
+    _print_coverage(coverage(model, recipe.lora.target_modules))
+
+    args = _sft_config(recipe, device.value, dtype.value, len(train_enc.input_ids))
+    trainer, progress, meter = build_trainer(model, tokenizer, args, train_enc, eval_enc, device.value)
+    from .checkpoints import last_checkpoint
+    from .runinfo import atomic_write_json, device_info, package_versions
+
+    run_path = out / "run.json"
+    previous = _read_json(run_path) if resume else {}
+    run = {
+        "status": "running",
+        "versions": package_versions(),
+        "device": device_info(device.value),
+        "compute_dtype": dtype.value,
+        "attn_implementation": attn.value,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "recipe": recipe_to_dict(recipe),
+        "dataset": {"source": recipe.data.path, "fingerprint": train_enc.fingerprint(),
+                    "eval_fingerprint": eval_enc.fingerprint(), "train_samples": len(train_enc.input_ids),
+                    "eval_samples": len(eval_enc.input_ids), "train_tokens": train_enc.n_tokens,
+                    "truncated": train_enc.truncated + eval_enc.truncated},
+        "seed": recipe.train.seed,
+        "effective_batch": recipe.train.micro_batch_size * recipe.train.grad_accum
+                           * int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    resume_from = None
+    if resume:
+        resume_from = last_checkpoint(out)
+        if resume_from is None:
+            warn(f"--resume: no complete checkpoint in {out}; starting from step 0.")
+        elif previous.get("dataset", {}).get("fingerprint") not in (None, run["dataset"]["fingerprint"]):
+            raise UserError(f"--resume: the training data changed since {resume_from.name} was written "
+                            "(dataset fingerprint differs); resuming would not continue the same run. "
+                            "Use --force to start over.")
+    meter.reset()
+    if previous.get("eval_loss_start") is not None and resume_from is not None:
+        run["eval_loss_start"] = previous["eval_loss_start"]
+    else:
+        info("evaluating the untrained adapter (step 0)...")
+        run["eval_loss_start"] = trainer.evaluate()["eval_loss"]
+    info(f"eval loss at step 0: {run['eval_loss_start']:.4f}")
+    if is_main_process():
+        atomic_write_json(run_path, run)
+
+    meter.reset()
+    t_train = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - t_train
+    peak = meter.read()
+    run["eval_loss_end"] = trainer.evaluate()["eval_loss"]
+    losses = [h["loss"] for h in progress.history if "loss" in h]
+    tokens = trainer.state.num_input_tokens_seen - progress._tokens0
+    run.update(
+        status="completed",
+        steps=trainer.state.global_step,
+        train_loss_start=previous.get("train_loss_start", losses[0] if losses else None),
+        train_loss_end=losses[-1] if losses else None,
+        train_seconds=round(train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - t_start, 2),
+        tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        peak_memory=peak.as_dict(),
+        history=progress.history,
+    )
+    adapter_dir = out / "adapter"
+    if is_main_process():
+        _save_adapter(trainer.model, tokenizer, recipe, adapter_dir)
+        run["adapter_dir"] = str(adapter_dir)
+        atomic_write_json(run_path, run)
+    meter.close()
+    ratio = run["eval_loss_end"] / run["eval_loss_start"] if run["eval_loss_start"] else float("nan")
+    info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss {run['eval_loss_start']:.4f} -> "
+         f"{run['eval_loss_end']:.4f} ({ratio:.0%} of step 0), peak memory {peak.short()}, "
+         f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
+    info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
+    return RunResult(out, adapter_dir, run)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path) -> None:
+    """Adapter (safetensors), tokenizer and chat template, and the base model's identity, written to a
+    temporary directory and renamed, so ``adapter/`` is either complete or absent."""
+    from .runinfo import atomic_write_json
+
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    base = peft_model.get_base_model().config
+    atomic_write_json(tmp / "qlora_phi3.json", {
+        "base_model": recipe.model.name_or_path,
+        "revision": recipe.model.revision,
+        "base_config": {k: getattr(base, k, None) for k in (
+            "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "max_position_embeddings")},
+        "lora": recipe_to_dict(recipe)["lora"],
+        "max_seq_len": recipe.data.max_seq_len,
+    })
+    old = adapter_dir.with_name(adapter_dir.name + ".old")
+    if adapter_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        adapter_dir.rename(old)
+    tmp.rename(adapter_dir)
+    shutil.rmtree(old, ignore_errors=True)
