@@ -39,25 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune with a recipe (no recipe: the tiny offline demo)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_LazyHelp())
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_recipe_keys_help())
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
     p.add_argument("--force", action="store_true", help="delete the run already in train.output_dir and start over")
     p.set_defaults(func=_cmd_train)
     return parser
-
-
-class _LazyHelp(str):
-    """The recipe-key table for ``train --help``, built only when help is printed."""
-
-    def __new__(cls):
-        return str.__new__(cls, "")
-
-    def __str__(self):
-        return _recipe_keys_help()
-
-    def __bool__(self):
-        return True
 
 
 def _split_recipe_and_overrides(args) -> tuple[str | None, list[str]]:

@@ -173,11 +173,22 @@ def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implement
         from .ui import warn
 
         warn(f"{cfg.name_or_path} is a '{model.config.model_type}' model; qlora-phi3 is built and tested for Phi-3.")
+    _keep_cpu_4bit_format(model)
     # KV cache is useless in training and warns under checkpointing; set on the live config only.
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _keep_cpu_4bit_format(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster kernel the first time a
+    layer runs in eval mode without grad, and converts them back when a state dict is taken. That inverse
+    is lossy (it re-quantizes the nested absmax), so a base that was evaluated and then saved would no
+    longer be bit-identical to the loaded one, and its logits would drift. We keep the one packed format."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _quiet_bitsandbytes() -> None:

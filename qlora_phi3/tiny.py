@@ -100,7 +100,16 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     config.eos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # as in Phi-3's config.json
     torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    model = Phi3ForCausalLM(config)
+    with torch.no_grad():
+        # A random base with a quiet residual stream (small o_proj/down_proj, as GPT-2 scales them) and a
+        # confident lm_head: LoRA on a frozen random net then learns the synthetic tasks within a minute
+        # (measured: eval loss 0.8 -> 0.12 over the same 300 steps, versus no recall with plain init).
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.mul_(0.05)
+        model.lm_head.weight.mul_(3.0)
+    model = model.to(torch.bfloat16)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(

@@ -26,6 +26,7 @@ class RunResult:
     output_dir: Path
     adapter_dir: Path
     run: dict
+    model: object = None  # the trained PEFT model, for callers in the same process (tests, merge checks)
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -263,7 +264,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
          f"{run['eval_loss_end']:.4f} ({ratio:.0%} of step 0), peak memory {peak.short()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
-    return RunResult(out, adapter_dir, run)
+    return RunResult(out, adapter_dir, run, trainer.model)
 
 
 def _read_json(path: Path) -> dict:

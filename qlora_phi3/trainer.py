@@ -25,4 +25,10 @@ def build_trainer(model, tokenizer, args, train_enc, eval_enc, device: str):
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    # SFTTrainer casts LoRA weights of a quantized model to bf16, whatever the compute dtype. Keep them fp32:
+    # fp16 loss scaling needs fp32 master weights, and bf16 weights drop updates below 1/256 of their size.
+    # Done before train() builds the optimizer, so its states are fp32-shaped too.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     return trainer, progress, meter

@@ -19,7 +19,7 @@ def console():
     if _console is None:
         from rich.console import Console
 
-        _console = Console(highlight=False, quiet=not is_main_process())
+        _console = Console(highlight=False, soft_wrap=True, quiet=not is_main_process())
     return _console
 
 
@@ -35,4 +35,4 @@ def error(msg: str) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(msg)}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}")
