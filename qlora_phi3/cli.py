@@ -37,14 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # One function per command, each adding its own subparser (keep this list in README order).
+    for add in (_add_train,):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with a recipe (no recipe: the tiny offline demo)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_recipe_keys_help())
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
     p.add_argument("--force", action="store_true", help="delete the run already in train.output_dir and start over")
     p.set_defaults(func=_cmd_train)
-    return parser
 
 
 def _split_recipe_and_overrides(args) -> tuple[str | None, list[str]]:

@@ -72,6 +72,11 @@ class DataConfig:
     max_seq_len: int = _f(1024, "Tokens per sample; longer samples are truncated (and counted). "
                                 "Activation memory grows linearly with it.")
     max_samples: int | None = _f(None, "Use only the first N training samples (quick experiments).")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = _f(
+        "auto", "Record format; auto detects it from the first valid record's fields.")
+    strict: bool = _f(False, "Fail on the first bad record instead of skipping it.")
+    max_bad_fraction: float = _f(0.1, "Fail if more than this share of records is bad (skipped).")
+    packing: bool = _f(False, "Pack samples into rows of max_seq_len without padding, with no attention across samples.")
 
 
 @dataclass
@@ -89,8 +94,9 @@ class TrainConfig:
     optimizer: Literal["paged_adamw_8bit", "adamw_torch", "adamw_8bit", "paged_adamw_32bit"] = _f(
         "paged_adamw_8bit", "8-bit states cost 2 bytes/param vs 8 for 32-bit AdamW; paged ones spill to CPU "
                             "instead of OOM on spikes.")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: saves several GB at 2k tokens "
-                                            "for ~30% more compute.")
+    gradient_checkpointing: bool | Literal["offload"] = _f(
+        True, "Recompute activations in backward: saves several GB at 2k tokens for ~30% more compute; "
+              "'offload' also keeps the saved layer inputs in pinned CPU memory.")
     seed: int = _f(42, "Seed for init, data order and dropout.")
     logging_steps: int = _f(10, "Steps between log lines.")
     eval_steps: int = _f(50, "Steps between evaluations (0 = only at start and end).")
@@ -289,6 +295,7 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("data.eval_fraction", 0.0 <= recipe.data.eval_fraction < 1.0, "must be in [0, 1)"),
         ("data.max_eval_samples", recipe.data.max_eval_samples >= 1, "must be at least 1"),
         ("data.max_samples", recipe.data.max_samples is None or recipe.data.max_samples >= 1, "must be at least 1"),
+        ("data.max_bad_fraction", 0.0 <= recipe.data.max_bad_fraction <= 1.0, "must be in [0, 1]"),
         ("train.max_steps", recipe.train.max_steps == -1 or recipe.train.max_steps >= 1,
          "must be -1 (use train.epochs) or at least 1"),
         ("train.epochs", recipe.train.epochs > 0, "must be positive"),

@@ -79,7 +79,7 @@ def _sft_config(recipe: Recipe, device: str, compute_dtype: str, n_train: int):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=bool(t.gradient_checkpointing),
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=compute_dtype == "bfloat16",
         fp16=compute_dtype == "float16",  # GradScaler loss scaling; LoRA weights stay fp32
