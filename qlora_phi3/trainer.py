@@ -5,16 +5,26 @@ from __future__ import annotations
 __all__ = ["build_trainer"]
 
 
+def _trainer_class():
+    from trl import SFTTrainer
+
+    from .checkpoints import AtomicCheckpoints
+
+    class QloraTrainer(AtomicCheckpoints, SFTTrainer):
+        """TRL's SFTTrainer plus what it cannot do: atomic checkpoints (see checkpoints.py)."""
+
+    return QloraTrainer
+
+
 def build_trainer(model, tokenizer, args, train_enc, eval_enc, device: str):
     from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
 
     from .memory import PeakMemory
     from .progress import RichProgress
 
     meter = PeakMemory(device)
     progress = RichProgress(meter)
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         # Pre-tokenized with labels: SFTTrainer keeps our assistant-only labels as they are.
