@@ -1,22 +1,32 @@
-"""Reading chat data: local JSONL or a Hugging Face dataset, validated record by record.
+"""Reading chat data (JSONL, JSON arrays, Parquet, gzip, Hugging Face datasets), validated record by record.
 
 Each record becomes a list of ``{"role", "content"}`` messages plus where it came from
-(``file:line`` or ``dataset[split]#index``), so every problem can be reported precisely.
+(``file:line``, ``file.parquet#row`` or ``dataset[split]#index``), so every problem is reported
+precisely. The policy lives here so training and ``qlora-phi3 data`` agree: bad records are skipped
+and counted; the load fails if more than ``data.max_bad_fraction`` are bad or nothing usable is left;
+``data.strict`` fails on the first bad record. Exact duplicates are reported (with the line of the
+first copy) and dropped unless ``data.drop_duplicates`` is false; they are not "bad".
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EMBEDDED_DATA, DataConfig
 from .errors import UserError
+from .formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
 __all__ = ["ChatRecord", "LoadReport", "load_records", "resolve_data_path", "validate_messages"]
 
 EMBEDDED_DATA_FILE = Path(__file__).parent / "assets" / "tiny_chat.jsonl"
 ROLES = ("system", "user", "assistant")
+_EXAMPLE = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'
 
 
 @dataclass
@@ -28,121 +38,299 @@ class ChatRecord:
 @dataclass
 class LoadReport:
     source: str
-    total: int = 0
-    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> origins
+    total: int = 0  # records read (blank lines not counted)
+    format: str = ""  # the format the records were read as
+    format_origin: str = ""  # "data.format" or "detected from file:line"
+    skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # reason -> [(origin, detail)]
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (origin, origin of the first copy)
+    duplicates_dropped: bool = True
+    notes: list[str] = field(default_factory=list)  # harmless things fixed on the way (BOM, CRLF, ...)
 
-    def skip(self, reason: str, origin: str) -> None:
-        self.skipped.setdefault(reason, []).append(origin)
+    def skip(self, reason: str, origin: str, detail: str = "") -> None:
+        self.skipped.setdefault(reason, []).append((origin, detail))
+
+    @property
+    def n_bad(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
 
     @property
     def n_skipped(self) -> int:
-        return sum(len(v) for v in self.skipped.values())
+        return self.n_bad + (len(self.duplicates) if self.duplicates_dropped else 0)
 
     def summary_lines(self, examples: int = 3) -> list[str]:
-        return [f"{len(origins)} x {reason} (e.g. {', '.join(origins[:examples])})"
-                for reason, origins in sorted(self.skipped.items(), key=lambda kv: -len(kv[1]))]
+        """One line per reason, most frequent first, with the first examples' file:line."""
+        lines = []
+        for reason, hits in sorted(self.skipped.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(f"{o} ({d})" if d else o for o, d in hits[:examples])
+            lines.append(f"{len(hits)} x {reason}: {shown}{', ...' if len(hits) > examples else ''}")
+        if self.duplicates:
+            verb = "skipped" if self.duplicates_dropped else "kept (data.drop_duplicates=false)"
+            shown = ", ".join(f"{o} (same as {first})" for o, first in self.duplicates[:examples])
+            lines.append(f"{len(self.duplicates)} x exact duplicate, {verb}: {shown}"
+                         f"{', ...' if len(self.duplicates) > examples else ''}")
+        return lines
 
 
 def resolve_data_path(path: str) -> str:
     return str(EMBEDDED_DATA_FILE) if path == EMBEDDED_DATA else path
 
 
-def validate_messages(messages) -> str | None:
-    """Why ``messages`` cannot be trained on, or None if it can."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' is not a non-empty list"
+def _turn_problem(messages) -> RecordProblem | None:
+    """Why OpenAI-style ``messages`` cannot be trained on, or None if they can."""
+    if not isinstance(messages, list):
+        return RecordProblem("not a list of turns", f"got {type(messages).__name__}")
+    if not messages:
+        return RecordProblem("empty conversation", "no turns")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"message {i} lacks 'role' or 'content'"
+        if not isinstance(m, dict):
+            return RecordProblem("malformed turn", f"message {i} is {type(m).__name__}, not an object")
+        if "role" not in m:
+            return RecordProblem("missing role", f"message {i} has no 'role'")
         if m["role"] not in ROLES:
-            return f"message {i} has unknown role {m['role']!r} (expected system, user or assistant)"
+            return RecordProblem("unknown role", f"message {i} role {m['role']!r} (expected system, user, assistant)")
+        if "content" not in m or m["content"] is None:
+            return RecordProblem("missing content", f"message {i} ({m['role']}) has no 'content'")
         if not isinstance(m["content"], str):
-            return f"message {i} content is not a string"
+            return RecordProblem("non-string content", f"message {i} ({m['role']}) content is "
+                                                       f"{type(m['content']).__name__}")
         if not m["content"].strip():
-            return f"message {i} ({m['role']}) has empty content"
+            return RecordProblem("empty content", f"message {i} ({m['role']})")
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
-        return "no assistant turn"
+        return RecordProblem("no assistant turn", f"roles {roles}")
     if "system" in roles[1:]:
-        return "system turn not first"
+        return RecordProblem("system turn not first", f"message {roles.index('system', 1)}")
     body = roles[1:] if roles[0] == "system" else roles
-    if body[0] != "user":
-        return "first turn after the system prompt is not a user turn"
-    for a, b in zip(body, body[1:]):
+    if body[0] == "assistant":
+        return RecordProblem("assistant turn first", "the first non-system turn must be a user turn")
+    for i, (a, b) in enumerate(zip(body, body[1:]), start=len(roles) - len(body) + 1):
         if a == b:
-            return f"two {a} turns in a row"
+            return RecordProblem("repeated role", f"messages {i - 1} and {i} are both {a}")
     return None
 
 
-def _read_jsonl(path: Path, report: LoadReport) -> list[tuple[object, str]]:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise UserError(f"{path}: the data file is empty; it should hold one JSON conversation per line.")
-    rows = []
+def validate_messages(messages) -> str | None:
+    """Why ``messages`` cannot be trained on (``"reason: detail"``), or None if it can."""
+    problem = _turn_problem(messages)
+    return str(problem) if problem else None
+
+
+# ---- reading: every reader yields (row, origin, problem) with problem set for unreadable rows ----
+
+def _decode_text(raw: bytes, path: Path, report: LoadReport) -> bytes:
+    """``raw`` with a UTF-8 BOM removed; UTF-16 files (Windows 'Unicode') are refused with a fix."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path}: the file is UTF-16 encoded (Windows 'Unicode'); save it as UTF-8.")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        report.notes.append("UTF-8 byte-order mark (BOM) at the start of the file ignored")
+        raw = raw[3:]
+    if b"\r\n" in raw:
+        report.notes.append("Windows (CRLF) line ends read as plain line ends")
+    return raw
+
+
+def _jsonl_rows(raw: bytes, path: Path, report: LoadReport) -> Iterator[tuple[object, str, RecordProblem | None]]:
+    blank = 0
     for lineno, line in enumerate(raw.splitlines(), start=1):
         origin = f"{path}:{lineno}"
-        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 BOM from Windows editors
-        line = line.strip()  # also drops the \r of CRLF line ends
+        line = line.strip()  # also drops a stray \r
         if not line:
+            blank += 1
             continue
-        report.total += 1
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            report.skip(f"not UTF-8 (byte {e.start})", origin)
+            yield None, origin, RecordProblem("not UTF-8", f"byte 0x{line[e.start]:02x} at column {e.start + 1}; "
+                                                             "re-save the file as UTF-8")
             continue
         try:
-            rows.append((json.loads(text), origin))
+            yield json.loads(text), origin, None
         except json.JSONDecodeError as e:
-            report.skip(f"malformed JSON ({e.msg})", origin)
-    return rows
+            yield None, origin, RecordProblem("malformed JSON", f"{e.msg} at column {e.colno}")
+    if blank:
+        report.notes.append(f"{blank} blank line{'s' if blank > 1 else ''} ignored")
 
 
-def _read_hub(cfg: DataConfig, split: str, report: LoadReport) -> list[tuple[object, str]]:
+def _json_array_rows(raw: bytes, path: Path) -> Iterator[tuple[object, str, RecordProblem | None]]:
+    """A file holding one JSON array of records; each record's origin is the line it starts on."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8.") from None
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+
+    def fail(msg: str, at: int):
+        line = text.count("\n", 0, at) + 1
+        col = at - (text.rfind("\n", 0, at) + 1) + 1
+        raise UserError(f"{path}:{line}: malformed JSON array ({msg} at column {col}); a broken array cannot be "
+                        "read past the error, so fix it (or write one JSON object per line, JSONL).")
+
+    def skip_ws(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    pos = skip_ws(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            fail(e.msg, e.pos)
+        yield obj, f"{path}:{text.count(chr(10), 0, pos) + 1}", None
+        pos = skip_ws(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            if skip_ws(pos + 1) != len(text):
+                fail("extra data after the array", skip_ws(pos + 1))
+            return
+        fail("expected ',' or ']'", pos)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[object, str, RecordProblem | None]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield row, f"{path}#{index}", None
+                index += 1
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}).") from None
+
+
+def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport):
+    """Rows of a ``datasets.Dataset``, reading only the columns its format needs."""
+    detected = detect_format(ds.column_names)
+    fmt = fmt or detected
+    if fmt is None or not set(ds.column_names).issuperset(FORMATS[fmt]):
+        raise UserError(f"{name}: columns {ds.column_names} do not match "
+                        f"{'data.format=' + fmt if fmt else 'any known format'}; expected {describe_formats()}.")
+    if not report.format:
+        report.format, report.format_origin = fmt, f"detected from the columns of {name}"
+    ds = ds.select_columns(format_columns(fmt, ds.column_names))
+    for i, row in enumerate(ds):
+        yield row, f"{name}#{i}", None
+
+
+def _read_hub(cfg: DataConfig, split: str):
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.path, split=split, revision=cfg.revision)
+        return datasets.load_dataset(cfg.path, split=split, revision=cfg.revision)
     except FileNotFoundError as e:
         raise UserError(f"data.path={cfg.path!r}: no such local file, and no such dataset on the Hub "
                         f"({str(e).splitlines()[0]}).") from None
     except (ConnectionError, OSError) as e:
         raise UserError(f"data.path={cfg.path!r}: the Hugging Face Hub is unreachable and the dataset is not "
                         f"cached ({str(e).splitlines()[0]}). Download it once on a connected machine or use a "
-                        "local JSONL file.") from None
+                        "local file (JSONL, JSON, Parquet, .jsonl.gz).") from None
     except ValueError as e:  # unknown split
         raise UserError(f"data.path={cfg.path!r}: {str(e).splitlines()[0]}") from None
-    report.total += len(ds)
-    return [(row, f"{cfg.path}[{split}]#{i}") for i, row in enumerate(ds)]
+
+
+def _read_saved(directory: Path, split: str):
+    """A directory written by ``Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(directory))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{directory}: no split {split!r}; it has {', '.join(ds)}. Set data.split.")
+        return ds[split]
+    return ds
+
+
+def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
+    local = Path(path).expanduser()
+    fmt = None if cfg.format == "auto" else cfg.format
+    if local.is_dir():
+        if not any((local / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            raise UserError(f"data.path={cfg.path!r} is a directory; point it at a data file (.jsonl, .json, "
+                            ".parquet, .jsonl.gz) or a directory written by Dataset.save_to_disk.")
+        return _dataset_rows(_read_saved(local, split), f"{local}[{split}]", fmt, report)
+    if not local.is_file():
+        if local.suffix in (".jsonl", ".json", ".gz", ".parquet") or path.startswith((".", "/", "~")):
+            raise UserError(f"data.path={cfg.path!r}: file not found (working directory {Path.cwd()}).")
+        return _dataset_rows(_read_hub(cfg, split), f"{cfg.path}[{split}]", fmt, report)
+    try:
+        with local.open("rb") as f:
+            magic = f.read(4)
+        if magic == b"PAR1" or local.suffix == ".parquet":
+            return _parquet_rows(local)
+        raw = local.read_bytes()
+    except OSError as e:
+        raise UserError(f"data.path={cfg.path!r}: cannot read the file ({e.strerror}).") from None
+    if magic[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{local}: a damaged gzip file ({e}); re-compress it or give the plain .jsonl.") from None
+    if not raw.strip():
+        raise UserError(f"{local}: the data file is empty; it should hold one JSON conversation per line, e.g. "
+                        f"{_EXAMPLE}")
+    raw = _decode_text(raw, local, report)
+    if raw.lstrip().startswith(b"["):
+        return _json_array_rows(raw, local)
+    return _jsonl_rows(raw, local, report)
+
+
+def _apply_policy(cfg: DataConfig, report: LoadReport, records: list[ChatRecord]) -> None:
+    summary = "; ".join(report.summary_lines())
+    if not records:
+        raise UserError(f"{report.source}: no usable conversations ({summary or 'no records'}). Expected one of "
+                        f"{describe_formats()}, e.g. {_EXAMPLE}")
+    if report.total and report.n_bad / report.total > cfg.max_bad_fraction:
+        raise UserError(f"{report.source}: {report.n_bad} of {report.total} records are bad "
+                        f"({report.n_bad / report.total:.0%}, more than data.max_bad_fraction="
+                        f"{cfg.max_bad_fraction}): {summary}. Fix them, or raise data.max_bad_fraction to train "
+                        "on the rest.")
 
 
 def load_records(cfg: DataConfig, split: str | None = None) -> tuple[list[ChatRecord], LoadReport]:
-    """Valid records of ``split`` (default ``cfg.split``); invalid ones are skipped and counted."""
+    """Valid records of ``split`` (default ``cfg.split``), and a report of what was skipped and why."""
     path = resolve_data_path(cfg.path)
     split = split or cfg.split
-    report = LoadReport(source=path)
-    local = Path(path).expanduser()
-    if local.is_dir():
-        raise UserError(f"data.path={cfg.path!r} is a directory; point it at a .jsonl file.")
-    if local.is_file():
-        rows = _read_jsonl(local, report)
-    elif local.suffix in (".jsonl", ".json", ".gz", ".parquet") or path.startswith((".", "/", "~")):
-        raise UserError(f"data.path={cfg.path!r}: file not found (working directory {Path.cwd()}).")
-    else:
-        rows = _read_hub(cfg, split, report)
-    records = []
-    for row, origin in rows:
-        if not isinstance(row, dict) or "messages" not in row:
-            report.skip("no 'messages' field", origin)
-            continue
-        problem = validate_messages(row["messages"])
+    report = LoadReport(source=path, duplicates_dropped=cfg.drop_duplicates)
+    fmt = None if cfg.format == "auto" else cfg.format
+    if fmt:
+        report.format, report.format_origin = fmt, "data.format"
+    records: list[ChatRecord] = []
+    first_seen: dict[bytes, str] = {}  # digest of the messages -> origin of the first copy
+    for row, origin, problem in _rows(cfg, path, split, report):
+        report.total += 1
+        messages = None
+        if problem is None:
+            if fmt is None and isinstance(row, dict) and detect_format(row):
+                fmt = detect_format(row)
+                report.format, report.format_origin = fmt, f"detected from {origin}"
+            try:
+                messages = to_messages(row, fmt)
+            except RecordProblem as p:
+                problem = p
+        problem = problem or _turn_problem(messages)
         if problem:
-            report.skip(problem, origin)
+            if cfg.strict:
+                raise UserError(f"{origin}: {problem}. data.strict is true, so the first bad record stops the "
+                                "load; fix the record, or set data.strict=false to skip bad records.")
+            report.skip(problem.reason, origin, problem.detail)
             continue
-        records.append(ChatRecord([{"role": m["role"], "content": m["content"]} for m in row["messages"]], origin))
-    if not records:
-        detail = "; ".join(report.summary_lines()) or "no records"
-        raise UserError(f"{path}: no usable conversations ({detail}). Each line must be "
-                        '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}.')
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        digest = hashlib.blake2b(json.dumps(messages, ensure_ascii=False).encode(), digest_size=16).digest()
+        if digest in first_seen:
+            report.duplicates.append((origin, first_seen[digest]))
+            if cfg.drop_duplicates:
+                continue
+        else:
+            first_seen[digest] = origin
+        records.append(ChatRecord(messages, origin))
+    _apply_policy(cfg, report, records)
     return records, report
