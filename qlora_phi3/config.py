@@ -76,6 +76,8 @@ class DataConfig:
         "auto", "Record format; auto detects it from the first valid record's fields.")
     strict: bool = _f(False, "Fail on the first bad record instead of skipping it.")
     max_bad_fraction: float = _f(0.1, "Fail if more than this share of records is bad (skipped).")
+    drop_duplicates: bool = _f(True, "Skip exact duplicate conversations (each is reported with the file:line "
+                                     "of its first copy either way).")
     packing: bool = _f(False, "Pack samples into rows of max_seq_len without padding, with no attention across samples.")
 
 
