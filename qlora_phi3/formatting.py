@@ -57,6 +57,7 @@ class EncodedSplit:
     origins: list[str]
     truncated: int = 0  # samples cut to max_seq_len
     dropped: int = 0  # samples with no labelled token left after truncation
+    assistant_tokens_lost: int = 0  # labelled (assistant) tokens cut off by truncation
 
     @property
     def n_tokens(self) -> int:
@@ -84,6 +85,7 @@ def encode_records(records: list[ChatRecord], tokenizer, max_seq_len: int) -> En
         ids, labels = encode_conversation(tokenizer, rec.messages)
         if len(ids) > max_seq_len:
             out.truncated += 1
+            out.assistant_tokens_lost += sum(1 for t in labels[max_seq_len:] if t != IGNORE_INDEX)
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             if all(t == IGNORE_INDEX for t in labels):
                 out.dropped += 1
