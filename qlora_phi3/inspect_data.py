@@ -1,0 +1,269 @@
+"""``qlora-phi3 data RECIPE``: what the model will really be trained on, before any GPU time is spent.
+
+Loads the recipe's data with the same validation and policy as training, and the tokenizer (never the
+model); tokenizes every conversation exactly as training does (``formatting.encode_conversation``) and
+reports: counts and skipped records, token-length percentiles and a histogram (text and PNG), what
+``data.max_seq_len`` cuts (samples, assistant tokens, closing ``<|end|>`` labels), tokens and steps per
+epoch for the recipe's batch settings, and one conversation rendered with its loss mask.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import Recipe, recipe_to_dict
+from .errors import UserError
+from .ui import console, info, warn
+
+__all__ = ["DataInspection", "inspect_data", "percentile", "text_histogram"]
+
+PERCENTILES = (50, 90, 95, 99, 100)
+
+
+@dataclass
+class DataInspection:
+    source: str
+    format: str
+    records_read: int
+    usable: int
+    skipped: int
+    duplicates: int
+    train_samples: int  # after the eval hold-out and data.max_samples, before truncation drops
+    eval_samples: int
+    max_seq_len: int
+    token_lengths: list[int] = field(repr=False)  # every usable conversation, before truncation
+    percentiles: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # samples longer than max_seq_len (all usable conversations)
+    dropped: int = 0  # truncated so far that no assistant token is left: training drops them
+    assistant_tokens: int = 0  # before truncation
+    assistant_tokens_lost: int = 0
+    end_unlabelled: list[str] = field(default_factory=list)  # origins: an assistant <|end|> without label
+    end_cut: list[str] = field(default_factory=list)  # origins: an assistant <|end|> beyond max_seq_len
+    tokens_per_epoch: int = 0  # train split, after truncation
+    loss_tokens_per_epoch: int = 0
+    steps_per_epoch: int = 0
+    png_path: str = ""
+    json_path: str = ""
+
+
+def percentile(sorted_values: list[int], p: float) -> int:
+    """Nearest-rank percentile of an ascending list (p=100 is the maximum)."""
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _bins(lengths: list[int], n_bins: int) -> list[tuple[int, int, int]]:
+    """(low, high, count) bins of one round width (1, 2 or 5 x 10^k) covering min..max(lengths)."""
+    raw = max(lengths) / n_bins
+    magnitude = 10 ** math.floor(math.log10(raw)) if raw >= 1 else 1
+    width = next(int(m * magnitude) for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = min(lengths) // width
+    counts = [0] * (max(lengths) // width + 1 - first)
+    for n in lengths:
+        counts[n // width - first] += 1
+    return [((first + i) * width, (first + i + 1) * width, c) for i, c in enumerate(counts)]
+
+
+def text_histogram(lengths: list[int], max_seq_len: int, n_bins: int = 12, bar_chars: int = 40) -> list[str]:
+    """Rows like ``  256-  512 ████████ 31``; rows beyond max_seq_len are marked ``(cut)``."""
+    bins = _bins(lengths, n_bins)
+    peak = max(c for _, _, c in bins) or 1
+    rows = []
+    for lo, hi, count in bins:
+        bar = "█" * round(bar_chars * count / peak) or ("▏" if count else "")
+        # a sample is cut when longer than max_seq_len; the bin holds lengths lo..hi-1
+        mark = "" if not count else "  (cut)" if lo > max_seq_len else "  (partly cut)" if max_seq_len < hi - 1 else ""
+        rows.append(f"{lo:>7,}-{hi:<7,} {bar:<{bar_chars}} {count:>6,}{mark}")
+    return rows
+
+
+def _encode_all(records, tokenizer) -> list[tuple[list[int], list[int]]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .formatting import encode_conversation
+
+    out = []
+    with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console(), transient=True) as bar:
+        task = bar.add_task("tokenize", total=len(records))
+        for rec in records:
+            out.append(encode_conversation(tokenizer, rec.messages))
+            bar.advance(task)
+    return out
+
+
+def _write_png(lengths: list[int], max_seq_len: int, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bins = _bins(lengths, 40)
+    ax.hist(lengths, bins=[b[0] for b in bins] + [bins[-1][1]], color="#4c72b0")
+    ax.axvline(max_seq_len, color="#c44e52", linestyle="--", label=f"data.max_seq_len = {max_seq_len:,}")
+    ax.set_xlabel("tokens per conversation (Phi-3 chat template)")
+    ax.set_ylabel("conversations")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_len: int, index: int) -> None:
+    """The conversation as the model sees it: loss tokens highlighted (alternating shades show token
+    boundaries), prompt tokens dim, tokens past max_seq_len struck out in red."""
+    from rich.text import Text
+
+    from .formatting import IGNORE_INDEX
+
+    text = tokenizer.apply_chat_template(record.messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if enc["input_ids"] != ids:  # cannot happen with encode_conversation; guard the rendering anyway
+        raise RuntimeError("re-tokenizing the sample gave different ids than encode_conversation")
+    out, prev, shade = Text(), 0, 0
+    for pos, ((start, end), label) in enumerate(zip(enc["offset_mapping"], labels)):
+        out.append(text[prev:start], style="grey50")
+        if pos >= max_seq_len:
+            style = "strike red"
+        elif label != IGNORE_INDEX:
+            style = ("bold black on green3", "bold black on dark_sea_green2")[shade]
+            shade ^= 1
+        else:
+            style = "grey50"
+        out.append(text[start:end], style=style)
+        prev = max(prev, end)
+    out.append(text[prev:], style="grey50")
+    n_loss = sum(1 for lab in labels[:max_seq_len] if lab != IGNORE_INDEX)
+    info(f"\n[bold]sample {index}[/] ({record.origin}): {len(ids)} tokens, {n_loss} carry loss  "
+         "[bold black on green3] loss [/] [grey50]no loss[/] [strike red]cut by max_seq_len[/]")
+    console().print(out)
+
+
+def _default_out_dir(recipe: Recipe) -> Path:
+    # Beside the run directory, not inside it: training refuses a non-empty output_dir that is not a run.
+    run_dir = Path(recipe.train.output_dir).expanduser()
+    return run_dir.with_name(run_dir.name + "-data")
+
+
+def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = None) -> DataInspection:
+    """Validate, tokenize and report on ``recipe``'s training data; write a PNG histogram and a JSON summary."""
+    from .data import load_records
+    from .formatting import END_TOKEN, IGNORE_INDEX, split_records
+    from .model import load_tokenizer
+    from .runinfo import atomic_write_json
+
+    d, t = recipe.data, recipe.train
+    records, report = load_records(d)
+    info(f"[bold]{report.source}[/]: {report.total:,} records read as [bold]{report.format}[/] "
+         f"({report.format_origin}); {len(records):,} usable")
+    for note in report.notes:
+        info(f"  note: {note}")
+    if report.n_bad or report.duplicates:
+        warn(f"{report.n_bad:,} bad records skipped (data.max_bad_fraction={d.max_bad_fraction} allows "
+             f"{d.max_bad_fraction:.0%}); {len(report.duplicates):,} exact duplicates:")
+        for line in report.summary_lines():
+            info(f"  {line}")
+    if d.max_samples:
+        records = records[: d.max_samples]
+        info(f"  data.max_samples={d.max_samples}: inspecting the first {len(records):,}")
+    if not 0 <= sample < len(records):
+        raise UserError(f"--sample {sample}: there are {len(records)} usable conversations; pick 0 to "
+                        f"{len(records) - 1}.")
+    if d.eval_split:
+        train_recs, n_eval = records, None
+    else:
+        train_recs, eval_recs = split_records(records, d.eval_fraction, d.max_eval_samples, t.seed)
+        n_eval = len(eval_recs)
+    train_origins = {r.origin for r in train_recs}
+
+    tokenizer = load_tokenizer(recipe.model)
+    end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+    encoded = _encode_all(records, tokenizer)
+    lengths = [len(ids) for ids, _ in encoded]
+    ordered = sorted(lengths)
+    res = DataInspection(
+        source=report.source, format=report.format, records_read=report.total, usable=len(records),
+        skipped=report.n_skipped, duplicates=len(report.duplicates), train_samples=len(train_recs),
+        eval_samples=n_eval if n_eval is not None else 0, max_seq_len=d.max_seq_len, token_lengths=lengths,
+        percentiles={f"p{p}": percentile(ordered, p) for p in PERCENTILES})
+    kept_train = 0
+    for rec, (ids, labels) in zip(records, encoded):
+        loss_at = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+        labelled_ends = [i for i in loss_at if ids[i] == end_id]
+        n_assistant = sum(1 for m in rec.messages if m["role"] == "assistant")
+        res.assistant_tokens += len(loss_at)
+        if len(labelled_ends) != n_assistant:
+            res.end_unlabelled.append(rec.origin)
+        kept = [i for i in loss_at if i < d.max_seq_len]
+        if len(ids) > d.max_seq_len:
+            res.truncated += 1
+            res.assistant_tokens_lost += len(loss_at) - len(kept)
+            res.dropped += not kept
+            if any(i >= d.max_seq_len for i in labelled_ends):
+                res.end_cut.append(rec.origin)
+        if rec.origin in train_origins and kept:
+            kept_train += 1
+            res.tokens_per_epoch += min(len(ids), d.max_seq_len)
+            res.loss_tokens_per_epoch += len(kept)
+    # transformers' Trainer: ceil(samples / micro_batch) batches, ceil(batches / grad_accum) steps
+    batches = math.ceil(kept_train / t.micro_batch_size)
+    res.steps_per_epoch = max(1, math.ceil(batches / t.grad_accum))
+
+    _print_summary(res, recipe)
+    _render_sample(tokenizer, records[sample], *encoded[sample], d.max_seq_len, sample)
+
+    out = Path(out_dir).expanduser() if out_dir else _default_out_dir(recipe)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the directory ({e.strerror}).") from None
+    png = out / "token_lengths.png"
+    _write_png(lengths, d.max_seq_len, f"{report.source} ({len(records):,} conversations)", png)
+    res.png_path, res.json_path = str(png), str(out / "data_report.json")
+    summary = {k: v for k, v in asdict(res).items() if k != "token_lengths"}
+    atomic_write_json(Path(res.json_path), {**summary, "recipe": recipe_to_dict(recipe),
+                                            "skipped_reasons": report.summary_lines(examples=5),
+                                            "notes": report.notes})
+    info(f"\nhistogram: [bold]{png}[/]   numbers: {res.json_path}   (choose the folder with --out DIR)")
+    return res
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "0%"
+
+
+def _print_summary(res: DataInspection, recipe: Recipe) -> None:
+    d, t = recipe.data, recipe.train
+    pct = "  ".join(f"{k} {v:,}" for k, v in res.percentiles.items()).replace("p100", "max")
+    info(f"\n[bold]token lengths[/] (Phi-3 chat template, before truncation): {pct}")
+    for row in text_histogram(res.token_lengths, d.max_seq_len):
+        info(f"  {row}")
+    info(f"\n[bold]data.max_seq_len={d.max_seq_len:,}[/] cuts {res.truncated:,} of {res.usable:,} conversations "
+         f"({_share(res.truncated, res.usable)}) and {res.assistant_tokens_lost:,} of {res.assistant_tokens:,} "
+         f"assistant tokens ({_share(res.assistant_tokens_lost, res.assistant_tokens)}); {res.dropped:,} keep no "
+         "assistant token and are dropped.")
+    if res.end_unlabelled:
+        warn(f"{len(res.end_unlabelled)} conversations have an assistant turn whose {'<|end|>'} carries no label "
+             f"(e.g. {', '.join(res.end_unlabelled[:3])}): the model would not learn to stop. Check the chat template.")
+    else:
+        info("every assistant turn's <|end|> carries a label (the model learns to stop).")
+    if res.end_cut:
+        warn(f"in {len(res.end_cut)} truncated conversations an assistant turn's <|end|> lies beyond "
+             f"data.max_seq_len (e.g. {', '.join(res.end_cut[:3])}): those replies are trained without their end.")
+    effective = t.micro_batch_size * t.grad_accum
+    eval_part = f"{res.eval_samples:,} held out for eval" if not d.eval_split else f"eval from split {d.eval_split!r}"
+    info(f"\n[bold]per epoch[/]: {res.train_samples:,} train conversations ({eval_part}), "
+         f"{res.tokens_per_epoch:,} tokens, {res.loss_tokens_per_epoch:,} with loss; "
+         f"{res.steps_per_epoch:,} optimizer steps at micro_batch_size {t.micro_batch_size} x grad_accum "
+         f"{t.grad_accum} = {effective} conversations per step (one process).")
+    if t.max_steps > 0:
+        info(f"train.max_steps={t.max_steps:,} is {t.max_steps / res.steps_per_epoch:.2f} epochs.")
+    else:
+        info(f"train.epochs={t.epochs:g} is {math.ceil(t.epochs * res.steps_per_epoch):,} steps.")
