@@ -65,17 +65,18 @@ def lora_config(settings: LoraSettings):
     )
 
 
-def attach_lora(model, settings: LoraSettings, gradient_checkpointing: bool):
-    """Wrap the frozen 4-bit model with trainable fp32 LoRA adapters."""
+def attach_lora(model, settings: LoraSettings, gradient_checkpointing: bool | str):
+    """Wrap the frozen 4-bit model with trainable fp32 LoRA adapters (``gradient_checkpointing``: True,
+    False or "offload")."""
     from peft import get_peft_model
 
+    from .offload import enable_checkpointing
+
     check_targets(model, settings.target_modules)
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input grads; reentrant would fail with "does not require grad"
-        # because every base weight is frozen. We skip prepare_model_for_kbit_training: it upcasts all
-        # non-quantized weights to fp32 (~0.4 GB on Phi-3-mini) for no benefit with bf16 compute.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    # Non-reentrant checkpointing needs no input grads; reentrant would fail with "does not require grad"
+    # because every base weight is frozen. We skip prepare_model_for_kbit_training: it upcasts all
+    # non-quantized weights to fp32 (~0.4 GB on Phi-3-mini) for no benefit with bf16 compute.
+    enable_checkpointing(model, gradient_checkpointing, next(model.parameters()).device.type)
     # autocast_adapter_dtype keeps LoRA weights in fp32 even over a bf16/fp16 base (needed for fp16 loss scaling).
     return get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
 

@@ -1,0 +1,127 @@
+"""Packing: several conversations per row of ``data.max_seq_len`` tokens, none attending to another.
+
+A micro-batch padded to its longest sample wastes compute on padding (on a mixed-length chat set,
+most of it). Packing fills each row with whole samples (best-fit decreasing), so a step does real
+tokens only. The catch is attention: with transformers 5 on the CPU, sdpa and eager attention let a
+packed sample attend to the ones before it when only ``position_ids`` restart (see PITFALLS.md 5 and
+tests/test_packing.py), so for them we pass an explicit block-diagonal causal 4-D mask. For
+flash_attention_2 we pass restarting ``position_ids`` and no mask: transformers then takes flash-attn's
+varlen path (``cu_seq_lens`` derived from the position ids), which isolates samples without an L x L mask.
+
+Why by hand: TRL's packing (``SFTConfig(packing=True)``) relies on ``position_ids`` alone, which is
+exactly the leaking case on sdpa/eager.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from .loss import IGNORE_INDEX
+
+__all__ = ["PackingCollator", "block_causal_mask", "pack_columns", "pack_rows", "to_model_inputs"]
+
+
+def pack_rows(lengths: list[int], max_seq_len: int) -> list[list[int]]:
+    """Sample indices per row, best-fit decreasing: each sample (longest first) goes to the fullest row
+    it still fits in. Every length must be at most ``max_seq_len`` (samples are truncated before)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted: bisect finds the tightest fit
+    for i in order:
+        n = lengths[i]
+        if n > max_seq_len:
+            raise ValueError(f"sample {i} has {n} tokens > max_seq_len={max_seq_len}; truncate first")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, row = free.pop(k)
+        else:
+            space, row = max_seq_len, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, row))
+    return rows
+
+
+def pack_columns(input_ids: list[list[int]], labels: list[list[int]], max_seq_len: int) -> dict[str, list]:
+    """Columns of a packed dataset: concatenated ``input_ids`` and ``labels`` per row, and ``seq_lens``.
+
+    The first token of every sample loses its label: unpacked, nothing predicts it; packed, the previous
+    sample's last token would otherwise learn to predict it.
+    """
+    out: dict[str, list] = {"input_ids": [], "labels": [], "seq_lens": []}
+    for row in pack_rows([len(x) for x in input_ids], max_seq_len):
+        ids, labs, lens = [], [], []
+        for i in row:
+            ids.extend(input_ids[i])
+            labs.extend([IGNORE_INDEX] + list(labels[i][1:]))
+            lens.append(len(input_ids[i]))
+        out["input_ids"].append(ids)
+        out["labels"].append(labs)
+        out["seq_lens"].append(lens)
+    return out
+
+
+class PackingCollator:
+    """Batches packed rows (with ``seq_lens``) or plain samples, padded to the longest row on the right.
+
+    Packed batches carry ``position_ids`` that restart at every sample and ``segment_ids`` (which sample
+    each token belongs to; the padding tail is a segment of its own); :func:`to_model_inputs` turns them
+    into what the attention backend needs. ``attention_mask`` stays 2-D (1 = real token) so that the
+    Trainer's non-padding token count stays right.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {k: torch.full((len(features), width), v, dtype=torch.long) for k, v in (
+            ("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0))}
+        packed = "seq_lens" in features[0]
+        if packed:
+            batch["position_ids"] = torch.zeros((len(features), width), dtype=torch.long)
+            batch["segment_ids"] = torch.zeros((len(features), width), dtype=torch.long)
+        for b, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][b, :n] = torch.as_tensor(f["input_ids"])
+            batch["labels"][b, :n] = torch.as_tensor(f["labels"])
+            batch["attention_mask"][b, :n] = 1
+            if packed:
+                lens = list(f["seq_lens"]) + ([width - n] if width > n else [])
+                batch["position_ids"][b] = torch.cat([torch.arange(k) for k in lens])
+                batch["segment_ids"][b] = torch.repeat_interleave(torch.arange(len(lens)), torch.as_tensor(lens))
+        return batch
+
+
+def block_causal_mask(segment_ids, attn_implementation: str, sliding_window: int | None = None):
+    """(batch, 1, L, L) mask: token q sees token k iff same segment and k <= q (and within the window).
+
+    sdpa takes it as bool (True = attend); eager adds it to the scores, so there it is 0 / -inf-like fp32.
+    """
+    import torch
+
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    allowed = idx[None, :] <= idx[:, None]
+    if sliding_window is not None:  # Phi-3-mini-4k has sliding_window=2047; same rule as transformers' mask
+        allowed = allowed & (idx[None, :] > idx[:, None] - sliding_window)
+    allowed = (allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)
+    return allowed
+
+
+def to_model_inputs(batch: dict, attn_implementation: str, sliding_window: int | None = None) -> dict:
+    """Model keyword arguments for a batch from :class:`PackingCollator` (unpacked batches pass through)."""
+    if "segment_ids" not in batch:
+        return batch
+    batch = dict(batch)
+    segment_ids = batch.pop("segment_ids")
+    if attn_implementation == "flash_attention_2":
+        batch.pop("attention_mask", None)  # varlen path: the restarting position_ids delimit the samples
+    else:
+        batch["attention_mask"] = block_causal_mask(segment_ids, attn_implementation, sliding_window)
+    return batch
