@@ -217,8 +217,7 @@ def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport):
     if not report.format:
         report.format, report.format_origin = fmt, f"detected from the columns of {name}"
     ds = ds.select_columns(format_columns(fmt, ds.column_names))
-    for i, row in enumerate(ds):
-        yield row, f"{name}#{i}", None
+    return ((row, f"{name}#{i}", None) for i, row in enumerate(ds))
 
 
 def _read_hub(cfg: DataConfig, split: str):
@@ -305,7 +304,9 @@ def load_records(cfg: DataConfig, split: str | None = None) -> tuple[list[ChatRe
         report.format, report.format_origin = fmt, "data.format"
     records: list[ChatRecord] = []
     first_seen: dict[bytes, str] = {}  # digest of the messages -> origin of the first copy
-    for row, origin, problem in _rows(cfg, path, split, report):
+    rows = _rows(cfg, path, split, report)
+    fmt = fmt or report.format or None  # a dataset's columns may have settled it
+    for row, origin, problem in rows:
         report.total += 1
         messages = None
         if problem is None:
