@@ -18,7 +18,7 @@ from .config import Recipe, recipe_to_dict
 from .errors import UserError
 from .ui import console, info, warn
 
-__all__ = ["DataInspection", "inspect_data", "percentile", "text_histogram"]
+__all__ = ["DataInspection", "inspect_data", "percentile", "render_sample", "text_histogram"]
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -116,7 +116,7 @@ def _write_png(lengths: list[int], max_seq_len: int, title: str, path: Path) -> 
     os.replace(tmp, path)
 
 
-def _render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_len: int, index: int) -> None:
+def render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_len: int, index: int):
     """The conversation as the model sees it: loss tokens highlighted (alternating shades show token
     boundaries), prompt tokens dim, tokens past max_seq_len struck out in red."""
     from rich.text import Text
@@ -144,6 +144,7 @@ def _render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq
     info(f"\n[bold]sample {index}[/] ({record.origin}): {len(ids)} tokens, {n_loss} carry loss  "
          "[bold black on green3] loss [/] [grey50]no loss[/] [strike red]cut by max_seq_len[/]")
     console().print(out)
+    return out
 
 
 def _default_out_dir(recipe: Recipe) -> Path:
@@ -217,7 +218,7 @@ def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = N
     res.steps_per_epoch = max(1, math.ceil(batches / t.grad_accum))
 
     _print_summary(res, recipe)
-    _render_sample(tokenizer, records[sample], *encoded[sample], d.max_seq_len, sample)
+    render_sample(tokenizer, records[sample], *encoded[sample], d.max_seq_len, sample)
 
     out = Path(out_dir).expanduser() if out_dir else _default_out_dir(recipe)
     try:

@@ -1,0 +1,141 @@
+"""``qlora-phi3 data``: its numbers agree with what training sees, the loss mask it shows is the real one,
+and a data problem is one clean line, never a traceback."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora_phi3.config import load_recipe
+from qlora_phi3.data import ChatRecord
+from qlora_phi3.errors import UserError
+from qlora_phi3.inspect_data import inspect_data, percentile, render_sample, text_histogram
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).parent / "data"
+
+
+def _chat_file(path: Path) -> Path:
+    """20 conversations of varied length (1 to 4 exchanges), so a small max_seq_len cuts some of them."""
+    rows = []
+    for i in range(20):
+        msgs = []
+        for j in range(1 + i % 4):
+            msgs += [{"role": "user", "content": f"What is {i} plus {j}?"},
+                     {"role": "assistant", "content": f"{i} plus {j} is {i + j}, as anyone can check."}]
+        rows.append({"messages": msgs})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _recipe(tmp_path, *overrides):
+    return load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [
+        f"data.path={_chat_file(tmp_path / 'chats.jsonl')}", "data.max_seq_len=60", "data.eval_fraction=0.1",
+        "train.micro_batch_size=3", "train.grad_accum=2", f"train.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, capsys, tiny_tokenizer):
+    from qlora_phi3.data import load_records
+    from qlora_phi3.formatting import encode_records
+    from qlora_phi3.train import _load_splits
+
+    recipe = _recipe(tmp_path)
+    res = inspect_data(recipe, sample=2)
+    out = capsys.readouterr().out
+
+    records, _ = load_records(recipe.data)
+    everything = encode_records(records, tiny_tokenizer, 60)
+    assert res.usable == 20 and res.truncated == everything.truncated > 0
+    assert res.assistant_tokens_lost == everything.assistant_tokens_lost > 0 and res.dropped == everything.dropped
+    train_enc, _, _ = _load_splits(recipe, tiny_tokenizer)  # exactly what training would feed the model
+    assert res.tokens_per_epoch == train_enc.n_tokens and res.loss_tokens_per_epoch == train_enc.n_label_tokens
+    assert res.steps_per_epoch == math.ceil(math.ceil(len(train_enc.input_ids) / 3) / 2)
+    assert res.train_samples == 18 and res.eval_samples == 2
+    assert res.percentiles["p100"] == max(res.token_lengths) > 60 and res.percentiles["p50"] < res.percentiles["p100"]
+    assert res.end_unlabelled == []  # Phi-3's template: every assistant <|end|> carries a label
+
+    # Beside the run directory, never inside it (training refuses a non-empty non-run output_dir).
+    png, report = tmp_path / "run-data" / "token_lengths.png", tmp_path / "run-data" / "data_report.json"
+    assert not (tmp_path / "run").exists()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(report.read_text())
+    assert saved["truncated"] == res.truncated and saved["steps_per_epoch"] == res.steps_per_epoch
+    assert "sample 2 (" in out and "chats.jsonl:3)" in out
+    assert f"cuts {res.truncated} of 20 conversations" in out and str(png) in out
+    assert "every assistant turn's <|end|> carries a label" in out
+    assert f"{res.steps_per_epoch} optimizer steps at micro_batch_size 3 x grad_accum 2" in out
+
+
+def test_render_highlights_exactly_the_replies_and_their_end(tiny_tokenizer):
+    from qlora_phi3.formatting import encode_conversation
+
+    rec = ChatRecord([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 3?"},
+                      {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 4 plus 4?"},
+                      {"role": "assistant", "content": "8."}], "x.jsonl:1")
+    ids, labels = encode_conversation(tiny_tokenizer, rec.messages)
+    text = render_sample(tiny_tokenizer, rec, ids, labels, max_seq_len=len(ids) - 3, index=0)
+
+    def styled(pred):
+        return "".join(text.plain[s.start:s.end] for s in text.spans if pred(str(s.style)))
+
+    assert text.plain == tiny_tokenizer.apply_chat_template(rec.messages, tokenize=False)
+    assert styled(lambda st: "on green3" in st or "on dark_sea_green2" in st) == "5.<|end|>8."
+    assert styled(lambda st: st == "strike red") == "<|end|>\n<|endoftext|>"  # the last end is past max_seq_len
+
+
+def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch, capsys):
+    import qlora_phi3.formatting as formatting
+
+    real = formatting.encode_conversation
+
+    def no_end_labels(tokenizer, messages):
+        ids, labels = real(tokenizer, messages)
+        end = tokenizer.convert_tokens_to_ids(formatting.END_TOKEN)
+        return ids, [formatting.IGNORE_INDEX if i == end else lab for i, lab in zip(ids, labels)]
+
+    monkeypatch.setattr(formatting, "encode_conversation", no_end_labels)
+    res = inspect_data(_recipe(tmp_path), out_dir=tmp_path / "rep")
+    assert len(res.end_unlabelled) == 20
+    assert "carries no label" in capsys.readouterr().out
+
+
+def test_sample_out_of_range(tmp_path):
+    with pytest.raises(UserError, match=r"--sample 20: there are 20 usable conversations; pick 0 to 19"):
+        inspect_data(_recipe(tmp_path), sample=20, out_dir=tmp_path / "rep")
+
+
+def test_text_histogram_and_percentiles():
+    lengths = [12, 15, 18, 33, 35, 70]
+    rows = text_histogram(lengths, max_seq_len=34, n_bins=6)  # width 20: 0-20, 20-40, 40-60, 60-80
+    assert [r.split()[0] for r in rows] == ["0-20", "20-40", "40-60", "60-80"]
+    assert [int(r.split()[-1]) if "cut" not in r else int(r.split()[-2] if "partly" not in r else r.split()[-3])
+            for r in rows] == [3, 2, 0, 1]
+    assert rows[1].endswith("(partly cut)") and rows[3].endswith("(cut)") and "cut" not in rows[0] + rows[2]
+    assert [percentile(sorted(lengths), p) for p in (50, 100)] == [18, 70]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_data_problem_is_one_line_without_traceback(tmp_path):
+    bad = DATA / "bad_records.jsonl"
+    res = _cli("data", f"data.path={bad}", f"train.output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+    assert "13 of 15 records are bad" in res.stderr and "bad_records.jsonl:2" in res.stderr
+    res = _cli("train", f"data.path={bad}", "data.strict=true", f"train.output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+    assert "bad_records.jsonl:2: malformed JSON" in res.stderr
+
+
+def test_cli_data_runs_on_a_recipe(tmp_path, capsys):
+    from qlora_phi3.cli import main
+
+    rc = main(["data", str(REPO / "recipes" / "tiny_cpu.yaml"), f"data.path={DATA / 'sharegpt.jsonl'}",
+               "data.max_bad_fraction=0.5", "data.eval_fraction=0.4", "--sample", "1", "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0 and (tmp_path / "rep" / "token_lengths.png").is_file()
+    assert "read as sharegpt" in out and "1 x unknown role" in out and "sharegpt.jsonl:2)" in out
