@@ -13,15 +13,7 @@ import threading
 
 from transformers import TrainerCallback
 
-from .errors import UserError
-
-__all__ = ["GracefulInterrupt", "NonFiniteError", "NonFiniteGuard", "RunFailed"]
-
-
-class RunFailed(UserError):
-    """The run stopped on a condition it cannot train through; the message says why and what to do."""
-
-    exit_code = 3
+__all__ = ["GracefulInterrupt", "NonFiniteError", "NonFiniteGuard"]
 
 
 class NonFiniteError(Exception):

@@ -46,7 +46,8 @@ class RichProgress(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         mem = self.meter.read()
         self._last.update(tokens_per_second=self._tokens_per_second(state), peak=mem)
-        stats = f"loss {self._last.get('loss', float('nan')):.4f}  lr {self._last.get('lr', 0):.2e}  " \
+        loss = f"{self._last['loss']:.4f}" if "loss" in self._last else "-"
+        stats = f"loss {loss}  lr {self._last.get('lr', 0):.2e}  " \
                 f"{self._last['tokens_per_second']:,.0f} tok/s  {mem.short()}"
         self._progress.update(self._task, completed=state.global_step, stats=stats)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Recipe, dump_recipe, recipe_to_dict
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .ui import info, is_main_process, warn
 
 __all__ = ["RunResult", "prepare_output_dir", "train"]
@@ -65,6 +65,8 @@ def prepare_output_dir(path: Path, resume: bool, force: bool) -> None:
 def _sft_config(recipe: Recipe, device: str, compute_dtype: str, n_train: int):
     from trl import SFTConfig
 
+    from .offload import checkpointing_kwargs
+
     t = recipe.train
     return SFTConfig(
         output_dir=t.output_dir,
@@ -80,7 +82,8 @@ def _sft_config(recipe: Recipe, device: str, compute_dtype: str, n_train: int):
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
         activation_checkpointing=bool(t.gradient_checkpointing),
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # transformers re-applies these at Trainer init; "offload" is honoured on GPUs only (qlora_phi3/offload.py).
+        activation_checkpointing_kwargs=checkpointing_kwargs(t.gradient_checkpointing, device),
         bf16=compute_dtype == "bfloat16",
         fp16=compute_dtype == "float16",  # GradScaler loss scaling; LoRA weights stay fp32
         use_cpu=device == "cpu",
@@ -137,6 +140,8 @@ def _load_splits(recipe: Recipe, tokenizer):
         warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
         for line in report.summary_lines():
             info(f"  {line}")
+    for note in report.notes:
+        info(f"data: {note}")
     train_enc = encode_records(train_recs, tokenizer, recipe.data.max_seq_len)
     eval_enc = encode_records(eval_recs, tokenizer, recipe.data.max_seq_len)
     if not train_enc.input_ids:
@@ -149,7 +154,8 @@ def _load_splits(recipe: Recipe, tokenizer):
     for name, enc in (("train", train_enc), ("eval", eval_enc)):
         if enc.truncated:
             warn(f"{enc.truncated} {name} samples longer than data.max_seq_len={recipe.data.max_seq_len} were "
-                 f"truncated ({enc.dropped} dropped: no assistant token left).")
+                 f"truncated ({enc.dropped} dropped: no assistant token left; "
+                 f"{enc.assistant_tokens_lost:,} assistant tokens lost).")
     return train_enc, eval_enc, report
 
 
@@ -176,6 +182,9 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
          f"attention [bold]{attn.value}[/] ({attn.reason})")
 
+    if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
+        info(f"train.optimizer={recipe.train.optimizer}: bitsandbytes has no paging on CPU and runs it unpaged "
+             "(same math, same checkpoints).")
     tokenizer = load_tokenizer(recipe.model)
     train_enc, eval_enc, _ = _load_splits(recipe, tokenizer)
     if is_main_process():
@@ -193,9 +202,12 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
     args = _sft_config(recipe, device.value, dtype.value, len(train_enc.input_ids))
-    trainer, progress, meter = build_trainer(model, tokenizer, args, train_enc, eval_enc, device.value)
+    trainer, progress, meter = build_trainer(
+        model, tokenizer, args, train_enc, eval_enc, device.value,
+        packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
+        loss_chunk_tokens=recipe.train.loss_chunk_tokens)
     from .checkpoints import last_checkpoint
-    from .runinfo import atomic_write_json, device_info, package_versions
+    from .runinfo import device_info, package_versions
 
     run_path = out / "run.json"
     previous = _read_json(run_path) if resume else {}
@@ -224,28 +236,59 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
             raise UserError(f"--resume: the training data changed since {resume_from.name} was written "
                             "(dataset fingerprint differs); resuming would not continue the same run. "
                             "Use --force to start over.")
-    meter.reset()
-    if previous.get("eval_loss_start") is not None and resume_from is not None:
-        run["eval_loss_start"] = previous["eval_loss_start"]
-    else:
-        info("evaluating the untrained adapter (step 0)...")
-        run["eval_loss_start"] = trainer.evaluate()["eval_loss"]
-    info(f"eval loss at step 0: {run['eval_loss_start']:.4f}")
-    if is_main_process():
-        atomic_write_json(run_path, run)
+    from .guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 
-    meter.reset()
+    interrupt = GracefulInterrupt()
+    trainer.add_callback(NonFiniteGuard(fp16=dtype.value == "float16"))
+    trainer.add_callback(interrupt)
     t_train = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        with interrupt:
+            meter.reset()
+            if previous.get("eval_loss_start") is not None and resume_from is not None:
+                run["eval_loss_start"] = previous["eval_loss_start"]
+                run["train_loss_start"] = previous.get("train_loss_start")
+            else:
+                info("evaluating the untrained adapter (step 0)...")
+                run["eval_loss_start"] = trainer.evaluate()["eval_loss"]
+            info(f"eval loss at step 0: {run['eval_loss_start']:.4f}")
+            _write_run(run_path, run)
+            meter.reset()
+            t_train = time.perf_counter()
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFiniteError as e:
+        _write_run(run_path, {**run, "status": "failed", "failure": str(e), "history": progress.history})
+        raise RunFailed(_non_finite_message(e, recipe, dtype.value, out)) from None
+    except KeyboardInterrupt:
+        _write_run(run_path, {**run, "status": "interrupted", "steps": trainer.state.global_step,
+                              "history": progress.history})
+        raise
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        _write_run(run_path, {**run, "status": "failed", "failure": "out of memory", "history": progress.history})
+        from .oom import oom_message
+
+        raise RunFailed(oom_message(recipe, model_config, device.value, trainer.state.global_step)) from None
     train_seconds = time.perf_counter() - t_train
     peak = meter.read()
-    run["eval_loss_end"] = trainer.evaluate()["eval_loss"]
     losses = [h["loss"] for h in progress.history if "loss" in h]
+    run.setdefault("train_loss_start", losses[0] if losses else None)
+    if run["train_loss_start"] is None and losses:
+        run["train_loss_start"] = losses[0]
+    if interrupt.requested:
+        checkpoint = last_checkpoint(out)
+        _write_run(run_path, {**run, "status": "interrupted", "steps": trainer.state.global_step,
+                              "peak_memory": peak.as_dict(), "history": progress.history})
+        where = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        raise RunInterrupted(f"interrupted at step {trainer.state.global_step}; {where}. Continue with: "
+                             f"qlora-phi3 train {recipe.source if recipe.source != '<defaults>' else ''} "
+                             f"train.output_dir={out} --resume (same recipe and overrides).")
+    run["eval_loss_end"] = trainer.evaluate()["eval_loss"]
     tokens = trainer.state.num_input_tokens_seen - progress._tokens0
     run.update(
         status="completed",
         steps=trainer.state.global_step,
-        train_loss_start=previous.get("train_loss_start", losses[0] if losses else None),
         train_loss_end=losses[-1] if losses else None,
         train_seconds=round(train_seconds, 2),
         wall_seconds=round(time.perf_counter() - t_start, 2),
@@ -257,7 +300,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
     if is_main_process():
         _save_adapter(trainer.model, tokenizer, recipe, adapter_dir)
         run["adapter_dir"] = str(adapter_dir)
-        atomic_write_json(run_path, run)
+    _write_run(run_path, run)
     meter.close()
     ratio = run["eval_loss_end"] / run["eval_loss_start"] if run["eval_loss_start"] else float("nan")
     info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss {run['eval_loss_start']:.4f} -> "
@@ -265,6 +308,41 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
     return RunResult(out, adapter_dir, run, trainer.model)
+
+
+class RunInterrupted(UserError):
+    """Stopped on request after saving a checkpoint."""
+
+    exit_code = 130
+
+
+def _write_run(path: Path, run: dict) -> None:
+    from .runinfo import atomic_write_json
+
+    if is_main_process():
+        atomic_write_json(path, run)
+
+
+def _is_oom(e: Exception) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def _non_finite_message(e, recipe: Recipe, compute_dtype: str, out: Path) -> str:
+    from .checkpoints import last_checkpoint
+
+    checkpoint = last_checkpoint(out)
+    keep = (f"The last good checkpoint is {checkpoint} (resume with --resume once fixed)."
+            if checkpoint else "No checkpoint was written before it; nothing to resume.")
+    causes = [f"learning rate too high (train.lr={recipe.train.lr:g}; try a third of it, or more warmup: "
+              f"train.warmup_ratio={max(recipe.train.warmup_ratio, 0.1):g})"]
+    if compute_dtype == "float16":
+        causes.insert(0, "fp16 overflow: activations exceeded 65504 (use a bf16 GPU, or lower train.lr)")
+    causes.append(f"gradient spikes (train.max_grad_norm={recipe.train.max_grad_norm:g}; try 0.3)")
+    return (f"training stopped: {e}. The update was not applied, so no NaN reached the saved weights. {keep} "
+            f"Likely causes: {'; '.join(causes)}.")
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,238 @@
+"""Runs that survive: resume after kill -9, atomic checkpoints, NaN guard, OOM advice, Ctrl-C, early errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_phi3.checkpoints import is_complete, last_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+# Small and quick, but with checkpoints, a paged 8-bit optimizer and RNG in play (dropout > 0).
+QUICK = ["data.max_samples=160", "train.eval_steps=0", "train.logging_steps=1", "lora.dropout=0.1",
+         "train.optimizer=paged_adamw_8bit", "train.micro_batch_size=8"]
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qlora_phi3", "train", f"train.output_dir={out}", *QUICK, *extra]
+
+
+def _run(out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(out, *extra), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(out, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, start_new_session=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended before the kill point:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+def _adapter(path: Path) -> dict:
+    return load_file(path / "adapter" / "adapter_model.safetensors")
+
+
+def test_kill9_then_resume_equals_uninterrupted_run(tmp_path):
+    steps = ["train.max_steps=16", "train.save_steps=4"]
+    ref = _run(tmp_path / "ref", *steps)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = _start(out, *steps)
+    kill_after = random.Random().choice([4, 8])  # a random checkpointed step, at least one checkpoint behind
+    _wait_for(lambda: last_checkpoint(out) is not None and int(last_checkpoint(out).name.split("-")[1]) >= kill_after,
+              proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((out / "run.json").read_text())["status"] == "running"  # died without a word
+
+    again = _run(out, *steps)  # neither --resume nor --force: refuse to mix runs
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+
+    resumed = _run(out, *steps, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    a, b = _adapter(tmp_path / "ref"), _adapter(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["steps"] == 16
+
+
+def test_kill_during_saves_never_leaves_a_corrupt_latest(tmp_path):
+    out = tmp_path / "run"
+    rng = random.Random()
+    args = ["train.max_steps=40", "train.save_steps=1", "train.save_total_limit=2"]
+    for attempt in range(3):
+        proc = _start(out, *args, *(["--resume"] if attempt else []))
+        # Saving every step keeps the run inside a save most of the time; kill at a random moment in it.
+        _wait_for(lambda: (out / ".staging").exists() or len(list(out.glob("checkpoint-*"))) > attempt, proc)
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        latest = last_checkpoint(out)
+        if latest is not None:
+            assert is_complete(latest)
+            load_file(latest / "adapter_model.safetensors")  # readable, not truncated
+            state = json.loads((latest / "trainer_state.json").read_text())
+            assert state["global_step"] == int(latest.name.split("-")[1])
+        assert all(is_complete(p) for p in out.glob("checkpoint-*")), "a partial checkpoint is visible"
+    done = _run(out, *args, "--resume")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(list(out.glob("checkpoint-*"))) <= 2 and not (out / ".staging").exists()
+
+
+def test_nan_guard_stops_at_once_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # lr=1e30 blows the LoRA weights up after the first update; the next gradients are NaN/inf.
+    res = _run(out, "train.max_steps=20", "train.save_steps=1", "train.lr=1e30", "train.warmup_ratio=0")
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert "non-finite" in res.stderr and "at step" in res.stderr and "learning rate" in res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "non-finite" in run["failure"]
+    assert run.get("steps") is None or run["steps"] < 20
+    latest = last_checkpoint(out)
+    assert latest is not None and is_complete(latest)
+    weights = load_file(latest / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the kept checkpoint is good
+    assert not (out / "adapter").exists()
+
+
+def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "train.max_steps=200", "train.save_steps=0")
+    lines = []
+    _wait_for(lambda: any("step     3" in ln for ln in lines) or lines.append(proc.stdout.readline()) or False, proc)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + output
+    assert proc.returncode == 130, text[-2000:]
+    assert "Traceback" not in text and "--resume" in text
+    latest = last_checkpoint(out)
+    assert latest is not None and is_complete(latest)
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    step = int(latest.name.split("-")[1])
+    resumed = _run(out, "train.max_steps=200", "train.save_steps=0", "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["steps"] == 200 > step
+
+
+def test_ctrl_c_twice_exits_at_once(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "train.max_steps=100000", "train.save_steps=0")
+    lines = []
+    _wait_for(lambda: any("step     2" in ln for ln in lines) or lines.append(proc.stdout.readline()) or False, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 30
+    assert "Traceback" not in output
+
+
+def test_oom_prints_advice_and_saves_nothing(tmp_path, monkeypatch):
+    from qlora_phi3.cli import _quiet_libraries
+    from qlora_phi3.config import load_recipe
+    from qlora_phi3.errors import RunFailed
+    from qlora_phi3.train import train
+
+    _quiet_libraries()
+
+    def boom(self, *a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("transformers.Trainer.train", boom)
+    out = tmp_path / "run"
+    recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml",
+                         [f"train.output_dir={out}", "data.max_samples=40", "train.micro_batch_size=4",
+                          "data.max_seq_len=1024"])
+    with pytest.raises(RunFailed) as e:
+        train(recipe)
+    msg = str(e.value)
+    assert "out of GPU memory" in msg
+    assert "train.micro_batch_size=2 train.grad_accum=2" in msg and "data.max_seq_len=512" in msg
+    assert "gradient_checkpointing=offload" in msg
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert not (out / "adapter").exists() and not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["lora.r=0"], "'lora.r' must be at least 1"),
+    (["train.lr=-1"], "'train.lr' must be positive"),
+    (["data.max_seq_len=100000"], "exceeds the model's context of 4096"),
+    (["data.path=missing.jsonl"], "file not found"),
+    (["lora.rnak=3"], "unknown key 'lora.rnak'"),
+    (["train.micro_batch_size=two"], "must be an integer"),
+])
+def test_recipe_and_flag_errors_are_one_line_before_model_load(tmp_path, extra, expect):
+    res = _run(tmp_path / "run", *extra, timeout=120)
+    assert res.returncode == 2
+    assert expect in res.stderr and "Traceback" not in res.stderr
+    assert "Loading weights" not in res.stdout + res.stderr  # failed before any model was loaded
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_output_dir_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = _run(blocker / "sub", timeout=120)
+    assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
+    res = _run(tmp_path / "new", "--resume", timeout=120)
+    assert res.returncode == 2 and "nothing to resume" in res.stderr
+    res = _run(tmp_path / "new", "--resume", "--force", timeout=120)
+    assert res.returncode == 2 and "contradict" in res.stderr
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    res = _run(other, "--force", timeout=120)
+    assert res.returncode == 2 and (other / "notes.txt").exists()  # --force never deletes a non-run directory
+
+
+def test_safe_loading_in_source():
+    src = "\n".join(p.read_text() for p in (REPO / "qlora_phi3").rglob("*.py"))
+    assert "trust_remote_code=True" not in src
+    assert "yaml.load(" not in src and "yaml.unsafe_load" not in src
+    for line in src.splitlines():
+        if "torch.load(" in line:
+            assert "weights_only=True" in line, line
+
+
+def test_pickle_only_model_is_refused(tmp_path):
+    from qlora_phi3.config import ModelConfig
+    from qlora_phi3.errors import UserError
+    from qlora_phi3.model import load_model
+    from qlora_phi3.tiny import TINY_MODEL_DIR
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    for f in TINY_MODEL_DIR.iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(TINY_MODEL_DIR / "model.safetensors"), d / "pytorch_model.bin")
+    with pytest.raises(UserError, match="safetensors"):
+        load_model(ModelConfig(name_or_path=str(d)), "cpu", "bfloat16", "sdpa")
+
+
+def test_trust_remote_code_warns(tmp_path):
+    res = _run(tmp_path / "run", "model.trust_remote_code=true", "train.max_steps=1", "train.save_steps=0",
+               timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "trust_remote_code=true" in res.stdout and "will run on this machine" in res.stdout
