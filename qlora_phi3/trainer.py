@@ -15,10 +15,12 @@ def make_trainer_class():
     """SFTTrainer subclass (built lazily so that importing this module does not import TRL)."""
     from trl import SFTTrainer
 
+    from .checkpoints import AtomicCheckpoints
     from .loss import model_loss
     from .packing import to_model_inputs
 
-    class QLoRATrainer(SFTTrainer):
+    # AtomicCheckpoints: checkpoints staged then renamed, so a kill never leaves a partial latest (checkpoints.py).
+    class QLoRATrainer(AtomicCheckpoints, SFTTrainer):
         def __init__(self, *args, loss_chunk_tokens: int = 256, **kwargs):
             super().__init__(*args, **kwargs)
             self.loss_chunk_tokens = loss_chunk_tokens
