@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # One function per command, each adding its own subparser (keep this list in README order).
-    for add in (_add_train,):
+    for add in (_add_train, _add_data):
         add(sub)
     return parser
 
@@ -75,6 +75,29 @@ def _cmd_train(args) -> int:
     from .train import train
 
     train(recipe, resume=args.resume, force=args.force)
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="inspect a recipe's training data: validation, token lengths, loss mask "
+                                    "(loads the tokenizer only)")
+    _add_recipe_args(p)
+    p.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="which usable conversation to render with its loss mask (default: 0, the first)")
+    p.add_argument("--out", metavar="DIR", help="folder for token_lengths.png and data_report.json "
+                                                "(default: <train.output_dir>-data, beside the run)")
+    p.set_defaults(func=_cmd_data)
+
+
+def _cmd_data(args) -> int:
+    from .config import load_recipe
+
+    recipe_path, overrides = _split_recipe_and_overrides(args)
+    recipe = load_recipe(recipe_path or _default_recipe(), overrides)
+    _quiet_libraries()
+    from .inspect_data import inspect_data
+
+    inspect_data(recipe, sample=args.sample, out_dir=args.out)
     return 0
 
 
