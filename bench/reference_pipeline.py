@@ -16,7 +16,24 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["run_reference"]
+__all__ = ["probe_peak_gib", "run_reference"]
+
+
+def probe_peak_gib(trainer, train_enc) -> float:
+    """Peak memory of one training micro-step on the longest training sample (micro-batch 1): the memory
+    figure at ``max_seq_len`` whichever samples the short run happened to draw."""
+    from qlora_phi3.memory import PeakMemory
+
+    longest = max(range(len(train_enc.input_ids)), key=lambda i: len(train_enc.input_ids[i]))
+    batch = trainer.data_collator([{"input_ids": train_enc.input_ids[longest], "labels": train_enc.labels[longest]}])
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); a fresh trainer lacks it
+    meter = PeakMemory("cpu")
+    meter.reset()
+    trainer.training_step(trainer.model_wrapped, batch)
+    peak = meter.read().peak_allocated_gib
+    meter.close()
+    trainer.model.zero_grad(set_to_none=True)
+    return peak
 
 
 def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int, grad_accum: int, steps: int,
@@ -63,8 +80,10 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
     peak = meter.read()
     meter.close()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    probe = probe_peak_gib(trainer, train_enc)
     return {
-        "peak_allocated_gib": peak.peak_allocated_gib,
+        "peak_allocated_gib": max(peak.peak_allocated_gib, probe),
+        "probe_peak_gib": probe,
         "tokens": trainer.state.num_input_tokens_seen,
         "train_seconds": train_seconds,
         "tokens_per_second": trainer.state.num_input_tokens_seen / train_seconds,
