@@ -66,12 +66,18 @@ def _default_recipe() -> str:
     return str(RECIPES_DIR / "tiny_cpu.yaml") if (RECIPES_DIR / "tiny_cpu.yaml").is_file() else None
 
 
-def _cmd_train(args) -> int:
+def _recipe_from_args(args):
+    """The recipe named on the command line (default: the tiny CPU one) with its overrides applied."""
     from .config import load_recipe
 
     recipe_path, overrides = _split_recipe_and_overrides(args)
     recipe = load_recipe(recipe_path or _default_recipe(), overrides)
     _quiet_libraries()
+    return recipe
+
+
+def _cmd_train(args) -> int:
+    recipe = _recipe_from_args(args)
     from .train import train
 
     train(recipe, resume=args.resume, force=args.force)
@@ -90,11 +96,7 @@ def _add_data(sub) -> None:
 
 
 def _cmd_data(args) -> int:
-    from .config import load_recipe
-
-    recipe_path, overrides = _split_recipe_and_overrides(args)
-    recipe = load_recipe(recipe_path or _default_recipe(), overrides)
-    _quiet_libraries()
+    recipe = _recipe_from_args(args)
     from .inspect_data import inspect_data
 
     inspect_data(recipe, sample=args.sample, out_dir=args.out)
