@@ -279,7 +279,17 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
     raw = _decode_text(raw, local, report)
     if raw.lstrip().startswith(b"["):
         return _json_array_rows(raw, local)
+    if raw.lstrip().startswith(b"{") and b"\n" in raw.strip() and _is_one_object(raw):
+        raise UserError(f"{local}: holds one JSON object spread over several lines; write one record per line "
+                        "(JSONL) or a JSON array of records.")
     return _jsonl_rows(raw, local, report)
+
+
+def _is_one_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)  # real JSONL stops at line 2 with "Extra data"
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def _apply_policy(cfg: DataConfig, report: LoadReport, records: list[ChatRecord]) -> None:

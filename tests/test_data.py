@@ -248,6 +248,13 @@ def test_broken_json_array_names_its_line(tmp_path):
         _load(tmp_path / "empty_array.json")
 
 
+def test_pretty_printed_single_object_is_explained(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(GOOD, indent=2))
+    with pytest.raises(UserError, match="one JSON object spread over several lines"):
+        _load(path)
+
+
 def test_missing_file_and_unreadable_parquet(tmp_path):
     with pytest.raises(UserError, match="file not found"):
         _load(tmp_path / "nope.jsonl")
