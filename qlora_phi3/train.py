@@ -34,7 +34,11 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def prepare_output_dir(path: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix two runs in one directory unless told to resume or overwrite; check it is writable."""
+    """Refuse to mix two runs in one directory unless told to resume or overwrite; check it is writable.
+
+    Only rank 0 decides under a distributed launch: the others would see rank 0's first files and refuse."""
+    if not is_main_process():
+        return
     if resume and force:
         raise UserError("--resume and --force contradict each other: resume continues the run in "
                         f"{path}, force deletes it.")
@@ -201,6 +205,12 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        t = recipe.train
+        info(f"data parallel over {world_size} processes: effective batch = {t.micro_batch_size} (micro) x "
+             f"{t.grad_accum} (accum) x {world_size} (processes) = {t.micro_batch_size * t.grad_accum * world_size} "
+             "conversations per optimizer step")
     args = _sft_config(recipe, device.value, dtype.value, len(train_enc.input_ids))
     trainer, progress, meter = build_trainer(
         model, tokenizer, args, train_enc, eval_enc, device.value,
@@ -244,14 +254,12 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
     t_train = time.perf_counter()
     try:
         with interrupt:
-            meter.reset()
             if previous.get("eval_loss_start") is not None and resume_from is not None:
                 run["eval_loss_start"] = previous["eval_loss_start"]
                 run["train_loss_start"] = previous.get("train_loss_start")
+                info(f"eval loss at step 0 (from the interrupted run): {run['eval_loss_start']:.4f}")
             else:
-                info("evaluating the untrained adapter (step 0)...")
-                run["eval_loss_start"] = trainer.evaluate()["eval_loss"]
-            info(f"eval loss at step 0: {run['eval_loss_start']:.4f}")
+                trainer.add_callback(_EvalAtStart(trainer, run, run_path))
             _write_run(run_path, run)
             meter.reset()
             t_train = time.perf_counter()
@@ -308,6 +316,33 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
     return RunResult(out, adapter_dir, run, trainer.model)
+
+
+def _eval_at_start_class():
+    from transformers import TrainerCallback
+
+    class EvalAtStart(TrainerCallback):
+        """The step-0 eval loss, taken once training has begun.
+
+        Not with ``trainer.evaluate()`` before ``trainer.train()``: under DDP that prepares the model for
+        evaluation first, after which accelerate skips the DDP wrap for training and every rank silently
+        trains on its own gradients (checked: ranks diverge at step 1 with transformers 5.24 / accelerate 1.15).
+        """
+
+        def __init__(self, trainer, run: dict, run_path: Path):
+            self.trainer, self.run, self.run_path = trainer, run, run_path
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            info("evaluating the untrained adapter (step 0)...")
+            self.run["eval_loss_start"] = self.trainer.evaluate()["eval_loss"]
+            info(f"eval loss at step 0: {self.run['eval_loss_start']:.4f}")
+            _write_run(self.run_path, self.run)
+
+    return EvalAtStart
+
+
+def _EvalAtStart(trainer, run: dict, run_path: Path):
+    return _eval_at_start_class()(trainer, run, run_path)
 
 
 class RunInterrupted(UserError):

@@ -236,3 +236,10 @@ def test_trust_remote_code_warns(tmp_path):
                timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "trust_remote_code=true" in res.stdout and "will run on this machine" in res.stdout
+
+
+def test_trainer_uses_atomic_checkpoints():
+    from qlora_phi3.checkpoints import AtomicCheckpoints
+    from qlora_phi3.trainer import make_trainer_class
+
+    assert issubclass(make_trainer_class(), AtomicCheckpoints)

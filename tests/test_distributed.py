@@ -1,0 +1,46 @@
+"""Data parallel through an existing launcher (torchrun / accelerate), on the CPU with 2 gloo processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# No dropout, no warmup, no clipping: every difference left would be a difference in the gradients.
+COMMON = ["data.max_samples=160", "train.eval_steps=0", "train.save_steps=0", "train.max_steps=4", "lora.dropout=0",
+          "train.warmup_ratio=0", "train.max_grad_norm=1e9", "train.loss_chunk_tokens=0"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_two_process_ddp_equals_single_process_with_same_effective_batch(tmp_path):
+    single = subprocess.run([sys.executable, "-m", "qlora_phi3", "train", f"train.output_dir={tmp_path / 'single'}",
+                             *COMMON, "train.micro_batch_size=8", "train.grad_accum=2"],
+                            capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "qlora_phi3", "train",
+                          f"train.output_dir={tmp_path / 'ddp'}", *COMMON, "train.micro_batch_size=8",
+                          "train.grad_accum=1"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    # Only rank 0 prints and writes.
+    assert ddp.stdout.count("eval loss at step 0") == 1
+    assert "effective batch = 8 (micro) x 1 (accum) x 2 (processes) = 16" in ddp.stdout
+    adapters = list((tmp_path / "ddp").rglob("adapter_model.safetensors"))
+    assert adapters == [tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["effective_batch"] == 16 and run["status"] == "completed"
+    a = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    b = load_file(adapters[0])
+    assert a.keys() == b.keys()
+    assert any(v.abs().max() > 1e-3 for v in a.values())  # it trained
+    for k in a:
+        # Same samples per step and averaged gradients: equal up to the order of floating-point sums.
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
