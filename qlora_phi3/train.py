@@ -163,6 +163,14 @@ def _load_splits(recipe: Recipe, tokenizer):
     return train_enc, eval_enc, report
 
 
+def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
+    """FSDP shards flat buffers of one dtype: 4-bit weights packed as uint8 beside bf16 norms cannot be sharded."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and recipe.model.quant_storage != compute_dtype:
+        raise UserError(f"FSDP-QLoRA needs model.quant_storage equal to the compute dtype ({compute_dtype}), got "
+                        f"{recipe.model.quant_storage!r}; set model.quant_storage={compute_dtype} "
+                        "(see recipes/phi3_mini_4k_fsdp.yaml).")
+
+
 def _check_against_model(recipe: Recipe, model_config) -> None:
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit and recipe.data.max_seq_len > limit:
@@ -183,6 +191,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
     device = pick_device(recipe.train.device)
     dtype = pick_compute_dtype(recipe.model.compute_dtype, device.value)
     attn = pick_attention(recipe.model.attn_implementation, device.value)
+    _check_fsdp(recipe, dtype.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
          f"attention [bold]{attn.value}[/] ({attn.reason})")
 

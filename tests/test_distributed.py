@@ -44,3 +44,23 @@ def test_two_process_ddp_equals_single_process_with_same_effective_batch(tmp_pat
     for k in a:
         # Same samples per step and averaged gradients: equal up to the order of floating-point sums.
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def test_fsdp_recipe_stores_4bit_weights_in_the_compute_dtype():
+    from qlora_phi3.config import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "phi3_mini_4k_fsdp.yaml")
+    assert recipe.model.quant_storage == recipe.model.compute_dtype == "bfloat16"
+
+
+def test_fsdp_launch_with_uint8_storage_is_refused_before_loading(tmp_path, monkeypatch):
+    import pytest
+
+    from qlora_phi3.config import load_recipe
+    from qlora_phi3.errors import UserError
+    from qlora_phi3.train import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [f"train.output_dir={tmp_path / 'r'}"])
+    with pytest.raises(UserError, match="model.quant_storage=bfloat16"):
+        train(recipe)
