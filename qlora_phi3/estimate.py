@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from .config import Recipe
 from .errors import UserError
 
-__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes", "parse_budget"]
+__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes", "parse_budget", "run_estimate",
+           "config_for_estimate", "KNOWN_SHAPES", "PHI3_MINI_4K_SIZES"]
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
@@ -28,6 +29,12 @@ ALLOCATOR_OVERHEAD = 0.10  # PyTorch caching allocator: reserved exceeds allocat
 BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit block size (QLoRA paper, arXiv 2305.14314, section 2)
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes optimizers keep 32-bit state for tensors smaller than this (min_8bit_size)
 BNB_8BIT_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer: one fp32 absmax per 256 values per state
+# microsoft/Phi-3-mini-{4k,128k}-instruct shapes (their config.json), used when the config is not on this machine.
+PHI3_MINI_4K_SIZES = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                          original_max_position_embeddings=4096)
+KNOWN_SHAPES = {"microsoft/Phi-3-mini-4k-instruct": PHI3_MINI_4K_SIZES,
+                "microsoft/Phi-3-mini-128k-instruct": {**PHI3_MINI_4K_SIZES, "max_position_embeddings": 131072}}
 
 
 @dataclass
@@ -231,3 +238,57 @@ def format_breakdown(est: Estimate) -> str:
     lines = [f"  {t.name:<{width}}  {t.gib:8.3f} GiB" for t in est.terms]
     lines.append(f"  {'peak (terms overlap: see estimate.py)':<{width}}  {est.total_gib:8.3f} GiB")
     return "\n".join(lines)
+
+
+def config_for_estimate(model_cfg):
+    """The model's config (local directory or Hub cache), or, for the Phi-3-mini Hub ids when neither has it,
+    their published shapes; never a download (an estimate must work before anything is fetched)."""
+    from pathlib import Path
+
+    from .model import read_model_config, resolve_model_path
+
+    name = model_cfg.name_or_path
+    if name in KNOWN_SHAPES and not Path(resolve_model_path(name)).expanduser().exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=model_cfg.revision)
+        if not isinstance(cached, str):
+            from transformers import Phi3Config
+
+            from .ui import info
+
+            info(f"{name}: config.json not on this machine; using its published shapes (hidden 3072, 32 layers).")
+            return Phi3Config(**KNOWN_SHAPES[name], tie_word_embeddings=False)
+    return read_model_config(model_cfg)
+
+
+def run_estimate(recipe_path: str | None, overrides: list[str], budget: str | None, device: str = "cuda") -> Estimate:
+    """The ``qlora-phi3 estimate`` command: breakdown table, total, and whether it fits."""
+    from rich.table import Table
+
+    from .config import load_recipe
+    from .ui import console, info
+
+    budget_gib = parse_budget(budget) if budget else None
+    recipe = load_recipe(recipe_path, overrides)
+    est = estimate(recipe, config_for_estimate(recipe.model), device)
+    s = est.settings
+    table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
+                        f"{s['micro_batch_size']}, r={s['lora_r']}, checkpointing {s['gradient_checkpointing']}, "
+                        f"{s['optimizer']} ({est.device})", title_justify="left")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    table.add_column("formula (source in qlora_phi3/estimate.py)", overflow="fold")
+    from rich.markup import escape
+
+    for t in est.terms:
+        table.add_row(t.name, f"{t.gib:.3f}", escape(t.formula))
+    table.add_row("[bold]peak", f"[bold]{est.total_gib:.2f}",
+                  "weights + saved activations + max(logits and loss, recompute + backward transients)"
+                  + (" + overhead + context" if est.device == "cuda" else ""))
+    console().print(table)
+    if budget_gib is not None:
+        verdict = "[green]fits[/]" if est.fits(budget_gib) else "[red]does not fit[/]"
+        info(f"{verdict}: {est.total_gib:.2f} GiB predicted of a {budget_gib:g} GiB budget"
+             + ("" if est.fits(budget_gib) else "; `qlora-phi3 fit RECIPE --budget ...` finds settings that do."))
+    return est

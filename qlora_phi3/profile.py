@@ -27,14 +27,11 @@ from pathlib import Path
 
 from .config import Recipe, load_recipe, recipe_to_dict
 from .errors import UserError
+from .estimate import PHI3_MINI_4K_SIZES
 
-__all__ = ["PHI3_MINI_4K_SIZES", "ProfileRow", "grid_recipes", "parse_grid", "profile", "render_table",
+__all__ = ["PHI3_MINI_4K_SIZES", "ProfileRow", "grid_recipes", "parse_grid", "profile", "render_table", "run_profile",
            "write_random_phi3", "write_results"]
 
-# microsoft/Phi-3-mini-4k-instruct's shapes (its config.json), for random-weight stand-ins (no download).
-PHI3_MINI_4K_SIZES = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-                          original_max_position_embeddings=4096)
 LEAK_TOLERANCE_GIB = 1 / 1024  # 1 MiB: small tensors a library caches once (e.g. bitsandbytes' code tables)
 
 
@@ -245,3 +242,193 @@ def _run_configuration(base, recipe: Recipe, row: ProfileRow, meter, device: str
             del model
         _free(device)
     return base
+
+
+def _estimate_row(row: ProfileRow, recipe: Recipe, model_config, device: str, budget_gib: float | None) -> None:
+    from .estimate import estimate
+
+    est = estimate(recipe, model_config, device)
+    # Compare like with like: CPU live tensors vs tensor estimate; CUDA reserved vs reserved estimate.
+    row.estimated_gib = round(est.reserved_gib, 4)
+    if row.status == "ok" and row.peak_reserved_gib:
+        row.estimate_error_pct = round(100 * (est.reserved_gib - row.peak_reserved_gib) / row.peak_reserved_gib, 1)
+    if budget_gib is not None:
+        if row.status == "oom":
+            row.fits_budget = False
+        else:  # on a GPU the budget is the card: measured reserved + the CUDA context the estimator adds
+            measured_total = None if row.peak_reserved_gib is None else \
+                row.peak_reserved_gib + (est.total_gib - est.reserved_gib)
+            row.fits_budget = (measured_total if measured_total is not None else est.total_gib) <= budget_gib
+
+
+def profile(configs: list[tuple[dict, Recipe]], steps: int = 3, warmup: int = 1, budget_gib: float | None = None,
+            device: str | None = None) -> tuple[list[ProfileRow], dict]:
+    """Run every configuration; returns the rows and the run's metadata (device, versions, leak check)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .memory import PeakMemory
+    from .model import load_model, pick_attention, pick_compute_dtype, pick_device, read_model_config
+    from .runinfo import device_info, package_versions
+    from .ui import console, warn
+
+    if steps < 1 or warmup < 1:
+        raise UserError(f"--steps {steps} / --warmup {warmup}: both must be at least 1 (the warm-up step "
+                        "allocates the optimizer states, which the measured steps must include).")
+    first = configs[0][1]
+    dev = device or pick_device(first.train.device).value
+    dtype = pick_compute_dtype(first.model.compute_dtype, dev).value
+    attn = pick_attention(first.model.attn_implementation, dev).value
+    meter = PeakMemory(dev)
+    rows: list[ProfileRow] = []
+    base, base_key, baseline0 = None, None, None
+    leaks = []
+    progress = Progress(TextColumn("[bold]profile"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                        TimeElapsedColumn(), console=console(), transient=True)
+    try:
+        with progress:
+            task = progress.add_task("", total=len(configs))
+            for point, recipe in configs:
+                row = _row_for(point, recipe)
+                progress.update(task, description=", ".join(f"{k}={v}" for k, v in point.items()))
+                model_config = read_model_config(recipe.model)
+                key = repr(recipe.model)
+                if key != base_key:  # a different base model: drop the old one before loading the next
+                    base = None
+                    _free(dev)
+                    base = load_model(recipe.model, dev, dtype, attn)
+                    base_key, baseline0 = key, None
+                _free(dev)
+                row.baseline_gib = round(meter.current_gib(), 5)
+                if baseline0 is None:
+                    baseline0 = row.baseline_gib
+                elif abs(row.baseline_gib - baseline0) > LEAK_TOLERANCE_GIB:
+                    leaks.append(f"{point}: {row.baseline_gib - baseline0:+.4f} GiB held before it started")
+                    warn(f"memory before {point} differs from before the first configuration by "
+                         f"{row.baseline_gib - baseline0:+.4f} GiB: the previous configuration leaked.")
+                base = _run_configuration(base, recipe, row, meter, dev, dtype, steps, warmup)
+                _estimate_row(row, recipe, model_config, dev, budget_gib)
+                rows.append(row)
+                progress.advance(task)
+    finally:
+        meter.close()
+    meta = {"device": device_info(dev), "compute_dtype": dtype, "attn_implementation": attn, "steps": steps,
+            "warmup_steps": warmup, "budget_gib": budget_gib, "versions": package_versions(), "leaks": leaks,
+            "memory_measure": ("CPU: peak live tensor bytes (qlora_phi3/memory.py)" if dev == "cpu" else
+                               "CUDA: max_memory_allocated / max_memory_reserved, reset after warm-up"),
+            "recipe": recipe_to_dict(configs[0][1])}
+    return rows, meta
+
+
+def render_table(rows: list[ProfileRow], meta: dict):
+    """A rich table: measured beside estimated, error, speed, and whether each fits the budget."""
+    from rich.table import Table
+
+    on_gpu = meta["device"].get("kind") == "cuda"
+    budget = meta.get("budget_gib")
+    title = f"profile on {meta['device'].get('name')} ({'GPU' if on_gpu else 'CPU: live tensor memory'})"
+    table = Table(title=title, title_justify="left")
+    cols = ["r", "seq", "batch", "ckpt", "status",
+            "alloc GiB" if on_gpu else "peak GiB", "reserved GiB" if on_gpu else None, "estimated GiB", "est. error",
+            "tokens/s", "step s", f"fits {budget:g} GiB" if budget else None]
+    cols = [c for c in cols if c]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("ckpt", "status") else "right")
+    for r in rows:
+        def num(x, fmt="{:.3f}"):
+            return "-" if x is None else fmt.format(x)
+        cells = [str(r.lora_r), str(r.max_seq_len), str(r.micro_batch_size), r.gradient_checkpointing,
+                 {"ok": "ok", "oom": "[red]OOM", "error": "[red]error"}[r.status], num(r.peak_allocated_gib)]
+        if on_gpu:
+            cells.append(num(r.peak_reserved_gib))
+        cells += [num(r.estimated_gib), num(r.estimate_error_pct, "{:+.1f}%"), num(r.tokens_per_second, "{:,.0f}"),
+                  num(r.step_seconds, "{:.2f}")]
+        if budget:
+            cells.append("-" if r.fits_budget is None else "[green]yes" if r.fits_budget else "[red]no")
+        table.add_row(*cells)
+    return table
+
+
+def _plot(rows: list[ProfileRow], meta: dict, path: Path) -> None:
+    """Peak memory against LoRA rank, one line per sequence length (per batch/checkpointing if they vary)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    on_gpu = meta["device"].get("kind") == "cuda"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[tuple, list[ProfileRow]] = {}
+    for r in rows:
+        groups.setdefault((r.max_seq_len, r.micro_batch_size, r.gradient_checkpointing), []).append(r)
+    vary_other = len({k[1:] for k in groups}) > 1
+    colors = {}
+    for (seq, mbs, ckpt), group in sorted(groups.items()):
+        color = colors.setdefault(seq, f"C{len(colors)}")
+        label = f"seq {seq}" + (f", batch {mbs}, ckpt {ckpt}" if vary_other else "")
+        ok = sorted((r for r in group if r.status == "ok"), key=lambda r: r.lora_r)
+        style = "-" if ckpt == "true" else "--"
+        if ok:
+            ax.plot([r.lora_r for r in ok], [r.peak_reserved_gib for r in ok], style, marker="o", color=color,
+                    label=label)
+            ax.plot([r.lora_r for r in ok], [r.estimated_gib for r in ok], ":", color=color, alpha=0.6)
+        for r in group:
+            if r.status != "ok":
+                ax.plot([r.lora_r], [r.estimated_gib], "x", color=color, markersize=10)
+    if meta.get("budget_gib"):
+        ax.axhline(meta["budget_gib"], color="red", linewidth=1.5, label=f"budget {meta['budget_gib']:g} GiB")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("peak reserved memory, GiB" if on_gpu else "peak live tensor memory, GiB")
+    ax.set_title(f"{meta['device'].get('name')}: measured (solid/dashed), estimated (dotted), OOM (x)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(rows: list[ProfileRow], meta: dict, out_dir: Path) -> dict[str, Path]:
+    """profile.csv, profile.json and profile.png in ``out_dir``, each written to a temp file and renamed."""
+    import os
+
+    from .runinfo import atomic_write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "profile.csv", "json": out_dir / "profile.json", "png": out_dir / "profile.png"}
+    names = [f for f in asdict(rows[0]) if f != "overrides"] if rows else []
+    tmp = paths["csv"].with_name(".profile.csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["overrides", *names])
+        for r in rows:
+            d = asdict(r)
+            writer.writerow([" ".join(f"{k}={v}" for k, v in r.overrides.items()), *[d[n] for n in names]])
+    os.replace(tmp, paths["csv"])
+    atomic_write_json(paths["json"], {**meta, "rows": [asdict(r) for r in rows]})
+    tmp_png = paths["png"].with_name(".profile.tmp.png")
+    _plot(rows, meta, tmp_png)
+    os.replace(tmp_png, paths["png"])
+    return paths
+
+
+def run_profile(recipe_path: str | None, overrides: list[str], grid: list[str], steps: int, warmup: int,
+                budget: str | None, out_dir: str | None) -> tuple[list[ProfileRow], dict, dict]:
+    """The ``qlora-phi3 profile`` command: validate everything, run the grid, show and write the results."""
+    from .estimate import parse_budget
+    from .ui import console, info
+
+    budget_gib = parse_budget(budget) if budget else None
+    configs = grid_recipes(recipe_path, overrides, grid)
+    stem = Path(recipe_path).stem if recipe_path else "tiny_cpu"
+    out = Path(out_dir) if out_dir else Path("profiles") / stem
+    info(f"profiling {len(configs)} configuration(s), {warmup} warm-up + {steps} measured step(s) each")
+    rows, meta = profile(configs, steps, warmup, budget_gib)
+    console().print(render_table(rows, meta))
+    paths = write_results(rows, meta, out)
+    if meta["leaks"]:
+        from .ui import warn
+
+        warn("memory leaked between configurations: " + "; ".join(meta["leaks"]))
+    info(f"results: {paths['csv']}, {paths['json']}, {paths['png']}")
+    return rows, meta, paths

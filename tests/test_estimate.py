@@ -1,0 +1,125 @@
+"""The estimator: budget parsing, each term's arithmetic, no weights loaded, and within 15% of the measured
+CPU peak (live tensor bytes) on tiny and mini Phi-3 models."""
+
+import pytest
+
+from qlora_phi3.config import RECIPES_DIR, load_recipe
+from qlora_phi3.errors import UserError
+from qlora_phi3.estimate import KNOWN_SHAPES, config_for_estimate, estimate, lora_shapes, parse_budget
+
+PHI3_RECIPE = RECIPES_DIR / "phi3_mini_4k_12gb.yaml"
+REPO_TINY = RECIPES_DIR / "tiny_cpu.yaml"
+
+
+@pytest.mark.parametrize("text,gib", [("12GB", 12), ("12GiB", 12), ("8g", 8), ("12000MB", 12000 / 1024),
+                                      ("11.5", 11.5), (" 24 gb ", 24)])
+def test_parse_budget(text, gib):
+    assert parse_budget(text) == pytest.approx(gib)
+
+
+@pytest.mark.parametrize("bad", ["twelve", "12XB", "", "-4GB", "0GB"])
+def test_parse_budget_rejects_bad_input(bad):
+    with pytest.raises(UserError, match="budget"):
+        parse_budget(bad)
+
+
+def _phi3(overrides=()):
+    recipe = load_recipe(PHI3_RECIPE, list(overrides))
+    return recipe, config_for_estimate(recipe.model)
+
+
+def _terms(est):
+    return {t.name.split(" (")[0]: t.n_bytes for t in est.terms}
+
+
+def test_phi3_mini_terms_match_published_figures():
+    recipe, cfg = _phi3()
+    assert cfg.hidden_size == 3072 and cfg.num_hidden_layers == 32  # published shapes, nothing downloaded
+    terms = _terms(estimate(recipe, cfg))
+    # PITFALLS figures: 3.62B quantized weights at 4 bit ~1.81 GB; 16-bit embeddings + lm_head ~0.39 GB.
+    assert terms["4-bit base weights"] / 1e9 == pytest.approx(1.81, abs=0.01)
+    assert terms["16-bit embeddings and lm_head"] / 1e9 == pytest.approx(0.394, abs=0.005)
+    assert sum(a * b for a, b in lora_shapes(recipe, cfg)) == 25_165_824  # r=16 on the four fused targets
+    # checkpointed layer inputs: 2 B x seq x hidden x layers (x micro-batch), plus the shared rope tables
+    n = recipe.data.max_seq_len * recipe.train.micro_batch_size
+    assert terms["saved activations"] == n * (32 * 2 * 3072 + 4 * 96)
+
+
+def test_terms_respond_to_their_settings():
+    recipe, cfg = _phi3()
+    base = estimate(recipe, cfg)
+    no_dq = _terms(estimate(*_phi3(["model.double_quant=false"])))
+    assert no_dq["quantization constants"] / _terms(base)["quantization constants"] == pytest.approx(0.5 / 0.127, rel=0.01)
+    adam32 = _terms(estimate(*_phi3(["train.optimizer=adamw_torch"])))["optimizer states"]
+    adam8 = _terms(base)["optimizer states"]
+    assert adam32 / 25_165_824 == 8 and 2.0 < adam8 / 25_165_824 < 2.1
+    no_ckpt = estimate(*_phi3(["train.gradient_checkpointing=false"]))
+    assert no_ckpt.total_gib > base.total_gib + 5  # several GB at 2 x 2048 tokens
+    plain_loss = estimate(*_phi3(["train.loss_chunk_tokens=0"]))
+    assert plain_loss.total_gib > base.total_gib
+    cpu = estimate(recipe, cfg, device="cpu")
+    assert cpu.total_bytes == cpu.tensor_bytes < base.total_bytes  # no CUDA context / allocator overhead on CPU
+    assert base.fits(12) and not base.fits(4)
+
+
+def test_estimate_loads_no_weights(monkeypatch):
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("estimate must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    recipe = load_recipe(REPO_TINY, [])
+    est = estimate(recipe, config_for_estimate(recipe.model), "cpu")
+    assert est.total_bytes > 0
+    assert set(KNOWN_SHAPES) >= {"microsoft/Phi-3-mini-4k-instruct"}
+
+
+def test_cli_estimate_prints_breakdown_and_verdict(capsys):
+    from qlora_phi3.cli import main
+
+    assert main(["estimate", str(PHI3_RECIPE), "--budget", "12GB"]) == 0
+    out = capsys.readouterr().out
+    for term in ("4-bit base weights", "quantization constants", "LoRA gradients", "optimizer states",
+                 "recompute", "logits and loss", "CUDA context", "fits"):
+        assert term in out, term
+    assert main(["estimate", str(PHI3_RECIPE), "--budget", "3GB"]) == 1  # does not fit: exit code says so
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_cli_estimate_bad_budget_is_one_clean_line(capsys):
+    from qlora_phi3.cli import main
+
+    assert main(["estimate", str(PHI3_RECIPE), "--budget", "lots"]) == 2
+    assert "--budget 'lots'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mini_phi3(tmp_path_factory):
+    """A mini Phi-3: real vocabulary (32064) and head dim (96), two narrow layers."""
+    from qlora_phi3.profile import write_random_phi3
+
+    return write_random_phi3(tmp_path_factory.mktemp("mini") / "mini-phi3", hidden_size=192, intermediate_size=512,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=32064,
+                             max_position_embeddings=4096)
+
+
+def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
+    """Real training steps (profiler) on tiny and mini Phi-3s; the estimate must be within 15% of each peak."""
+    from qlora_phi3.profile import grid_recipes, profile
+
+    configs = grid_recipes(str(REPO_TINY), ["data.max_seq_len=128", "train.micro_batch_size=4"],
+                           ["train.gradient_checkpointing=true,false"])
+    configs += grid_recipes(str(REPO_TINY), [f"model.name_or_path={mini_phi3}", "lora.dropout=0.05",
+                                             "train.micro_batch_size=1"],
+                            ["data.max_seq_len=384", "train.loss_chunk_tokens=0,256"])
+    rows, meta = profile(configs, steps=1, warmup=1, device="cpu")
+    assert not meta["leaks"]
+    for row in rows:
+        assert row.status == "ok", row
+        assert abs(row.estimate_error_pct) <= 15, (row.overrides, row.peak_allocated_gib, row.estimated_gib)
+    # the measurement itself responds to the settings it should
+    by = {(r.lora_r, r.max_seq_len, r.gradient_checkpointing, r.overrides.get("train.loss_chunk_tokens")): r
+          for r in rows}
+    assert by[(16, 128, "false", None)].peak_allocated_gib > by[(16, 128, "true", None)].peak_allocated_gib
+    assert by[(16, 384, "true", "0")].peak_allocated_gib > by[(16, 384, "true", "256")].peak_allocated_gib
