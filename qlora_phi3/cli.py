@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # One function per command, each adding its own subparser (keep this list in README order).
-    for add in (_add_train, _add_data):
+    for add in (_add_train, _add_data, _add_estimate, _add_fit, _add_profile):
         add(sub)
     return parser
 
@@ -100,6 +100,69 @@ def _cmd_data(args) -> int:
     from .inspect_data import inspect_data
 
     inspect_data(recipe, sample=args.sample, out_dir=args.out)
+    return 0
+
+
+def _add_estimate(sub) -> None:
+    p = sub.add_parser("estimate", help="predict peak GPU memory of a recipe from the model config alone "
+                                        "(no weights loaded), with a breakdown")
+    _add_recipe_args(p)
+    p.add_argument("--budget", metavar="SIZE", help="memory to fit in, e.g. 12GB, 12GiB, 8g, 12000MB")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default) adds the CUDA context and allocator overhead; cpu: live tensors only")
+    p.set_defaults(func=_cmd_estimate)
+
+
+def _cmd_estimate(args) -> int:
+    recipe_path, overrides = _split_recipe_and_overrides(args)
+    from .estimate import run_estimate
+
+    est = run_estimate(recipe_path or _default_recipe(), overrides, args.budget, args.device)
+    if args.budget:
+        from .estimate import parse_budget
+
+        return 0 if est.fits(parse_budget(args.budget)) else 1
+    return 0
+
+
+def _add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="largest max_seq_len and micro_batch_size predicted to fit a memory budget, "
+                                   "written as a ready recipe")
+    _add_recipe_args(p)
+    p.add_argument("--budget", metavar="SIZE", required=True, help="GPU memory, e.g. 12GB, 8GiB, 12000MB")
+    p.add_argument("--out", metavar="FILE", help="recipe to write (default: ./<recipe>_fit_<budget>gib.yaml)")
+    p.set_defaults(func=_cmd_fit)
+
+
+def _cmd_fit(args) -> int:
+    recipe_path, overrides = _split_recipe_and_overrides(args)
+    from .fit import run_fit
+
+    run_fit(recipe_path or _default_recipe(), overrides, args.budget, args.out)
+    return 0
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="measure peak memory and tokens/s of real training steps over a grid of "
+                                       "settings, beside the estimate")
+    _add_recipe_args(p)
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="recipe keys and values to combine, e.g. lora.r=8,16,64 data.max_seq_len=512,2048 "
+                        "train.micro_batch_size=1,2 train.gradient_checkpointing=true,false")
+    p.add_argument("--steps", type=int, default=3, help="measured optimizer steps per configuration (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps per configuration, not measured (default 1)")
+    p.add_argument("--budget", metavar="SIZE", help="memory budget to check each configuration against, e.g. 12GB")
+    p.add_argument("--out", metavar="DIR", help="folder for profile.csv/json/png (default: profiles/<recipe name>)")
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args) -> int:
+    recipe_path, overrides = _split_recipe_and_overrides(args)
+    _quiet_libraries()
+    from .profile import run_profile
+
+    run_profile(recipe_path or _default_recipe(), overrides, args.grid, args.steps, args.warmup, args.budget,
+                args.out)
     return 0
 
 
