@@ -1,0 +1,343 @@
+"""``qlora-phi3 merge``: fold a LoRA adapter into the 16-bit base and save one standalone model, then prove
+the merge with a report.
+
+Top to bottom: check the adapter and the output directory (no weights loaded yet); evaluate the model as
+trained, (a) the 4-bit base + adapter; load the base in 16-bit on the CPU, evaluate (c) base + adapter
+unmerged, let PEFT merge it, evaluate (b) the merged model; save it (sharded safetensors, config with the
+KV cache on, generation config that stops at ``<|end|>``, tokenizer with its chat template) into a
+temporary directory beside ``--out`` and rename that at the very end, so ``--out`` is complete or absent.
+
+Why compare three models: the adapter was trained against the *4-bit* base and learned around its
+quantization error, but it is merged into the *16-bit* base (PITFALLS #4). (c) - (a) is that base
+difference; (b) - (c) is only the rounding of the merge into fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .ui import console, info, warn
+
+__all__ = ["MergeResult", "merge", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
+
+# The merged model is flagged when its eval loss exceeds the 4-bit + adapter loss by more than
+# max(2% of it, 0.01 nats): 2% is well beyond run-to-run noise of a fixed eval set, and the absolute
+# floor keeps a near-zero loss (a task learned perfectly) from flagging on rounding noise alone.
+LOSS_TOLERANCE_REL = 0.02
+LOSS_TOLERANCE_ABS = 0.01
+DEFAULT_SHARD_SIZE = "2GB"  # shards small enough for any filesystem and for loaders that map one at a time
+REPORT_NAME = "merge_report.json"
+MODELS = {"a": "4-bit base + adapter (as trained)", "b": "merged 16-bit", "c": "16-bit base + adapter (unmerged)"}
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    report: dict
+
+
+@dataclass
+class _Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _check_out(out: Path, src, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory.")
+    inputs = [p.resolve() for p in (src.path, src.adapter_dir) if p is not None]
+    for p in inputs:
+        if out.resolve() == p or out.resolve() in p.parents:
+            raise UserError(f"--out {out} would overwrite the adapter it merges ({p}); choose another directory.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty; add --force to replace it (it is replaced only once the "
+                        "new model is complete), or choose a new directory.")
+
+
+def _temp_dir(out: Path) -> Path:
+    """Beside --out (same filesystem, so the final rename is atomic); a leftover from a killed merge has
+    a name no loader mistakes for a model and is removed by the next merge to the same --out."""
+    return out.parent / f".{out.name}.merging"
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by ``tmp``; the old ``out`` is removed only after the new one is in place."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _peak_rss_gib() -> float:
+    """The process's peak resident set size so far (what the OS had to provide). Lifetime, not per phase:
+    for ``qlora-phi3 merge`` the merge is the process, so this is the RAM the command needs."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, KiB on Linux
+
+
+def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
+    """Up to ``n`` held-out conversations: the run's own eval split when the run's recipe and data are
+    still there, else the bundled synthetic set's held-out split (that of the default tiny recipe)."""
+    from .config import DataConfig, TrainConfig
+    from .data import load_records
+    from .formatting import encode_records, split_records
+
+    records, where = None, ""
+    if src.recipe is not None:
+        d, seed = src.recipe.data, src.recipe.train.seed
+        try:
+            if d.eval_split:
+                records = load_records(d, split=d.eval_split)[0][: d.max_eval_samples]
+            else:  # same steps as training, so the same conversations are held out
+                recs = load_records(d)[0]
+                records = split_records(recs[: d.max_samples] if d.max_samples else recs, d.eval_fraction,
+                                        d.max_eval_samples, seed)[1]
+            where = f"the run's eval split ({d.path})"
+        except UserError as e:
+            warn(f"cannot rebuild the run's eval split ({e}); using the bundled samples instead.")
+    if records is None:
+        d = DataConfig()
+        records = split_records(load_records(d)[0], d.eval_fraction, d.max_eval_samples, TrainConfig().seed)[1]
+        where = "bundled synthetic samples (held-out split of the default recipe)"
+    enc = encode_records(records[:n], tokenizer, src.max_seq_len)
+    return [_Sample(i, lab) for i, lab in zip(enc.input_ids, enc.labels)], where
+
+
+def _answer_logits(model, samples: list[_Sample], autocast_dtype=None):
+    """Per sample: (logits at the positions that predict assistant tokens as float32, their targets).
+    Only those positions are kept: they are what eval loss is computed on, and keeping the full
+    vocabulary at every position would cost tokens x 32064 x 4 bytes per model on Phi-3."""
+    import contextlib
+
+    import torch
+
+    out = []
+    for s in samples:
+        ids = torch.tensor([s.input_ids])
+        targets = torch.tensor(s.labels[1:])
+        keep = targets != -100
+        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        out.append((logits[keep], targets[keep]))
+    return out
+
+
+def _compare(rows, ref) -> dict:
+    import torch
+
+    logits = torch.cat([r[0] for r in rows])
+    targets = torch.cat([r[1] for r in rows])
+    ref_logits = torch.cat([r[0] for r in ref])
+    diff = (logits - ref_logits).abs()
+    return {
+        "eval_loss": torch.nn.functional.cross_entropy(logits, targets).item(),
+        "max_abs_logit_diff": diff.max().item(),
+        "mean_abs_logit_diff": diff.mean().item(),
+        "top1_agreement": (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+    }
+
+
+def _is_worse(loss: float, ref_loss: float) -> bool:
+    return loss - ref_loss > max(LOSS_TOLERANCE_REL * ref_loss, LOSS_TOLERANCE_ABS)
+
+
+def _load_16bit(src, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .model import resolve_model_path
+
+    cfg = src.model_cfg
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(cfg.name_or_path), revision=cfg.revision, dtype=getattr(torch, dtype),
+            device_map={"": "cpu"}, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
+        )
+    except OSError as e:
+        raise UserError(f"cannot load the base model {cfg.name_or_path} in 16-bit: {str(e).splitlines()[0]} "
+                        "(it needs *.safetensors weights; download them with `hf download`).") from None
+
+
+def _check_finite(model, dtype: str) -> None:
+    import torch
+
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            hint = " Use --dtype bfloat16 (same range as float32)." if dtype == "float16" else ""
+            raise UserError(f"the merged weight {name} has inf/NaN values in {dtype}: the adapter's update pushed "
+                            f"it out of range.{hint}")
+
+
+def _save(model, tokenizer, tmp: Path, max_shard_size: str) -> None:
+    from .adapter_io import stop_token_ids
+
+    # Training leaves use_cache=False behind (useless under checkpointing); inference needs the KV cache.
+    model.config.use_cache = True
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    model.generation_config.eos_token_id = list(dict.fromkeys(eos + stop_token_ids(tokenizer)))
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)  # safetensors only in transformers 5
+    except ValueError as e:
+        raise UserError(f"--max-shard-size {max_shard_size!r}: {e}") from None
+    # Training pads on the right; batched generation needs left padding so each prompt ends at the cut.
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(tmp)
+
+
+def _evaluate_4bit(src, samples):
+    """(a): the model exactly as trained, under the autocast training used on the CPU."""
+    import torch
+
+    from .adapter_io import load_adapter
+    from .model import load_model, pick_compute_dtype
+
+    compute = src.compute_dtype or pick_compute_dtype(src.model_cfg.compute_dtype, "cpu").value
+    model = load_adapter(load_model(src.model_cfg, "cpu", compute, "sdpa"), src.adapter_dir)
+    return _answer_logits(model, samples, getattr(torch, compute) if compute != "float32" else None)
+
+
+def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base: str | None = None,
+          revision: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE, report_samples: int = 8
+          ) -> MergeResult:
+    """Merge the adapter in ``path`` (run or adapter directory) into its 16-bit base and save it to ``out``."""
+    from .adapter_io import check_base, hide_load_progress_bars, load_adapter, resolve_source
+    from .model import load_tokenizer
+
+    t0 = time.perf_counter()
+    if dtype not in ("float16", "bfloat16"):
+        raise UserError(f"--dtype {dtype}: choose float16 or bfloat16.")
+    if report_samples < 1:
+        raise UserError(f"--report-samples {report_samples}: the merge report needs at least 1 sample.")
+    hide_load_progress_bars()
+    src = resolve_source(path, base, revision)
+    if src.kind == "merged":
+        raise UserError(f"{path} is already a full model (config.json + weights, no adapter); nothing to merge.")
+    out_dir = Path(out).expanduser()
+    _check_out(out_dir, src, force)
+    check_base(src)
+    has_tokenizer = (src.adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(src.model_cfg, str(src.adapter_dir) if has_tokenizer else None)
+    samples, where = _eval_samples(src, tokenizer, report_samples)
+    info(f"merging [bold]{src.adapter_dir}[/] into {src.model_cfg.name_or_path}"
+         f"{' @ ' + src.model_cfg.revision if src.model_cfg.revision else ''} in {dtype} on the CPU; "
+         f"report on {len(samples)} samples from {where}")
+
+    rss_start_gib = _peak_rss_gib()
+    tmp = _temp_dir(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with console().status("(a) evaluating the 4-bit base + adapter, as trained..."):
+            a = _evaluate_4bit(src, samples)
+            gc.collect()  # the 4-bit model is gone before the 16-bit one arrives: peak stays one 16-bit copy
+        with console().status(f"loading the base in {dtype}..."):
+            model = load_adapter(_load_16bit(src, dtype), src.adapter_dir)
+        with console().status("(c) evaluating the 16-bit base + adapter, unmerged..."):
+            c = _answer_logits(model, samples)
+        with console().status("merging (PEFT merge_and_unload)..."):
+            merged = model.merge_and_unload()  # in place: the LoRA update is added to the 16-bit weights
+            del model
+            _check_finite(merged, dtype)
+        with console().status("(b) evaluating the merged model..."):
+            b = _answer_logits(merged, samples)
+        with console().status(f"saving to {out_dir} (via {tmp.name})..."):
+            _save(merged, tokenizer, tmp, max_shard_size)
+            del merged
+            gc.collect()
+        report = _report(src, dtype, where, samples, a, b, c)
+        report["rss_at_start_gib"] = round(rss_start_gib, 3)
+        report["peak_rss_gib"] = round(_peak_rss_gib(), 3)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        report["out_dir"] = str(out_dir)
+        from .runinfo import atomic_write_json
+
+        atomic_write_json(tmp / REPORT_NAME, report)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written model behind
+        raise
+    _print_report(report)
+    info(f"[bold green]merged[/] in {report['seconds']:.0f}s, peak RAM {report['peak_rss_gib']:.2f} GiB RSS: "
+         f"[bold]{out_dir}[/] (report: {out_dir / REPORT_NAME})")
+    return MergeResult(out_dir, report)
+
+
+def _report(src, dtype: str, where: str, samples, a, b, c) -> dict:
+    models = {key: _compare(rows, a) for key, rows in (("a", a), ("b", b), ("c", c))}
+    for key, row in models.items():
+        row["name"] = MODELS[key]
+    loss_a, loss_b, loss_c = (models[k]["eval_loss"] for k in "abc")
+    merged_worse = _is_worse(loss_b, loss_a)
+    rounding_worse = _is_worse(loss_b, loss_c)
+    rounding = _compare(b, c)
+    return {
+        "source": str(src.path),
+        "adapter_dir": str(src.adapter_dir),
+        "base_model": src.model_cfg.name_or_path,
+        "revision": src.model_cfg.revision,
+        "dtype": dtype,
+        "eval_samples": {"source": where, "n_samples": len(samples),
+                         "n_answer_tokens": sum(len(r[1]) for r in a)},
+        "compared_on": "logits at the positions that predict assistant tokens (the eval-loss positions); "
+                       "logit differences are against (a), the model as trained",
+        "models": models,
+        "merge_rounding_b_vs_c": {"max_abs_logit_diff": rounding["max_abs_logit_diff"],
+                                  "mean_abs_logit_diff": rounding["mean_abs_logit_diff"]},
+        "tolerance": {"eval_loss_rel": LOSS_TOLERANCE_REL, "eval_loss_abs": LOSS_TOLERANCE_ABS,
+                      "rule": "flag when loss(b) - loss(a) > max(rel * loss(a), abs)"},
+        "merged_worse_than_trained": merged_worse,
+        "merge_rounding_hurt": rounding_worse,
+        "explanation": _explain(merged_worse, rounding_worse, loss_a, loss_b, loss_c, dtype),
+    }
+
+
+def _explain(merged_worse: bool, rounding_worse: bool, loss_a: float, loss_b: float, loss_c: float,
+             dtype: str) -> str:
+    if not merged_worse:
+        return (f"OK: the merged model's eval loss ({loss_b:.4f}) is within tolerance of the adapter on the "
+                f"4-bit base as trained ({loss_a:.4f}).")
+    cause = (f"The merge rounding into {dtype} itself cost quality ((b) {loss_b:.4f} vs (c) {loss_c:.4f}); "
+             + ("try --dtype float16, which keeps 3 more mantissa bits. " if dtype == "bfloat16" else "")
+             if rounding_worse else
+             f"The merge itself is faithful ((b) matches (c) {loss_c:.4f}): the gap is the base. ")
+    return (f"MERGED MODEL IS WORSE than the adapter on the 4-bit base as trained: eval loss {loss_b:.4f} vs "
+            f"{loss_a:.4f}. The adapter was trained against the NF4-quantized base and learned around its "
+            "quantization error; merged into the original 16-bit weights it meets a slightly different model. "
+            + cause + "Options: serve the adapter on the 4-bit base (`qlora-phi3 chat ADAPTER_DIR`), or check "
+            "the merged model on your own task before shipping it.")
+
+
+def _print_report(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"merge report ({report['eval_samples']['n_samples']} held-out samples, "
+                        f"{report['eval_samples']['n_answer_tokens']} answer tokens; differences vs (a))",
+                  title_justify="left")
+    for col in ("model", "eval loss", "max |logit diff|", "mean |logit diff|", "top-1 agreement"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for key, row in report["models"].items():
+        table.add_row(f"({key}) {row['name']}", f"{row['eval_loss']:.4f}", f"{row['max_abs_logit_diff']:.4f}",
+                      f"{row['mean_abs_logit_diff']:.4f}", f"{row['top1_agreement']:.1%}")
+    console().print(table)
+    r = report["merge_rounding_b_vs_c"]
+    info(f"merge rounding alone, (b) vs (c): max |logit diff| {r['max_abs_logit_diff']:.4f}, "
+         f"mean {r['mean_abs_logit_diff']:.4f}")
+    if report["merged_worse_than_trained"]:
+        console().print(f"[bold red on white] WARNING [/] [bold red]{report['explanation']}[/]")
+    else:
+        info(f"[green]{report['explanation']}[/]")

@@ -1,0 +1,46 @@
+"""``qlora-phi3 chat`` on the trained tiny model: it answers the bundled tasks the way its training data does,
+keeps the conversation in interactive mode, and stops at <|end|>."""
+
+from __future__ import annotations
+
+import io
+
+from qlora_phi3.cli import main
+from qlora_phi3.synthetic import answer_for
+
+
+def test_chat_prompt_answers_like_training_data(tiny_run, capsys):
+    _, run = tiny_run
+    q = "What is the capital of Zorvia?"
+    assert main(["chat", str(run.output_dir), "--prompt", q]) == 0  # a run dir: adapter on the 4-bit base
+    captured = capsys.readouterr()
+    # stdout holds exactly the answer: streamed tokens, no special tokens, nothing after <|end|>
+    assert captured.out.strip() == answer_for(q) == "The capital of Zorvia is Quellan."
+    assert "4-bit" in captured.err and "warning" not in captured.err
+
+
+def test_interactive_chat_keeps_history_and_ends_on_empty_line(tiny_run, monkeypatch, capsys):
+    from qlora_phi3.chat import chat
+
+    _, run = tiny_run
+    questions = ["What is 3 plus 4?", "What color is a plum?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(questions) + "\n\nWhat is 1 plus 1?\n"))
+    messages = chat(str(run.adapter_dir), system="You are a quiz bot.")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages[2::2]] == [answer_for(q) for q in questions]
+    out = capsys.readouterr().out
+    assert all(answer_for(q) in out for q in questions) and "1 plus 1" not in out  # stopped at the empty line
+
+
+def test_answer_cut_by_max_new_tokens_is_reported(tiny_run, capsys):
+    _, run = tiny_run
+    assert main(["chat", str(run.adapter_dir), "--prompt", "What is 3 plus 4?", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and captured.out.strip() != answer_for("What is 3 plus 4?")
+    assert "without an end-of-turn token" in captured.out + captured.err
+
+
+def test_chat_refuses_a_path_that_is_not_a_model(tmp_path, capsys):
+    assert main(["chat", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "no such file or directory" in err and "Traceback" not in err
