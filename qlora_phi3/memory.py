@@ -131,12 +131,15 @@ class LiveTensorTracker:
     def scan(self) -> None:
         """Count every tensor the garbage collector can reach (weights, states): the baseline."""
         import gc
+        import warnings
 
         import torch
 
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor):
-                self.track(obj)
+        with warnings.catch_warnings():  # isinstance() on some lazy module attributes warns about deprecations
+            warnings.simplefilter("ignore")
+            for obj in gc.get_objects():
+                if isinstance(obj, torch.Tensor):
+                    self.track(obj)
 
     def reset(self) -> None:
         """Start a new peak at the memory live now (rescanned, so nothing made outside the mode is missed)."""

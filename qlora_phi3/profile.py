@@ -377,6 +377,8 @@ def _plot(rows: list[ProfileRow], meta: dict, path: Path) -> None:
     if meta.get("budget_gib"):
         ax.axhline(meta["budget_gib"], color="red", linewidth=1.5, label=f"budget {meta['budget_gib']:g} GiB")
     ax.set_xscale("log", base=2)
+    ranks = sorted({r.lora_r for r in rows})
+    ax.set_xticks(ranks, labels=[str(r) for r in ranks])
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel("peak reserved memory, GiB" if on_gpu else "peak live tensor memory, GiB")
     ax.set_title(f"{meta['device'].get('name')}: measured (solid/dashed), estimated (dotted), OOM (x)", fontsize=9)
