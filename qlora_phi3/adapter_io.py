@@ -32,6 +32,7 @@ class Source:
     base_config: the base model's shapes recorded at training time ({} if the adapter did not record them).
     recipe: the run's resolved recipe when known (to rebuild its eval split).
     compute_dtype: the compute dtype training used (None if unknown).
+    run: the run's run.json (its eval split fingerprint, ...), when known.
     """
     kind: str
     path: Path
@@ -41,6 +42,7 @@ class Source:
     recipe: Recipe | None = None
     compute_dtype: str | None = None
     max_seq_len: int = 1024
+    run: dict | None = None  # the run's run.json, when the adapter came out of a run directory
 
 
 def _read_json(path: Path) -> dict:
@@ -133,7 +135,7 @@ def _adapter_source(adapter_dir: Path, run_dir: Path | None, base: str | None, r
         warn(f"--base {base}: the adapter was trained on {name}; its identity is checked by shapes and "
              "revision only.")
     return Source("adapter", adapter_dir, adapter_dir, model_cfg, shapes, recipe,
-                  run.get("compute_dtype"), max_seq_len)
+                  run.get("compute_dtype"), max_seq_len, run or None)
 
 
 def _check_snapshot_revision(base_dir: Path, rev: str, adapter_dir: Path) -> None:

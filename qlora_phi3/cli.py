@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # One function per command, each adding its own subparser (keep this list in README order).
-    for add in (_add_train, _add_data, _add_estimate, _add_fit, _add_profile):
+    for add in (_add_train, _add_data, _add_merge, _add_chat, _add_estimate, _add_fit, _add_profile):
         add(sub)
     return parser
 
@@ -100,6 +100,55 @@ def _cmd_data(args) -> int:
     from .inspect_data import inspect_data
 
     inspect_data(recipe, sample=args.sample, out_dir=args.out)
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge a trained adapter into its 16-bit base (on the CPU) and check the result",
+                       description="Reload the adapter's base model in 16-bit, merge the LoRA weights with PEFT, save "
+                                   "one standalone model (sharded safetensors, config, generation config, tokenizer "
+                                   "with chat template) and a merge report comparing it with the 4-bit base + adapter "
+                                   "as trained.")
+    p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="a run directory (train.output_dir) or its adapter/")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the merged model goes (must be empty or new)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="dtype of the merged weights (default float16: 3 more mantissa bits than bfloat16, so small "
+                        "LoRA updates survive the rounding)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the new model is complete)")
+    p.add_argument("--base", metavar="NAME_OR_PATH",
+                   help="merge into this copy of the base model (e.g. a local download) instead of the one the adapter "
+                        "names; its shapes and revision must match")
+    p.add_argument("--revision", metavar="REV", help="base model revision (default: the one the adapter was trained on)")
+    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--report-samples", type=int, default=8, metavar="N",
+                   help="held-out conversations the merge report evaluates (default 8)")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args) -> int:
+    _quiet_libraries()
+    from .merge import merge
+
+    merge(args.source, args.out, dtype=args.dtype, force=args.force, base=args.base, revision=args.revision,
+          max_shard_size=args.max_shard_size, report_samples=args.report_samples)
+    return 0
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a merged model, an adapter (on its 4-bit base) or a run directory")
+    p.add_argument("source", metavar="MODEL_OR_ADAPTER_DIR", help="merged model dir, adapter dir or run dir")
+    p.add_argument("--prompt", metavar="TEXT", help="answer this one message and exit (default: interactive)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="answer length cap (default 256)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    p.set_defaults(func=_cmd_chat)
+
+
+def _cmd_chat(args) -> int:
+    _quiet_libraries()
+    from .chat import chat
+
+    chat(args.source, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens, device=args.device)
     return 0
 
 

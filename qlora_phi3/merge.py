@@ -103,6 +103,11 @@ def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
                 records = split_records(recs[: d.max_samples] if d.max_samples else recs, d.eval_fraction,
                                         d.max_eval_samples, seed)[1]
             where = f"the run's eval split ({d.path})"
+            recorded = (src.run or {}).get("dataset", {}).get("eval_fingerprint")
+            if recorded and encode_records(records, tokenizer, src.max_seq_len).fingerprint() != recorded:
+                where += ", rebuilt: differs from the split the run evaluated on"
+                warn("the eval split rebuilt from the run's recipe differs from the one the run used (its data "
+                     "file or qlora-phi3 changed since); the three models are still compared on the same samples.")
         except UserError as e:
             warn(f"cannot rebuild the run's eval split ({e}); using the bundled samples instead.")
     if records is None:
@@ -325,13 +330,17 @@ def _explain(merged_worse: bool, rounding_worse: bool, loss_a: float, loss_b: fl
 def _print_report(report: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"merge report ({report['eval_samples']['n_samples']} held-out samples, "
-                        f"{report['eval_samples']['n_answer_tokens']} answer tokens; differences vs (a))",
-                  title_justify="left")
-    for col in ("model", "eval loss", "max |logit diff|", "mean |logit diff|", "top-1 agreement"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    short = {"a": "(a) 4-bit base + adapter", "b": f"(b) merged {report['dtype']}", "c": "(c) 16-bit base + adapter"}
+    n = report["eval_samples"]
+    table = Table(title=f"merge report: {n['n_samples']} held-out samples, {n['n_answer_tokens']} answer tokens",
+                  title_justify="left",
+                  caption="(a) as trained, the reference; (c) unmerged. Logit differences vs (a), at answer tokens.",
+                  caption_justify="left")
+    table.add_column("model", no_wrap=True)
+    for col in ("eval loss", "max |Δlogit|", "mean |Δlogit|", "top-1 = (a)"):
+        table.add_column(col, justify="right")
     for key, row in report["models"].items():
-        table.add_row(f"({key}) {row['name']}", f"{row['eval_loss']:.4f}", f"{row['max_abs_logit_diff']:.4f}",
+        table.add_row(short[key], f"{row['eval_loss']:.4f}", f"{row['max_abs_logit_diff']:.4f}",
                       f"{row['mean_abs_logit_diff']:.4f}", f"{row['top1_agreement']:.1%}")
     console().print(table)
     r = report["merge_rounding_b_vs_c"]

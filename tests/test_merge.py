@@ -121,7 +121,8 @@ def test_merge_report_compares_the_three_models(merged):
     assert report["merged_worse_than_trained"] is worse
     assert models["b"]["eval_loss"] < 0.5  # the trained tiny model is near-perfect on its own task
     assert report["peak_rss_gib"] > 0
-    for text in ("merge report", "(a) 4-bit base + adapter", "(b) merged 16-bit", "(c) 16-bit base", "peak RAM"):
+    for text in ("merge report", "(a) 4-bit base + adapter", "(b) merged float16", "(c) 16-bit base + adapter",
+                 "peak RAM"):
         assert text in printed, text
 
 
