@@ -54,9 +54,14 @@ def _check_out(out: Path, src, force: bool) -> None:
     for p in inputs:
         if out.resolve() == p or out.resolve() in p.parents:
             raise UserError(f"--out {out} would overwrite the adapter it merges ({p}); choose another directory.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} is not empty; add --force to replace it (it is replaced only once the "
-                        "new model is complete), or choose a new directory.")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"--out {out} is not empty; add --force to replace it (it is replaced only once the "
+                            "new model is complete), or choose a new directory.")
+        # --force deletes --out in the end: only ever a model directory, never a folder of someone's files.
+        if not ((out / REPORT_NAME).is_file() or ((out / "config.json").is_file() and any(out.glob("*.safetensors")))):
+            raise UserError(f"--out {out} holds files that are not a model (no config.json + *.safetensors); "
+                            "--force replaces only a previous merge. Choose a new directory.")
 
 
 def _temp_dir(out: Path) -> Path:

@@ -29,6 +29,7 @@ def merged(tiny_run, tmp_path_factory):
     _, run = tiny_run
     out = tmp_path_factory.mktemp("merge") / "merged"
     out.mkdir()
+    (out / "merge_report.json").write_text("{}")  # an earlier merge, which --force may replace
     (out / "old.txt").write_text("from an earlier merge")
     stale = out.parent / ".merged.merging"
     stale.mkdir()
@@ -44,7 +45,7 @@ def test_merged_dir_is_complete_and_sharded(merged):
     result, _ = merged
     out = result.out_dir
     files = {p.name for p in out.iterdir()}
-    assert "old.txt" not in files  # --force replaced the old contents
+    assert "old.txt" not in files  # --force replaced the earlier merge
     shards = sorted(f for f in files if f.startswith("model-") and f.endswith(".safetensors"))
     assert len(shards) >= 2 and "model.safetensors.index.json" in files
     assert {"config.json", "generation_config.json", "tokenizer.json", "merge_report.json"} <= files
@@ -185,6 +186,8 @@ def test_refuses_non_empty_out_without_force(tiny_run, tmp_path, capsys):
     assert main(["merge", str(tiny_run[1].output_dir), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "--force" in err and "Traceback" not in err
+    assert main(["merge", str(tiny_run[1].output_dir), "--out", str(out), "--force"]) == 2
+    assert "not a model" in capsys.readouterr().err  # --force never deletes a folder of the user's files
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
