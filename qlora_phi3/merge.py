@@ -180,6 +180,16 @@ def _load_16bit(src, dtype: str):
                         "(it needs *.safetensors weights; download them with `hf download`).") from None
 
 
+def _check_shard_size(max_shard_size: str) -> None:
+    """Checked up front: save_pretrained would only reject it after the whole merge and report."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise UserError(f"--max-shard-size {max_shard_size!r}: not a size; write e.g. 2GB or 500MB.") from None
+
+
 def _check_finite(model, dtype: str) -> None:
     import torch
 
@@ -200,10 +210,7 @@ def _save(model, tokenizer, tmp: Path, max_shard_size: str) -> None:
     model.generation_config.eos_token_id = list(dict.fromkeys(eos + stop_token_ids(tokenizer)))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)  # safetensors only in transformers 5
-    except ValueError as e:
-        raise UserError(f"--max-shard-size {max_shard_size!r}: {e}") from None
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)  # safetensors only in transformers 5
     # Training pads on the right; batched generation needs left padding so each prompt ends at the cut.
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp)
@@ -233,6 +240,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
         raise UserError(f"--dtype {dtype}: choose float16 or bfloat16.")
     if report_samples < 1:
         raise UserError(f"--report-samples {report_samples}: the merge report needs at least 1 sample.")
+    _check_shard_size(max_shard_size)
     hide_load_progress_bars()
     src = resolve_source(path, base, revision)
     if src.kind == "merged":

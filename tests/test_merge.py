@@ -197,6 +197,13 @@ def test_refuses_to_overwrite_its_own_adapter(tiny_run):
         merge(str(run.adapter_dir), str(run.output_dir), force=True)
 
 
+def test_refuses_bad_flags_before_loading(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="not a size"):
+        merge(str(tiny_run[1].output_dir), str(tmp_path / "out"), max_shard_size="lots")
+    with pytest.raises(UserError, match="already a full model"):
+        merge(str(TINY_MODEL_DIR), str(tmp_path / "out"))
+
+
 def test_refuses_shape_mismatch_recorded_in_adapter(tiny_run, tmp_path):
     adapter = _copy_adapter(tiny_run[1], tmp_path, hidden_size=3072, num_hidden_layers=32)
     with pytest.raises(UserError, match=r"different base.*hidden_size: adapter 3072, base 128"):
