@@ -220,17 +220,20 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*use_cache=True.*")
+    # train.py says this itself, once, in words that name our setting.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     for name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "transformers", "trl", "peft", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything can initialise CUDA: expandable segments cut fragmentation on small cards (PITFALLS #7).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

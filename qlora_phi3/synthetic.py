@@ -59,10 +59,12 @@ def _question(rng: random.Random) -> str:
 
 
 def generate(n: int = 1200, seed: int = 0) -> list[dict]:
-    """``n`` OpenAI-style conversations, the same for the same seed."""
+    """``n`` distinct OpenAI-style conversations, the same for the same seed.
+
+    Distinct because duplicates are skipped by the data validation (and would leak into the eval split)."""
     rng = random.Random(seed)
-    records = []
-    for _ in range(n):
+    records, seen = [], set()
+    while len(records) < n:
         messages = []
         if rng.random() < 0.4:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -70,7 +72,10 @@ def generate(n: int = 1200, seed: int = 0) -> list[dict]:
             question = _question(rng)
             messages.append({"role": "user", "content": question})
             messages.append({"role": "assistant", "content": answer_for(question)})
-        records.append({"messages": messages})
+        key = json.dumps(messages)
+        if key not in seen:
+            seen.add(key)
+            records.append({"messages": messages})
     return records
 
 

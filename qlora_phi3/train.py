@@ -321,7 +321,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
     meter.close()
     ratio = run["eval_loss_end"] / run["eval_loss_start"] if run["eval_loss_start"] else float("nan")
     info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss {run['eval_loss_start']:.4f} -> "
-         f"{run['eval_loss_end']:.4f} ({ratio:.0%} of step 0), peak memory {peak.short()}, "
+         f"{run['eval_loss_end']:.4f} ({ratio:.1%} of step 0), peak memory {peak.short()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
     return RunResult(out, adapter_dir, run, trainer.model)
