@@ -44,6 +44,15 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None
         time.sleep(0.05)
 
 
+def _start_and_reach_step(out: Path, step: int, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """Start a run and return once it has logged ``step`` (and the lines read so far)."""
+    proc = _start(out, *extra)
+    lines: list[str] = []
+    marker = f"step {step:>5}"
+    _wait_for(lambda: any(marker in ln for ln in lines) or lines.append(proc.stdout.readline()) or False, proc)
+    return proc, lines
+
+
 def _adapter(path: Path) -> dict:
     return load_file(path / "adapter" / "adapter_model.safetensors")
 
@@ -117,9 +126,7 @@ def test_nan_guard_stops_at_once_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, "train.max_steps=200", "train.save_steps=0")
-    lines = []
-    _wait_for(lambda: any("step     3" in ln for ln in lines) or lines.append(proc.stdout.readline()) or False, proc)
+    proc, lines = _start_and_reach_step(out, 3, "train.max_steps=40", "train.save_steps=0")
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     text = "".join(lines) + output
@@ -129,16 +136,13 @@ def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path):
     assert latest is not None and is_complete(latest)
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     step = int(latest.name.split("-")[1])
-    resumed = _run(out, "train.max_steps=200", "train.save_steps=0", "--resume", timeout=600)
+    resumed = _run(out, "train.max_steps=40", "train.save_steps=0", "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert json.loads((out / "run.json").read_text())["steps"] == 200 > step
+    assert json.loads((out / "run.json").read_text())["steps"] == 40 > step
 
 
 def test_ctrl_c_twice_exits_at_once(tmp_path):
-    out = tmp_path / "run"
-    proc = _start(out, "train.max_steps=100000", "train.save_steps=0")
-    lines = []
-    _wait_for(lambda: any("step     2" in ln for ln in lines) or lines.append(proc.stdout.readline()) or False, proc)
+    proc, _ = _start_and_reach_step(tmp_path / "run", 2, "train.max_steps=100000", "train.save_steps=0")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
