@@ -180,6 +180,24 @@ def _check_against_model(recipe: Recipe, model_config) -> None:
 
 
 def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResult:
+    """Run ``recipe`` to completion (see the module docstring); under torchrun/accelerate, one rank of it."""
+    try:
+        return _train(recipe, resume, force)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before exit: gloo's threads still running at interpreter shutdown
+    abort the process ("terminate called without an active exception") after a successful run."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train(recipe: Recipe, resume: bool, force: bool) -> RunResult:
     from .model import (load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device,
                         read_model_config)
 
@@ -209,6 +227,11 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResul
 
     transformers.set_seed(recipe.train.seed)
     model = load_model(recipe.model, device.value, dtype.value, attn.value)
+    # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
+    # than have the Trainer "align" it with a warning.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     from .lora import attach_lora, coverage
 
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
