@@ -179,10 +179,13 @@ def _check_against_model(recipe: Recipe, model_config) -> None:
                         "(microsoft/Phi-3-mini-128k-instruct).")
 
 
-def train(recipe: Recipe, resume: bool = False, force: bool = False) -> RunResult:
-    """Run ``recipe`` to completion (see the module docstring); under torchrun/accelerate, one rank of it."""
+def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss") -> RunResult:
+    """Run ``recipe`` to completion (see the module docstring); under torchrun/accelerate, one rank of it.
+
+    ``cpu_memory``: on a CPU, "rss" (sampled, near-free) or "tensors" (the profiler's live-tensor peak,
+    slower); benchmarks that compare with a tensor-measured run pass "tensors"."""
     try:
-        return _train(recipe, resume, force)
+        return _train(recipe, resume, force, cpu_memory)
     finally:
         _close_process_group()
 
@@ -197,7 +200,7 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _train(recipe: Recipe, resume: bool, force: bool) -> RunResult:
+def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunResult:
     from .model import (load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device,
                         read_model_config)
 
@@ -247,7 +250,7 @@ def _train(recipe: Recipe, resume: bool, force: bool) -> RunResult:
     trainer, progress, meter = build_trainer(
         model, tokenizer, args, train_enc, eval_enc, device.value,
         packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
-        loss_chunk_tokens=recipe.train.loss_chunk_tokens)
+        loss_chunk_tokens=recipe.train.loss_chunk_tokens, cpu_memory=cpu_memory)
     from .checkpoints import last_checkpoint
     from .runinfo import device_info, package_versions
 

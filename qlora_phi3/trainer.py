@@ -46,13 +46,14 @@ def make_trainer_class():
 
 
 def build_trainer(model, tokenizer, args, train_enc, eval_enc, device: str, *, packing_max_seq_len: int | None = None,
-                  loss_chunk_tokens: int = 256):
+                  loss_chunk_tokens: int = 256, cpu_memory: str = "rss"):
     """The trainer, its rich progress callback and its memory meter.
 
     Args:
         packing_max_seq_len: pack the training samples into rows of this many tokens (None: no packing).
             Eval stays unpacked, so eval losses compare across packing on and off.
         loss_chunk_tokens: chunk size of the chunked cross-entropy; 0 = SFTTrainer's own loss.
+        cpu_memory: how the meter measures on a CPU (memory.PeakMemory's ``cpu_measure``).
     """
     from transformers import PrinterCallback, ProgressCallback
 
@@ -60,8 +61,8 @@ def build_trainer(model, tokenizer, args, train_enc, eval_enc, device: str, *, p
     from .packing import PackingCollator, pack_columns
     from .progress import RichProgress
 
-    # On CPU, training shows sampled RSS: the live-tensor tracker would cost ~2.6x CPU time on small ops.
-    meter = PeakMemory(device, cpu_measure="rss")
+    # On CPU, training shows sampled RSS by default: the live-tensor tracker costs ~2.6x CPU time on small ops.
+    meter = PeakMemory(device, cpu_measure=cpu_memory)
     progress = RichProgress(meter)
     if packing_max_seq_len:
         from datasets import Dataset
