@@ -115,7 +115,7 @@ def _our_probe(spec: dict, model) -> float:
     train_enc, eval_enc = _splits(spec)
     rows = pack_columns(train_enc.input_ids, train_enc.labels, spec["max_seq_len"])
     full = max(range(len(rows["input_ids"])), key=lambda r: len(rows["input_ids"][r]))
-    trainer, _, meter = build_trainer(model, tokenizer, _sft_config(recipe, "cpu", "bfloat16", 1), train_enc, eval_enc,
+    trainer, _, meter = build_trainer(model, tokenizer, _sft_config(recipe, "cpu", "bfloat16"), train_enc, eval_enc,
                                       "cpu", packing_max_seq_len=spec["max_seq_len"],
                                       loss_chunk_tokens=spec["loss_chunk_tokens"])
     meter.close()

@@ -66,7 +66,7 @@ def prepare_output_dir(path: Path, resume: bool, force: bool) -> None:
                         "choose a directory you can write to.") from None
 
 
-def _sft_config(recipe: Recipe, device: str, compute_dtype: str, n_train: int):
+def _sft_config(recipe: Recipe, device: str, compute_dtype: str):
     from trl import SFTConfig
 
     from .offload import checkpointing_kwargs
@@ -246,7 +246,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
         info(f"data parallel over {world_size} processes: effective batch = {t.micro_batch_size} (micro) x "
              f"{t.grad_accum} (accum) x {world_size} (processes) = {t.micro_batch_size * t.grad_accum * world_size} "
              "conversations per optimizer step")
-    args = _sft_config(recipe, device.value, dtype.value, len(train_enc.input_ids))
+    args = _sft_config(recipe, device.value, dtype.value)
     trainer, progress, meter = build_trainer(
         model, tokenizer, args, train_enc, eval_enc, device.value,
         packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
@@ -294,7 +294,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
                 run["train_loss_start"] = previous.get("train_loss_start")
                 info(f"eval loss at step 0 (from the interrupted run): {run['eval_loss_start']:.4f}")
             else:
-                trainer.add_callback(_EvalAtStart(trainer, run, run_path))
+                trainer.add_callback(_eval_at_start(trainer, run, run_path))
             _write_run(run_path, run)
             meter.reset()
             t_train = time.perf_counter()
@@ -376,7 +376,7 @@ def _eval_at_start_class():
     return EvalAtStart
 
 
-def _EvalAtStart(trainer, run: dict, run_path: Path):
+def _eval_at_start(trainer, run: dict, run_path: Path):
     return _eval_at_start_class()(trainer, run, run_path)
 
 
