@@ -26,6 +26,9 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool = False) -> None
     p.add_argument("recipe", nargs=None if required else "?", metavar="RECIPE",
                    help="recipe YAML file" + ("" if required else " (default: the embedded tiny CPU recipe)"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. lora.r=32")
+    # Every recipe-taking command lists the keys it accepts.
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _recipe_keys_help() if not p.epilog else f"{p.epilog}\n\n{_recipe_keys_help()}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune with a recipe (no recipe: the tiny offline demo)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_recipe_keys_help())
+    p = sub.add_parser("train", help="fine-tune with a recipe (no recipe: the tiny offline demo)")
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
     p.add_argument("--force", action="store_true", help="delete the run already in train.output_dir and start over")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from qlora_phi3.config import field_help
 
 
@@ -25,6 +27,14 @@ def test_train_help_lists_every_option_and_recipe_key():
         assert flag in res.stdout
     for key, _, _ in field_help():
         assert key in res.stdout, key
+
+
+@pytest.mark.parametrize("command", ["data", "estimate", "fit", "profile"])
+def test_every_recipe_command_lists_the_recipe_keys(command):
+    res = _run(command, "--help")
+    assert res.returncode == 0
+    for key, _, _ in field_help():
+        assert key in res.stdout, (command, key)
 
 
 def test_top_level_help_lists_train():
