@@ -241,10 +241,10 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    effective_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     if world_size > 1:
-        t = recipe.train
-        info(f"data parallel over {world_size} processes: effective batch = {t.micro_batch_size} (micro) x "
-             f"{t.grad_accum} (accum) x {world_size} (processes) = {t.micro_batch_size * t.grad_accum * world_size} "
+        info(f"data parallel over {world_size} processes: effective batch = {recipe.train.micro_batch_size} "
+             f"(micro) x {recipe.train.grad_accum} (accum) x {world_size} (processes) = {effective_batch} "
              "conversations per optimizer step")
     args = _sft_config(recipe, device.value, dtype.value)
     trainer, progress, meter = build_trainer(
@@ -262,15 +262,14 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
         "device": device_info(device.value),
         "compute_dtype": dtype.value,
         "attn_implementation": attn.value,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": world_size,
         "recipe": recipe_to_dict(recipe),
         "dataset": {"source": recipe.data.path, "fingerprint": train_enc.fingerprint(),
                     "eval_fingerprint": eval_enc.fingerprint(), "train_samples": len(train_enc.input_ids),
                     "eval_samples": len(eval_enc.input_ids), "train_tokens": train_enc.n_tokens,
                     "truncated": train_enc.truncated + eval_enc.truncated},
         "seed": recipe.train.seed,
-        "effective_batch": recipe.train.micro_batch_size * recipe.train.grad_accum
-                           * int(os.environ.get("WORLD_SIZE", "1")),
+        "effective_batch": effective_batch,
     }
     resume_from = None
     if resume:
@@ -316,9 +315,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
     train_seconds = time.perf_counter() - t_train
     peak = meter.read()
     losses = [h["loss"] for h in progress.history if "loss" in h]
-    run.setdefault("train_loss_start", losses[0] if losses else None)
-    if run["train_loss_start"] is None and losses:
-        run["train_loss_start"] = losses[0]
+    if run.get("train_loss_start") is None:  # kept from the interrupted run on resume
+        run["train_loss_start"] = losses[0] if losses else None
     if interrupt.requested:
         checkpoint = last_checkpoint(out)
         _write_run(run_path, {**run, "status": "interrupted", "steps": trainer.state.global_step,
