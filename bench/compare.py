@@ -12,7 +12,7 @@ Both pipelines train the same LoRA (r, alpha, fused targets), on the same train/
 same assistant-only labels, optimizer, learning rate and number of optimizer steps, with about the
 same real tokens per optimizer step (ours: packed rows of max_seq_len; the reference: micro-batches
 padded to their longest sample, with grad_accum scaled to match). Each runs in its own process, so
-neither inherits the other's memory. Peak memory on the CPU is qlora_phi3.memory.PeakMemory's live
+neither inherits the other's memory. Peak memory on the CPU is qlora_phi3.memory.meter.PeakMemory's live
 tensor bytes (weights included), measured the same way for both; tokens/s counts non-padding tokens.
 """
 
@@ -39,7 +39,7 @@ def build_mini_phi3(out_dir: Path, layers: int, hidden: int, intermediate: int, 
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    from qlora_phi3.tiny import TINY_MODEL_DIR
+    from qlora_phi3.model.tiny import TINY_MODEL_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -56,7 +56,7 @@ def build_mini_phi3(out_dir: Path, layers: int, hidden: int, intermediate: int, 
 
 def build_chat_set(path: Path, n: int, seed: int = 0) -> Path:
     """Conversations of 1-4 question/answer pairs (70%), 10-30 (20%) and 60-120 (10%, most over 2k tokens)."""
-    from qlora_phi3.synthetic import generate
+    from qlora_phi3.data.synthetic import generate
 
     rng = random.Random(seed)
     pairs = []
@@ -75,9 +75,9 @@ def build_chat_set(path: Path, n: int, seed: int = 0) -> Path:
 
 def _splits(spec: dict):
     from qlora_phi3.config import load_recipe
-    from qlora_phi3.data import load_records
-    from qlora_phi3.formatting import encode_records, split_records
-    from qlora_phi3.model import load_tokenizer
+    from qlora_phi3.data.read import load_records
+    from qlora_phi3.data.encode import encode_records, split_records
+    from qlora_phi3.model.load import load_tokenizer
 
     recipe = load_recipe(None, _our_overrides(spec))
     tokenizer = load_tokenizer(recipe.model)
@@ -104,11 +104,11 @@ def _our_probe(spec: dict, model) -> float:
     """Our side of reference_pipeline.probe_peak_gib: one micro-step on a packed row holding the longest sample."""
     from bench.reference_pipeline import probe_peak_gib
     from qlora_phi3.config import load_recipe
-    from qlora_phi3.formatting import EncodedSplit
-    from qlora_phi3.model import load_tokenizer
-    from qlora_phi3.packing import pack_columns
-    from qlora_phi3.train import _sft_config
-    from qlora_phi3.trainer import build_trainer
+    from qlora_phi3.data.encode import EncodedSplit
+    from qlora_phi3.model.load import load_tokenizer
+    from qlora_phi3.data.packing import pack_columns
+    from qlora_phi3.run.train import _sft_config
+    from qlora_phi3.run.trainer import build_trainer
 
     recipe = load_recipe(None, _our_overrides(spec, spec["workdir"] + "/ours-probe"))
     tokenizer = load_tokenizer(recipe.model)
@@ -130,7 +130,7 @@ def _worker(which: str, spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     if which == "ours":
         from qlora_phi3.config import load_recipe
-        from qlora_phi3.train import train
+        from qlora_phi3.run.train import train
 
         # Measured the way the reference is (live tensors, same per-operator overhead on both sides);
         # `qlora-phi3 train` on a CPU shows sampled RSS instead, for speed.
@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from rich.console import Console
 
-    from qlora_phi3.packing import pack_rows
-    from qlora_phi3.runinfo import device_info
+    from qlora_phi3.data.packing import pack_rows
+    from qlora_phi3.run.record import device_info
 
     console = Console()
     if a.hidden % 96:

@@ -23,7 +23,7 @@ def phi3_mini_config():
     vocab 32064, 4096 positions)."""
     from transformers import Phi3Config
 
-    from qlora_phi3.estimate import PHI3_MINI_4K_SIZES
+    from qlora_phi3.memory.estimate import PHI3_MINI_4K_SIZES
 
     return Phi3Config(**PHI3_MINI_4K_SIZES, tie_word_embeddings=False, sliding_window=None, pad_token_id=32000,
                       bos_token_id=1, eos_token_id=32000)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qlora_phi3.cli import _quiet_libraries
-    from qlora_phi3.profile import grid_recipes, profile, render_table, write_results
+    from qlora_phi3.run.profile import grid_recipes, profile, render_table, write_results
     from qlora_phi3.ui import console, info
 
     _quiet_libraries()
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model_dir = Path(args.model_dir)
     if args.sizes:  # smoke test on a smaller model with the same code path
-        from qlora_phi3.profile import write_random_phi3
+        from qlora_phi3.run.profile import write_random_phi3
 
-        from qlora_phi3.estimate import PHI3_MINI_4K_SIZES
+        from qlora_phi3.memory.estimate import PHI3_MINI_4K_SIZES
 
         sizes = {**PHI3_MINI_4K_SIZES, **{k: int(v) for k, v in (kv.split("=") for kv in args.sizes.split(","))}}
         if not (model_dir / "config.json").is_file():

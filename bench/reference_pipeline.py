@@ -22,7 +22,7 @@ __all__ = ["probe_peak_gib", "run_reference"]
 def probe_peak_gib(trainer, train_enc) -> float:
     """Peak memory of one training micro-step on the longest training sample (micro-batch 1): the memory
     figure at ``max_seq_len`` whichever samples the short run happened to draw."""
-    from qlora_phi3.memory import PeakMemory
+    from qlora_phi3.memory.meter import PeakMemory
 
     longest = max(range(len(train_enc.input_ids)), key=lambda i: len(train_enc.input_ids[i]))
     batch = trainer.data_collator([{"input_ids": train_enc.input_ids[longest], "labels": train_enc.labels[longest]}])
@@ -45,8 +45,8 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_phi3.memory import PeakMemory
-    from qlora_phi3.model import _keep_cpu_4bit_format
+    from qlora_phi3.memory.meter import PeakMemory
+    from qlora_phi3.model.load import _keep_cpu_4bit_format
 
     transformers.set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -56,7 +56,7 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
                                                  device_map={"": "cpu"}, attn_implementation=attn_implementation)
-    _keep_cpu_4bit_format(model)  # CPU-only bitsandbytes quirk (see qlora_phi3.model); no effect on a GPU
+    _keep_cpu_4bit_format(model)  # CPU-only bitsandbytes quirk (see qlora_phi3.model.load); no effect on a GPU
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from qlora_phi3.cli import main
 
 sys.exit(main())

@@ -7,14 +7,14 @@ import argparse
 import os
 import sys
 
-from . import __version__
-from .errors import UserError
+from qlora_phi3 import __version__
+from qlora_phi3.errors import UserError
 
 __all__ = ["main"]
 
 
 def _recipe_keys_help() -> str:
-    from .config import field_help
+    from qlora_phi3.config import field_help
 
     lines = ["recipe keys (override any with section.key=value):"]
     for key, doc, default in field_help():
@@ -63,14 +63,14 @@ def _split_recipe_and_overrides(args) -> tuple[str | None, list[str]]:
 
 
 def _default_recipe() -> str:
-    from .config import RECIPES_DIR
+    from qlora_phi3.config import RECIPES_DIR
 
     return str(RECIPES_DIR / "tiny_cpu.yaml") if (RECIPES_DIR / "tiny_cpu.yaml").is_file() else None
 
 
 def _recipe_from_args(args):
     """The recipe named on the command line (default: the tiny CPU one) with its overrides applied."""
-    from .config import load_recipe
+    from qlora_phi3.config import load_recipe
 
     recipe_path, overrides = _split_recipe_and_overrides(args)
     recipe = load_recipe(recipe_path or _default_recipe(), overrides)
@@ -80,7 +80,7 @@ def _recipe_from_args(args):
 
 def _cmd_train(args) -> int:
     recipe = _recipe_from_args(args)
-    from .train import train
+    from qlora_phi3.run.train import train
 
     train(recipe, resume=args.resume, force=args.force)
     return 0
@@ -99,7 +99,7 @@ def _add_data(sub) -> None:
 
 def _cmd_data(args) -> int:
     recipe = _recipe_from_args(args)
-    from .inspect_data import inspect_data
+    from qlora_phi3.data.inspect import inspect_data
 
     inspect_data(recipe, sample=args.sample, out_dir=args.out)
     return 0
@@ -129,7 +129,7 @@ def _add_merge(sub) -> None:
 
 def _cmd_merge(args) -> int:
     _quiet_libraries()
-    from .merge import merge
+    from qlora_phi3.out.merge import merge
 
     merge(args.source, args.out, dtype=args.dtype, force=args.force, base=args.base, revision=args.revision,
           max_shard_size=args.max_shard_size, report_samples=args.report_samples)
@@ -148,7 +148,7 @@ def _add_chat(sub) -> None:
 
 def _cmd_chat(args) -> int:
     _quiet_libraries()
-    from .chat import chat
+    from qlora_phi3.out.chat import chat
 
     chat(args.source, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens, device=args.device)
     return 0
@@ -166,11 +166,11 @@ def _add_estimate(sub) -> None:
 
 def _cmd_estimate(args) -> int:
     recipe_path, overrides = _split_recipe_and_overrides(args)
-    from .estimate import run_estimate
+    from qlora_phi3.memory.estimate import run_estimate
 
     est = run_estimate(recipe_path or _default_recipe(), overrides, args.budget, args.device)
     if args.budget:
-        from .estimate import parse_budget
+        from qlora_phi3.memory.estimate import parse_budget
 
         return 0 if est.fits(parse_budget(args.budget)) else 1
     return 0
@@ -187,7 +187,7 @@ def _add_fit(sub) -> None:
 
 def _cmd_fit(args) -> int:
     recipe_path, overrides = _split_recipe_and_overrides(args)
-    from .fit import run_fit
+    from qlora_phi3.memory.fit import run_fit
 
     run_fit(recipe_path or _default_recipe(), overrides, args.budget, args.out)
     return 0
@@ -210,7 +210,7 @@ def _add_profile(sub) -> None:
 def _cmd_profile(args) -> int:
     recipe_path, overrides = _split_recipe_and_overrides(args)
     _quiet_libraries()
-    from .profile import run_profile
+    from qlora_phi3.run.profile import run_profile
 
     run_profile(recipe_path or _default_recipe(), overrides, args.grid, args.steps, args.warmup, args.budget,
                 args.out)
@@ -244,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        from .ui import error
+        from qlora_phi3.ui import error
 
         error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
-        from .ui import error
+        from qlora_phi3.ui import error
 
         error("interrupted.")
         return 130

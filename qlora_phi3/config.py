@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .errors import UserError
+from qlora_phi3.errors import UserError
 
 __all__ = [
     "DataConfig", "LoraSettings", "ModelConfig", "Recipe", "TrainConfig", "EMBEDDED_DATA", "EMBEDDED_MODEL",

@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory):
     """The default tiny CPU recipe, trained once (this is the README's default run)."""
     from qlora_phi3.cli import _quiet_libraries
     from qlora_phi3.config import load_recipe
-    from qlora_phi3.train import train
+    from qlora_phi3.run.train import train
 
     _quiet_libraries()
     out = tmp_path_factory.mktemp("tiny_run") / "run"
@@ -31,6 +31,6 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from qlora_phi3.config import ModelConfig
-    from qlora_phi3.model import load_tokenizer
+    from qlora_phi3.model.load import load_tokenizer
 
     return load_tokenizer(ModelConfig())

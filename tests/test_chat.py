@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 from qlora_phi3.cli import main
-from qlora_phi3.synthetic import answer_for
+from qlora_phi3.data.synthetic import answer_for
 
 
 def test_chat_prompt_answers_like_training_data(tiny_run, capsys):
@@ -20,7 +20,7 @@ def test_chat_prompt_answers_like_training_data(tiny_run, capsys):
 
 
 def test_interactive_chat_keeps_history_and_ends_on_empty_line(tiny_run, monkeypatch, capsys):
-    from qlora_phi3.chat import chat
+    from qlora_phi3.out.chat import chat
 
     _, run = tiny_run
     questions = ["What is 3 plus 4?", "What color is a plum?"]

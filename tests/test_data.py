@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qlora_phi3.config import DataConfig
-from qlora_phi3.data import load_records, validate_messages
+from qlora_phi3.data.read import load_records, validate_messages
 from qlora_phi3.errors import UserError
 
 DATA = Path(__file__).parent / "data"
@@ -264,7 +264,7 @@ def test_missing_file_and_unreadable_parquet(tmp_path):
 
 
 def test_over_long_samples_count_lost_assistant_tokens(tiny_tokenizer):
-    from qlora_phi3.formatting import IGNORE_INDEX, encode_conversation, encode_records
+    from qlora_phi3.data.encode import IGNORE_INDEX, encode_conversation, encode_records
 
     records, _ = _load(DATA / "messages.jsonl")
     full = [encode_conversation(tiny_tokenizer, r.messages) for r in records]

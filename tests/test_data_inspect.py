@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from qlora_phi3.config import load_recipe
-from qlora_phi3.data import ChatRecord
+from qlora_phi3.data.read import ChatRecord
 from qlora_phi3.errors import UserError
-from qlora_phi3.inspect_data import inspect_data, percentile, render_sample, text_histogram
+from qlora_phi3.data.inspect import inspect_data, percentile, render_sample, text_histogram
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -38,9 +38,9 @@ def _recipe(tmp_path, *overrides):
 
 
 def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, capsys, tiny_tokenizer):
-    from qlora_phi3.data import load_records
-    from qlora_phi3.formatting import encode_records
-    from qlora_phi3.train import _load_splits
+    from qlora_phi3.data.read import load_records
+    from qlora_phi3.data.encode import encode_records
+    from qlora_phi3.run.train import _load_splits
 
     recipe = _recipe(tmp_path)
     res = inspect_data(recipe, sample=2)
@@ -70,7 +70,7 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
 
 
 def test_render_highlights_exactly_the_replies_and_their_end(tiny_tokenizer):
-    from qlora_phi3.formatting import encode_conversation
+    from qlora_phi3.data.encode import encode_conversation
 
     rec = ChatRecord([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 3?"},
                       {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 4 plus 4?"},
@@ -87,7 +87,7 @@ def test_render_highlights_exactly_the_replies_and_their_end(tiny_tokenizer):
 
 
 def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch, capsys):
-    import qlora_phi3.formatting as formatting
+    import qlora_phi3.data.encode as formatting
 
     real = formatting.encode_conversation
 

@@ -58,7 +58,7 @@ def test_fsdp_launch_with_uint8_storage_is_refused_before_loading(tmp_path, monk
 
     from qlora_phi3.config import load_recipe
     from qlora_phi3.errors import UserError
-    from qlora_phi3.train import train
+    from qlora_phi3.run.train import train
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [f"train.output_dir={tmp_path / 'r'}"])

@@ -5,7 +5,7 @@ import pytest
 
 from qlora_phi3.config import RECIPES_DIR, load_recipe
 from qlora_phi3.errors import UserError
-from qlora_phi3.estimate import KNOWN_SHAPES, config_for_estimate, estimate, lora_shapes, parse_budget
+from qlora_phi3.memory.estimate import KNOWN_SHAPES, config_for_estimate, estimate, lora_shapes, parse_budget
 
 PHI3_RECIPE = RECIPES_DIR / "phi3_mini_4k_12gb.yaml"
 REPO_TINY = RECIPES_DIR / "tiny_cpu.yaml"
@@ -97,7 +97,7 @@ def test_cli_estimate_bad_budget_is_one_clean_line(capsys):
 @pytest.fixture(scope="module")
 def mini_phi3(tmp_path_factory):
     """A mini Phi-3: real vocabulary (32064) and head dim (96), two narrow layers."""
-    from qlora_phi3.profile import write_random_phi3
+    from qlora_phi3.run.profile import write_random_phi3
 
     return write_random_phi3(tmp_path_factory.mktemp("mini") / "mini-phi3", hidden_size=192, intermediate_size=512,
                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=32064,
@@ -106,7 +106,7 @@ def mini_phi3(tmp_path_factory):
 
 def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     """Real training steps (profiler) on tiny and mini Phi-3s; the estimate must be within 15% of each peak."""
-    from qlora_phi3.profile import grid_recipes, profile
+    from qlora_phi3.run.profile import grid_recipes, profile
 
     configs = grid_recipes(str(REPO_TINY), ["data.max_seq_len=128", "train.micro_batch_size=4"],
                            ["train.gradient_checkpointing=true,false"])

@@ -6,8 +6,8 @@ import pytest
 
 from qlora_phi3.config import RECIPES_DIR, load_recipe
 from qlora_phi3.errors import UserError
-from qlora_phi3.estimate import config_for_estimate, estimate
-from qlora_phi3.fit import SAFETY_MARGIN, SEQ_STEP, plan_fit, run_fit
+from qlora_phi3.memory.estimate import config_for_estimate, estimate
+from qlora_phi3.memory.fit import SAFETY_MARGIN, SEQ_STEP, plan_fit, run_fit
 
 PHI3 = RECIPES_DIR / "phi3_mini_4k_12gb.yaml"
 

@@ -1,7 +1,7 @@
 """Labels: loss only on assistant replies and the <|end|> closing each; truncation is counted."""
 
-from qlora_phi3.data import ChatRecord
-from qlora_phi3.formatting import IGNORE_INDEX, encode_conversation, encode_records, split_records
+from qlora_phi3.data.read import ChatRecord
+from qlora_phi3.data.encode import IGNORE_INDEX, encode_conversation, encode_records, split_records
 
 CONV = [
     {"role": "system", "content": "You are a quiz bot."},

@@ -4,8 +4,8 @@ import pytest
 
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
-from qlora_phi3.lora import attach_lora, coverage
-from qlora_phi3.model import load_model
+from qlora_phi3.model.lora import attach_lora, coverage
+from qlora_phi3.model.load import load_model
 
 
 @pytest.fixture(scope="module")

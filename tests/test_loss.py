@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from qlora_phi3.config import LoraSettings, ModelConfig
-from qlora_phi3.loss import chunked_causal_lm_loss, model_loss
-from qlora_phi3.lora import attach_lora
-from qlora_phi3.model import load_model
+from qlora_phi3.run.loss import chunked_causal_lm_loss, model_loss
+from qlora_phi3.model.lora import attach_lora
+from qlora_phi3.model.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import torch
 
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
-from qlora_phi3.merge import merge
-from qlora_phi3.tiny import TINY_MODEL_DIR
+from qlora_phi3.out.merge import merge
+from qlora_phi3.model.tiny import TINY_MODEL_DIR
 
 REPORT_SAMPLES = 4  # enough answer tokens to compare; keeps the three CPU evaluations short
 
@@ -128,9 +128,9 @@ def test_merge_report_compares_the_three_models(merged):
 
 
 def test_flag_when_merged_is_worse_than_trained(capsys):
-    from qlora_phi3.adapter_io import Source
+    from qlora_phi3.out.artifacts import Source
     from qlora_phi3.config import ModelConfig
-    from qlora_phi3.merge import _print_report, _report
+    from qlora_phi3.out.merge import _print_report, _report
 
     targets = torch.tensor([0, 1, 2])
     good = torch.eye(3) * 10
@@ -147,7 +147,7 @@ def test_flag_when_merged_is_worse_than_trained(capsys):
 
 
 def test_chat_on_merged_dir(merged, capsys):
-    from qlora_phi3.synthetic import answer_for
+    from qlora_phi3.data.synthetic import answer_for
 
     q = "What color is a cherry?"
     assert main(["chat", str(merged[0].out_dir), "--prompt", q]) == 0
@@ -254,7 +254,7 @@ def test_refuses_adapter_with_missing_lora_weights(tiny_run, tmp_path):
 
 def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, tiny_run, tmp_path, monkeypatch):
     """Ctrl-C after the shards are written, before the rename: --out keeps the previous complete model."""
-    import qlora_phi3.merge as m
+    import qlora_phi3.out.merge as m
 
     out = tmp_path / "merged"
     shutil.copytree(merged[0].out_dir, out)

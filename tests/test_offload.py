@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from qlora_phi3.config import LoraSettings, ModelConfig
-from qlora_phi3.lora import attach_lora
-from qlora_phi3.model import load_model
-from qlora_phi3.offload import checkpointing_kwargs
+from qlora_phi3.model.lora import attach_lora
+from qlora_phi3.model.load import load_model
+from qlora_phi3.run.offload import checkpointing_kwargs
 
 
 def _lora_grads(mode, monkeypatch=None, packed_shapes=None):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qlora_phi3.config import ModelConfig
-from qlora_phi3.loss import model_loss
-from qlora_phi3.model import load_model
-from qlora_phi3.packing import PackingCollator, block_causal_mask, pack_columns, pack_rows, to_model_inputs
+from qlora_phi3.run.loss import model_loss
+from qlora_phi3.model.load import load_model
+from qlora_phi3.data.packing import PackingCollator, block_causal_mask, pack_columns, pack_rows, to_model_inputs
 
 
 def _samples(n=7, seed=0):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_phi3 import profile as P
+from qlora_phi3.run import profile as P
 from qlora_phi3.config import RECIPES_DIR
 from qlora_phi3.errors import UserError
-from qlora_phi3.memory import LiveTensorTracker, PeakMemory
+from qlora_phi3.memory.meter import LiveTensorTracker, PeakMemory
 
 TINY = str(RECIPES_DIR / "tiny_cpu.yaml")
 SMALL = ["train.micro_batch_size=2", "lora.r=4"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_phi3.checkpoints import is_complete, last_checkpoint
+from qlora_phi3.run.checkpoints import is_complete, last_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # Small and quick, but with checkpoints, a paged 8-bit optimizer and RNG in play (dropout > 0).
@@ -156,7 +156,7 @@ def test_oom_prints_advice_and_saves_nothing(tmp_path, monkeypatch):
     from qlora_phi3.cli import _quiet_libraries
     from qlora_phi3.config import load_recipe
     from qlora_phi3.errors import RunFailed
-    from qlora_phi3.train import train
+    from qlora_phi3.run.train import train
 
     _quiet_libraries()
 
@@ -222,8 +222,8 @@ def test_safe_loading_in_source():
 def test_pickle_only_model_is_refused(tmp_path):
     from qlora_phi3.config import ModelConfig
     from qlora_phi3.errors import UserError
-    from qlora_phi3.model import load_model
-    from qlora_phi3.tiny import TINY_MODEL_DIR
+    from qlora_phi3.model.load import load_model
+    from qlora_phi3.model.tiny import TINY_MODEL_DIR
 
     d = tmp_path / "pickled"
     d.mkdir()
@@ -243,7 +243,7 @@ def test_trust_remote_code_warns(tmp_path):
 
 
 def test_trainer_uses_atomic_checkpoints():
-    from qlora_phi3.checkpoints import AtomicCheckpoints
-    from qlora_phi3.trainer import make_trainer_class
+    from qlora_phi3.run.checkpoints import AtomicCheckpoints
+    from qlora_phi3.run.trainer import make_trainer_class
 
     assert issubclass(make_trainer_class(), AtomicCheckpoints)

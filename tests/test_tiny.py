@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from qlora_phi3.tiny import PHI3_CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, TINY_MODEL_DIR, build_tiny
+from qlora_phi3.model.tiny import PHI3_CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, TINY_MODEL_DIR, build_tiny
 
 
 def test_shipped_tiny_model_is_phi3():

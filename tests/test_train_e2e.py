@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qlora_phi3.model import load_model
+from qlora_phi3.model.load import load_model
 
 
 def test_default_run_learns_and_records(tiny_run):

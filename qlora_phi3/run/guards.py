@@ -72,7 +72,7 @@ class GracefulInterrupt(TrainerCallback):
         if self.requested:
             raise KeyboardInterrupt  # second signal: stop now; the last complete checkpoint stays valid
         self.requested = True
-        from .ui import warn
+        from qlora_phi3.ui import warn
 
         warn("interrupt received: saving a checkpoint after this step, then stopping "
              "(press Ctrl-C again to stop at once).")

@@ -2,7 +2,7 @@
 
 ``qlora-phi3 fit RECIPE --budget 12GB`` searches ``data.max_seq_len`` (multiples of 256 up to the
 model's context), whether gradient checkpointing is needed, then ``train.micro_batch_size``, with the
-analytic estimator (:mod:`qlora_phi3.estimate`, no weights loaded), keeping ``SAFETY_MARGIN`` of
+analytic estimator (:mod:`qlora_phi3.memory.estimate`, no weights loaded), keeping ``SAFETY_MARGIN`` of
 the budget free, and writes the result as a ready recipe. ``train.grad_accum`` is adjusted so the
 effective batch (micro_batch_size x grad_accum) stays what the recipe asked for.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Recipe, recipe_to_dict
-from .errors import UserError
+from qlora_phi3.config import Recipe, recipe_to_dict
+from qlora_phi3.errors import UserError
 
 __all__ = ["FitPlan", "SAFETY_MARGIN", "plan_fit", "run_fit", "write_fit_recipe"]
 
@@ -38,7 +38,7 @@ class FitPlan:
 
 
 def _predict(recipe: Recipe, model_config, device: str) -> float:
-    from .estimate import estimate
+    from qlora_phi3.memory.estimate import estimate
 
     return estimate(recipe, model_config, device).total_gib
 
@@ -113,9 +113,9 @@ def write_fit_recipe(plan: FitPlan, source: str, out_path: Path, command: str) -
 
 def run_fit(recipe_path: str | None, overrides: list[str], budget: str, out: str | None) -> tuple[FitPlan, Path]:
     """The ``qlora-phi3 fit`` command."""
-    from .config import load_recipe
-    from .estimate import config_for_estimate, parse_budget
-    from .ui import info
+    from qlora_phi3.config import load_recipe
+    from qlora_phi3.memory.estimate import config_for_estimate, parse_budget
+    from qlora_phi3.ui import info
 
     budget_gib = parse_budget(budget)
     recipe = load_recipe(recipe_path, overrides)

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EMBEDDED_MODEL, ModelConfig
-from .errors import UserError
+from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig
+from qlora_phi3.errors import UserError
 
 __all__ = ["Choice", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype", "pick_device",
            "resolve_model_path", "read_model_config", "quantization_config"]
@@ -30,7 +30,7 @@ class Choice:
 
 def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == EMBEDDED_MODEL:
-        from .tiny import TINY_MODEL_DIR
+        from qlora_phi3.model.tiny import TINY_MODEL_DIR
 
         return str(TINY_MODEL_DIR)
     return name_or_path
@@ -153,7 +153,7 @@ def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implement
     _quiet_bitsandbytes()
     path = resolve_model_path(cfg.name_or_path)
     if cfg.trust_remote_code:
-        from .ui import warn
+        from qlora_phi3.ui import warn
 
         warn("model.trust_remote_code=true: Python code from the model repository will run on this machine.")
     try:
@@ -170,7 +170,7 @@ def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implement
     except OSError as e:
         raise UserError(_not_found(cfg, e)) from None
     if model.config.model_type != "phi3":
-        from .ui import warn
+        from qlora_phi3.ui import warn
 
         warn(f"{cfg.name_or_path} is a '{model.config.model_type}' model; qlora-phi3 is built and tested for Phi-3.")
     _keep_cpu_4bit_format(model)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from .config import LoraSettings
-from .errors import UserError
+from qlora_phi3.config import LoraSettings
+from qlora_phi3.errors import UserError
 
 __all__ = ["Coverage", "attach_lora", "check_targets", "coverage", "lora_config"]
 
@@ -70,7 +70,7 @@ def attach_lora(model, settings: LoraSettings, gradient_checkpointing: bool | st
     False or "offload")."""
     from peft import get_peft_model
 
-    from .offload import enable_checkpointing
+    from qlora_phi3.run.offload import enable_checkpointing
 
     check_targets(model, settings.target_modules)
     # Non-reentrant checkpointing needs no input grads; reentrant would fail with "does not require grad"

@@ -14,9 +14,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import Recipe, recipe_to_dict
-from .errors import UserError
-from .ui import console, info, warn
+from qlora_phi3.config import Recipe, recipe_to_dict
+from qlora_phi3.errors import UserError
+from qlora_phi3.ui import console, info, warn
 
 __all__ = ["DataInspection", "inspect_data", "percentile", "render_sample", "text_histogram"]
 
@@ -83,7 +83,7 @@ def text_histogram(lengths: list[int], max_seq_len: int, n_bins: int = 12, bar_c
 def _encode_all(records, tokenizer) -> list[tuple[list[int], list[int]]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .formatting import encode_conversation
+    from qlora_phi3.data.encode import encode_conversation
 
     out = []
     with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -121,7 +121,7 @@ def render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_
     boundaries), prompt tokens dim, tokens past max_seq_len struck out in red."""
     from rich.text import Text
 
-    from .formatting import IGNORE_INDEX
+    from qlora_phi3.data.encode import IGNORE_INDEX
 
     text = tokenizer.apply_chat_template(record.messages, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -155,10 +155,10 @@ def _default_out_dir(recipe: Recipe) -> Path:
 
 def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = None) -> DataInspection:
     """Validate, tokenize and report on ``recipe``'s training data; write a PNG histogram and a JSON summary."""
-    from .data import load_records
-    from .formatting import END_TOKEN, IGNORE_INDEX, split_records
-    from .model import load_tokenizer
-    from .runinfo import atomic_write_json
+    from qlora_phi3.data.read import load_records
+    from qlora_phi3.data.encode import END_TOKEN, IGNORE_INDEX, split_records
+    from qlora_phi3.model.load import load_tokenizer
+    from qlora_phi3.run.record import atomic_write_json
 
     d, t = recipe.data, recipe.train
     records, report = load_records(d)

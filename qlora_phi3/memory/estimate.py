@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .config import Recipe
-from .errors import UserError
+from qlora_phi3.config import Recipe
+from qlora_phi3.errors import UserError
 
 __all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes", "parse_budget", "run_estimate",
            "config_for_estimate", "KNOWN_SHAPES", "PHI3_MINI_4K_SIZES"]
@@ -245,7 +245,7 @@ def config_for_estimate(model_cfg):
     their published shapes; never a download (an estimate must work before anything is fetched)."""
     from pathlib import Path
 
-    from .model import read_model_config, resolve_model_path
+    from qlora_phi3.model.load import read_model_config, resolve_model_path
 
     name = model_cfg.name_or_path
     if name in KNOWN_SHAPES and not Path(resolve_model_path(name)).expanduser().exists():
@@ -255,7 +255,7 @@ def config_for_estimate(model_cfg):
         if not isinstance(cached, str):
             from transformers import Phi3Config
 
-            from .ui import info
+            from qlora_phi3.ui import info
 
             info(f"{name}: config.json not on this machine; using its published shapes (hidden 3072, 32 layers).")
             return Phi3Config(**KNOWN_SHAPES[name], tie_word_embeddings=False)
@@ -266,8 +266,8 @@ def run_estimate(recipe_path: str | None, overrides: list[str], budget: str | No
     """The ``qlora-phi3 estimate`` command: breakdown table, total, and whether it fits."""
     from rich.table import Table
 
-    from .config import load_recipe
-    from .ui import console, info
+    from qlora_phi3.config import load_recipe
+    from qlora_phi3.ui import console, info
 
     budget_gib = parse_budget(budget) if budget else None
     recipe = load_recipe(recipe_path, overrides)

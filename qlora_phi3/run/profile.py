@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import Recipe, load_recipe, recipe_to_dict
-from .errors import UserError
-from .estimate import PHI3_MINI_4K_SIZES
+from qlora_phi3.config import Recipe, load_recipe, recipe_to_dict
+from qlora_phi3.errors import UserError
+from qlora_phi3.memory.estimate import PHI3_MINI_4K_SIZES
 
 __all__ = ["PHI3_MINI_4K_SIZES", "ProfileRow", "grid_recipes", "parse_grid", "profile", "render_table", "run_profile",
            "write_random_phi3", "write_results"]
@@ -132,7 +132,7 @@ def _one_step(model, optimizer, batch, recipe: Recipe, device: str, dtype: str, 
     unless ``train.loss_chunk_tokens=0``), backward, clip, step, zero grads."""
     import torch
 
-    from .loss import model_loss
+    from qlora_phi3.run.loss import model_loss
 
     with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                         dtype=getattr(torch, dtype), enabled=dtype != "float32"):
@@ -200,7 +200,7 @@ def _run_configuration(base, recipe: Recipe, row: ProfileRow, meter, device: str
     """Run one configuration on ``base``; fill ``row``; return the bare base again (LoRA removed)."""
     import torch
 
-    from .lora import attach_lora
+    from qlora_phi3.model.lora import attach_lora
 
     model = optimizer = batch = None
     try:
@@ -245,7 +245,7 @@ def _run_configuration(base, recipe: Recipe, row: ProfileRow, meter, device: str
 
 
 def _estimate_row(row: ProfileRow, recipe: Recipe, model_config, device: str, budget_gib: float | None) -> None:
-    from .estimate import estimate
+    from qlora_phi3.memory.estimate import estimate
 
     est = estimate(recipe, model_config, device)
     # Compare like with like: CPU live tensors vs tensor estimate; CUDA reserved vs reserved estimate.
@@ -266,10 +266,10 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 3, warmup: int = 1,
     """Run every configuration; returns the rows and the run's metadata (device, versions, leak check)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .memory import PeakMemory
-    from .model import load_model, pick_attention, pick_compute_dtype, pick_device, read_model_config
-    from .runinfo import device_info, package_versions
-    from .ui import console, warn
+    from qlora_phi3.memory.meter import PeakMemory
+    from qlora_phi3.model.load import load_model, pick_attention, pick_compute_dtype, pick_device, read_model_config
+    from qlora_phi3.run.record import device_info, package_versions
+    from qlora_phi3.ui import console, warn
 
     if steps < 1 or warmup < 1:
         raise UserError(f"--steps {steps} / --warmup {warmup}: both must be at least 1 (the warm-up step "
@@ -393,7 +393,7 @@ def write_results(rows: list[ProfileRow], meta: dict, out_dir: Path) -> dict[str
     """profile.csv, profile.json and profile.png in ``out_dir``, each written to a temp file and renamed."""
     import os
 
-    from .runinfo import atomic_write_json
+    from qlora_phi3.run.record import atomic_write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -417,8 +417,8 @@ def write_results(rows: list[ProfileRow], meta: dict, out_dir: Path) -> dict[str
 def run_profile(recipe_path: str | None, overrides: list[str], grid: list[str], steps: int, warmup: int,
                 budget: str | None, out_dir: str | None) -> tuple[list[ProfileRow], dict, dict]:
     """The ``qlora-phi3 profile`` command: validate everything, run the grid, show and write the results."""
-    from .estimate import parse_budget
-    from .ui import console, info
+    from qlora_phi3.memory.estimate import parse_budget
+    from qlora_phi3.ui import console, info
 
     budget_gib = parse_budget(budget) if budget else None
     configs = grid_recipes(recipe_path, overrides, grid)
@@ -429,7 +429,7 @@ def run_profile(recipe_path: str | None, overrides: list[str], grid: list[str], 
     console().print(render_table(rows, meta))
     paths = write_results(rows, meta, out)
     if meta["leaks"]:
-        from .ui import warn
+        from qlora_phi3.ui import warn
 
         warn("memory leaked between configurations: " + "; ".join(meta["leaks"]))
     info(f"results: {paths['csv']}, {paths['json']}, {paths['png']}")

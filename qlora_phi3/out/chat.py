@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
-from .ui import console, warn
+from qlora_phi3.errors import UserError
+from qlora_phi3.ui import console, warn
 
 __all__ = ["ChatModel", "chat", "load_chat_model"]
 
@@ -31,8 +31,8 @@ def load_chat_model(path: str, device: str = "auto") -> ChatModel:
     """Load whatever ``path`` holds for generation (see ``adapter_io.resolve_source``)."""
     from transformers import AutoTokenizer
 
-    from .adapter_io import check_base, hide_load_progress_bars, load_adapter, resolve_source, stop_token_ids
-    from .model import load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device
+    from qlora_phi3.out.artifacts import check_base, hide_load_progress_bars, load_adapter, resolve_source, stop_token_ids
+    from qlora_phi3.model.load import load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device
 
     hide_load_progress_bars()
     src = resolve_source(path)

@@ -9,8 +9,8 @@ import time
 
 from transformers import TrainerCallback
 
-from .memory import PeakMemory
-from .ui import console
+from qlora_phi3.memory.meter import PeakMemory
+from qlora_phi3.ui import console
 
 __all__ = ["RichProgress"]
 

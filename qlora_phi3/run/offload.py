@@ -14,7 +14,7 @@ to ask for it. On a CPU there is nothing to offload to (and pinned memory needs 
 
 from __future__ import annotations
 
-from .ui import info
+from qlora_phi3.ui import info
 
 __all__ = ["checkpointing_kwargs", "enable_checkpointing"]
 

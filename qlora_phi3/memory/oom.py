@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import Recipe
+from qlora_phi3.config import Recipe
 
 __all__ = ["oom_message", "suggestions"]
 
@@ -29,7 +29,7 @@ def suggestions(recipe: Recipe) -> list[str]:
 def _breakdown(recipe: Recipe, model_config) -> str:
     """The estimator's view of the current settings, if the estimator is available."""
     try:
-        from .estimate import estimate, format_breakdown
+        from qlora_phi3.memory.estimate import estimate, format_breakdown
     except ImportError:
         return ""
     try:

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .ui import console, info, warn
+from qlora_phi3.errors import UserError
+from qlora_phi3.ui import console, info, warn
 
 __all__ = ["MergeResult", "merge", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
 
@@ -93,9 +93,9 @@ def _peak_rss_gib() -> float:
 def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
     """Up to ``n`` held-out conversations: the run's own eval split when the run's recipe and data are
     still there, else the bundled synthetic set's held-out split (that of the default tiny recipe)."""
-    from .config import DataConfig, TrainConfig
-    from .data import load_records
-    from .formatting import encode_records, split_records
+    from qlora_phi3.config import DataConfig, TrainConfig
+    from qlora_phi3.data.read import load_records
+    from qlora_phi3.data.encode import encode_records, split_records
 
     records, where = None, ""
     if src.recipe is not None:
@@ -166,7 +166,7 @@ def _load_16bit(src, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .model import resolve_model_path
+    from qlora_phi3.model.load import resolve_model_path
 
     cfg = src.model_cfg
     try:
@@ -201,7 +201,7 @@ def _check_finite(model, dtype: str) -> None:
 
 
 def _save(model, tokenizer, tmp: Path, max_shard_size: str) -> None:
-    from .adapter_io import stop_token_ids
+    from qlora_phi3.out.artifacts import stop_token_ids
 
     # Training leaves use_cache=False behind (useless under checkpointing); inference needs the KV cache.
     model.config.use_cache = True
@@ -220,8 +220,8 @@ def _evaluate_4bit(src, samples):
     """(a): the model exactly as trained, under the autocast training used on the CPU."""
     import torch
 
-    from .adapter_io import load_adapter
-    from .model import load_model, pick_compute_dtype
+    from qlora_phi3.out.artifacts import load_adapter
+    from qlora_phi3.model.load import load_model, pick_compute_dtype
 
     compute = src.compute_dtype or pick_compute_dtype(src.model_cfg.compute_dtype, "cpu").value
     model = load_adapter(load_model(src.model_cfg, "cpu", compute, "sdpa"), src.adapter_dir)
@@ -232,8 +232,8 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
           revision: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE, report_samples: int = 8
           ) -> MergeResult:
     """Merge the adapter in ``path`` (run or adapter directory) into its 16-bit base and save it to ``out``."""
-    from .adapter_io import check_base, hide_load_progress_bars, load_adapter, resolve_source
-    from .model import load_tokenizer
+    from qlora_phi3.out.artifacts import check_base, hide_load_progress_bars, load_adapter, resolve_source
+    from qlora_phi3.model.load import load_tokenizer
 
     t0 = time.perf_counter()
     if dtype not in ("float16", "bfloat16"):
@@ -282,7 +282,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
         report["peak_rss_gib"] = round(_peak_rss_gib(), 3)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["out_dir"] = str(out_dir)
-        from .runinfo import atomic_write_json
+        from qlora_phi3.run.record import atomic_write_json
 
         atomic_write_json(tmp / REPORT_NAME, report)
         _publish(tmp, out_dir)

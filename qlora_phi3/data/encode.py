@@ -12,8 +12,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from .data import ChatRecord
-from .errors import UserError
+from qlora_phi3.data.read import ChatRecord
+from qlora_phi3.errors import UserError
 
 __all__ = ["EncodedSplit", "encode_conversation", "encode_records", "split_records", "END_TOKEN"]
 

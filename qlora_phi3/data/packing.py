@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 
-from .loss import IGNORE_INDEX
+from qlora_phi3.run.loss import IGNORE_INDEX
 
 __all__ = ["PackingCollator", "block_causal_mask", "pack_columns", "pack_rows", "to_model_inputs"]
 

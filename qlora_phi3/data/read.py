@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import EMBEDDED_DATA, DataConfig
-from .errors import UserError
-from .formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
+from qlora_phi3.config import EMBEDDED_DATA, DataConfig
+from qlora_phi3.errors import UserError
+from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
 __all__ = ["ChatRecord", "LoadReport", "load_records", "resolve_data_path", "validate_messages"]
 
-EMBEDDED_DATA_FILE = Path(__file__).parent / "assets" / "tiny_chat.jsonl"
+EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
 ROLES = ("system", "user", "assistant")
 _EXAMPLE = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'
 

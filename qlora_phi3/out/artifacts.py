@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import ModelConfig, Recipe
-from .errors import UserError
-from .ui import warn
+from qlora_phi3.config import ModelConfig, Recipe
+from qlora_phi3.errors import UserError
+from qlora_phi3.ui import warn
 
 __all__ = ["Source", "check_base", "hide_load_progress_bars", "load_adapter", "resolve_source", "stop_token_ids",
            "SHAPE_KEYS"]
@@ -62,7 +62,7 @@ def _is_merged_model(path: Path) -> bool:
 
 def _run_recipe(run_dir: Path) -> Recipe | None:
     """The run's resolved recipe (recipe.yaml next to run.json), or None if it cannot be read."""
-    from .config import load_recipe
+    from qlora_phi3.config import load_recipe
 
     if not (run_dir / "recipe.yaml").is_file():
         return None
@@ -151,7 +151,7 @@ def _check_snapshot_revision(base_dir: Path, rev: str, adapter_dir: Path) -> Non
 def check_base(src: Source):
     """Read the base model's config.json (no weights) and refuse it if its shapes differ from those the
     adapter was trained on. Returns the base config."""
-    from .model import read_model_config
+    from qlora_phi3.model.load import read_model_config
 
     config = read_model_config(src.model_cfg)
     if not src.base_config:
@@ -192,7 +192,7 @@ def load_adapter(base_model, adapter_dir: Path):
 
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids of ``<|end|>`` (closes every Phi-3 turn) and ``<|endoftext|>``: generation must stop at either."""
-    from .model import END_TOKEN, EOT_TOKEN
+    from qlora_phi3.model.load import END_TOKEN, EOT_TOKEN
 
     return [tokenizer.convert_tokens_to_ids(t) for t in (END_TOKEN, EOT_TOKEN)]
 

@@ -6,7 +6,7 @@ saved as an ordinary Hugging Face model directory (safetensors, ``config.json`` 
 ``from_pretrained`` like ``microsoft/Phi-3-mini-4k-instruct``.
 
 The files are built deterministically (seeded init, tokenizer trained on the bundled synthetic
-data) and shipped in ``qlora_phi3/assets/tiny-phi3``; ``python -m qlora_phi3.tiny OUT`` rebuilds
+data) and shipped in ``qlora_phi3/assets/tiny-phi3``; ``python -m qlora_phi3.model.tiny OUT`` rebuilds
 them and ``tests/test_tiny.py`` checks the rebuild matches what ships.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["PHI3_CHAT_TEMPLATE", "PHI3_SPECIAL_TOKENS", "TINY_MODEL_DIR", "build_tiny", "tiny_config_kwargs"]
 
-ASSETS_DIR = Path(__file__).parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny-phi3"
 
 # microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json chat template, verbatim.
@@ -54,7 +54,7 @@ def _build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .synthetic import generate
+    from qlora_phi3.data.synthetic import generate
 
     corpus = []
     for record in generate():

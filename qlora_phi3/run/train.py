@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Recipe, dump_recipe, recipe_to_dict
-from .errors import RunFailed, UserError
-from .ui import info, is_main_process, warn
+from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict
+from qlora_phi3.errors import RunFailed, UserError
+from qlora_phi3.ui import info, is_main_process, warn
 
 __all__ = ["RunResult", "prepare_output_dir", "train"]
 
@@ -69,7 +69,7 @@ def prepare_output_dir(path: Path, resume: bool, force: bool) -> None:
 def _sft_config(recipe: Recipe, device: str, compute_dtype: str):
     from trl import SFTConfig
 
-    from .offload import checkpointing_kwargs
+    from qlora_phi3.run.offload import checkpointing_kwargs
 
     t = recipe.train
     return SFTConfig(
@@ -115,7 +115,7 @@ def _sft_config(recipe: Recipe, device: str, compute_dtype: str):
 def _print_coverage(rows) -> None:
     from rich.table import Table
 
-    from .ui import console
+    from qlora_phi3.ui import console
 
     table = Table(title="LoRA coverage", title_justify="left")
     for col in ("target", "layers adapted", "trainable params"):
@@ -127,8 +127,8 @@ def _print_coverage(rows) -> None:
 
 
 def _load_splits(recipe: Recipe, tokenizer):
-    from .data import load_records
-    from .formatting import encode_records, split_records
+    from qlora_phi3.data.read import load_records
+    from qlora_phi3.data.encode import encode_records, split_records
 
     records, report = load_records(recipe.data)
     if recipe.data.max_samples:
@@ -201,7 +201,7 @@ def _close_process_group() -> None:
 
 
 def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunResult:
-    from .model import (load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device,
+    from qlora_phi3.model.load import (load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device,
                         read_model_config)
 
     t_start = time.perf_counter()
@@ -224,7 +224,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
     if is_main_process():
         dump_recipe(recipe, out / "recipe.yaml")
 
-    from .trainer import build_trainer
+    from qlora_phi3.run.trainer import build_trainer
 
     import transformers
 
@@ -235,7 +235,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    from .lora import attach_lora, coverage
+    from qlora_phi3.model.lora import attach_lora, coverage
 
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
     _print_coverage(coverage(model, recipe.lora.target_modules))
@@ -251,8 +251,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
         model, tokenizer, args, train_enc, eval_enc, device.value,
         packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
         loss_chunk_tokens=recipe.train.loss_chunk_tokens, cpu_memory=cpu_memory)
-    from .checkpoints import last_checkpoint
-    from .runinfo import device_info, package_versions
+    from qlora_phi3.run.checkpoints import last_checkpoint
+    from qlora_phi3.run.record import device_info, package_versions
 
     run_path = out / "run.json"
     previous = _read_json(run_path) if resume else {}
@@ -280,7 +280,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
             raise UserError(f"--resume: the training data changed since {resume_from.name} was written "
                             "(dataset fingerprint differs); resuming would not continue the same run. "
                             "Use --force to start over.")
-    from .guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
+    from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 
     interrupt = GracefulInterrupt()
     trainer.add_callback(NonFiniteGuard(fp16=dtype.value == "float16"))
@@ -309,7 +309,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
         if not _is_oom(e):
             raise
         _write_run(run_path, {**run, "status": "failed", "failure": "out of memory", "history": progress.history})
-        from .oom import oom_message
+        from qlora_phi3.memory.oom import oom_message
 
         raise RunFailed(oom_message(recipe, model_config, device.value, trainer.state.global_step)) from None
     train_seconds = time.perf_counter() - t_train
@@ -385,7 +385,7 @@ class RunInterrupted(UserError):
 
 
 def _write_run(path: Path, run: dict) -> None:
-    from .runinfo import atomic_write_json
+    from qlora_phi3.run.record import atomic_write_json
 
     if is_main_process():
         atomic_write_json(path, run)
@@ -399,7 +399,7 @@ def _is_oom(e: Exception) -> bool:
 
 
 def _non_finite_message(e, recipe: Recipe, compute_dtype: str, out: Path) -> str:
-    from .checkpoints import last_checkpoint
+    from qlora_phi3.run.checkpoints import last_checkpoint
 
     checkpoint = last_checkpoint(out)
     keep = (f"The last good checkpoint is {checkpoint} (resume with --resume once fixed)."
@@ -425,7 +425,7 @@ def _read_json(path: Path) -> dict:
 def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path) -> None:
     """Adapter (safetensors), tokenizer and chat template, and the base model's identity, written to a
     temporary directory and renamed, so ``adapter/`` is either complete or absent."""
-    from .runinfo import atomic_write_json
+    from qlora_phi3.run.record import atomic_write_json
 
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,9 @@
 """Building TRL's SFTTrainer around our pre-tokenized data, display and memory meter.
 
 ``QLoRATrainer`` changes two things in SFTTrainer, both for memory and speed on small cards:
-the loss is the chunked cross-entropy of :mod:`qlora_phi3.loss` (train and eval, since
+the loss is the chunked cross-entropy of :mod:`qlora_phi3.run.loss` (train and eval, since
 ``prediction_step`` calls ``compute_loss``), and packed batches get their leak-free attention inputs
-from :mod:`qlora_phi3.packing` right before the forward.
+from :mod:`qlora_phi3.data.packing` right before the forward.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ def make_trainer_class():
     """SFTTrainer subclass (built lazily so that importing this module does not import TRL)."""
     from trl import SFTTrainer
 
-    from .checkpoints import AtomicCheckpoints
-    from .loss import model_loss
-    from .packing import to_model_inputs
+    from qlora_phi3.run.checkpoints import AtomicCheckpoints
+    from qlora_phi3.run.loss import model_loss
+    from qlora_phi3.data.packing import to_model_inputs
 
     # AtomicCheckpoints: checkpoints staged then renamed, so a kill never leaves a partial latest (checkpoints.py).
     class QLoRATrainer(AtomicCheckpoints, SFTTrainer):
@@ -57,9 +57,9 @@ def build_trainer(model, tokenizer, args, train_enc, eval_enc, device: str, *, p
     """
     from transformers import PrinterCallback, ProgressCallback
 
-    from .memory import PeakMemory
-    from .packing import PackingCollator, pack_columns
-    from .progress import RichProgress
+    from qlora_phi3.memory.meter import PeakMemory
+    from qlora_phi3.data.packing import PackingCollator, pack_columns
+    from qlora_phi3.run.progress import RichProgress
 
     # On CPU, training shows sampled RSS by default: the live-tensor tracker costs ~2.6x CPU time on small ops.
     meter = PeakMemory(device, cpu_measure=cpu_memory)
