@@ -194,18 +194,6 @@ def _table(spec: dict, ours: dict, ref: dict, hardware: str, command: str) -> st
     return "\n".join([f"Hardware: {hardware}. Command: `{command}`", "", setup, "", *lines]) + "\n"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=2)
@@ -256,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     spec_path.write_text(json.dumps(spec, indent=1))
     ref = _run_worker("reference", spec_path, console)
     ours = _run_worker("ours", spec_path, console)
-    hardware = f"{os.cpu_count()}-core CPU ({_cpu_name()}, {device_info('cpu')['ram_gib']} GiB RAM), no GPU"
+    cpu = device_info("cpu")
+    hardware = f"{cpu['cores']}-core CPU ({cpu['name']}, {cpu['ram_gib']} GiB RAM), no GPU"
     command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = _table(spec, ours, ref, hardware, command.strip())
     console.print(table)

@@ -5,7 +5,7 @@ What it does, as the notebook does: NF4 + double quantization with bf16 compute,
 ``prepare_model_for_kbit_training`` (gradient checkpointing, input grads, fp32 upcast of the
 non-quantized weights), a LoRA ``get_peft_model``, and TRL's ``SFTTrainer`` with micro-batches padded
 to their longest sample. What we changed so that it is not handicapped: the LoRA targets are the fused
-Phi-3 names (the notebook's Llama names miss a third of the adapters, PITFALLS.md 1), the objective is
+Phi-3 names (the notebook's Llama names miss a third of the adapters), the objective is
 the same assistant-only loss (the same pre-tokenized labels as ours), and the model, data split,
 optimizer, learning rate and tokens per optimizer step are the caller's, i.e. the same as ours. The
 installed SFTTrainer already computes its loss with TRL's fused LM head; we keep that, it is the

@@ -7,6 +7,7 @@ recipe is written next to every output (``recipe.yaml``) so a run can always be 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -15,17 +16,50 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from qlora_phi3.errors import UserError
+from qlora_phi3.other_tools import TRANSLATIONS, recognise
+from qlora_phi3.phi3 import PHI3_TARGETS
 
 __all__ = [
     "DataConfig", "LoraSettings", "ModelConfig", "Recipe", "TrainConfig", "EMBEDDED_DATA", "EMBEDDED_MODEL",
-    "RECIPES_DIR", "load_recipe", "recipe_to_dict", "dump_recipe", "field_help",
+    "DEFAULT_RECIPE", "load_recipe", "recipes_dir", "resolve_recipe", "shipped_recipes", "recipe_to_dict", "dump_recipe", "field_help", "with_absolute_paths",
 ]
 
 EMBEDDED_MODEL = "embedded:tiny-phi3"
 EMBEDDED_DATA = "embedded:tiny-chat"
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_torch", "adamw_8bit", "paged_adamw_32bit")
+DEFAULT_RECIPE = "tiny_cpu"
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: the top-level ``recipes/`` folder, installed as the package data
+    ``qlora_phi3.recipes`` (pyproject.toml maps it), so an installed qlora-phi3 finds them anywhere."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("qlora_phi3.recipes")))
+    except ModuleNotFoundError:  # a source checkout on sys.path without an install
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name (file stem) -> path of every shipped recipe."""
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file given as a path, or a shipped recipe given by name ('phi3_mini_4k_12gb', with or
+    without '.yaml')."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if stem in shipped and str(path.parent) in (".", "recipes"):
+        return shipped[stem]
+    if path.is_dir():
+        raise UserError(f"{name_or_path} is a directory, not a recipe file; to continue a run in it use "
+                        f"`qlora-phi3 train --resume {name_or_path}`.")
+    raise UserError(f"recipe file not found: {name_or_path}. Give a YAML file or a shipped recipe's name: "
+                    f"{', '.join(shipped)} (`qlora-phi3 recipes` describes them).")
 
 
 def _f(default, doc: str, **kw):
@@ -56,7 +90,7 @@ class LoraSettings:
     r: int = _f(16, "LoRA rank. Memory cost is small (~100 MB at r=16 on Phi-3-mini); quality rises then plateaus.")
     alpha: int = _f(32, "LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = _f(0.05, "Dropout on the LoRA input.")
-    target_modules: list[str] = _f(PHI3_TARGETS, "Module names to adapt. Phi-3 fuses q/k/v into qkv_proj and "
+    target_modules: list[str] = _f(list(PHI3_TARGETS), "Module names to adapt. Phi-3 fuses q/k/v into qkv_proj and "
                                                  "gate/up into gate_up_proj.")
 
 
@@ -325,19 +359,45 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         raise UserError(f"{where('train.output_dir')}: 'train.output_dir' must not be empty.")
 
 
+def _collect(problems: list[str], fn, *args) -> None:
+    try:
+        fn(*args)
+    except UserError as e:
+        problems.append(str(e))
+
+
+def _refuse_other_tools(path: Path, data: dict, lines: dict[str, int]) -> None:
+    """A config of another fine-tuning tool: say which, and give our key for each of its keys."""
+    flat = [str(k) for k in data if k not in SECTIONS]
+    tool = recognise(flat)
+    if tool is None:
+        return
+    rows = []
+    for key in flat:
+        where = f"{path}:{lines.get(key, 1)}"
+        if key in TRANSLATIONS:
+            ours = TRANSLATIONS[key]
+            rows.append(f"  {where} {key} -> {ours}" if ours else f"  {where} {key}: no equivalent (qlora-phi3 "
+                        "always trains QLoRA on Phi-3 with its own chat template; drop it)")
+        else:
+            rows.append(f"  {where} {key}: unknown{_suggest(key, _all_keys())}")
+    raise UserError(f"{path} looks like {'an' if tool[0] in 'AEIOU' else 'a'} {tool} config, not a qlora-phi3 recipe: a recipe has the sections "
+                    f"{', '.join(SECTIONS)} (e.g. `lora:` then `  r: 16`). Its keys in qlora-phi3 terms:\n"
+                    + "\n".join(rows) + "\nStart from a shipped recipe: `qlora-phi3 recipes copy phi3_mini_4k_12gb .`")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Defaults, then the YAML file at ``path`` (if any), then ``section.key=value`` overrides."""
     import yaml
 
     recipe = Recipe()
     origins: dict[str, str] = {}  # dotted key -> where it was set, for error messages
+    problems: list[str] = []
     source = "<defaults>"
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            hint = f" Shipped recipes: {', '.join(sorted(x.name for x in RECIPES_DIR.glob('*.yaml')))}." \
-                if RECIPES_DIR.is_dir() else ""
-            raise UserError(f"recipe file not found: {p}.{hint}")
+            p = resolve_recipe(path)
         source = str(p)
         try:
             text = p.read_text(encoding="utf-8-sig")
@@ -354,26 +414,52 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             data = {}
         if not isinstance(data, dict):
             raise UserError(f"{p}: a recipe is a mapping with sections {', '.join(SECTIONS)}, got {type(data).__name__}.")
+        _refuse_other_tools(p, data, lines)
         for section, body in data.items():
             sec_where = f"{p}:{lines.get(str(section), 1)}"
             if section not in SECTIONS:
-                raise UserError(f"{sec_where}: unknown section '{section}'"
+                problems.append(f"{sec_where}: unknown section '{section}'"
                                 f"{_suggest(str(section), list(SECTIONS))}; sections are {', '.join(SECTIONS)}.")
+                continue
             if body is None:
                 continue
             if not isinstance(body, dict):
-                raise UserError(f"{sec_where}: section '{section}' must be a mapping of keys, got {body!r}.")
+                problems.append(f"{sec_where}: section '{section}' must be a mapping of keys, got {body!r}.")
+                continue
             for name, value in body.items():
                 key = f"{section}.{name}"
                 origins[key] = f"{p}:{lines.get(key, lines.get(section, 1))}"
-                _set_field(recipe, key, value, origins[key])
+                _collect(problems, _set_field, recipe, key, value, origins[key])
     for text in overrides or []:
-        key, value = _parse_override(text)
+        try:
+            key, value = _parse_override(text)
+        except UserError as e:
+            problems.append(str(e))
+            continue
         origins[key] = f"command line '{text}'"
-        _set_field(recipe, key, value, origins[key])
+        _collect(problems, _set_field, recipe, key, value, origins[key])
+    if problems:  # every problem at once: fixing a recipe should not take one run per typo
+        raise UserError("\n".join(problems))
     recipe.source = source
     _check_values(recipe, origins, source)
     return recipe
+
+
+def _absolute(path: str) -> str:
+    """A local file or directory as an absolute path; Hub ids and ``embedded:`` names as they are."""
+    if path.startswith("embedded:"):
+        return path
+    p = Path(path).expanduser()
+    return str(p.absolute()) if p.exists() else path
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """A copy of ``recipe`` whose local model and data paths are absolute, so that a saved recipe (and
+    ``chat RUN``, ``merge RUN``, ``--resume``) works from any working directory."""
+    out = copy.deepcopy(recipe)
+    out.model.name_or_path = _absolute(recipe.model.name_or_path)
+    out.data.path = _absolute(recipe.data.path)
+    return out
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

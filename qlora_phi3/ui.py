@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["console", "error", "info", "is_main_process", "warn"]
+__all__ = ["console", "error", "info", "is_main_process", "plural", "quiet_library_noise", "status_to_stderr", "warn"]
 
 _console = None
+_stderr = False
 
 
 def is_main_process() -> bool:
@@ -14,12 +15,19 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def status_to_stderr(on: bool = True) -> None:
+    """Send every status line and warning to stderr, for commands whose stdout is their result
+    (``chat --prompt ... > answer.txt``); ``on=False`` goes back to stdout (each command starts there)."""
+    global _console, _stderr
+    _stderr, _console = on, None
+
+
 def console():
     global _console
     if _console is None:
         from rich.console import Console
 
-        _console = Console(highlight=False, soft_wrap=True, quiet=not is_main_process())
+        _console = Console(highlight=False, soft_wrap=True, quiet=not is_main_process(), stderr=_stderr)
     return _console
 
 
@@ -36,3 +44,28 @@ def error(msg: str) -> None:
     from rich.markup import escape
 
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}")
+
+
+def plural(n: int, word: str, plural_form: str | None = None) -> str:
+    """'1 optimizer step', '2 optimizer steps', '1,200 conversations'."""
+    return f"{n:,} {word if n == 1 else plural_form or word + 's'}"
+
+
+def quiet_library_noise() -> None:
+    """Silence specific library messages that only confuse (each one named here), never whole categories:
+    a FutureWarning that announces an API change must still reach the user."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Checkpointing and a KV cache cannot coexist; training turns the cache off itself (on the live config only).
+    warnings.filterwarnings("ignore", message=".*use_cache=True.*is incompatible with gradient checkpointing.*")
+    # run/train.py says this itself, once, in words that name our setting.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` at every wrap; it is PEFT's to change, not
+    # the user's, and qlora-phi3 itself never calls it (tests/test_cli.py checks our own code stays clean).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # bitsandbytes looks for an optional CPU kernel package at import and logs its absence on every start.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())

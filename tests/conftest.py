@@ -18,11 +18,11 @@ TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The default tiny CPU recipe, trained once (this is the README's default run)."""
-    from qlora_phi3.cli import _quiet_libraries
+    from qlora_phi3.ui import quiet_library_noise
     from qlora_phi3.config import load_recipe
     from qlora_phi3.run.train import train
 
-    _quiet_libraries()
+    quiet_library_noise()
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     recipe = load_recipe(TINY_RECIPE, [f"train.output_dir={out}"])
     return recipe, train(recipe)

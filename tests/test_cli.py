@@ -53,3 +53,49 @@ def test_missing_data_file_fails_before_model_load(tmp_path):
     res = _run("train", "data.path=/nonexistent/chats.jsonl", f"train.output_dir={tmp_path / 'x'}")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "file not found" in res.stderr
+
+
+@pytest.mark.parametrize("argv,expect_overrides", [
+    (["train", "tiny_cpu", "--force", "lora.r=8", "train.max_steps=2"], ["lora.r=8", "train.max_steps=2"]),
+    (["train", "lora.r=8", "--resume"], ["lora.r=8"]),
+    (["data", "tiny_cpu", "--sample", "2", "data.max_samples=20"], ["data.max_samples=20"]),
+    (["estimate", "phi3_mini_4k_12gb", "--budget", "12GiB", "lora.r=16"], ["lora.r=16"]),
+    (["fit", "--budget", "8GiB", "phi3_mini_4k_12gb", "lora.r=8", "--out", "x.yaml"], ["lora.r=8"]),
+    (["profile", "tiny_cpu", "lora.r=4", "--steps", "1", "--grid", "data.max_seq_len=32,64"], ["lora.r=4"]),
+])
+def test_flags_and_overrides_in_any_order(argv, expect_overrides):
+    from qlora_phi3.cli import _build
+
+    _, commands = _build()
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    assert [o for o in ([args.recipe] if args.recipe and "=" in args.recipe else []) + args.overrides] == \
+        expect_overrides
+
+
+def test_estimate_with_an_override_after_a_flag_runs(capsys):
+    from qlora_phi3.cli import main
+
+    assert main(["estimate", "phi3_mini_4k_12gb", "--budget", "12GiB", "lora.r=64"]) == 0
+    out = capsys.readouterr().out
+    assert "r=64" in out and "fits" in out
+
+
+def test_recipes_are_listed_copied_and_usable_by_name(tmp_path, capsys, monkeypatch):
+    from qlora_phi3.cli import main
+    from qlora_phi3.config import load_recipe, resolve_recipe, shipped_recipes
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in shipped_recipes():
+        assert name in out
+    assert "12 GB" in out  # each recipe's own first header line says what it is for
+    assert main(["recipes", "copy", "phi3_mini_4k_8gb", str(tmp_path)]) == 0
+    copied = tmp_path / "phi3_mini_4k_8gb.yaml"
+    assert copied.read_text() == shipped_recipes()["phi3_mini_4k_8gb"].read_text()
+    assert main(["recipes", "copy", "phi3_mini_4k_8gb", str(tmp_path)]) == 2  # no silent overwrite
+    assert "--force" in capsys.readouterr().err
+    assert main(["recipes", "copy", "nope", str(tmp_path)]) == 2
+    assert load_recipe(resolve_recipe("phi3_mini_4k_12gb")).train.micro_batch_size >= 1
+    monkeypatch.chdir(tmp_path)  # not the checkout: the README's `recipes/...` paths still name shipped recipes
+    assert resolve_recipe("recipes/tiny_cpu.yaml") == shipped_recipes()["tiny_cpu"]
+    assert resolve_recipe("tiny_cpu") == resolve_recipe("tiny_cpu.yaml") == shipped_recipes()["tiny_cpu"]

@@ -1,20 +1,13 @@
 """The recipe schema: precedence, unknown keys, types, impossible values, shipped recipes."""
 
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from qlora_phi3.config import RECIPES_DIR, dump_recipe, load_recipe, recipe_to_dict
+from qlora_phi3.config import SECTIONS, dump_recipe, field_help, load_recipe, recipe_to_dict, recipes_dir
 from qlora_phi3.errors import UserError
-
-REQUIRED_KEYS = [
-    "model.name_or_path", "model.revision", "model.attn_implementation", "lora.r", "lora.alpha", "lora.dropout",
-    "lora.target_modules", "data.path", "data.max_seq_len", "train.output_dir", "train.max_steps", "train.epochs",
-    "train.micro_batch_size", "train.grad_accum", "train.lr", "train.optimizer", "train.gradient_checkpointing",
-    "train.seed",
-]
-
 
 def _write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "r.yaml"
@@ -22,11 +15,72 @@ def _write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def test_required_keys_exist_and_override():
-    d = recipe_to_dict(load_recipe())
-    for key in REQUIRED_KEYS:
-        section, name = key.split(".")
-        assert name in d[section], key
+def _another_value(key: str, default):
+    """A valid value other than the default for any recipe key (so every field is exercised)."""
+    special = {"train.max_steps": "7", "data.max_seq_len": "96", "data.eval_fraction": "0.2", "lora.dropout": "0.2",
+               "train.warmup_ratio": "0.1", "data.max_bad_fraction": "0.3", "train.epochs": "2.5",
+               "lora.target_modules": "qkv_proj,o_proj", "train.gradient_checkpointing": "offload"}
+    if key in special:
+        return special[key]
+    hints = typing.get_type_hints(SECTIONS[key.split(".")[0]])
+    tp = hints[key.split(".")[1]]
+    if typing.get_origin(tp) is typing.Literal:
+        return next(str(c) for c in typing.get_args(tp) if c != default)
+    if isinstance(default, bool):
+        return str(not default).lower()
+    if isinstance(default, int):
+        return str(default + 3)
+    if isinstance(default, float):
+        return str(default * 2 or 0.5)
+    if default is None and int in typing.get_args(tp):
+        return "5"
+    return "some-value"  # strings and unset optional strings
+
+
+def test_every_key_can_be_overridden_and_survives_the_saved_recipe(tmp_path):
+    overrides = [f"{key}={_another_value(key, default)}" for key, _, default in field_help()]
+    recipe = load_recipe(None, overrides)
+    flat = {f"{s}.{k}": v for s, body in recipe_to_dict(recipe).items() for k, v in body.items()}
+    defaults = {key: default for key, _, default in field_help()}
+    assert all(flat[key] != defaults[key] for key in flat), [k for k in flat if flat[k] == defaults[k]]
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    assert recipe_to_dict(load_recipe(tmp_path / "recipe.yaml")) == recipe_to_dict(recipe)
+
+
+def test_all_problems_are_reported_at_once_each_with_its_line(tmp_path):
+    p = _write(tmp_path, "lora:\n  rank: 8\n  dropuot: 0.1\ntrain:\n  learning_rate: 1e-4\n  micro_batch_size: two\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(p, ["data.maxseq=4"])
+    lines = str(e.value).splitlines()
+    assert lines == [f"{p}:2: unknown key 'lora.rank' (did you mean 'lora.r'?).",
+                     f"{p}:3: unknown key 'lora.dropuot' (did you mean 'lora.dropout'?).",
+                     f"{p}:5: unknown key 'train.learning_rate' (did you mean 'train.lr'?).",
+                     f"{p}:6: 'train.micro_batch_size' must be an integer, got 'two'.",
+                     "command line 'data.maxseq=4': unknown key 'data.maxseq' (did you mean 'data.max_seq_len'?)."]
+
+
+@pytest.mark.parametrize("text,tool,translated", [
+    ("base_model: microsoft/Phi-3-mini-4k-instruct\nadapter: qlora\nload_in_4bit: true\nlora_r: 16\n"
+     "sequence_len: 2048\nsample_packing: true\n", "an Axolotl config",
+     ["base_model -> model.name_or_path", "lora_r -> lora.r", "sequence_len -> data.max_seq_len",
+      "sample_packing -> data.packing", "adapter: no equivalent"]),
+    ("model_name_or_path: microsoft/Phi-3-mini-4k-instruct\nstage: sft\nfinetuning_type: lora\nlora_rank: 8\n"
+     "cutoff_len: 1024\ntemplate: phi\n", "a LLaMA-Factory config",
+     ["model_name_or_path -> model.name_or_path", "lora_rank -> lora.r", "cutoff_len -> data.max_seq_len"]),
+    ("output_dir: out\nper_device_train_batch_size: 2\nnum_train_epochs: 1\nlearning_rate: 0.0002\n"
+     "lr_scheduler_type: cosine\n", "a Hugging Face TrainingArguments config",
+     ["per_device_train_batch_size -> train.micro_batch_size", "learning_rate -> train.lr",
+      "lr_scheduler_type -> train.lr_scheduler"]),
+])
+def test_other_tools_configs_are_recognised_and_translated(tmp_path, text, tool, translated):
+    p = _write(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert f"looks like {tool}" in msg and "sections model, lora, data, train" in msg
+    for line in translated:
+        assert line in msg, line
+    assert f"{p}:1 " in msg  # every key with its line
 
 
 def test_precedence_defaults_file_overrides(tmp_path):
@@ -99,7 +153,7 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert recipe_to_dict(load_recipe(tmp_path / "recipe.yaml")) == recipe_to_dict(r)
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(recipes_dir().glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates_and_documents_itself(path):
     recipe = load_recipe(path)
     text = path.read_text()
@@ -111,7 +165,7 @@ def test_every_shipped_recipe_validates_and_documents_itself(path):
 
 
 def test_headline_recipe_is_pinned_and_commented():
-    path = RECIPES_DIR / "phi3_mini_4k_12gb.yaml"
+    path = recipes_dir() / "phi3_mini_4k_12gb.yaml"
     recipe = load_recipe(path)
     assert recipe.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct"
     assert recipe.model.revision and len(recipe.model.revision) == 40

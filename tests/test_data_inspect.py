@@ -40,7 +40,7 @@ def _recipe(tmp_path, *overrides):
 def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, capsys, tiny_tokenizer):
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.encode import encode_records
-    from qlora_phi3.run.train import _load_splits
+    from qlora_phi3.run.train import _load_data
 
     recipe = _recipe(tmp_path)
     res = inspect_data(recipe, sample=2)
@@ -50,7 +50,7 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
     everything = encode_records(records, tiny_tokenizer, 60)
     assert res.usable == 20 and res.truncated == everything.truncated > 0
     assert res.assistant_tokens_lost == everything.assistant_tokens_lost > 0 and res.dropped == everything.dropped
-    train_enc, _, _ = _load_splits(recipe, tiny_tokenizer)  # exactly what training would feed the model
+    train_enc = _load_data(recipe, tiny_tokenizer).train  # exactly what training would feed the model
     assert res.tokens_per_epoch == train_enc.n_tokens and res.loss_tokens_per_epoch == train_enc.n_label_tokens
     assert res.steps_per_epoch == math.ceil(math.ceil(len(train_enc.input_ids) / 3) / 2)
     assert res.train_samples == 18 and res.eval_samples == 2

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 
-from qlora_phi3.config import RECIPES_DIR, load_recipe
+from qlora_phi3.config import recipes_dir, load_recipe
 from qlora_phi3.errors import UserError
 from qlora_phi3.memory.estimate import config_for_estimate, estimate
 from qlora_phi3.memory.fit import SAFETY_MARGIN, SEQ_STEP, plan_fit, run_fit
 
-PHI3 = RECIPES_DIR / "phi3_mini_4k_12gb.yaml"
+PHI3 = recipes_dir() / "phi3_mini_4k_12gb.yaml"
 
 
 def _setup():
@@ -61,11 +61,11 @@ def test_fit_writes_a_ready_self_documenting_recipe(tmp_path, capsys):
     from qlora_phi3.cli import main
 
     out = tmp_path / "phi3_fit_8gb.yaml"
-    assert main(["fit", str(PHI3), "--budget", "8GB", "--out", str(out)]) == 0
+    assert main(["fit", str(PHI3), "--budget", "8GiB", "--out", str(out)]) == 0
     text = out.read_text()
     lines = text.splitlines()
     assert lines[0].startswith("# Fitted by qlora-phi3 for a 8 GiB budget")
-    assert any("qlora-phi3 fit" in line and "--budget 8GB" in line for line in lines[:5])
+    assert any("qlora-phi3 fit" in line and "--budget 8GiB" in line for line in lines[:5])
     assert "Predicted peak:" in text and "# fit:" in text
     plan, _ = run_fit(str(PHI3), [], "8GB", str(tmp_path / "again.yaml"))
     loaded = load_recipe(out, [])  # the written recipe is valid and carries the planned values

@@ -1,7 +1,7 @@
 """Labels: loss only on assistant replies and the <|end|> closing each; truncation is counted."""
 
 from qlora_phi3.data.read import ChatRecord
-from qlora_phi3.data.encode import IGNORE_INDEX, encode_conversation, encode_records, split_records
+from qlora_phi3.data.encode import IGNORE_INDEX, encode_conversation, encode_records
 
 CONV = [
     {"role": "system", "content": "You are a quiz bot."},
@@ -43,13 +43,3 @@ def test_truncation_is_counted_and_fully_masked_samples_dropped(tiny_tokenizer):
     assert cut.truncated == 2 and cut.dropped == 2 and cut.input_ids == []
     some = encode_records(recs, tiny_tokenizer, n_prompt + 2)
     assert some.truncated == 2 and all(len(x) <= n_prompt + 2 for x in some.input_ids)
-
-
-def test_split_is_seeded_and_disjoint():
-    recs = [ChatRecord(CONV, f"f:{i}") for i in range(100)]
-    tr1, ev1 = split_records(recs, 0.1, 50, seed=1)
-    tr2, ev2 = split_records(recs, 0.1, 50, seed=1)
-    assert [r.origin for r in ev1] == [r.origin for r in ev2] and len(ev1) == 10 and len(tr1) == 90
-    assert not {r.origin for r in ev1} & {r.origin for r in tr1}
-    _, ev3 = split_records(recs, 0.1, 50, seed=2)
-    assert [r.origin for r in ev3] != [r.origin for r in ev1]

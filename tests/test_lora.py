@@ -15,7 +15,7 @@ def base():
 
 def test_llama_names_are_rejected_with_the_fused_name(base):
     with pytest.raises(UserError) as e:
-        attach_lora(base, LoraSettings(target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"]), False)
+        attach_lora(base, LoraSettings(target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"]))
     msg = str(e.value)
     assert "'q_proj' matches nothing: Phi-3 fuses it into 'qkv_proj'" in msg
     assert "'gate_proj' matches nothing: Phi-3 fuses it into 'gate_up_proj'" in msg
@@ -23,13 +23,13 @@ def test_llama_names_are_rejected_with_the_fused_name(base):
 
 def test_typo_gets_a_suggestion(base):
     with pytest.raises(UserError, match="'down_prj' matches no module.*did you mean 'down_proj'"):
-        attach_lora(base, LoraSettings(target_modules=["down_prj"]), False)
+        attach_lora(base, LoraSettings(target_modules=["down_prj"]))
 
 
 def test_coverage_counts_every_layer_and_parameter():
     model = load_model(ModelConfig(), "cpu", "bfloat16", "sdpa")
     cfg = model.config
-    peft_model = attach_lora(model, LoraSettings(r=8), gradient_checkpointing=False)
+    peft_model = attach_lora(model, LoraSettings(r=8))
     rows = {r.target: r for r in coverage(peft_model, LoraSettings().target_modules)}
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     qkv_out = h + 2 * cfg.num_key_value_heads * (h // cfg.num_attention_heads)

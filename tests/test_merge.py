@@ -16,7 +16,7 @@ import torch
 
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
-from qlora_phi3.out.merge import merge
+from qlora_phi3.out.merge import MergeResult, merge
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
 
 REPORT_SAMPLES = 4  # enough answer tokens to compare; keeps the three CPU evaluations short
@@ -31,14 +31,14 @@ def merged(tiny_run, tmp_path_factory):
     out.mkdir()
     (out / "merge_report.json").write_text("{}")  # an earlier merge, which --force may replace
     (out / "old.txt").write_text("from an earlier merge")
-    stale = out.parent / ".merged.merging"
+    stale = out.parent / ".merged.partial"
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        result = merge(str(run.output_dir), str(out), force=True, max_shard_size="400KB",
-                       report_samples=REPORT_SAMPLES)
-    return result, printed.getvalue()
+    with contextlib.redirect_stdout(printed):  # the command, as users run it: it prints the report
+        assert main(["merge", str(run.output_dir), "--out", str(out), "--force", "--max-shard-size", "400KB",
+                     "--report-samples", str(REPORT_SAMPLES)]) == 0
+    return MergeResult(out, json.loads((out / "merge_report.json").read_text())), printed.getvalue()
 
 
 def test_merged_dir_is_complete_and_sharded(merged):
@@ -130,7 +130,8 @@ def test_merge_report_compares_the_three_models(merged):
 def test_flag_when_merged_is_worse_than_trained(capsys):
     from qlora_phi3.out.artifacts import Source
     from qlora_phi3.config import ModelConfig
-    from qlora_phi3.out.merge import _print_report, _report
+    from qlora_phi3.cli.out import print_merge_report
+    from qlora_phi3.out.merge import _report
 
     targets = torch.tensor([0, 1, 2])
     good = torch.eye(3) * 10
@@ -140,7 +141,7 @@ def test_flag_when_merged_is_worse_than_trained(capsys):
     report = _report(src, "float16", "test", [None], a, b, b)
     assert report["merged_worse_than_trained"] and not report["merge_rounding_hurt"]
     assert "quantization" in report["explanation"] and "the gap is the base" in report["explanation"]
-    _print_report(report)
+    print_merge_report(report)
     assert "WARNING" in capsys.readouterr().out
     ok = _report(src, "float16", "test", [None], a, a, a)
     assert not ok["merged_worse_than_trained"] and ok["explanation"].startswith("OK")
@@ -198,7 +199,7 @@ def test_refuses_to_overwrite_its_own_adapter(tiny_run):
 
 
 def test_refuses_bad_flags_before_loading(tiny_run, tmp_path):
-    with pytest.raises(UserError, match="not a size"):
+    with pytest.raises(UserError, match="not a memory size"):
         merge(str(tiny_run[1].output_dir), str(tmp_path / "out"), max_shard_size="lots")
     with pytest.raises(UserError, match="already a full model"):
         merge(str(TINY_MODEL_DIR), str(tmp_path / "out"))
@@ -249,7 +250,7 @@ def test_refuses_adapter_with_missing_lora_weights(tiny_run, tmp_path):
     save_file(kept, adapter / "adapter_model.safetensors")
     with pytest.raises(UserError, match="LoRA weights are missing"):
         merge(str(adapter), str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.merging").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
 def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, tiny_run, tmp_path, monkeypatch):

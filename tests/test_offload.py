@@ -6,13 +6,13 @@ import torch
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.model.lora import attach_lora
 from qlora_phi3.model.load import load_model
-from qlora_phi3.run.offload import checkpointing_kwargs
+from qlora_phi3.run.offload import checkpointing_kwargs, enable_checkpointing
 
 
 def _lora_grads(mode, monkeypatch=None, packed_shapes=None):
     torch.manual_seed(0)
     model = load_model(ModelConfig(), "cpu", "float32", "sdpa")
-    model = attach_lora(model, LoraSettings(dropout=0.0), gradient_checkpointing=False)
+    model = attach_lora(model, LoraSettings(dropout=0.0))
     base = model.get_base_model()
     if mode == "offload":
         import transformers.modeling_utils as mu
@@ -68,8 +68,10 @@ def test_offload_is_plain_checkpointing_on_cpu_and_offload_on_cuda(capsys):
     assert "plain checkpointing" in capsys.readouterr().out
 
 
-def test_attach_lora_offload_on_cpu_checkpoints_every_layer(capsys):
-    model = attach_lora(load_model(ModelConfig(), "cpu", "float32", "sdpa"), LoraSettings(), "offload")
+def test_offload_on_cpu_checkpoints_every_layer(capsys):
+    model = load_model(ModelConfig(), "cpu", "float32", "sdpa")
+    enable_checkpointing(model, "offload", "cpu")
+    model = attach_lora(model, LoraSettings())
     layers = model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
     assert "gradient_checkpointing=offload" in capsys.readouterr().out
@@ -81,7 +83,9 @@ def test_offload_lowers_peak_gpu_memory():
     peaks = {}
     for mode in (True, "offload"):
         torch.cuda.empty_cache()
-        model = attach_lora(load_model(ModelConfig(), "cuda:0", "bfloat16", "sdpa"), LoraSettings(), mode).train()
+        model = load_model(ModelConfig(), "cuda:0", "bfloat16", "sdpa")
+        enable_checkpointing(model, mode, "cuda:0")
+        model = attach_lora(model, LoraSettings()).train()
         ids = torch.randint(3, 600, (4, 4096), device="cuda:0")
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -114,3 +114,66 @@ def test_unpacked_batches_pass_through():
     batch = PackingCollator(0)([{"input_ids": i, "labels": y} for i, y in zip(ids, labels)])
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     assert to_model_inputs(batch, "sdpa") is batch
+
+
+def _torch_flash(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), **_):
+    """flash-attn's flash_attn_func in plain torch: (batch, seq, heads, dim) in and out."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           is_causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+def _torch_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                        softmax_scale=None, causal=False, window_size=(-1, -1), **_):
+    """flash-attn's flash_attn_varlen_func in plain torch: (total tokens, heads, dim), one causal attention
+    per segment [cu_seqlens[i], cu_seqlens[i + 1])."""
+    out = torch.empty_like(q)
+    for s, e in zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:]):
+        out[s:e] = _torch_flash(q[None, s:e], k[None, s:e], v[None, s:e], softmax_scale=softmax_scale,
+                                causal=causal)[0]
+    return out
+
+
+@pytest.fixture
+def flash_model(monkeypatch):
+    """The tiny model on transformers' own flash_attention_2 code path, with flash-attn's kernels replaced by the
+    plain-torch stand-ins above (flash-attn itself needs CUDA): what is tested is transformers' decision of when
+    samples are isolated, and ours of what to pass it."""
+    import transformers.modeling_flash_attention_utils as fa
+
+    monkeypatch.setattr(fa, "_lazy_imports", lambda *a, **k: (_torch_flash, _torch_flash_varlen, None, fa._pad_input,
+                                                               fa._unpad_input))
+    monkeypatch.setattr(fa, "_loaded_implementation", None)
+    m = load_model(ModelConfig(), "cpu", "float32", "sdpa").eval()
+    m.config._attn_implementation = "flash_attention_2"
+    return m
+
+
+@pytest.mark.parametrize("rows_per_batch", [1, 2])
+def test_flash_attention_packing_isolates_samples_for_any_micro_batch(flash_model, rows_per_batch):
+    ids, labels = _samples(n=9, seed=4)
+    cols = pack_columns(ids, labels, 64)
+    feats = [{"input_ids": i, "labels": lab, "seq_lens": s}
+             for i, lab, s in zip(cols["input_ids"], cols["labels"], cols["seq_lens"])][:rows_per_batch]
+    batch = PackingCollator(0)(feats)
+    inputs = to_model_inputs(batch, "flash_attention_2")
+    assert inputs["input_ids"].shape[0] == 1 and "attention_mask" not in inputs  # flattened, boundaries explicit
+    with torch.no_grad():
+        packed = flash_model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[0]
+        width = batch["input_ids"].shape[1]
+        for b, f in enumerate(feats):
+            start = b * width
+            for n in f["seq_lens"]:
+                row = batch["input_ids"][b, start - b * width:start - b * width + n]
+                alone = flash_model(input_ids=row[None]).logits[0]
+                assert torch.allclose(packed[start:start + n], alone, atol=1e-4), (b, n)
+                start += n
+    if rows_per_batch > 1:  # what transformers does with B > 1 rows and position ids only: samples leak
+        leaky = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
+        with torch.no_grad():
+            mixed = flash_model(**leaky).logits[1]
+        n0 = feats[1]["seq_lens"][0]
+        second = batch["input_ids"][1, n0:n0 + feats[1]["seq_lens"][1]]
+        with torch.no_grad():
+            alone = flash_model(input_ids=second[None]).logits[0]
+        assert not torch.allclose(mixed[n0:n0 + len(second)], alone, atol=1e-3)

@@ -1,20 +1,21 @@
-"""The profiler on the tiny model: measured peaks per configuration, OOM recorded and survived, no memory
-carried from one configuration to the next, and the table / CSV / JSON / PNG it writes."""
+"""The profiler on the tiny model: real training steps per configuration, each in a fresh process, OOM
+recorded and survived, the same peak as `train` records, and the table / CSV / JSON / PNG it writes."""
 
 import csv
 import json
+import os
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from qlora_phi3.run import profile as P
-from qlora_phi3.config import RECIPES_DIR
+from qlora_phi3.config import recipes_dir
 from qlora_phi3.errors import UserError
 from qlora_phi3.memory.meter import LiveTensorTracker, PeakMemory
 
-TINY = str(RECIPES_DIR / "tiny_cpu.yaml")
+TINY = str(recipes_dir() / "tiny_cpu.yaml")
 SMALL = ["train.micro_batch_size=2", "lora.r=4"]
 
 
@@ -61,21 +62,27 @@ def test_grid_is_the_cartesian_product_and_validates_keys():
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    """A 2 x 2 grid on the tiny model with one configuration made to run out of memory."""
-    real_step = P._one_step
-
-    def step_or_oom(model, optimizer, batch, recipe, *args):
-        if recipe.lora.r == 8 and recipe.data.max_seq_len == 32:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
-        return real_step(model, optimizer, batch, recipe, *args)
-
-    P._one_step = step_or_oom
+    """A 2 x 2 grid on the tiny model with one configuration made to run out of memory (in its worker
+    process: a sitecustomize on the worker's path replaces the loss with a CUDA OOM for lora.r=8, seq 32)."""
+    hook = tmp_path_factory.mktemp("oom-hook")
+    (hook / "sitecustomize.py").write_text(
+        "import torch\n"
+        "from qlora_phi3.run import trainer\n"
+        "real = trainer.QLoRATrainer.compute_loss\n"
+        "def compute_loss(self, model, inputs, *a, **k):\n"
+        "    if self.model.peft_config['default'].r == 8 and inputs['input_ids'].shape[1] == 32:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)')\n"
+        "    return real(self, model, inputs, *a, **k)\n"
+        "trainer.QLoRATrainer.compute_loss = compute_loss\n")
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{hook}{os.pathsep}{old}"
     try:
         out = tmp_path_factory.mktemp("profile") / "out"
-        rows, meta, paths = P.run_profile(TINY, SMALL, ["lora.r=8,16", "data.max_seq_len=32,96"], steps=1, warmup=1,
-                                          budget="1GB", out_dir=str(out))
+        configs = P.grid_recipes(TINY, SMALL, ["lora.r=8,16", "data.max_seq_len=32,96"])
+        rows, meta = P.profile(configs, steps=1, warmup=1, budget_gib=1.0, recipe_name="tiny_cpu")
+        paths = P.write_results(rows, meta, out)
     finally:
-        P._one_step = real_step
+        os.environ["PYTHONPATH"] = old
     return rows, meta, paths
 
 
@@ -84,34 +91,38 @@ def test_oom_is_recorded_and_the_grid_goes_on(profiled):
     assert [(r.lora_r, r.max_seq_len) for r in rows] == [(8, 32), (8, 96), (16, 32), (16, 96)]
     oom = rows[0]
     assert oom.status == "oom" and oom.peak_allocated_gib is None and oom.fits_budget is False
-    assert "out of memory" in oom.message
+    assert "out of GPU memory" in oom.message
     for r in rows[1:]:
         assert r.status == "ok" and r.peak_allocated_gib > 0 and r.tokens_per_second > 0 and r.step_seconds > 0
         assert r.estimated_gib > 0 and r.fits_budget is True
-
-
-def test_no_memory_leaks_into_the_next_configuration(profiled):
-    rows, meta, _ = profiled
-    baselines = [r.baseline_gib for r in rows]
-    assert max(baselines) - min(baselines) <= P.LEAK_TOLERANCE_GIB, baselines  # also right after the OOM
-    assert meta["leaks"] == []
     by = {(r.lora_r, r.max_seq_len): r.peak_allocated_gib for r in rows}
     assert by[(16, 96)] > by[(16, 32)]  # longer sequences, more memory, measured per configuration
+    assert meta["process_per_configuration"] is True
 
 
-def test_leak_check_catches_a_leak(monkeypatch):
-    kept = []
-    real = P._run_configuration
+def test_profiler_peak_is_the_peak_train_records(tmp_path):
+    """One configuration, profiled and trained on the same conversations: the profiler's peak (measured steps
+    after warm-up) and run.json's peak (the whole run) agree within 5% on the live-tensor measure, because both
+    are the same training step. Both run in fresh processes, like every profiled configuration."""
+    from qlora_phi3.config import dump_recipe
+    from qlora_phi3.data.synthetic import write_full_length_conversations
+    from qlora_phi3.model.load import load_tokenizer
 
-    def leaky(base, recipe, row, *args):
-        out = real(base, recipe, row, *args)
-        kept.append(torch.ones(1024, 1024))  # 4 MiB left behind by this configuration
-        return out
-
-    monkeypatch.setattr(P, "_run_configuration", leaky)
-    rows, meta = P.profile(P.grid_recipes(TINY, SMALL + ["data.max_seq_len=32"], ["lora.r=4,8"]), steps=1, warmup=1)
-    assert len(meta["leaks"]) == 1 and "lora.r" in meta["leaks"][0]
-    assert rows[1].baseline_gib - rows[0].baseline_gib == pytest.approx(4 / 1024, rel=0.05)
+    overrides = SMALL + ["data.max_seq_len=96", "train.grad_accum=2"]
+    (point, recipe), = P.grid_recipes(TINY, overrides, [])
+    rows, _ = P.profile([(point, recipe)], steps=2, warmup=1)
+    data = write_full_length_conversations(tmp_path / "chats.jsonl", load_tokenizer(recipe.model), 40, 96)
+    trained = P._measure_recipe(recipe, data, tmp_path / "run")
+    trained.train.max_steps, trained.train.eval_steps = 3, 0
+    dump_recipe(trained, tmp_path / "recipe.yaml")
+    code = ("import sys; from qlora_phi3.config import load_recipe; from qlora_phi3.run.train import train; "
+            "train(load_recipe(sys.argv[1], []), cpu_memory='tensors')")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "recipe.yaml")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["peak_memory"]["measure"] == "tensors"
+    trained_peak, profiled_peak = run["peak_memory"]["peak_allocated_gib"], rows[0].peak_allocated_gib
+    assert abs(profiled_peak - trained_peak) <= 0.05 * trained_peak, (profiled_peak, trained_peak)
 
 
 def test_outputs_written(profiled):
@@ -125,37 +136,18 @@ def test_outputs_written(profiled):
     assert "live tensor" in data["memory_measure"]
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert not list(paths["csv"].parent.glob(".*tmp*"))
+    assert not [p for p in paths["csv"].parent.iterdir() if p.name.startswith(".")]
 
 
-def test_table_shows_measured_estimated_and_fit(profiled):
+def test_table_fits_80_columns_and_shows_measured_estimated_and_fit(profiled):
     from rich.console import Console
 
+    from qlora_phi3.cli.memory import profile_table
+
     rows, meta, _ = profiled
-    console = Console(width=200, record=True)
-    console.print(P.render_table(rows, meta))
+    console = Console(width=80, record=True)
+    console.print(profile_table(rows, meta))
     text = console.export_text()
-    assert "OOM" in text and "estimated GiB" in text and "fits 1 GiB" in text and "yes" in text
-
-
-def test_bench_script_pieces():
-    """bench/gpu_profile.py: the Phi-3-mini config it builds and the results page it writes (CPU-checkable)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import gpu_profile
-
-    cfg = gpu_profile.phi3_mini_config()
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
-            cfg.vocab_size, cfg.max_position_embeddings) == (3072, 32, 32, 8192, 32064, 4096)
-    assert {"lora.r=8,16,64", "data.max_seq_len=512,2048"} <= set(gpu_profile.GRID)
-
-
-def test_bench_results_page(profiled):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import gpu_profile
-
-    rows, meta, _ = profiled
-    md = gpu_profile.results_markdown(rows, meta, "bash bench/gpu_profile.sh", 12.0)
-    table_rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(table_rows) == len(rows)
-    assert "| oom |" in table_rows[0] and f"{rows[1].estimated_gib:.2f}" in table_rows[1]
-    assert "torch " + meta["versions"]["torch"] in md
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "OOM" in text and "est." in text and "fits" in text and "yes" in text and "tiny_cpu" in text
+    assert "…" not in text  # nothing truncated

@@ -29,7 +29,7 @@ def test_adapter_dir_is_complete(tiny_run):
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "qlora_phi3.json"} <= files
     assert "chat_template.jinja" in files or "chat_template" in (result.adapter_dir / "tokenizer_config.json").read_text()
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)  # safetensors only
-    assert not (result.output_dir / "adapter.tmp").exists()
+    assert not (result.output_dir / ".adapter.partial").exists()
 
 
 def test_plain_peft_reload_reproduces_logits(tiny_run, tiny_tokenizer):

@@ -9,16 +9,14 @@ exactly what inference will see.
 from __future__ import annotations
 
 import hashlib
-import random
 from dataclasses import dataclass
 
 from qlora_phi3.data.read import ChatRecord
 from qlora_phi3.errors import UserError
+from qlora_phi3.phi3 import END_TOKEN, IGNORE_INDEX
 
-__all__ = ["EncodedSplit", "encode_conversation", "encode_records", "split_records", "END_TOKEN"]
+__all__ = ["EncodedSplit", "encode_conversation", "encode_records"]
 
-END_TOKEN = "<|end|>"
-IGNORE_INDEX = -100
 
 
 def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
@@ -94,14 +92,3 @@ def encode_records(records: list[ChatRecord], tokenizer, max_seq_len: int) -> En
         out.labels.append(labels)
         out.origins.append(rec.origin)
     return out
-
-
-def split_records(records: list[ChatRecord], eval_fraction: float, max_eval: int, seed: int):
-    """A seeded, reproducible held-out split: (train, eval)."""
-    if len(records) < 2:
-        raise UserError(f"need at least 2 usable conversations to hold one out for eval, got {len(records)}.")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max_eval, max(1, round(len(records) * eval_fraction)))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]

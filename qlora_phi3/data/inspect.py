@@ -121,7 +121,7 @@ def render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_
     boundaries), prompt tokens dim, tokens past max_seq_len struck out in red."""
     from rich.text import Text
 
-    from qlora_phi3.data.encode import IGNORE_INDEX
+    from qlora_phi3.phi3 import IGNORE_INDEX
 
     text = tokenizer.apply_chat_template(record.messages, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -156,9 +156,10 @@ def _default_out_dir(recipe: Recipe) -> Path:
 def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = None) -> DataInspection:
     """Validate, tokenize and report on ``recipe``'s training data; write a PNG histogram and a JSON summary."""
     from qlora_phi3.data.read import load_records
-    from qlora_phi3.data.encode import END_TOKEN, IGNORE_INDEX, split_records
+    from qlora_phi3.data.split import hold_out
+    from qlora_phi3.files import atomic_write_json
     from qlora_phi3.model.load import load_tokenizer
-    from qlora_phi3.run.record import atomic_write_json
+    from qlora_phi3.phi3 import END_TOKEN, IGNORE_INDEX
 
     d, t = recipe.data, recipe.train
     records, report = load_records(d)
@@ -180,7 +181,7 @@ def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = N
     if d.eval_split:
         train_recs, n_eval = records, None
     else:
-        train_recs, eval_recs = split_records(records, d.eval_fraction, d.max_eval_samples, t.seed)
+        train_recs, eval_recs = hold_out(records, d.eval_fraction, d.max_eval_samples, t.seed)
         n_eval = len(eval_recs)
     train_origins = {r.origin for r in train_recs}
 

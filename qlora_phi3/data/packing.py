@@ -3,10 +3,10 @@
 A micro-batch padded to its longest sample wastes compute on padding (on a mixed-length chat set,
 most of it). Packing fills each row with whole samples (best-fit decreasing), so a step does real
 tokens only. The catch is attention: with transformers 5 on the CPU, sdpa and eager attention let a
-packed sample attend to the ones before it when only ``position_ids`` restart (see PITFALLS.md 5 and
-tests/test_packing.py), so for them we pass an explicit block-diagonal causal 4-D mask. For
-flash_attention_2 we pass restarting ``position_ids`` and no mask: transformers then takes flash-attn's
-varlen path (``cu_seq_lens`` derived from the position ids), which isolates samples without an L x L mask.
+packed sample attend to the ones before it when only ``position_ids`` restart (tests/test_packing.py
+shows it), so for them we pass an explicit block-diagonal causal 4-D mask. For
+flash_attention_2 we flatten the micro-batch into one row and pass the sample boundaries
+(``cu_seq_lens``): flash-attn's varlen kernel then isolates samples without an L x L mask.
 
 Why by hand: TRL's packing (``SFTConfig(packing=True)``) relies on ``position_ids`` alone, which is
 exactly the leaking case on sdpa/eager.
@@ -15,10 +15,11 @@ exactly the leaking case on sdpa/eager.
 from __future__ import annotations
 
 import bisect
+import random
 
-from qlora_phi3.run.loss import IGNORE_INDEX
+from qlora_phi3.phi3 import IGNORE_INDEX
 
-__all__ = ["PackingCollator", "block_causal_mask", "pack_columns", "pack_rows", "to_model_inputs"]
+__all__ = ["PackingCollator", "block_causal_mask", "pack_columns", "pack_rows", "padded_tokens", "to_model_inputs"]
 
 
 def pack_rows(lengths: list[int], max_seq_len: int) -> list[list[int]]:
@@ -41,6 +42,18 @@ def pack_rows(lengths: list[int], max_seq_len: int) -> list[list[int]]:
         if space - n > 0:
             bisect.insort(free, (space - n, row))
     return rows
+
+
+def padded_tokens(lengths: list[int], micro_batch_size: int, seed: int = 0) -> int:
+    """Padding tokens in one epoch without packing: micro-batches drawn in random order (the Trainer's
+    default sampler; a seeded shuffle stands in for its order) and padded to their longest sample."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    total = 0
+    for start in range(0, len(order), micro_batch_size):
+        batch = [lengths[i] for i in order[start:start + micro_batch_size]]
+        total += max(batch) * len(batch) - sum(batch)
+    return total
 
 
 def pack_columns(input_ids: list[list[int]], labels: list[list[int]], max_seq_len: int) -> dict[str, list]:
@@ -115,13 +128,29 @@ def block_causal_mask(segment_ids, attn_implementation: str, sliding_window: int
 
 
 def to_model_inputs(batch: dict, attn_implementation: str, sliding_window: int | None = None) -> dict:
-    """Model keyword arguments for a batch from :class:`PackingCollator` (unpacked batches pass through)."""
+    """Model keyword arguments for a batch from :class:`PackingCollator` (unpacked batches pass through).
+
+    flash_attention_2: the micro-batch is flattened to one row of B x L tokens with explicit
+    ``cu_seq_lens_q/k`` and ``max_length_q/k``. transformers infers sample boundaries from ``position_ids``
+    only for a batch of one row (``_is_packed_sequence``); with B > 1 rows and no mask it would run the plain
+    causal kernel and let every sample attend to the ones before it in its row. Flattening is exact: the
+    first token of every row starts a sample, and its label is already ignored (:func:`pack_columns`).
+    """
     if "segment_ids" not in batch:
         return batch
     batch = dict(batch)
     segment_ids = batch.pop("segment_ids")
-    if attn_implementation == "flash_attention_2":
-        batch.pop("attention_mask", None)  # varlen path: the restarting position_ids delimit the samples
-    else:
+    if attn_implementation != "flash_attention_2":
         batch["attention_mask"] = block_causal_mask(segment_ids, attn_implementation, sliding_window)
+        return batch
+    import torch
+
+    batch.pop("attention_mask", None)
+    for key in ("input_ids", "labels", "position_ids"):
+        batch[key] = batch[key].reshape(1, -1)
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten()
+    cu_seq_lens = torch.cat([starts, starts.new_tensor([batch["position_ids"].shape[1]])]).to(torch.int32)
+    max_length = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())  # one host sync per batch, not per layer
+    batch.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length,
+                 max_length_k=max_length)
     return batch

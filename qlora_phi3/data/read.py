@@ -22,7 +22,7 @@ from qlora_phi3.config import EMBEDDED_DATA, DataConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
-__all__ = ["ChatRecord", "LoadReport", "load_records", "resolve_data_path", "validate_messages"]
+__all__ = ["ChatRecord", "LoadReport", "has_named_splits", "load_records", "resolve_data_path", "validate_messages"]
 
 EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
 ROLES = ("system", "user", "assistant")
@@ -248,6 +248,19 @@ def _read_saved(directory: Path, split: str):
     return ds
 
 
+def has_named_splits(cfg: DataConfig) -> bool:
+    """Whether ``cfg.path`` has named splits: a Hub dataset or a ``DatasetDict.save_to_disk`` directory do; a
+    single file (JSONL, JSON, Parquet, gzip) or a saved ``Dataset`` does not."""
+    local = Path(resolve_data_path(cfg.path)).expanduser()
+    if local.is_dir():
+        return (local / "dataset_dict.json").is_file()
+    return not local.is_file() and not _looks_local(cfg.path)
+
+
+def _looks_local(path: str) -> bool:
+    return Path(path).suffix in (".jsonl", ".json", ".gz", ".parquet") or path.startswith((".", "/", "~"))
+
+
 def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
     local = Path(path).expanduser()
     fmt = None if cfg.format == "auto" else cfg.format
@@ -257,7 +270,7 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
                             ".parquet, .jsonl.gz) or a directory written by Dataset.save_to_disk.")
         return _dataset_rows(_read_saved(local, split), f"{local}[{split}]", fmt, report)
     if not local.is_file():
-        if local.suffix in (".jsonl", ".json", ".gz", ".parquet") or path.startswith((".", "/", "~")):
+        if _looks_local(path):
             raise UserError(f"data.path={cfg.path!r}: file not found (working directory {Path.cwd()}).")
         return _dataset_rows(_read_hub(cfg, split), f"{cfg.path}[{split}]", fmt, report)
     try:

@@ -19,7 +19,7 @@ import random
 import sys
 from pathlib import Path
 
-__all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "write_jsonl"]
+__all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "write_full_length_conversations", "write_jsonl"]
 
 CAPITALS = {
     "Zorvia": "Quellan", "Maltheon": "Virest", "Korrin": "Dasko", "Elbaria": "Tunmore",
@@ -77,6 +77,23 @@ def generate(n: int = 1200, seed: int = 0) -> list[dict]:
             seen.add(key)
             records.append({"messages": messages})
     return records
+
+
+def write_full_length_conversations(path: Path, tokenizer, n: int, n_tokens: int, seed: int = 0) -> Path:
+    """``n`` distinct conversations, each at least ``n_tokens`` tokens long in the chat template and nearly all
+    of it assistant reply (so nearly every token carries loss): truncated to ``n_tokens``, every sample is
+    exactly that long. For measuring a training step's worst case at a sequence length (the profiler)."""
+    rng = random.Random(seed)
+    sentences = [answer_for(_question(rng)) for _ in range(256)]
+    tokens_each = len(tokenizer(" ".join(sentences), add_special_tokens=False)["input_ids"]) / len(sentences)
+    needed = int(n_tokens / tokens_each * 1.1) + 8  # 10% spare: truncation cuts it to exactly n_tokens
+    records = []
+    for i in range(n):
+        reply = " ".join(rng.choice(sentences) for _ in range(needed))
+        records.append({"messages": [{"role": "user", "content": f"Recite quiz answers, set {i}."},
+                                     {"role": "assistant", "content": reply}]})
+    write_jsonl(path, records)
+    return path
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -14,16 +14,15 @@ V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.errors import UserError
+from qlora_phi3.units import GIB
 
-__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes", "parse_budget", "run_estimate",
+__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes",
            "config_for_estimate", "KNOWN_SHAPES", "PHI3_MINI_4K_SIZES"]
 
-GIB = 1024**3
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
 ALLOCATOR_OVERHEAD = 0.10  # PyTorch caching allocator: reserved exceeds allocated by ~5-15% (block rounding, fragmentation)
 BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit block size (QLoRA paper, arXiv 2305.14314, section 2)
@@ -73,20 +72,6 @@ class Estimate:
 
     def fits(self, budget_gib: float) -> bool:
         return self.total_gib <= budget_gib
-
-
-def parse_budget(text: str) -> float:
-    """'12GB', '12GiB', '8g', '12000MB', '11.5' (GiB) -> GiB. GB/MB are read as GiB/MiB, as GPU makers
-    and nvidia-smi quote card sizes (a '12 GB' card has 12 GiB)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    units = {"": 1.0, "g": 1.0, "gb": 1.0, "gib": 1.0, "m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024,
-             "t": 1024.0, "tb": 1024.0, "tib": 1024.0}
-    if not m or m.group(2).lower() not in units:
-        raise UserError(f"--budget {text!r} is not a memory size; write it like 12GB, 12GiB, 8g or 12000MB.")
-    value = float(m.group(1)) * units[m.group(2).lower()]
-    if value <= 0:
-        raise UserError(f"--budget {text!r} must be more than zero.")
-    return value
 
 
 def _linear_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -207,8 +192,12 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda") -> Estimate:
         logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
                           "grad, recomputed in backward: qlora_phi3/loss.py) + N x 2h (labelled hidden states)")
     else:
-        logits = n_tokens * vocab * 12
-        logits_formula = "N x V x 12 B (fp32 log-softmax, its grad and the logits' fp32 grad: transformers ForCausalLMLoss)"
+        # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
+        # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
+        # measured through the training path (tests/test_estimate.py), not the 12 of a bare cross-entropy.
+        logits = n_tokens * vocab * 30
+        logits_formula = ("N x V x 30 B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy metric, "
+                          "with their gradients; measured on the training path)")
     add("logits and loss", logits, logits_formula)
 
     weights = sum(t.n_bytes for t in terms[:7])
@@ -260,35 +249,3 @@ def config_for_estimate(model_cfg):
             info(f"{name}: config.json not on this machine; using its published shapes (hidden 3072, 32 layers).")
             return Phi3Config(**KNOWN_SHAPES[name], tie_word_embeddings=False)
     return read_model_config(model_cfg)
-
-
-def run_estimate(recipe_path: str | None, overrides: list[str], budget: str | None, device: str = "cuda") -> Estimate:
-    """The ``qlora-phi3 estimate`` command: breakdown table, total, and whether it fits."""
-    from rich.table import Table
-
-    from qlora_phi3.config import load_recipe
-    from qlora_phi3.ui import console, info
-
-    budget_gib = parse_budget(budget) if budget else None
-    recipe = load_recipe(recipe_path, overrides)
-    est = estimate(recipe, config_for_estimate(recipe.model), device)
-    s = est.settings
-    table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
-                        f"{s['micro_batch_size']}, r={s['lora_r']}, checkpointing {s['gradient_checkpointing']}, "
-                        f"{s['optimizer']} ({est.device})", title_justify="left")
-    table.add_column("term")
-    table.add_column("GiB", justify="right")
-    table.add_column("formula (source in qlora_phi3/estimate.py)", overflow="fold")
-    from rich.markup import escape
-
-    for t in est.terms:
-        table.add_row(t.name, f"{t.gib:.3f}", escape(t.formula))
-    table.add_row("[bold]peak", f"[bold]{est.total_gib:.2f}",
-                  "weights + saved activations + max(logits and loss, recompute + backward transients)"
-                  + (" + overhead + context" if est.device == "cuda" else ""))
-    console().print(table)
-    if budget_gib is not None:
-        verdict = "[green]fits[/]" if est.fits(budget_gib) else "[red]does not fit[/]"
-        info(f"{verdict}: {est.total_gib:.2f} GiB predicted of a {budget_gib:g} GiB budget"
-             + ("" if est.fits(budget_gib) else "; `qlora-phi3 fit RECIPE --budget ...` finds settings that do."))
-    return est

@@ -114,10 +114,11 @@ def write_fit_recipe(plan: FitPlan, source: str, out_path: Path, command: str) -
 def run_fit(recipe_path: str | None, overrides: list[str], budget: str, out: str | None) -> tuple[FitPlan, Path]:
     """The ``qlora-phi3 fit`` command."""
     from qlora_phi3.config import load_recipe
-    from qlora_phi3.memory.estimate import config_for_estimate, parse_budget
+    from qlora_phi3.memory.estimate import config_for_estimate
     from qlora_phi3.ui import info
+    from qlora_phi3.units import gib, parse_size
 
-    budget_gib = parse_budget(budget)
+    budget_gib = gib(parse_size(budget, "--budget"))
     recipe = load_recipe(recipe_path, overrides)
     plan = plan_fit(recipe, config_for_estimate(recipe.model), budget_gib)
     stem = Path(recipe_path).stem if recipe_path else "tiny_cpu"

@@ -30,14 +30,9 @@ import os
 import weakref
 from dataclasses import asdict, dataclass
 
-__all__ = ["LiveTensorTracker", "MemoryStats", "PeakMemory", "gib"]
+from qlora_phi3.units import gib
 
-GIB = 1024**3
-
-
-def gib(n_bytes: float) -> float:
-    return n_bytes / GIB
-
+__all__ = ["LiveTensorTracker", "MemoryStats", "PeakMemory"]
 
 @dataclass
 class MemoryStats:

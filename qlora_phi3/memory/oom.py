@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from qlora_phi3.config import Recipe
+import torch
 
-__all__ = ["oom_message", "suggestions"]
+from qlora_phi3.config import Recipe
+from qlora_phi3.memory.estimate import estimate, format_breakdown
+
+__all__ = ["is_oom", "oom_message", "suggestions"]
+
+
+def is_oom(err: BaseException) -> bool:
+    """A CUDA out-of-memory error (torch raises OutOfMemoryError; some kernels a RuntimeError that says so)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
 def suggestions(recipe: Recipe) -> list[str]:
@@ -28,10 +37,6 @@ def suggestions(recipe: Recipe) -> list[str]:
 
 def _breakdown(recipe: Recipe, model_config) -> str:
     """The estimator's view of the current settings, if the estimator is available."""
-    try:
-        from qlora_phi3.memory.estimate import estimate, format_breakdown
-    except ImportError:
-        return ""
     try:
         return format_breakdown(estimate(recipe, model_config, device="cuda"))
     except Exception as e:  # the advice must still come out if the estimate cannot be made

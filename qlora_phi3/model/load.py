@@ -13,12 +13,12 @@ from pathlib import Path
 
 from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig
 from qlora_phi3.errors import UserError
+from qlora_phi3.phi3 import END_TOKEN
 
 __all__ = ["Choice", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype", "pick_device",
-           "resolve_model_path", "read_model_config", "quantization_config"]
+           "resolve_model_path", "read_model_config", "quantization_config", "has_native_bf16",
+           "hide_load_progress_bars"]
 
-END_TOKEN = "<|end|>"
-EOT_TOKEN = "<|endoftext|>"
 
 
 @dataclass
@@ -48,19 +48,29 @@ def pick_device(requested: str = "auto") -> Choice:
     return Choice(f"cuda:{index}", torch.cuda.get_device_name(index))
 
 
-def pick_compute_dtype(requested: str, device: str) -> Choice:
+def has_native_bf16(device: str) -> bool:
+    """Whether a CUDA device computes in bf16 natively (Ampere, compute capability 8.0, or newer).
+
+    Not ``torch.cuda.is_bf16_supported()``: it returns True on Turing and Volta too, where bf16 is emulated
+    (slow, and flash-attn refuses it), so the fp16 fallback would never trigger on a T4 or an RTX 20xx."""
     import torch
 
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def pick_compute_dtype(requested: str, device: str) -> Choice:
     if requested != "auto":
-        if requested == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-            raise UserError(f"model.compute_dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16 "
-                            "support (pre-Ampere); use model.compute_dtype=float16 or auto.")
+        if requested == "bfloat16" and device.startswith("cuda") and not has_native_bf16(device):
+            import torch
+
+            raise UserError(f"model.compute_dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no native bf16 "
+                            "(pre-Ampere, compute capability < 8.0); use model.compute_dtype=float16 or auto.")
         return Choice(requested, "model.compute_dtype")
     if device == "cpu":
         return Choice("bfloat16", "CPU: bf16 kernels, no loss scaling needed")
-    if torch.cuda.is_bf16_supported():
-        return Choice("bfloat16", "GPU supports bf16")
-    return Choice("float16", "GPU lacks bf16 (pre-Ampere): fp16 compute with loss scaling, fp32 adapter weights")
+    if has_native_bf16(device):
+        return Choice("bfloat16", "GPU has native bf16 (Ampere or newer)")
+    return Choice("float16", "GPU lacks native bf16 (pre-Ampere): fp16 compute with loss scaling, fp32 adapter weights")
 
 
 def pick_attention(requested: str, device: str) -> Choice:
@@ -151,6 +161,7 @@ def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implement
     from transformers import AutoModelForCausalLM
 
     _quiet_bitsandbytes()
+    hide_load_progress_bars()
     path = resolve_model_path(cfg.name_or_path)
     if cfg.trust_remote_code:
         from qlora_phi3.ui import warn
@@ -197,3 +208,10 @@ def _quiet_bitsandbytes() -> None:
 
     for name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.cpu"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def hide_load_progress_bars() -> None:
+    """transformers draws a tqdm bar per model load ("Loading weights"); our commands show their own display."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

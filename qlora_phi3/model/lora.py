@@ -9,6 +9,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
 from qlora_phi3.config import LoraSettings
 from qlora_phi3.errors import UserError
 
@@ -22,8 +26,6 @@ _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
 
 def _linear_leaf_names(model) -> dict[str, int]:
     """Leaf name -> how many Linear(-like) modules carry it (4-bit Linear4bit included)."""
-    import torch
-
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
@@ -52,8 +54,6 @@ def check_targets(model, targets: list[str]) -> None:
 
 
 def lora_config(settings: LoraSettings):
-    from peft import LoraConfig
-
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -65,18 +65,13 @@ def lora_config(settings: LoraSettings):
     )
 
 
-def attach_lora(model, settings: LoraSettings, gradient_checkpointing: bool | str):
-    """Wrap the frozen 4-bit model with trainable fp32 LoRA adapters (``gradient_checkpointing``: True,
-    False or "offload")."""
-    from peft import get_peft_model
+def attach_lora(model, settings: LoraSettings):
+    """Wrap the frozen 4-bit model with trainable fp32 LoRA adapters on the checked targets.
 
-    from qlora_phi3.run.offload import enable_checkpointing
-
+    We skip ``prepare_model_for_kbit_training``: it upcasts all non-quantized weights to fp32 (~0.4 GB on
+    Phi-3-mini) for no benefit with bf16 compute. Activation checkpointing is the Trainer's to turn on
+    (``run.train`` passes it in the training arguments), non-reentrant, so no input grads are needed."""
     check_targets(model, settings.target_modules)
-    # Non-reentrant checkpointing needs no input grads; reentrant would fail with "does not require grad"
-    # because every base weight is frozen. We skip prepare_model_for_kbit_training: it upcasts all
-    # non-quantized weights to fp32 (~0.4 GB on Phi-3-mini) for no benefit with bf16 compute.
-    enable_checkpointing(model, gradient_checkpointing, next(model.parameters()).device.type)
     # autocast_adapter_dtype keeps LoRA weights in fp32 even over a bf16/fp16 base (needed for fp16 loss scaling).
     return get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
 
@@ -91,8 +86,6 @@ class Coverage:
 
 def coverage(peft_model, targets: list[str]) -> list[Coverage]:
     """Per target: how many of the model's layers got an adapter, and its trainable parameters."""
-    from peft.tuners.lora import LoraLayer
-
     base = peft_model.get_base_model()
     total_layers = getattr(base.config, "num_hidden_layers", 0)
     rows = []

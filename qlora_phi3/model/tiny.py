@@ -122,3 +122,33 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
 
 if __name__ == "__main__":  # pragma: no cover - regeneration entry point
     print(build_tiny(Path(sys.argv[1]) if len(sys.argv) > 1 else TINY_MODEL_DIR))
+
+
+def write_random_phi3(out_dir: Path, seed: int = 0, device: str = "cpu", **sizes) -> Path:
+    """A Phi-3 with random bf16 weights and the given ``sizes`` (Phi3Config fields), saved like a Hub model
+    (config + safetensors) with the embedded model's tokenizer, so every command can load it.
+
+    For memory and speed measurements: they depend on shapes, not on trained values. Built in bf16 on
+    ``device`` (a GPU builds full-size Phi-3-mini in seconds; in fp32 it would need 15 GB first).
+    """
+    import torch
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Phi3Config(**{"tie_word_embeddings": False, "sliding_window": None, "pad_token_id": eos,
+                           "bos_token_id": 1, "eos_token_id": eos, **sizes})
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Phi3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -11,16 +11,17 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qlora_phi3.config import ModelConfig, Recipe
+from peft import PeftModel
+from safetensors import safe_open
+
+from qlora_phi3.config import ModelConfig, Recipe, load_recipe
 from qlora_phi3.errors import UserError
+from qlora_phi3.model.load import read_model_config
+from qlora_phi3.phi3 import STOP_TOKENS
+from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RUN_FILE
 from qlora_phi3.ui import warn
 
-__all__ = ["Source", "check_base", "hide_load_progress_bars", "load_adapter", "resolve_source", "stop_token_ids",
-           "SHAPE_KEYS"]
-
-ADAPTER_META = "qlora_phi3.json"
-SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "vocab_size", "max_position_embeddings")
+__all__ = ["Source", "check_base", "load_adapter", "resolve_source", "stop_token_ids"]
 
 
 @dataclass
@@ -62,14 +63,12 @@ def _is_merged_model(path: Path) -> bool:
 
 def _run_recipe(run_dir: Path) -> Recipe | None:
     """The run's resolved recipe (recipe.yaml next to run.json), or None if it cannot be read."""
-    from qlora_phi3.config import load_recipe
-
-    if not (run_dir / "recipe.yaml").is_file():
+    if not (run_dir / RECIPE_FILE).is_file():
         return None
     try:
-        return load_recipe(run_dir / "recipe.yaml", [])
+        return load_recipe(run_dir / RECIPE_FILE, [])
     except UserError as e:
-        warn(f"{run_dir / 'recipe.yaml'} could not be read ({e}); using defaults for the 4-bit settings.")
+        warn(f"{run_dir / RECIPE_FILE} could not be read ({e}); using defaults for the 4-bit settings.")
         return None
 
 
@@ -88,8 +87,8 @@ def resolve_source(path: str | Path, base: str | None = None, revision: str | No
                         "its adapter/ directory, or a merged model directory.")
     if not p.is_dir():
         raise UserError(f"{path}: is a file; give a run directory, an adapter directory or a merged model directory.")
-    if (p / "run.json").is_file() and not (p / "adapter_config.json").is_file():
-        run = _read_json(p / "run.json")
+    if (p / RUN_FILE).is_file() and not (p / "adapter_config.json").is_file():
+        run = _read_json(p / RUN_FILE)
         if not (p / "adapter" / "adapter_config.json").is_file():
             raise UserError(f"{path}: this run has no finished adapter yet (run status: "
                             f"{run.get('status', 'unknown')}); let training finish, or point at one of its "
@@ -97,7 +96,7 @@ def resolve_source(path: str | Path, base: str | None = None, revision: str | No
         src = _adapter_source(p / "adapter", p, base, revision)
         return replace(src, kind="run", path=p)
     if (p / "adapter_config.json").is_file():
-        run_dir = p.parent if (p.parent / "run.json").is_file() else None
+        run_dir = p.parent if (p.parent / RUN_FILE).is_file() else None
         return _adapter_source(p, run_dir, base, revision)
     if _is_merged_model(p):
         return Source("merged", p)
@@ -107,7 +106,7 @@ def resolve_source(path: str | Path, base: str | None = None, revision: str | No
 
 def _adapter_source(adapter_dir: Path, run_dir: Path | None, base: str | None, revision: str | None) -> Source:
     recipe = _run_recipe(run_dir) if run_dir else None
-    run = _read_json(run_dir / "run.json") if run_dir and (run_dir / "run.json").is_file() else {}
+    run = _read_json(run_dir / RUN_FILE) if run_dir and (run_dir / RUN_FILE).is_file() else {}
     if (adapter_dir / ADAPTER_META).is_file():
         meta = _read_json(adapter_dir / ADAPTER_META)
         name, rev, shapes = meta.get("base_model"), meta.get("revision"), meta.get("base_config") or {}
@@ -151,13 +150,11 @@ def _check_snapshot_revision(base_dir: Path, rev: str, adapter_dir: Path) -> Non
 def check_base(src: Source):
     """Read the base model's config.json (no weights) and refuse it if its shapes differ from those the
     adapter was trained on. Returns the base config."""
-    from qlora_phi3.model.load import read_model_config
-
     config = read_model_config(src.model_cfg)
     if not src.base_config:
         return config
     wrong = [f"{k}: adapter {src.base_config[k]!r}, base {getattr(config, k, None)!r}"
-             for k in SHAPE_KEYS if k in src.base_config and src.base_config[k] != getattr(config, k, None)]
+             for k in BASE_SHAPE_KEYS if k in src.base_config and src.base_config[k] != getattr(config, k, None)]
     if wrong:
         raise UserError(f"{src.adapter_dir} was trained on a different base than {src.model_cfg.name_or_path}"
                         f"{' @ ' + src.model_cfg.revision if src.model_cfg.revision else ''} ("
@@ -169,9 +166,6 @@ def check_base(src: Source):
 def load_adapter(base_model, adapter_dir: Path):
     """``PeftModel.from_pretrained`` for inference, refusing an adapter with missing or misshapen weights
     (PEFT only warns about missing keys, which would silently drop part of the fine-tune)."""
-    from peft import PeftModel
-    from safetensors import safe_open
-
     try:
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     except (RuntimeError, ValueError) as e:
@@ -192,13 +186,4 @@ def load_adapter(base_model, adapter_dir: Path):
 
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids of ``<|end|>`` (closes every Phi-3 turn) and ``<|endoftext|>``: generation must stop at either."""
-    from qlora_phi3.model.load import END_TOKEN, EOT_TOKEN
-
-    return [tokenizer.convert_tokens_to_ids(t) for t in (END_TOKEN, EOT_TOKEN)]
-
-
-def hide_load_progress_bars() -> None:
-    """transformers draws a tqdm bar per model load; our commands show their own rich status instead."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    return [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
 from qlora_phi3.errors import UserError
+from qlora_phi3.model.load import (hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
+                                   pick_compute_dtype, pick_device)
+from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
 from qlora_phi3.ui import console, warn
 
 __all__ = ["ChatModel", "chat", "load_chat_model"]
@@ -27,20 +33,20 @@ class ChatModel:
     description: str
 
 
-def load_chat_model(path: str, device: str = "auto") -> ChatModel:
-    """Load whatever ``path`` holds for generation (see ``adapter_io.resolve_source``)."""
-    from transformers import AutoTokenizer
-
-    from qlora_phi3.out.artifacts import check_base, hide_load_progress_bars, load_adapter, resolve_source, stop_token_ids
-    from qlora_phi3.model.load import load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device
-
+def load_chat_model(path: str, device: str = "auto", base: str | None = None, revision: str | None = None
+                    ) -> ChatModel:
+    """Load whatever ``path`` holds for generation (see ``artifacts.resolve_source``); ``base`` / ``revision``
+    replace the base model an adapter names (e.g. a local copy of it), checked by shapes and revision."""
     hide_load_progress_bars()
-    src = resolve_source(path)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (check the driver, CUDA_VISIBLE_DEVICES, or "
+                        "that a CUDA build of torch is installed); use --device auto or cpu.")
+    src = resolve_source(path, base, revision)
+    if src.kind == "merged" and (base or revision):
+        raise UserError(f"--base/--revision: {path} is a merged model, it has no separate base to replace.")
     dev = pick_device(device).value
     attn = pick_attention("auto", dev).value
     if src.kind == "merged":
-        from transformers import AutoModelForCausalLM
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(src.path))
             model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype="auto", device_map={"": dev},
@@ -70,9 +76,6 @@ def _note(msg: str) -> None:
 
 def reply(cm: ChatModel, messages: list[dict], max_new_tokens: int, stream: bool = True) -> str:
     """Generate the assistant's answer to ``messages``, printing it token by token when ``stream``."""
-    import torch
-    from transformers import TextStreamer
-
     inputs = cm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                               return_dict=True).to(cm.device)
     streamer = TextStreamer(cm.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
@@ -81,18 +84,18 @@ def reply(cm: ChatModel, messages: list[dict], max_new_tokens: int, stream: bool
                                 pad_token_id=cm.tokenizer.pad_token_id, use_cache=True, streamer=streamer)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     if len(new) >= max_new_tokens and new[-1] not in cm.stop_ids:
-        # A model that never emits <|end|> was trained without it in the labels (PITFALLS #2).
+        # A model that never emits <|end|> was trained without it in the labels (pad == eos masks it out).
         warn(f"stopped at --max-new-tokens={max_new_tokens} without an end-of-turn token.")
     return cm.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def chat(path: str, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
-         device: str = "auto") -> list[dict]:
+         device: str = "auto", base: str | None = None, revision: str | None = None) -> list[dict]:
     """One answer to ``prompt``, or an interactive conversation read from stdin when it is None (ends on
     end of input, an empty line or ``exit``). Returns the conversation."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1.")
-    cm = load_chat_model(path, device)
+    cm = load_chat_model(path, device, base, revision)
     _note(f"{cm.description} on {cm.device}; greedy decoding, stops at <|end|>")
     messages = [{"role": "system", "content": system}] if system else []
     if prompt is not None:

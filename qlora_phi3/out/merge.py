@@ -8,20 +8,35 @@ KV cache on, generation config that stops at ``<|end|>``, tokenizer with its cha
 temporary directory beside ``--out`` and rename that at the very end, so ``--out`` is complete or absent.
 
 Why compare three models: the adapter was trained against the *4-bit* base and learned around its
-quantization error, but it is merged into the *16-bit* base (PITFALLS #4). (c) - (a) is that base
+quantization error, but it is merged into the *16-bit* base (users report quality drops after merging for
+this reason). (c) - (a) is that base
 difference; (b) - (c) is only the rounding of the merge into fp16/bf16.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora_phi3.config import DataConfig, TrainConfig
+from qlora_phi3.data.encode import encode_records
+from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import UserError
+from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
+from qlora_phi3.model.load import hide_load_progress_bars, load_model, load_tokenizer, pick_compute_dtype, resolve_model_path
+from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
+from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.ui import console, info, warn
+from qlora_phi3.units import parse_size
 
 __all__ = ["MergeResult", "merge", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
 
@@ -30,7 +45,7 @@ __all__ = ["MergeResult", "merge", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
 # floor keeps a near-zero loss (a task learned perfectly) from flagging on rounding noise alone.
 LOSS_TOLERANCE_REL = 0.02
 LOSS_TOLERANCE_ABS = 0.01
-DEFAULT_SHARD_SIZE = "2GB"  # shards small enough for any filesystem and for loaders that map one at a time
+DEFAULT_SHARD_SIZE = "2GB"  # 2 x 10^9 bytes: small enough for any filesystem and for loaders that map one at a time
 REPORT_NAME = "merge_report.json"
 MODELS = {"a": "4-bit base + adapter (as trained)", "b": "merged 16-bit", "c": "16-bit base + adapter (unmerged)"}
 
@@ -64,50 +79,21 @@ def _check_out(out: Path, src, force: bool) -> None:
                             "--force replaces only a previous merge. Choose a new directory.")
 
 
-def _temp_dir(out: Path) -> Path:
-    """Beside --out (same filesystem, so the final rename is atomic); a leftover from a killed merge has
-    a name no loader mistakes for a model and is removed by the next merge to the same --out."""
-    return out.parent / f".{out.name}.merging"
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp``; the old ``out`` is removed only after the new one is in place."""
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _peak_rss_gib() -> float:
     """The process's peak resident set size so far (what the OS had to provide). Lifetime, not per phase:
     for ``qlora-phi3 merge`` the merge is the process, so this is the RAM the command needs."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, KiB on Linux
 
 
 def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
-    """Up to ``n`` held-out conversations: the run's own eval split when the run's recipe and data are
-    still there, else the bundled synthetic set's held-out split (that of the default tiny recipe)."""
-    from qlora_phi3.config import DataConfig, TrainConfig
-    from qlora_phi3.data.read import load_records
-    from qlora_phi3.data.encode import encode_records, split_records
-
+    """Up to ``n`` held-out conversations: the run's own eval split (:func:`load_splits`, as training built
+    it) when the run's recipe and data are still there, else the bundled synthetic set's held-out split."""
     records, where = None, ""
     if src.recipe is not None:
-        d, seed = src.recipe.data, src.recipe.train.seed
         try:
-            if d.eval_split:
-                records = load_records(d, split=d.eval_split)[0][: d.max_eval_samples]
-            else:  # same steps as training, so the same conversations are held out
-                recs = load_records(d)[0]
-                records = split_records(recs[: d.max_samples] if d.max_samples else recs, d.eval_fraction,
-                                        d.max_eval_samples, seed)[1]
-            where = f"the run's eval split ({d.path})"
+            records = load_splits(src.recipe.data, src.recipe.train.seed).eval
+            where = f"the run's eval split ({src.recipe.data.path})"
             recorded = (src.run or {}).get("dataset", {}).get("eval_fingerprint")
             if recorded and encode_records(records, tokenizer, src.max_seq_len).fingerprint() != recorded:
                 where += ", rebuilt: differs from the split the run evaluated on"
@@ -116,8 +102,7 @@ def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
         except UserError as e:
             warn(f"cannot rebuild the run's eval split ({e}); using the bundled samples instead.")
     if records is None:
-        d = DataConfig()
-        records = split_records(load_records(d)[0], d.eval_fraction, d.max_eval_samples, TrainConfig().seed)[1]
+        records = load_splits(DataConfig(), TrainConfig().seed).eval
         where = "bundled synthetic samples (held-out split of the default recipe)"
     enc = encode_records(records[:n], tokenizer, src.max_seq_len)
     return [_Sample(i, lab) for i, lab in zip(enc.input_ids, enc.labels)], where
@@ -127,15 +112,11 @@ def _answer_logits(model, samples: list[_Sample], autocast_dtype=None):
     """Per sample: (logits at the positions that predict assistant tokens as float32, their targets).
     Only those positions are kept: they are what eval loss is computed on, and keeping the full
     vocabulary at every position would cost tokens x 32064 x 4 bytes per model on Phi-3."""
-    import contextlib
-
-    import torch
-
     out = []
     for s in samples:
         ids = torch.tensor([s.input_ids])
         targets = torch.tensor(s.labels[1:])
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             logits = model(input_ids=ids).logits[0, :-1].float()
@@ -144,8 +125,6 @@ def _answer_logits(model, samples: list[_Sample], autocast_dtype=None):
 
 
 def _compare(rows, ref) -> dict:
-    import torch
-
     logits = torch.cat([r[0] for r in rows])
     targets = torch.cat([r[1] for r in rows])
     ref_logits = torch.cat([r[0] for r in ref])
@@ -163,11 +142,6 @@ def _is_worse(loss: float, ref_loss: float) -> bool:
 
 
 def _load_16bit(src, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qlora_phi3.model.load import resolve_model_path
-
     cfg = src.model_cfg
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -180,19 +154,7 @@ def _load_16bit(src, dtype: str):
                         "(it needs *.safetensors weights; download them with `hf download`).") from None
 
 
-def _check_shard_size(max_shard_size: str) -> None:
-    """Checked up front: save_pretrained would only reject it after the whole merge and report."""
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        convert_file_size_to_int(max_shard_size)
-    except ValueError:
-        raise UserError(f"--max-shard-size {max_shard_size!r}: not a size; write e.g. 2GB or 500MB.") from None
-
-
 def _check_finite(model, dtype: str) -> None:
-    import torch
-
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             hint = " Use --dtype bfloat16 (same range as float32)." if dtype == "float16" else ""
@@ -200,9 +162,7 @@ def _check_finite(model, dtype: str) -> None:
                             f"it out of range.{hint}")
 
 
-def _save(model, tokenizer, tmp: Path, max_shard_size: str) -> None:
-    from qlora_phi3.out.artifacts import stop_token_ids
-
+def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
     # Training leaves use_cache=False behind (useless under checkpointing); inference needs the KV cache.
     model.config.use_cache = True
     eos = model.generation_config.eos_token_id
@@ -210,7 +170,7 @@ def _save(model, tokenizer, tmp: Path, max_shard_size: str) -> None:
     model.generation_config.eos_token_id = list(dict.fromkeys(eos + stop_token_ids(tokenizer)))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)  # safetensors only in transformers 5
+    model.save_pretrained(tmp, max_shard_size=shard_bytes)  # safetensors only in transformers 5
     # Training pads on the right; batched generation needs left padding so each prompt ends at the cut.
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp)
@@ -218,11 +178,6 @@ def _save(model, tokenizer, tmp: Path, max_shard_size: str) -> None:
 
 def _evaluate_4bit(src, samples):
     """(a): the model exactly as trained, under the autocast training used on the CPU."""
-    import torch
-
-    from qlora_phi3.out.artifacts import load_adapter
-    from qlora_phi3.model.load import load_model, pick_compute_dtype
-
     compute = src.compute_dtype or pick_compute_dtype(src.model_cfg.compute_dtype, "cpu").value
     model = load_adapter(load_model(src.model_cfg, "cpu", compute, "sdpa"), src.adapter_dir)
     return _answer_logits(model, samples, getattr(torch, compute) if compute != "float32" else None)
@@ -232,15 +187,13 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
           revision: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE, report_samples: int = 8
           ) -> MergeResult:
     """Merge the adapter in ``path`` (run or adapter directory) into its 16-bit base and save it to ``out``."""
-    from qlora_phi3.out.artifacts import check_base, hide_load_progress_bars, load_adapter, resolve_source
-    from qlora_phi3.model.load import load_tokenizer
-
     t0 = time.perf_counter()
     if dtype not in ("float16", "bfloat16"):
         raise UserError(f"--dtype {dtype}: choose float16 or bfloat16.")
     if report_samples < 1:
         raise UserError(f"--report-samples {report_samples}: the merge report needs at least 1 sample.")
-    _check_shard_size(max_shard_size)
+    # Checked up front: save_pretrained would only reject it after the whole merge and report.
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     hide_load_progress_bars()
     src = resolve_source(path, base, revision)
     if src.kind == "merged":
@@ -256,7 +209,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
          f"report on {len(samples)} samples from {where}")
 
     rss_start_gib = _peak_rss_gib()
-    tmp = _temp_dir(out_dir)
+    tmp = partial_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -274,7 +227,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
         with console().status("(b) evaluating the merged model..."):
             b = _answer_logits(merged, samples)
         with console().status(f"saving to {out_dir} (via {tmp.name})..."):
-            _save(merged, tokenizer, tmp, max_shard_size)
+            _save(merged, tokenizer, tmp, shard_bytes)
             del merged
             gc.collect()
         report = _report(src, dtype, where, samples, a, b, c)
@@ -282,16 +235,11 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
         report["peak_rss_gib"] = round(_peak_rss_gib(), 3)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["out_dir"] = str(out_dir)
-        from qlora_phi3.run.record import atomic_write_json
-
         atomic_write_json(tmp / REPORT_NAME, report)
-        _publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written model behind
         raise
-    _print_report(report)
-    info(f"[bold green]merged[/] in {report['seconds']:.0f}s, peak RAM {report['peak_rss_gib']:.2f} GiB RSS: "
-         f"[bold]{out_dir}[/] (report: {out_dir / REPORT_NAME})")
     return MergeResult(out_dir, report)
 
 
@@ -338,28 +286,3 @@ def _explain(merged_worse: bool, rounding_worse: bool, loss_a: float, loss_b: fl
             "quantization error; merged into the original 16-bit weights it meets a slightly different model. "
             + cause + "Options: serve the adapter on the 4-bit base (`qlora-phi3 chat ADAPTER_DIR`), or check "
             "the merged model on your own task before shipping it.")
-
-
-def _print_report(report: dict) -> None:
-    from rich.table import Table
-
-    short = {"a": "(a) 4-bit base + adapter", "b": f"(b) merged {report['dtype']}", "c": "(c) 16-bit base + adapter"}
-    n = report["eval_samples"]
-    table = Table(title=f"merge report: {n['n_samples']} held-out samples, {n['n_answer_tokens']} answer tokens",
-                  title_justify="left",
-                  caption="(a) as trained, the reference; (c) unmerged. Logit differences vs (a), at answer tokens.",
-                  caption_justify="left")
-    table.add_column("model", no_wrap=True)
-    for col in ("eval loss", "max |Δlogit|", "mean |Δlogit|", "top-1 = (a)"):
-        table.add_column(col, justify="right")
-    for key, row in report["models"].items():
-        table.add_row(short[key], f"{row['eval_loss']:.4f}", f"{row['max_abs_logit_diff']:.4f}",
-                      f"{row['mean_abs_logit_diff']:.4f}", f"{row['top1_agreement']:.1%}")
-    console().print(table)
-    r = report["merge_rounding_b_vs_c"]
-    info(f"merge rounding alone, (b) vs (c): max |logit diff| {r['max_abs_logit_diff']:.4f}, "
-         f"mean {r['mean_abs_logit_diff']:.4f}")
-    if report["merged_worse_than_trained"]:
-        console().print(f"[bold red on white] WARNING [/] [bold red]{report['explanation']}[/]")
-    else:
-        info(f"[green]{report['explanation']}[/]")

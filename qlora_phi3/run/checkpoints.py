@@ -12,16 +12,26 @@ import os
 import shutil
 from pathlib import Path
 
+from transformers.trainer_utils import rotate_checkpoints
+
+from qlora_phi3.files import fsync_tree
+
 __all__ = ["AtomicCheckpoints", "STAGING_DIR", "is_complete", "last_checkpoint"]
 
 STAGING_DIR = ".staging"
-# What a resumable checkpoint must hold (optimizer/scheduler/RNG are written after the adapter).
-_REQUIRED = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
-             "scheduler.pt")
+# What a resumable checkpoint must hold, each as one of its forms: the adapter (or, under FSDP with
+# SHARDED_STATE_DICT, the model's shard directory written by accelerate's save_fsdp_model), the optimizer
+# (optimizer.pt, or FSDP's optimizer_0/ directory), the scheduler and the trainer state (written last).
+_REQUIRED = (("adapter_model.safetensors", "pytorch_model_fsdp_0/"), ("optimizer.pt", "optimizer_0/", "optimizer.bin"),
+             ("scheduler.pt",), ("trainer_state.json",))
+
+
+def _present(path: Path, name: str) -> bool:
+    return (path / name.rstrip("/")).is_dir() if name.endswith("/") else (path / name).is_file()
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in _REQUIRED)
+    return path.is_dir() and all(any(_present(path, name) for name in forms) for forms in _REQUIRED)
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -31,7 +41,11 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 
 class AtomicCheckpoints:
-    """Trainer mixin: stage each checkpoint, rename it into place, then prune to ``save_total_limit``."""
+    """Trainer mixin: stage each checkpoint, rename it into place, then prune to ``save_total_limit``.
+
+    It overrides two private Trainer methods (no public hook exists); qlora_phi3.run.internals names them,
+    with the transformers version they were checked against.
+    """
 
     _staging_root: str | None = None
 
@@ -57,19 +71,9 @@ class AtomicCheckpoints:
         final = run_dir / name
         if final.exists():  # a checkpoint of the same step from a run that was resumed before this save
             shutil.rmtree(final)
-        _fsync_tree(staging / name)
+        fsync_tree(staging / name)
         os.replace(staging / name, final)
         shutil.rmtree(staging, ignore_errors=True)
-        from transformers.trainer_utils import rotate_checkpoints
-
         # By step number, not mtime: a resumed run must never prune its newest checkpoint.
         rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush the files to disk before the rename makes them visible (a power cut must not leave zeros)."""
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())

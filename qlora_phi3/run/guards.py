@@ -11,36 +11,52 @@ import math
 import signal
 import threading
 
+import torch
 from transformers import TrainerCallback
 
 __all__ = ["GracefulInterrupt", "NonFiniteError", "NonFiniteGuard"]
 
 
 class NonFiniteError(Exception):
-    def __init__(self, step: int, what: str):
-        super().__init__(f"non-finite {what} at step {step}")
+    def __init__(self, step: int, what: str, since: int | None = None):
+        where = f"at step {step}" if since is None or since >= step - 1 else f"between steps {since + 1} and {step}"
+        super().__init__(f"non-finite {what} {where}")
         self.step = step
         self.what = what
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Raise on the first NaN/inf loss or gradient.
+    """Stop on the first NaN/inf loss or gradient, before a checkpoint can hold it.
 
-    Gradients are checked before each optimizer step. Under fp16 loss scaling an inf gradient is expected
+    Each step's gradients are checked on the device before the optimizer step, without waiting for the
+    GPU (a host sync per step stalls the queue of kernels); the verdict is read every ``check_every``
+    steps and before every save, evaluation and log. So a saved checkpoint never holds a NaN, and on a CPU
+    (``check_every=1``) the run stops at the very step. Under fp16 loss scaling an inf gradient is expected
     now and then (the scaler skips that step and lowers the scale), so there only the logged loss is checked.
     """
 
-    def __init__(self, fp16: bool):
+    def __init__(self, fp16: bool, check_every: int = 1):
         self.fp16 = fp16
+        self.check_every = max(1, check_every)
+        self._bad = None  # device bool: a non-finite gradient since the last read
+        self._checked_step = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.fp16 or model is None:
             return
-        import torch
-
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            raise NonFiniteError(state.global_step + 1, "gradient")
+        if grads:
+            bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))
+            self._bad = bad if self._bad is None else self._bad | bad
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = (state.global_step % self.check_every == 0 or control.should_save or control.should_evaluate
+               or control.should_log or control.should_training_stop or state.global_step >= state.max_steps)
+        if self._bad is not None and due:
+            bad, self._bad = bool(self._bad), None
+            if bad:
+                raise NonFiniteError(state.global_step, "gradient", since=self._checked_step)
+            self._checked_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "eval_loss"):

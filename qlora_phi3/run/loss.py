@@ -15,9 +15,9 @@ without Triton, and it cannot be told a smaller tile.
 
 from __future__ import annotations
 
-__all__ = ["IGNORE_INDEX", "backbone_and_head", "chunked_causal_lm_loss", "model_loss"]
+__all__ = ["backbone_and_head", "chunked_causal_lm_loss", "model_loss"]
 
-IGNORE_INDEX = -100
+from qlora_phi3.phi3 import IGNORE_INDEX
 
 
 def _chunk_nll_sum(hidden, weight, bias, targets):

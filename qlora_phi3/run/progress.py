@@ -24,18 +24,18 @@ class RichProgress(TrainerCallback):
         self._progress = None
         self._task = None
         self._t0 = None
-        self._tokens0 = 0
+        self.tokens_at_start = 0
         self._last = {}
 
     def _tokens_per_second(self, state) -> float:
         elapsed = time.perf_counter() - self._t0 if self._t0 else 0.0
-        return (state.num_input_tokens_seen - self._tokens0) / elapsed if elapsed > 0 else 0.0
+        return (state.num_input_tokens_seen - self.tokens_at_start) / elapsed if elapsed > 0 else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._t0 = time.perf_counter()
-        self._tokens0 = state.num_input_tokens_seen
+        self.tokens_at_start = state.num_input_tokens_seen
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
             TextColumn("ETA"), TimeRemainingColumn(), console=console(), transient=False,
@@ -44,11 +44,18 @@ class RichProgress(TrainerCallback):
         self._task = self._progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # so the last line (and run.json's train_loss_end) are the last step's
+        self._refresh(state)
+
+    def _refresh(self, state) -> None:
+        """The bar's line: the latest logged loss and learning rate, speed, peak memory."""
+        if self._progress is None:
+            return
         mem = self.meter.read()
-        self._last.update(tokens_per_second=self._tokens_per_second(state), peak=mem)
         loss = f"{self._last['loss']:.4f}" if "loss" in self._last else "-"
-        stats = f"loss {loss}  lr {self._last.get('lr', 0):.2e}  " \
-                f"{self._last['tokens_per_second']:,.0f} tok/s  {mem.short()}"
+        stats = f"loss {loss}  lr {self._last.get('lr', 0):.2e}  {self._tokens_per_second(state):,.0f} tok/s  " \
+                f"{mem.short()}"
         self._progress.update(self._task, completed=state.global_step, stats=stats)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -63,6 +70,7 @@ class RichProgress(TrainerCallback):
         self.history.append(row)
         if self._progress is None:
             return
+        self._refresh(state)
         if "eval_loss" in logs:
             self._progress.console.print(f"step {state.global_step:>5}  [cyan]eval loss {logs['eval_loss']:.4f}[/]")
         elif "loss" in logs:

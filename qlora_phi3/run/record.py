@@ -1,16 +1,31 @@
-"""What a run records about itself: package versions, device, and atomic JSON writes."""
+"""The run record, ``<output_dir>/run.json``: what a run is, how far it got and how it ended.
+
+One object owns the file. It is written atomically at every change of state, so at any moment it
+says the truth about the run: ``status`` is ``running`` (possibly killed without a word),
+``completed``, ``interrupted`` (Ctrl-C: a checkpoint was saved) or ``failed`` (with ``failure``).
+Only rank 0 writes under a distributed launch.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["atomic_write_json", "device_info", "package_versions"]
+from qlora_phi3.files import atomic_write_json
+from qlora_phi3.ui import is_main_process
 
+__all__ = ["ADAPTER_META", "BASE_SHAPE_KEYS", "RECIPE_FILE", "RUN_FILE", "RunRecord", "device_info", "package_versions", "read_run"]
+
+RUN_FILE = "run.json"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run was started with (and resumes with)
+ADAPTER_META = "qlora_phi3.json"  # beside the adapter: its base model, revision and shapes
+# The base model's shapes recorded beside an adapter: merge/chat refuse a base whose shapes differ.
+BASE_SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "vocab_size", "max_position_embeddings")
+STATES = ("running", "completed", "interrupted", "failed")
 PACKAGES = ("qlora-phi3", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate",
             "flash-attn")
 
@@ -31,8 +46,7 @@ def device_info(device: str) -> dict:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
         except (ValueError, OSError):
             ram = None
-        return {"kind": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                "ram_gib": round(ram, 1) if ram else None}
+        return {"kind": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "ram_gib": round(ram, 1) if ram else None}
     import torch
 
     props = torch.cuda.get_device_properties(device)
@@ -40,18 +54,45 @@ def device_info(device: str) -> dict:
             "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a JSON file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (platform.processor() is often empty on Linux)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; run records are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_run(run_dir: Path) -> dict:
+    """The run record in ``run_dir`` ({} if there is none or it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+class RunRecord:
+    """``run.json`` of one run. ``update`` merges fields and writes; ``end`` sets the final status."""
+
+    def __init__(self, run_dir: Path, fields: dict):
+        self.path = Path(run_dir) / RUN_FILE
+        self.data = {"status": "running", **fields}
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self._write()
+
+    def end(self, status: str, **fields) -> None:
+        if status not in STATES[1:]:
+            raise ValueError(f"a run ends completed, interrupted or failed, not {status!r}")
+        self.data.update(fields, status=status)
+        self._write()
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    def _write(self) -> None:
+        if is_main_process():
+            atomic_write_json(self.path, self.data)

@@ -1,7 +1,10 @@
-"""A training run, top to bottom: check inputs, load data and the 4-bit model, attach LoRA, train with
-TRL's SFTTrainer, save the adapter and ``run.json``.
+"""A training run, top to bottom: check the inputs, load data and the 4-bit model, attach LoRA, train
+with TRL's SFTTrainer (:mod:`qlora_phi3.run.trainer`), save the adapter and the run record.
 
-Everything that can be wrong with the user's input is checked before the model is loaded.
+Everything that can be wrong with the user's input is checked before the model is loaded, and the
+run directory is written to only once the run really starts, so a run that fails early leaves it as
+it was. ``profile`` and ``bench/compare.py`` call :func:`train` too (``measure=``), so the memory and
+speed they report are those of this code path.
 """
 
 from __future__ import annotations
@@ -12,68 +15,59 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict
+import transformers
+from transformers import TrainerCallback
+from trl import SFTConfig
+
+from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict, with_absolute_paths
+from qlora_phi3.data.encode import EncodedSplit, encode_records
+from qlora_phi3.data.packing import padded_tokens
+from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import RunFailed, UserError
-from qlora_phi3.ui import info, is_main_process, warn
+from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
+from qlora_phi3.memory.oom import is_oom, oom_message
+from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
+                                   pick_compute_dtype, pick_device, read_model_config)
+from qlora_phi3.model.lora import attach_lora, coverage
+from qlora_phi3.run.checkpoints import last_checkpoint
+from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
+from qlora_phi3.run.measure import MeasureSteps
+from qlora_phi3.run.offload import checkpointing_kwargs
+from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
+from qlora_phi3.run.rundir import clear_run_dir, prepare_run_dir, resume_command
+from qlora_phi3.run.trainer import build_trainer
+from qlora_phi3.ui import console, info, is_main_process, plural, warn
 
-__all__ = ["RunResult", "prepare_output_dir", "train"]
+__all__ = ["RunInterrupted", "RunResult", "gather_state_dict", "train"]
 
-RUN_MARKERS = ("run.json", "recipe.yaml", "adapter")
+PADDING_WARN_SHARE = 0.30  # above this share of padded tokens per epoch, packing is worth suggesting
 
 
 @dataclass
 class RunResult:
     output_dir: Path
-    adapter_dir: Path
+    adapter_dir: Path | None
     run: dict
     model: object = None  # the trained PEFT model, for callers in the same process (tests, merge checks)
 
 
-def _is_run_dir(path: Path) -> bool:
-    return any((path / m).exists() for m in RUN_MARKERS) or any(path.glob("checkpoint-*"))
+class RunInterrupted(UserError):
+    """Stopped on request after saving a checkpoint."""
+
+    exit_code = 130
 
 
-def prepare_output_dir(path: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix two runs in one directory unless told to resume or overwrite; check it is writable.
-
-    Only rank 0 decides under a distributed launch: the others would see rank 0's first files and refuse."""
-    if not is_main_process():
-        return
-    if resume and force:
-        raise UserError("--resume and --force contradict each other: resume continues the run in "
-                        f"{path}, force deletes it.")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"train.output_dir={str(path)!r} is a file, not a directory.")
-    if path.is_dir() and any(path.iterdir()):
-        if not _is_run_dir(path):
-            raise UserError(f"train.output_dir={str(path)!r} holds files that are not a qlora-phi3 run; "
-                            "choose an empty or new directory.")
-        if force and is_main_process():
-            shutil.rmtree(path)
-        elif not resume and not force:
-            raise UserError(f"train.output_dir={str(path)!r} already holds a run. Add --resume to continue it "
-                            "from its last checkpoint, --force to delete it and start over, or set "
-                            "train.output_dir=NEW_DIR.")
-    elif resume:
-        raise UserError(f"--resume: nothing to resume in {path} (no run there yet); drop --resume.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"train.output_dir={str(path)!r} is not writable ({e.strerror}); "
-                        "choose a directory you can write to.") from None
+@dataclass
+class _Data:
+    train: EncodedSplit
+    eval: EncodedSplit
+    padded_share: float | None  # share of padded tokens per epoch without packing (None when packing)
 
 
-def _sft_config(recipe: Recipe, device: str, compute_dtype: str):
-    from trl import SFTConfig
-
-    from qlora_phi3.run.offload import checkpointing_kwargs
-
+def _sft_config(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool) -> SFTConfig:
     t = recipe.train
     return SFTConfig(
-        output_dir=t.output_dir,
+        output_dir=str(output_dir),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.micro_batch_size,
@@ -86,8 +80,8 @@ def _sft_config(recipe: Recipe, device: str, compute_dtype: str):
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
         activation_checkpointing=bool(t.gradient_checkpointing),
-        # transformers re-applies these at Trainer init; "offload" is honoured on GPUs only (qlora_phi3/offload.py).
-        activation_checkpointing_kwargs=checkpointing_kwargs(t.gradient_checkpointing, device),
+        # The Trainer turns checkpointing on from these; "offload" is honoured on GPUs only (run/offload.py).
+        activation_checkpointing_kwargs=checkpointing_kwargs(t.gradient_checkpointing, device, announce=True),
         bf16=compute_dtype == "bfloat16",
         fp16=compute_dtype == "float16",  # GradScaler loss scaling; LoRA weights stay fp32
         use_cpu=device == "cpu",
@@ -95,16 +89,16 @@ def _sft_config(recipe: Recipe, device: str, compute_dtype: str):
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if t.eval_steps else "no",
+        eval_strategy="steps" if t.eval_steps and not measuring else "no",
         eval_steps=t.eval_steps or None,
-        save_strategy="steps" if t.save_steps else "no",
+        save_strategy="steps" if t.save_steps and not measuring else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         report_to=[],
         disable_tqdm=True,  # our rich display replaces tqdm
         include_num_input_tokens_seen="non_padding",
-        max_length=None,  # already truncated (and counted) in formatting.encode_records
-        packing=False,
+        max_length=None,  # already truncated (and counted) in data.encode.encode_records
+        packing=False,  # ours: data/packing.py
         dataset_num_proc=None,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -115,8 +109,6 @@ def _sft_config(recipe: Recipe, device: str, compute_dtype: str):
 def _print_coverage(rows) -> None:
     from rich.table import Table
 
-    from qlora_phi3.ui import console
-
     table = Table(title="LoRA coverage", title_justify="left")
     for col in ("target", "layers adapted", "trainable params"):
         table.add_column(col, justify="right" if col != "target" else "left")
@@ -126,41 +118,45 @@ def _print_coverage(rows) -> None:
     console().print(table)
 
 
-def _load_splits(recipe: Recipe, tokenizer):
-    from qlora_phi3.data.read import load_records
-    from qlora_phi3.data.encode import encode_records, split_records
-
-    records, report = load_records(recipe.data)
-    if recipe.data.max_samples:
-        records = records[: recipe.data.max_samples]
-    if recipe.data.eval_split:
-        train_recs = records
-        eval_recs, eval_report = load_records(recipe.data, split=recipe.data.eval_split)
-        eval_recs = eval_recs[: recipe.data.max_eval_samples]
-    else:
-        train_recs, eval_recs = split_records(records, recipe.data.eval_fraction, recipe.data.max_eval_samples,
-                                              recipe.train.seed)
+def _load_data(recipe: Recipe, tokenizer) -> _Data:
+    d = recipe.data
+    splits = load_splits(d, recipe.train.seed)
+    report = splits.report
     if report.n_skipped:
         warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
         for line in report.summary_lines():
             info(f"  {line}")
     for note in report.notes:
         info(f"data: {note}")
-    train_enc = encode_records(train_recs, tokenizer, recipe.data.max_seq_len)
-    eval_enc = encode_records(eval_recs, tokenizer, recipe.data.max_seq_len)
+    for note in splits.notes:
+        warn(note)
+    train_enc = encode_records(splits.train, tokenizer, d.max_seq_len)
+    eval_enc = encode_records(splits.eval, tokenizer, d.max_seq_len)
     if not train_enc.input_ids:
-        raise UserError(f"no training sample keeps an assistant token within data.max_seq_len="
-                        f"{recipe.data.max_seq_len}; raise data.max_seq_len.")
+        raise UserError(f"no training sample keeps an assistant token within data.max_seq_len={d.max_seq_len}; "
+                        "raise data.max_seq_len.")
     if not eval_enc.input_ids:
         raise UserError("no eval sample keeps an assistant token within data.max_seq_len; raise data.max_seq_len.")
-    info(f"data: {len(train_enc.input_ids)} train / {len(eval_enc.input_ids)} eval conversations, "
-         f"{train_enc.n_tokens:,} train tokens ({train_enc.n_label_tokens:,} with loss)")
+    info(f"data: {plural(len(train_enc.input_ids), 'train conversation')} / {len(eval_enc.input_ids):,} eval "
+         f"({splits.eval_from}), {train_enc.n_tokens:,} train tokens ({train_enc.n_label_tokens:,} with loss)")
     for name, enc in (("train", train_enc), ("eval", eval_enc)):
         if enc.truncated:
-            warn(f"{enc.truncated} {name} samples longer than data.max_seq_len={recipe.data.max_seq_len} were "
-                 f"truncated ({enc.dropped} dropped: no assistant token left; "
-                 f"{enc.assistant_tokens_lost:,} assistant tokens lost).")
-    return train_enc, eval_enc, report
+            warn(f"{plural(enc.truncated, name + ' sample')} longer than data.max_seq_len={d.max_seq_len} "
+                 f"{'was' if enc.truncated == 1 else 'were'} truncated ({enc.dropped} dropped: no assistant token "
+                 f"left; {enc.assistant_tokens_lost:,} assistant tokens lost).")
+    share = None
+    if not d.packing:
+        lengths = [len(x) for x in train_enc.input_ids]
+        padded = padded_tokens(lengths, recipe.train.micro_batch_size, recipe.train.seed)
+        share = padded / (padded + sum(lengths))
+        line = (f"padding: about {share:.0%} of the tokens per epoch are padding (micro-batches of "
+                f"{recipe.train.micro_batch_size} padded to their longest sample)")
+        if share > PADDING_WARN_SHARE:
+            warn(f"{line}: compute spent on nothing. data.packing=true packs conversations into full rows without "
+                 "padding (leak-free) and is usually several times faster.")
+        else:
+            info(line)
+    return _Data(train_enc, eval_enc, share)
 
 
 def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
@@ -179,13 +175,21 @@ def _check_against_model(recipe: Recipe, model_config) -> None:
                         "(microsoft/Phi-3-mini-128k-instruct).")
 
 
-def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss") -> RunResult:
+def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
+          measure: tuple[int, int] | None = None) -> RunResult:
     """Run ``recipe`` to completion (see the module docstring); under torchrun/accelerate, one rank of it.
 
-    ``cpu_memory``: on a CPU, "rss" (sampled, near-free) or "tensors" (the profiler's live-tensor peak,
-    slower); benchmarks that compare with a tensor-measured run pass "tensors"."""
+    Args:
+        resume: continue the run in ``train.output_dir`` from its last complete checkpoint.
+        force: delete the run in ``train.output_dir`` (once this run starts) and start over.
+        cpu_memory: on a CPU, "rss" (sampled, near-free) or "tensors" (live-tensor peak, slower; what the
+            profiler and benchmarks use).
+        measure: ``(warmup_steps, measured_steps)``: run only that many optimizer steps, without evaluation,
+            checkpoints or adapter, and record the peak memory and speed of the measured steps in
+            ``run["measured"]`` (the profiler's mode).
+    """
     try:
-        return _train(recipe, resume, force, cpu_memory)
+        return _train(recipe, resume, force, cpu_memory, measure)
     finally:
         _close_process_group()
 
@@ -193,41 +197,45 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
 def _close_process_group() -> None:
     """Tear the process group down before exit: gloo's threads still running at interpreter shutdown
     abort the process ("terminate called without an active exception") after a successful run."""
-    import sys
+    import torch.distributed as dist
 
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunResult:
-    from qlora_phi3.model.load import (load_model, load_tokenizer, pick_attention, pick_compute_dtype, pick_device,
-                        read_model_config)
-
-    t_start = time.perf_counter()
-    out = Path(recipe.train.output_dir).expanduser()
-    prepare_output_dir(out, resume, force)
-    model_config = read_model_config(recipe.model)
-    _check_against_model(recipe, model_config)
+def _choices(recipe: Recipe) -> tuple[Choice, Choice, Choice]:
     device = pick_device(recipe.train.device)
     dtype = pick_compute_dtype(recipe.model.compute_dtype, device.value)
     attn = pick_attention(recipe.model.attn_implementation, device.value)
+    return device, dtype, attn
+
+
+def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: tuple[int, int] | None) -> RunResult:
+    t_start = time.perf_counter()
+    hide_load_progress_bars()
+    plan = prepare_run_dir(recipe, resume, force)
+    recipe, out = with_absolute_paths(plan.recipe), plan.path
+    if measure:
+        recipe.train.max_steps = sum(measure)
+    model_config = read_model_config(recipe.model)
+    _check_against_model(recipe, model_config)
+    device, dtype, attn = _choices(recipe)
     _check_fsdp(recipe, dtype.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
          f"attention [bold]{attn.value}[/] ({attn.reason})")
-
     if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
         info(f"train.optimizer={recipe.train.optimizer}: bitsandbytes has no paging on CPU and runs it unpaged "
              "(same math, same checkpoints).")
     tokenizer = load_tokenizer(recipe.model)
-    train_enc, eval_enc, _ = _load_splits(recipe, tokenizer)
-    if is_main_process():
-        dump_recipe(recipe, out / "recipe.yaml")
+    data = _load_data(recipe, tokenizer)
+    fingerprint = data.train.fingerprint()
+    if plan.resume_from is not None and plan.previous.get("dataset", {}).get("fingerprint") not in (None, fingerprint):
+        raise UserError(f"--resume: the training data changed since {plan.resume_from.name} was written (dataset "
+                        "fingerprint differs); resuming would not continue the same run. Use --force to start over.")
 
-    from qlora_phi3.run.trainer import build_trainer
-
-    import transformers
-
+    # The training arguments first: building them starts the process group under a distributed launch, which
+    # transformers' FSDP-aware loading checks for (it is skipped when the model loads before the group exists).
+    args = _sft_config(recipe, out, device.value, dtype.value, measuring=measure is not None)
     transformers.set_seed(recipe.train.seed)
     model = load_model(recipe.model, device.value, dtype.value, attn.value)
     # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
@@ -235,9 +243,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    from qlora_phi3.model.lora import attach_lora, coverage
-
-    model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
+    model = attach_lora(model, recipe.lora)
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -245,205 +251,180 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
     if world_size > 1:
         info(f"data parallel over {world_size} processes: effective batch = {recipe.train.micro_batch_size} "
              f"(micro) x {recipe.train.grad_accum} (accum) x {world_size} (processes) = {effective_batch} "
-             "conversations per optimizer step")
-    args = _sft_config(recipe, device.value, dtype.value)
+             f"{'rows' if recipe.data.packing else 'conversations'} per optimizer step")
+    interrupt = GracefulInterrupt()
+    guard = NonFiniteGuard(fp16=dtype.value == "float16", check_every=1 if device.value == "cpu" else
+                           recipe.train.logging_steps)
+    measurer = MeasureSteps(device.value, measure[0]) if measure else None
     trainer, progress, meter = build_trainer(
-        model, tokenizer, args, train_enc, eval_enc, device.value,
+        model, tokenizer, args, data.train, None if measure else data.eval, device.value,
         packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
-        loss_chunk_tokens=recipe.train.loss_chunk_tokens, cpu_memory=cpu_memory)
-    from qlora_phi3.run.checkpoints import last_checkpoint
-    from qlora_phi3.run.record import device_info, package_versions
+        loss_chunk_tokens=recipe.train.loss_chunk_tokens, cpu_memory=cpu_memory,
+        # The guard runs after every callback that may ask for a save, so no checkpoint holds a NaN.
+        callbacks=[interrupt, guard] + ([measurer] if measurer else []))
+    if measurer:
+        measurer.meter = meter
 
-    run_path = out / "run.json"
-    previous = _read_json(run_path) if resume else {}
-    run = {
-        "status": "running",
+    # The run starts: from here on the directory is this run's.
+    if plan.replace and is_main_process():
+        if plan.previous or force:
+            info(f"replacing the earlier run in {out}" + (f" (it ended '{plan.previous.get('status')}' with nothing "
+                                                          "saved)" if not force else ""))
+        clear_run_dir(out)
+    if is_main_process():
+        dump_recipe(recipe, out / RECIPE_FILE)
+    record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data))
+    if plan.resume_from is not None:
+        _carry_over(record, plan)
+    elif not measure:
+        trainer.add_callback(EvalAtStart(trainer, record))
+    record.update()
+    meter.reset()
+    t_train = time.perf_counter()
+    try:
+        with interrupt:
+            trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    except NonFiniteError as e:
+        record.end("failed", failure=str(e), steps=e.step, history=progress.history)
+        raise RunFailed(_non_finite_message(e, recipe, dtype.value, out)) from None
+    except KeyboardInterrupt:
+        record.end("interrupted", steps=trainer.state.global_step, history=progress.history)
+        raise
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        record.end("failed", failure="out of memory", steps=trainer.state.global_step, history=progress.history)
+        raise RunFailed(oom_message(recipe, model_config, device.value, trainer.state.global_step)) from None
+    train_seconds = time.perf_counter() - t_train
+    peak = meter.read()
+    meter.close()
+    losses = [h["loss"] for h in progress.history if "loss" in h]
+    if record.get("train_loss_start") is None:  # kept from the interrupted run on resume
+        record.data["train_loss_start"] = losses[0] if losses else None
+    tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start
+    counts = {"real_tokens": trainer.tokens_real, "padded_tokens": trainer.tokens_total - trainer.tokens_real}
+    if interrupt.requested:
+        checkpoint = last_checkpoint(out)
+        record.end("interrupted", steps=trainer.state.global_step, peak_memory=peak.as_dict(),
+                   history=progress.history, tokens=counts)
+        where = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        raise RunInterrupted(f"interrupted at step {trainer.state.global_step}; {where}. Continue with: "
+                             f"{resume_command(out)}")
+    fields = dict(steps=trainer.state.global_step, train_loss_end=losses[-1] if losses else None,
+                  train_seconds=round(train_seconds, 2), tokens=counts,
+                  tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+                  peak_memory=peak.as_dict(), history=progress.history)
+    if measure:
+        fields["measured"] = measurer.result(peak)
+        record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
+        return RunResult(out, None, record.data, trainer.model)
+    fields["eval_loss_end"] = trainer.evaluate()["eval_loss"]
+    adapter_dir = out / "adapter"
+    state_dict = gather_state_dict(trainer)  # a collective under FSDP: every rank takes part
+    if is_main_process():
+        _save_adapter(trainer.model, tokenizer, recipe, adapter_dir, state_dict)
+        fields["adapter_dir"] = str(adapter_dir)
+    record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
+    _say_done(record.data, peak, adapter_dir, record.path)
+    return RunResult(out, adapter_dir, record.data, trainer.model)
+
+
+def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: _Data) -> dict:
+    return {
         "versions": package_versions(),
         "device": device_info(device.value),
         "compute_dtype": dtype.value,
         "attn_implementation": attn.value,
         "world_size": world_size,
         "recipe": recipe_to_dict(recipe),
-        "dataset": {"source": recipe.data.path, "fingerprint": train_enc.fingerprint(),
-                    "eval_fingerprint": eval_enc.fingerprint(), "train_samples": len(train_enc.input_ids),
-                    "eval_samples": len(eval_enc.input_ids), "train_tokens": train_enc.n_tokens,
-                    "truncated": train_enc.truncated + eval_enc.truncated},
+        "dataset": {"source": recipe.data.path, "fingerprint": data.train.fingerprint(),
+                    "eval_fingerprint": data.eval.fingerprint(), "train_samples": len(data.train.input_ids),
+                    "eval_samples": len(data.eval.input_ids), "train_tokens": data.train.n_tokens,
+                    "truncated": data.train.truncated + data.eval.truncated,
+                    "padded_share_per_epoch": None if data.padded_share is None else round(data.padded_share, 4)},
         "seed": recipe.train.seed,
         "effective_batch": effective_batch,
     }
-    resume_from = None
-    if resume:
-        resume_from = last_checkpoint(out)
-        if resume_from is None:
-            warn(f"--resume: no complete checkpoint in {out}; starting from step 0.")
-        elif previous.get("dataset", {}).get("fingerprint") not in (None, run["dataset"]["fingerprint"]):
-            raise UserError(f"--resume: the training data changed since {resume_from.name} was written "
-                            "(dataset fingerprint differs); resuming would not continue the same run. "
-                            "Use --force to start over.")
-    from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 
-    interrupt = GracefulInterrupt()
-    trainer.add_callback(NonFiniteGuard(fp16=dtype.value == "float16"))
-    trainer.add_callback(interrupt)
-    t_train = time.perf_counter()
-    try:
-        with interrupt:
-            if previous.get("eval_loss_start") is not None and resume_from is not None:
-                run["eval_loss_start"] = previous["eval_loss_start"]
-                run["train_loss_start"] = previous.get("train_loss_start")
-                info(f"eval loss at step 0 (from the interrupted run): {run['eval_loss_start']:.4f}")
-            else:
-                trainer.add_callback(_eval_at_start(trainer, run, run_path))
-            _write_run(run_path, run)
-            meter.reset()
-            t_train = time.perf_counter()
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except NonFiniteError as e:
-        _write_run(run_path, {**run, "status": "failed", "failure": str(e), "history": progress.history})
-        raise RunFailed(_non_finite_message(e, recipe, dtype.value, out)) from None
-    except KeyboardInterrupt:
-        _write_run(run_path, {**run, "status": "interrupted", "steps": trainer.state.global_step,
-                              "history": progress.history})
-        raise
-    except Exception as e:
-        if not _is_oom(e):
-            raise
-        _write_run(run_path, {**run, "status": "failed", "failure": "out of memory", "history": progress.history})
-        from qlora_phi3.memory.oom import oom_message
 
-        raise RunFailed(oom_message(recipe, model_config, device.value, trainer.state.global_step)) from None
-    train_seconds = time.perf_counter() - t_train
-    peak = meter.read()
-    losses = [h["loss"] for h in progress.history if "loss" in h]
-    if run.get("train_loss_start") is None:  # kept from the interrupted run on resume
-        run["train_loss_start"] = losses[0] if losses else None
-    if interrupt.requested:
-        checkpoint = last_checkpoint(out)
-        _write_run(run_path, {**run, "status": "interrupted", "steps": trainer.state.global_step,
-                              "peak_memory": peak.as_dict(), "history": progress.history})
-        where = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint could be saved"
-        raise RunInterrupted(f"interrupted at step {trainer.state.global_step}; {where}. Continue with: "
-                             f"qlora-phi3 train {recipe.source if recipe.source != '<defaults>' else ''} "
-                             f"train.output_dir={out} --resume (same recipe and overrides).")
-    run["eval_loss_end"] = trainer.evaluate()["eval_loss"]
-    tokens = trainer.state.num_input_tokens_seen - progress._tokens0
-    run.update(
-        status="completed",
-        steps=trainer.state.global_step,
-        train_loss_end=losses[-1] if losses else None,
-        train_seconds=round(train_seconds, 2),
-        wall_seconds=round(time.perf_counter() - t_start, 2),
-        tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-        peak_memory=peak.as_dict(),
-        history=progress.history,
-    )
-    adapter_dir = out / "adapter"
-    if is_main_process():
-        _save_adapter(trainer.model, tokenizer, recipe, adapter_dir)
-        run["adapter_dir"] = str(adapter_dir)
-    _write_run(run_path, run)
-    meter.close()
-    ratio = run["eval_loss_end"] / run["eval_loss_start"] if run["eval_loss_start"] else float("nan")
-    info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss {run['eval_loss_start']:.4f} -> "
-         f"{run['eval_loss_end']:.4f} ({ratio:.1%} of step 0), peak memory {peak.short()}, "
+def _carry_over(record: RunRecord, plan) -> None:
+    """What a resumed run keeps of the run it continues: its start losses and the list of resumes."""
+    prev = plan.previous
+    for key in ("eval_loss_start", "train_loss_start"):
+        if prev.get(key) is not None:
+            record.data[key] = prev[key]
+    resumes = list(prev.get("resumes", []))
+    resumes.append({"from": plan.resume_from.name, "changes": {k: list(v) for k, v in plan.changes.items()}})
+    record.data["resumes"] = resumes
+    if record.get("eval_loss_start") is not None:
+        info(f"resuming from {plan.resume_from}; eval loss at step 0 (from the earlier run): "
+             f"{record.get('eval_loss_start'):.4f}")
+    for key, (old, new) in plan.changes.items():
+        info(f"  {key}: {old} -> {new}")
+
+
+def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path) -> None:
+    start, end = run.get("eval_loss_start"), run["eval_loss_end"]
+    ratio = f" ({end / start:.1%} of step 0)" if start else ""
+    info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss "
+         f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.short()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
-    return RunResult(out, adapter_dir, run, trainer.model)
 
 
-def _eval_at_start_class():
-    from transformers import TrainerCallback
+class EvalAtStart(TrainerCallback):
+    """The step-0 eval loss, taken once training has begun.
 
-    class EvalAtStart(TrainerCallback):
-        """The step-0 eval loss, taken once training has begun.
+    Not with ``trainer.evaluate()`` before ``trainer.train()``: under DDP that prepares the model for
+    evaluation first, after which accelerate skips the DDP wrap for training and every rank silently
+    trains on its own gradients (checked: ranks diverge at step 1 with transformers 5.24 / accelerate 1.15).
+    """
 
-        Not with ``trainer.evaluate()`` before ``trainer.train()``: under DDP that prepares the model for
-        evaluation first, after which accelerate skips the DDP wrap for training and every rank silently
-        trains on its own gradients (checked: ranks diverge at step 1 with transformers 5.24 / accelerate 1.15).
-        """
+    def __init__(self, trainer, record: RunRecord):
+        self.trainer, self.record = trainer, record
 
-        def __init__(self, trainer, run: dict, run_path: Path):
-            self.trainer, self.run, self.run_path = trainer, run, run_path
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            info("evaluating the untrained adapter (step 0)...")
-            self.run["eval_loss_start"] = self.trainer.evaluate()["eval_loss"]
-            info(f"eval loss at step 0: {self.run['eval_loss_start']:.4f}")
-            _write_run(self.run_path, self.run)
-
-    return EvalAtStart
+    def on_train_begin(self, args, state, control, **kwargs):
+        info("evaluating the untrained adapter (step 0)...")
+        loss = self.trainer.evaluate()["eval_loss"]
+        info(f"eval loss at step 0: {loss:.4f}")
+        self.record.update(eval_loss_start=loss)
 
 
-def _eval_at_start(trainer, run: dict, run_path: Path):
-    return _eval_at_start_class()(trainer, run, run_path)
-
-
-class RunInterrupted(UserError):
-    """Stopped on request after saving a checkpoint."""
-
-    exit_code = 130
-
-
-def _write_run(path: Path, run: dict) -> None:
-    from qlora_phi3.run.record import atomic_write_json
-
-    if is_main_process():
-        atomic_write_json(path, run)
-
-
-def _is_oom(e: Exception) -> bool:
-    import torch
-
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-
-
-def _non_finite_message(e, recipe: Recipe, compute_dtype: str, out: Path) -> str:
-    from qlora_phi3.run.checkpoints import last_checkpoint
-
+def _non_finite_message(e: NonFiniteError, recipe: Recipe, compute_dtype: str, out: Path) -> str:
     checkpoint = last_checkpoint(out)
-    keep = (f"The last good checkpoint is {checkpoint} (resume with --resume once fixed)."
-            if checkpoint else "No checkpoint was written before it; nothing to resume.")
+    keep = (f"The last good checkpoint is {checkpoint} (checked before it was written; resume with "
+            f"`{resume_command(out)}` once fixed)." if checkpoint else "No checkpoint was written before it; "
+            "nothing to resume.")
     causes = [f"learning rate too high (train.lr={recipe.train.lr:g}; try a third of it, or more warmup: "
               f"train.warmup_ratio={max(recipe.train.warmup_ratio, 0.1):g})"]
     if compute_dtype == "float16":
         causes.insert(0, "fp16 overflow: activations exceeded 65504 (use a bf16 GPU, or lower train.lr)")
     causes.append(f"gradient spikes (train.max_grad_norm={recipe.train.max_grad_norm:g}; try 0.3)")
-    return (f"training stopped: {e}. The update was not applied, so no NaN reached the saved weights. {keep} "
-            f"Likely causes: {'; '.join(causes)}.")
+    return f"training stopped: {e}. No NaN reached a saved checkpoint. {keep} Likely causes: {'; '.join(causes)}."
 
 
-def _read_json(path: Path) -> dict:
-    import json
+def gather_state_dict(trainer) -> dict | None:
+    """The full model state dict under FSDP, where each rank holds only a shard of the LoRA weights (saving
+    rank 0's shard would write a partial adapter); None otherwise (PEFT reads the weights itself)."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
 
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
-
-def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path) -> None:
+def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, state_dict: dict | None = None) -> None:
     """Adapter (safetensors), tokenizer and chat template, and the base model's identity, written to a
-    temporary directory and renamed, so ``adapter/`` is either complete or absent."""
-    from qlora_phi3.run.record import atomic_write_json
-
-    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    partial directory and renamed, so ``adapter/`` is either complete or absent."""
+    tmp = partial_dir(adapter_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, safe_serialization=True)
+    peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     base = peft_model.get_base_model().config
-    atomic_write_json(tmp / "qlora_phi3.json", {
+    atomic_write_json(tmp / ADAPTER_META, {
         "base_model": recipe.model.name_or_path,
         "revision": recipe.model.revision,
-        "base_config": {k: getattr(base, k, None) for k in (
-            "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "max_position_embeddings")},
+        "base_config": {k: getattr(base, k, None) for k in BASE_SHAPE_KEYS},
         "lora": recipe_to_dict(recipe)["lora"],
         "max_seq_len": recipe.data.max_seq_len,
     })
-    old = adapter_dir.with_name(adapter_dir.name + ".old")
-    if adapter_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        adapter_dir.rename(old)
-    tmp.rename(adapter_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, adapter_dir)
+

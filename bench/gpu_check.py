@@ -1,0 +1,296 @@
+"""Every check that only a GPU can make, in one prepared script: full-size Phi-3-mini with random weights
+(no download), through the same code paths users run. Each result is appended to
+``bench/results/<gpu>.md`` the moment it is measured, so a run cut short keeps what it got.
+
+    python bench/gpu_check.py                 # on one CUDA GPU, about 8 minutes; no network needed
+    python bench/gpu_check.py --dry-run       # every step on the CPU with the tiny model (tests/test_gpu_check.py)
+
+Steps, most important first (each records its error and the script goes on; steps that would not end
+before ``--budget-s`` are recorded as skipped):
+
+1. build   random Phi-3-mini-4k in bf16, built on the GPU (a fp32 build would need 15 GB first), saved locally
+2. train   a few real ``qlora-phi3 train`` steps of recipes/phi3_mini_4k_12gb.yaml on it (run.json: peak, tok/s)
+3. packing packed rows vs each sample alone: logits must agree, on sdpa and (if installed) flash_attention_2,
+           with micro-batches of 1 and 2 rows (flash-attn only isolates samples when told their boundaries)
+4. fp16    a forced fp16 run (the pre-Ampere path: loss scaling, fp32 adapter weights)
+5. grid    ``qlora-phi3 profile``: seq 512/2048/8192 x r 8/16/64, reserved / allocated / device used vs estimate
+6. long    a few steps of the long-context recipe at its length (recipes/phi3_mini_128k_12gb.yaml)
+7. merge   ``qlora-phi3 merge`` of the step-2 run into fp16, with a one-sample report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable from a checkout without an install
+    sys.path.insert(0, str(REPO))
+
+PHI3_MINI_SIZES = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                       original_max_position_embeddings=4096)
+DRY_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096,
+                 original_max_position_embeddings=4096)
+
+
+class Report:
+    """bench/results/<gpu>.md, appended to and flushed after every step."""
+
+    def __init__(self, path: Path, header: str):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + "\n", encoding="utf-8")
+
+    def add(self, text: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text.rstrip() + "\n\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(text, flush=True)
+
+
+def _qlora(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def _checked(res: subprocess.CompletedProcess) -> None:
+    if res.returncode != 0:
+        raise RuntimeError(f"exit {res.returncode}: {(res.stderr or res.stdout).strip()[-800:]}")
+
+
+def _run_summary(run_dir: Path) -> str:
+    run = json.loads((run_dir / "run.json").read_text())
+    mem = run.get("peak_memory") or {}
+    return (f"status {run['status']}, {run.get('steps')} steps, {run.get('tokens_per_second')} tokens/s, peak "
+            f"allocated {mem.get('peak_allocated_gib', 0):.2f} GiB / reserved {mem.get('peak_reserved_gib', 0):.2f} GiB"
+            f" / device used {mem.get('driver_used_gib') or 0:.2f} GiB, compute {run.get('compute_dtype')}, "
+            f"attention {run.get('attn_implementation')}")
+
+
+def step_build(ctx) -> str:
+    from qlora_phi3.model.tiny import write_random_phi3
+
+    if not (ctx.model_dir / "config.json").is_file():
+        write_random_phi3(ctx.model_dir, device=ctx.device, **ctx.sizes)
+    size_gb = sum(p.stat().st_size for p in ctx.model_dir.glob("*.safetensors")) / 1e9
+    return f"random Phi-3 ({ctx.sizes['num_hidden_layers']} layers, hidden {ctx.sizes['hidden_size']}) at " \
+           f"{ctx.model_dir}: {size_gb:.2f} GB of bf16 safetensors"
+
+
+def _train_args(ctx, name: str, *extra: str) -> list[str]:
+    return ["train", "phi3_mini_4k_12gb", f"model.name_or_path={ctx.model_dir}", "model.revision=null",
+            f"data.path={ctx.data_path}", "data.eval_split=null", "data.max_eval_samples=2", "train.eval_steps=0",
+            "train.save_steps=0", "train.logging_steps=1", f"train.output_dir={ctx.work / name}", "--force",
+            *ctx.train_overrides, *extra]
+
+
+def step_train(ctx) -> str:
+    steps = 2 if ctx.dry else 3
+    _checked(_qlora(*_train_args(ctx, "train", f"train.max_steps={steps}"), timeout=ctx.remaining()))
+    return f"`qlora-phi3 train phi3_mini_4k_12gb` ({steps} steps): " + _run_summary(ctx.work / "train")
+
+
+def step_fp16(ctx) -> str:
+    _checked(_qlora(*_train_args(ctx, "fp16", "train.max_steps=2", "model.compute_dtype=float16"),
+                    timeout=ctx.remaining()))
+    run = json.loads((ctx.work / "fp16" / "run.json").read_text())
+    losses = [h["loss"] for h in run["history"] if "loss" in h]
+    return f"forced fp16 (2 steps): {_run_summary(ctx.work / 'fp16')}; losses {losses}"
+
+
+def step_packing(ctx) -> str:
+    """Each packed sample's logits against its logits alone, per attention implementation and batch rows."""
+    import torch
+
+    from qlora_phi3.config import ModelConfig
+    from qlora_phi3.data.packing import PackingCollator, pack_columns, to_model_inputs
+    from qlora_phi3.model.load import load_model, pick_compute_dtype
+
+    impls = ["sdpa"]
+    try:
+        import flash_attn  # noqa: F401
+
+        impls.append("flash_attention_2")
+    except ImportError:
+        pass
+    dtype = pick_compute_dtype("auto", ctx.device).value
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in (37, 120, 64, 200, 90, 11)]
+    cols = pack_columns(samples, samples, 256)
+    lines = []
+    for impl in impls:
+        model = load_model(ModelConfig(name_or_path=str(ctx.model_dir)), ctx.device, dtype, impl).eval()
+        for rows_per_batch in (1, 2):
+            feats = [{"input_ids": i, "labels": lab, "seq_lens": s}
+                     for i, lab, s in zip(cols["input_ids"], cols["labels"], cols["seq_lens"])][:rows_per_batch]
+            batch = PackingCollator(0)(feats)
+            width = batch["input_ids"].shape[1]  # each row padded to the longest; flash flattens rows in order
+            inputs = {k: v.to(ctx.device) if torch.is_tensor(v) else v
+                      for k, v in to_model_inputs(batch, impl, None).items() if k != "labels"}
+            worst = 0.0
+            with torch.no_grad():
+                packed = model(**inputs).logits.float().reshape(-1, model.config.vocab_size)
+                for b, f in enumerate(feats):
+                    start = 0
+                    for n in f["seq_lens"]:
+                        ids = batch["input_ids"][b, start:start + n][None].to(ctx.device)
+                        alone = model(input_ids=ids).logits.float()[0]
+                        got = packed[b * width + start:b * width + start + n]
+                        worst = max(worst, (got - alone).abs().max().item())
+                        start += n
+            lines.append(f"{impl}, {rows_per_batch} row(s) per micro-batch: max |logit diff| {worst:.4f}")
+        del model
+    return "packed vs alone (" + dtype + "): " + "; ".join(lines)
+
+
+def step_grid(ctx) -> str:
+    from qlora_phi3.config import resolve_recipe
+    from qlora_phi3.run.profile import grid_recipes, profile
+
+    configs = grid_recipes(resolve_recipe("phi3_mini_4k_12gb"),
+                           [f"model.name_or_path={ctx.model_dir}", "model.revision=null", "train.micro_batch_size=1",
+                            "train.grad_accum=1", *ctx.train_overrides], ctx.grid)
+    rows, meta = profile(configs, steps=2, warmup=1, budget_gib=12.0, recipe_name="phi3_mini_4k_12gb")
+    lines = ["| r | seq | status | allocated GiB | reserved GiB | device used GiB | estimated GiB | error | tokens/s |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    for r in rows:
+        lines.append(f"| {r.lora_r} | {r.max_seq_len} | {r.status} | {f(r.peak_allocated_gib)} | "
+                     f"{f(r.peak_reserved_gib)} | {f(r.driver_used_gib)} | {f(r.estimated_gib)} | "
+                     f"{f(r.estimate_error_pct, '{:+.1f}%')} | {f(r.tokens_per_second, '{:,.0f}')} |")
+    return ("`qlora-phi3 profile` (each configuration in a fresh process; 1 warm-up + 2 measured steps; estimate = "
+            "reserved incl. allocator overhead, error against reserved):\n\n" + "\n".join(lines))
+
+
+def step_long(ctx) -> str:
+    from qlora_phi3.config import load_recipe, resolve_recipe
+
+    recipe = load_recipe(resolve_recipe("phi3_mini_128k_12gb"), [])
+    seq = ctx.long_seq or recipe.data.max_seq_len
+    _checked(_qlora("train", "phi3_mini_128k_12gb", f"model.name_or_path={ctx.long_model_dir}", "model.revision=null",
+                    f"data.path={ctx.long_data_path(seq)}", "data.eval_split=null", "data.max_eval_samples=1",
+                    f"data.max_seq_len={seq}", "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1",
+                    "train.max_steps=2", "train.grad_accum=1", f"train.output_dir={ctx.work / 'long'}", "--force",
+                    *ctx.train_overrides, timeout=ctx.remaining()))
+    return f"phi3_mini_128k_12gb at {seq:,} tokens (2 steps): " + _run_summary(ctx.work / "long")
+
+
+def step_merge(ctx) -> str:
+    out = ctx.work / "merged"
+    _checked(_qlora("merge", str(ctx.work / "train"), "--out", str(out), "--force", "--report-samples", "1",
+                    timeout=ctx.remaining()))
+    report = json.loads((out / "merge_report.json").read_text())
+    models = report["models"]
+    return (f"`qlora-phi3 merge` in {report['seconds']} s, peak RSS {report['peak_rss_gib']} GiB; eval loss (a) "
+            f"{models['a']['eval_loss']:.4f} (b) {models['b']['eval_loss']:.4f} (c) {models['c']['eval_loss']:.4f}")
+
+
+STEPS = [("build", step_build, 120), ("train", step_train, 120), ("packing", step_packing, 60),
+         ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120), ("merge", step_merge, 150)]
+
+
+class Context:
+    def __init__(self, args):
+        self.dry = args.dry_run
+        self.device = "cpu" if self.dry else "cuda"
+        self.sizes = DRY_SIZES if self.dry else PHI3_MINI_SIZES
+        self.work = Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.model_dir = self.work / ("tiny-phi3" if self.dry else "phi3-mini-4k-random")
+        self.long_model_dir = self.model_dir
+        self.grid = (["lora.r=8", "data.max_seq_len=64"] if self.dry else
+                     ["lora.r=8,16,64", "data.max_seq_len=512,2048,8192"])
+        self.long_seq = 256 if self.dry else None
+        # On the CPU the dry run keeps every step seconds long.
+        self.train_overrides = ["data.max_seq_len=128", "train.device=cpu"] if self.dry else []
+        self.deadline = time.monotonic() + args.budget_s
+        self._data = {}
+
+    @property
+    def data_path(self) -> Path:
+        return self.long_data_path(128 if self.dry else 2048)
+
+    def long_data_path(self, n_tokens: int) -> Path:
+        if n_tokens not in self._data:
+            from qlora_phi3.config import ModelConfig
+            from qlora_phi3.data.synthetic import write_full_length_conversations
+            from qlora_phi3.model.load import load_tokenizer
+
+            path = self.work / f"chats-{n_tokens}.jsonl"
+            write_full_length_conversations(path, load_tokenizer(ModelConfig(name_or_path=str(self.model_dir))), 48,
+                                            n_tokens)
+            self._data[n_tokens] = path
+        return self._data[n_tokens]
+
+    def remaining(self) -> float:
+        return max(1.0, self.deadline - time.monotonic())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="every step on the CPU with tiny sizes (for the test suite)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for <gpu>.md")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qlora-phi3-gpu-check"))
+    p.add_argument("--budget-s", type=float, default=480.0, help="stop starting steps after this many seconds")
+    p.add_argument("--only", nargs="+", choices=[s[0] for s in STEPS], help="run only these steps (build is implied)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from qlora_phi3.run.record import device_info, package_versions
+    from qlora_phi3.ui import quiet_library_noise
+
+    quiet_library_noise()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA GPU visible: run this on a GPU, or use --dry-run on the CPU.", file=sys.stderr)
+        return 2
+    ctx = Context(args)
+    dev = device_info("cuda:0" if not args.dry_run else "cpu")
+    name = "dry-run-cpu" if args.dry_run else dev["name"].replace(" ", "_").replace("/", "_")
+    v = package_versions()
+    report = Report(Path(args.out) / f"{name}.md", "\n".join([
+        f"# qlora-phi3 GPU check on {dev['name']}{' (DRY RUN on the CPU: tiny sizes, not a measurement)' if ctx.dry else ''}",
+        "",
+        f"- hardware: {json.dumps(dev)}",
+        f"- versions: torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']}, "
+        f"bitsandbytes {v['bitsandbytes']}, flash-attn {v['flash-attn']}",
+        f"- command: `python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- model: random weights, shapes {json.dumps(ctx.sizes)}",
+        ""]))
+    t0 = time.monotonic()
+    wanted = set(args.only or [s[0] for s in STEPS]) | {"build"}
+    failed = 0
+    for name, fn, typical_s in STEPS:
+        if name not in wanted:
+            continue
+        if not ctx.dry and ctx.deadline - time.monotonic() < typical_s / 2:
+            report.add(f"## {name}\n\nskipped: less time left than the step needs (--budget-s {args.budget_s:g}).")
+            continue
+        t = time.monotonic()
+        try:
+            text = fn(ctx)
+            report.add(f"## {name} ({time.monotonic() - t:.0f} s)\n\n{text}")
+        except Exception as e:  # noqa: BLE001 - recorded; the next step still runs
+            failed += 1
+            report.add(f"## {name} FAILED ({time.monotonic() - t:.0f} s)\n\n```\n{type(e).__name__}: {e}\n"
+                       f"{traceback.format_exc()[-1500:]}```")
+    report.add(f"total {time.monotonic() - t0:.0f} s, {failed} step(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""``qlora-phi3 data``: what a recipe's data looks like to the model, before any GPU time is spent."""
+
+from __future__ import annotations
+
+from qlora_phi3.cli.common import add_recipe_args, recipe_from_args
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="inspect a recipe's training data: validation, token lengths, loss mask "
+                                    "(loads the tokenizer only)")
+    add_recipe_args(p)
+    p.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="which usable conversation to render with its loss mask (default: 0, the first)")
+    p.add_argument("--out", metavar="DIR", help="folder for token_lengths.png and data_report.json "
+                                                "(default: <train.output_dir>-data, beside the run)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from qlora_phi3.data.inspect import inspect_data
+
+    recipe = recipe_from_args(args)
+    inspect_data(recipe, sample=args.sample, out_dir=args.out)
+    return 0

@@ -1,0 +1,144 @@
+"""``estimate``, ``fit`` and ``profile``: what fits on a card, predicted and measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora_phi3.cli.common import add_recipe_args, recipe_and_overrides, recipe_from_args
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("estimate", help="predict peak GPU memory of a recipe from the model config alone "
+                                        "(no weights loaded), with a breakdown")
+    add_recipe_args(p)
+    p.add_argument("--budget", metavar="SIZE", help="memory to fit in: 12GiB (a 12 GB card), or 12GB = 12 x 10^9 bytes")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default) adds the CUDA context and allocator overhead; cpu: live tensors only")
+    p.set_defaults(func=_estimate)
+
+    p = sub.add_parser("fit", help="largest max_seq_len and micro_batch_size predicted to fit a memory budget, "
+                                   "written as a ready recipe")
+    add_recipe_args(p)
+    p.add_argument("--budget", metavar="SIZE", required=True, help="GPU memory: 12GiB (a 12 GB card), 8GiB, 12GB")
+    p.add_argument("--out", metavar="FILE", help="recipe to write (default: ./<recipe>_fit_<budget>gib.yaml)")
+    p.set_defaults(func=_fit)
+
+    p = sub.add_parser("profile", help="measure peak memory and tokens/s of real training steps over a grid of "
+                                       "settings, beside the estimate")
+    add_recipe_args(p)
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="recipe keys and values to combine, e.g. lora.r=8,16,64 data.max_seq_len=512,2048 "
+                        "train.micro_batch_size=1,2 train.gradient_checkpointing=true,false (put overrides before "
+                        "--grid: it takes every KEY=V that follows it)")
+    p.add_argument("--steps", type=int, default=2, help="measured optimizer steps per configuration (default 2)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps per configuration, not measured (default 1)")
+    p.add_argument("--budget", metavar="SIZE", help="memory budget to check each configuration against, e.g. 12GiB")
+    p.add_argument("--out", metavar="DIR", help="folder for profile.csv/json/png (default: profiles/<recipe name>)")
+    p.set_defaults(func=_profile)
+
+
+def _budget_gib(text: str | None) -> float | None:
+    from qlora_phi3.units import gib, parse_size
+
+    return None if text is None else gib(parse_size(text, "--budget"))
+
+
+def _estimate(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from qlora_phi3.memory.estimate import config_for_estimate, estimate
+    from qlora_phi3.ui import console, info
+
+    budget_gib = _budget_gib(args.budget)
+    recipe = recipe_from_args(args)
+    est = estimate(recipe, config_for_estimate(recipe.model), args.device)
+    s = est.settings
+    table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
+                        f"{s['micro_batch_size']}, r={s['lora_r']}, checkpointing {s['gradient_checkpointing']}, "
+                        f"{s['optimizer']} ({est.device})", title_justify="left")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    table.add_column("formula (source in qlora_phi3/memory/estimate.py)", overflow="fold")
+    for t in est.terms:
+        table.add_row(t.name, f"{t.gib:.3f}", escape(t.formula))
+    table.add_row("[bold]peak", f"[bold]{est.total_gib:.2f}",
+                  "weights + saved activations + max(logits and loss, recompute + backward transients)"
+                  + (" + overhead + context" if est.device == "cuda" else ""))
+    console().print(table)
+    if budget_gib is None:
+        return 0
+    fits = est.fits(budget_gib)
+    verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
+    info(f"{verdict}: {est.total_gib:.2f} GiB predicted of a {budget_gib:.2f} GiB budget"
+         + ("" if fits else "; `qlora-phi3 fit RECIPE --budget ...` finds settings that do."))
+    return 0 if fits else 1
+
+
+def _fit(args) -> int:
+    from qlora_phi3.memory.fit import run_fit
+
+    path, overrides = recipe_and_overrides(args)
+    run_fit(str(path), overrides, args.budget, args.out)
+    return 0
+
+
+def _profile(args) -> int:
+    from qlora_phi3.run.profile import grid_recipes, profile, write_results
+    from qlora_phi3.ui import console, info, warn
+
+    path, overrides = recipe_and_overrides(args)
+    budget_gib = _budget_gib(args.budget)
+    configs = grid_recipes(path, overrides, args.grid)
+    out = Path(args.out) if args.out else Path("profiles") / path.stem
+    info(f"profiling {len(configs)} configuration(s), each in a fresh process: {args.warmup} warm-up + "
+         f"{args.steps} measured optimizer step(s) of `qlora-phi3 train`")
+    rows, meta = profile(configs, args.steps, args.warmup, budget_gib, recipe_name=path.stem)
+    console().print(profile_table(rows, meta))
+    paths = write_results(rows, meta, out)
+    for row in rows:
+        if row.status == "error":
+            warn(f"{row.overrides}: {row.message}")
+    info(f"results: {paths['csv']}, {paths['json']}, {paths['png']}")
+    return 0
+
+
+def profile_table(rows, meta: dict):
+    """Measured beside estimated, error, speed, and whether each fits the budget, in at most 80 columns: the
+    settings that are the same on every row go to the caption, GPU rows add reserved and device-used memory."""
+    from rich.table import Table
+
+    on_gpu = meta["device"].get("kind") == "cuda"
+    budget = meta.get("budget_gib")
+    mem = "{:.2f}" if on_gpu else "{:.3f}"
+    settings = {"r": [str(r.lora_r) for r in rows], "seq": [str(r.max_seq_len) for r in rows],
+                "mbs": [str(r.micro_batch_size) for r in rows], "ckpt": [r.gradient_checkpointing for r in rows]}
+    varying = [k for k, v in settings.items() if len(set(v)) > 1] or ["seq"]
+    fixed = [f"{k} {v[0]}" for k, v in settings.items() if k not in varying]
+    table = Table(title=f"profile of {meta['recipe_name']} on {meta['device'].get('name')}"
+                        f" ({'GiB' if on_gpu else 'GiB of live tensors'})", title_justify="left",
+                  box=None, pad_edge=False, padding=(0, 1), header_style="bold underline")
+    cols = varying + ["status", "alloc" if on_gpu else "peak"] + (["rsrvd", "used"] if on_gpu else []) + \
+        ["est.", "err", "tok/s"] + (["fits"] if budget else [])  # step seconds: in profile.csv
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("ckpt", "status") else "right", no_wrap=True)
+
+    def num(x, fmt):
+        return "-" if x is None else fmt.format(x)
+
+    for i, r in enumerate(rows):
+        cells = [settings[k][i] for k in varying]
+        cells += [{"ok": "ok", "oom": "[red]OOM", "error": "[red]error"}[r.status], num(r.peak_allocated_gib, mem)]
+        if on_gpu:
+            cells += [num(r.peak_reserved_gib, mem), num(r.driver_used_gib, mem)]
+        cells += [num(r.estimated_gib, mem), num(r.estimate_error_pct, "{:+.0f}%"), num(r.tokens_per_second, "{:,.0f}")]
+        if budget:
+            cells.append("-" if r.fits_budget is None else "[green]yes" if r.fits_budget else "[red]no")
+        table.add_row(*cells)
+    table.caption = "; ".join(([", ".join(fixed)] if fixed else []) + [
+        "mbs = micro-batch, est. = estimate, err = (est. - measured) / measured"
+        + (f", fits = within {budget:g} GiB" if budget else "")])
+    table.caption_justify = "left"
+    return table

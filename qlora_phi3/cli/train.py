@@ -1,0 +1,44 @@
+"""``qlora-phi3 train``: fine-tune with a recipe, or continue a run with ``--resume``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora_phi3.cli.common import add_recipe_args, recipe_and_overrides
+from qlora_phi3.errors import UserError
+from qlora_phi3.run.record import RECIPE_FILE
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune with a recipe (no recipe: the tiny offline demo)",
+                       description="Fine-tune Phi-3 with QLoRA. `qlora-phi3 train --resume RUN_DIR` continues a run "
+                                   "from its last checkpoint with the recipe it was started with.")
+    add_recipe_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run from its last checkpoint: `train --resume RUN_DIR`, or the run in the "
+                        "recipe's train.output_dir. Its own recipe.yaml is used; overrides that would change the run "
+                        "are refused (more steps and other logging are fine)")
+    p.add_argument("--force", action="store_true", help="delete the run already in train.output_dir and start over")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from qlora_phi3.config import load_recipe
+
+    run_dir = Path(args.recipe).expanduser() if args.recipe else None
+    if run_dir is not None and run_dir.is_dir():
+        if not args.resume:
+            raise UserError(f"{args.recipe} is a directory, not a recipe; to continue the run in it add --resume "
+                            f"(`qlora-phi3 train --resume {args.recipe}`).")
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise UserError(f"--resume {args.recipe}: not a qlora-phi3 run directory (no {RECIPE_FILE}).")
+        # The run's own recipe, with the overrides on top; output_dir is where the run is now.
+        recipe = load_recipe(run_dir / RECIPE_FILE, [*args.overrides, f"train.output_dir={run_dir}"])
+    else:
+        recipe = load_recipe(*recipe_and_overrides(args))
+    from qlora_phi3.run.train import train  # heavy: only once the recipe is known to be good
+
+    train(recipe, resume=args.resume, force=args.force)
+    return 0

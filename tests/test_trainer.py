@@ -1,0 +1,69 @@
+"""The trainer every command steps through (run/trainer.py): the chunked loss runs under the same autocast as
+the model's own forward, and real and padded tokens are counted."""
+
+import torch
+
+from qlora_phi3.config import load_recipe, recipes_dir
+from qlora_phi3.data.encode import encode_records
+from qlora_phi3.data.split import load_splits
+from qlora_phi3.model.load import load_model, load_tokenizer
+from qlora_phi3.model.lora import attach_lora
+from qlora_phi3.run.train import _sft_config
+from qlora_phi3.run.trainer import build_trainer
+
+
+def _trainer(tmp_path, *overrides):
+    recipe = load_recipe(recipes_dir() / "tiny_cpu.yaml", ["data.max_samples=24", "train.micro_batch_size=4",
+                                                           "train.max_steps=1", "train.eval_steps=0",
+                                                           "train.save_steps=0", f"train.output_dir={tmp_path}",
+                                                           *overrides])
+    tokenizer = load_tokenizer(recipe.model)
+    splits = load_splits(recipe.data, recipe.train.seed)
+    train_enc = encode_records(splits.train, tokenizer, recipe.data.max_seq_len)
+    eval_enc = encode_records(splits.eval, tokenizer, recipe.data.max_seq_len)
+    args = _sft_config(recipe, tmp_path, "cpu", "bfloat16", measuring=False)
+    model = attach_lora(load_model(recipe.model, "cpu", "bfloat16", "sdpa"), recipe.lora)
+    trainer, _, meter = build_trainer(model, tokenizer, args, train_enc, eval_enc, "cpu",
+                                      packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
+                                      loss_chunk_tokens=recipe.train.loss_chunk_tokens)
+    meter.close()
+    return trainer
+
+
+def _lora_dtypes(trainer) -> set:
+    """The dtype of every LoRA A matmul's output during one real training step (the Trainer's own loop)."""
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+             for name, m in trainer.model.named_modules() if name.endswith("lora_A.default")]
+    trainer.train()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_lora_matmuls_run_in_the_compute_dtype_with_the_chunked_loss(tmp_path):
+    trainer = _trainer(tmp_path)
+    assert trainer.loss_chunk_tokens > 0
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)  # fp32 masters
+    assert _lora_dtypes(trainer) == {torch.bfloat16}
+
+
+def test_same_path_with_the_plain_loss(tmp_path):
+    assert _lora_dtypes(_trainer(tmp_path, "train.loss_chunk_tokens=0")) == {torch.bfloat16}
+
+
+def test_real_and_padded_tokens_are_counted(tmp_path):
+    trainer = _trainer(tmp_path)
+    batches = []
+    real_loss = trainer.compute_loss
+
+    def recording(model, inputs, *a, **k):
+        if model.training:
+            batches.append({k: v.clone() for k, v in inputs.items()})
+        return real_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = recording
+    trainer.train()
+    assert len(batches) == 1
+    assert trainer.tokens_real == int(batches[0]["attention_mask"].sum()) == trainer.state.num_input_tokens_seen
+    assert trainer.tokens_total == batches[0]["input_ids"].numel() > trainer.tokens_real  # padded to the longest
