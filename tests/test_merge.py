@@ -207,7 +207,7 @@ def test_refuses_bad_flags_before_loading(tiny_run, tmp_path):
 
 def test_refuses_shape_mismatch_recorded_in_adapter(tiny_run, tmp_path):
     adapter = _copy_adapter(tiny_run[1], tmp_path, hidden_size=3072, num_hidden_layers=32)
-    with pytest.raises(UserError, match=r"different base.*hidden_size: adapter 3072, base 128"):
+    with pytest.raises(UserError, match=r"different base.*hidden_size: adapter 3072, base 64"):
         merge(str(adapter), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
