@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # One function per command, each adding its own subparser (keep this list in README order).
-    for add in (_add_train, _add_data, _add_merge, _add_chat, _add_estimate, _add_fit, _add_profile):
+    for add in (_add_train, _add_data, _add_merge, _add_export, _add_chat, _add_estimate, _add_fit, _add_profile):
         add(sub)
     return parser
 
@@ -133,6 +133,36 @@ def _cmd_merge(args) -> int:
 
     merge(args.source, args.out, dtype=args.dtype, force=args.force, base=args.base, revision=args.revision,
           max_shard_size=args.max_shard_size, report_samples=args.report_samples)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="GGUF files for llama.cpp, Ollama and LM Studio, each checked by running it",
+                       description="Write the model as GGUF (merging a run or adapter first), an Ollama Modelfile and "
+                                   "export_report.json; then load every file in llama.cpp and compare it with the "
+                                   "merged model in transformers (token ids, next-token top-1, stop at <|end|>).")
+    p.add_argument("source", metavar="RUN_OR_MERGED_DIR", help="a run directory, its adapter/, or a merged model dir")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the GGUF files go (must be empty or new)")
+    p.add_argument("--quant", default="q8_0", metavar="LIST",
+                   help="comma-separated GGUF types (default q8_0): f16, bf16, q8_0 (no extra needed); q6_k, q5_k_m, "
+                        "q4_k_m (llama.cpp's quantizer: pip install 'qlora-phi3[gguf]'). The Modelfile uses the first")
+    p.add_argument("--force", action="store_true", help="replace a previous export in --out (only once the new one is complete)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each file in llama.cpp and compare with the merged model (default: on when "
+                        "llama-cpp-python is installed)")
+    p.add_argument("--check-samples", type=int, default=8, metavar="N", help="held-out conversations checked (default 8)")
+    p.add_argument("--name", metavar="NAME", help="file name stem: NAME-QUANT.gguf (default: the source directory's name)")
+    p.add_argument("--base", metavar="NAME_OR_PATH", help="merge into this copy of the base model (as in merge)")
+    p.add_argument("--revision", metavar="REV", help="base model revision (as in merge)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    _quiet_libraries()
+    from qlora_phi3.out.export import export
+
+    export(args.source, args.out, quants=args.quant, force=args.force, check=args.check, name=args.name,
+           base=args.base, revision=args.revision, check_samples=args.check_samples)
     return 0
 
 

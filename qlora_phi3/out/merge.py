@@ -23,7 +23,7 @@ from pathlib import Path
 from qlora_phi3.errors import UserError
 from qlora_phi3.ui import console, info, warn
 
-__all__ = ["MergeResult", "merge", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
+__all__ = ["MergeResult", "merge", "held_out_records", "publish_dir", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
 
 # The merged model is flagged when its eval loss exceeds the 4-bit + adapter loss by more than
 # max(2% of it, 0.01 nats): 2% is well beyond run-to-run noise of a fixed eval set, and the absolute
@@ -70,7 +70,7 @@ def _temp_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.merging"
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish_dir(tmp: Path, out: Path) -> None:
     """Replace ``out`` by ``tmp``; the old ``out`` is removed only after the new one is in place."""
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -91,6 +91,14 @@ def _peak_rss_gib() -> float:
 
 
 def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
+    from qlora_phi3.data.encode import encode_records
+
+    records, where = held_out_records(src, tokenizer, n)
+    enc = encode_records(records, tokenizer, src.max_seq_len)
+    return [_Sample(i, lab) for i, lab in zip(enc.input_ids, enc.labels)], where
+
+
+def held_out_records(src, tokenizer, n: int) -> tuple[list, str]:
     """Up to ``n`` held-out conversations: the run's own eval split when the run's recipe and data are
     still there, else the bundled synthetic set's held-out split (that of the default tiny recipe)."""
     from qlora_phi3.config import DataConfig, TrainConfig
@@ -119,8 +127,7 @@ def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
         d = DataConfig()
         records = split_records(load_records(d)[0], d.eval_fraction, d.max_eval_samples, TrainConfig().seed)[1]
         where = "bundled synthetic samples (held-out split of the default recipe)"
-    enc = encode_records(records[:n], tokenizer, src.max_seq_len)
-    return [_Sample(i, lab) for i, lab in zip(enc.input_ids, enc.labels)], where
+    return records[:n], where
 
 
 def _answer_logits(model, samples: list[_Sample], autocast_dtype=None):
@@ -216,6 +223,24 @@ def _save(model, tokenizer, tmp: Path, max_shard_size: str) -> None:
     tokenizer.save_pretrained(tmp)
 
 
+def _copy_sentencepiece_model(src, tmp: Path) -> None:
+    """llama.cpp's ``convert_hf_to_gguf.py`` reads Phi-3's vocabulary from the SentencePiece
+    ``tokenizer.model`` and refuses a directory without one, while transformers saves only
+    ``tokenizer.json``: copy the one the adapter or its base has (from the Hub cache for a Hub id)."""
+    from transformers.utils import cached_file
+
+    from qlora_phi3.model.load import resolve_model_path
+
+    if (tmp / "tokenizer.model").is_file():
+        return
+    for where, revision in ((src.adapter_dir, None), (resolve_model_path(src.model_cfg.name_or_path), src.model_cfg.revision)):
+        found = cached_file(str(where), "tokenizer.model", revision=revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        if found:
+            shutil.copyfile(found, tmp / "tokenizer.model")
+            return
+
+
 def _evaluate_4bit(src, samples):
     """(a): the model exactly as trained, under the autocast training used on the CPU."""
     import torch
@@ -275,6 +300,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
             b = _answer_logits(merged, samples)
         with console().status(f"saving to {out_dir} (via {tmp.name})..."):
             _save(merged, tokenizer, tmp, max_shard_size)
+            _copy_sentencepiece_model(src, tmp)
             del merged
             gc.collect()
         report = _report(src, dtype, where, samples, a, b, c)
@@ -285,7 +311,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
         from qlora_phi3.run.record import atomic_write_json
 
         atomic_write_json(tmp / REPORT_NAME, report)
-        _publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written model behind
         raise
