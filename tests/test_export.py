@@ -30,6 +30,7 @@ from qlora_phi3.model.tiny import TINY_MODEL_DIR
 from qlora_phi3.out import export as export_mod
 from qlora_phi3.out.export import CheckFailed, export, modelfile_text, write_gguf
 
+PHI3_VOCAB = Path(__file__).resolve().parent / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
 CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, quick on 2 cores
 SDIST_ENV = "QLORA_PHI3_LLAMA_CPP_SDIST"
 REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
@@ -52,14 +53,14 @@ def llama_cpp():
 
 @pytest.fixture(scope="module")
 def llama_cpp_src(tmp_path_factory) -> Path:
-    """llama.cpp's source tree (converter, gguf-py, reference vocabularies) from the llama-cpp-python sdist."""
+    """llama.cpp's converter and its gguf-py, from the llama-cpp-python sdist."""
     sdist = os.environ.get(SDIST_ENV)
     if not sdist or not Path(sdist).is_file():
         _unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
     out = tmp_path_factory.mktemp("llama_cpp_src")
     with tarfile.open(sdist) as tar:
         root = tar.getnames()[0].split("/")[0]
-        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-phi-3.gguf")
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
         members = [m for m in tar.getmembers()
                    if m.name.startswith(f"{root}/vendor/llama.cpp/") and
                    m.name[len(f"{root}/vendor/llama.cpp/"):].startswith(wanted)]
@@ -173,27 +174,31 @@ def test_each_file_passes_the_llama_cpp_check(exported):
     assert not (exported.out_dir / "merged").exists()  # the merge was staged, not shipped
 
 
-def test_tokenization_matches_llama_cpp_conversion_of_the_real_vocab(llama_cpp, llama_cpp_src, merged_dir, tmp_path):
-    """Our vocabulary (from tokenizer.json) tokenizes llama.cpp's own Phi-3 tokenizer test strings exactly like
-    the vocabulary llama.cpp converted from Phi-3's tokenizer.model, and like transformers (PITFALLS #13, #20)."""
+def test_vocabulary_tokenizes_like_phi3_in_llama_cpp(llama_cpp, tmp_path):
+    """Our vocabulary, rebuilt from tokenizer.json, gives in llama.cpp the ids Phi-3's Hugging Face tokenizer
+    gives llama.cpp's own Phi-3 test strings (tests/data/phi3_vocab), and transformers' ids on chat text:
+    special tokens, Phi-3's rstrip after them (PITFALLS #13, #20), runs of spaces, bytes."""
     from transformers import AutoTokenizer
 
+    from qlora_phi3.model.tokenizer import read_reference_cases
+
     ours = tmp_path / "ours.gguf"
-    write_gguf(merged_dir, ours, "q8_0", "tiny")
-    reference = llama_cpp_src / "models" / "ggml-vocab-phi-3.gguf"
-    tok = AutoTokenizer.from_pretrained(str(merged_dir))
-    texts = ["<|user|>\nHi<|end|>\n<|assistant|>\n", "<|user|>\n Hi there<|end|>\n<|assistant|>\n  two  spaces",
+    write_gguf(TINY_MODEL_DIR, ours, "q8_0", "tiny")
+    tok = AutoTokenizer.from_pretrained(str(TINY_MODEL_DIR))
+    cases = read_reference_cases(PHI3_VOCAB / "ggml-vocab-phi-3.gguf.inp", PHI3_VOCAB / "ggml-vocab-phi-3.gguf.out")
+    chats = ["<|user|>\nHi<|end|>\n<|assistant|>\n", "<|user|>\n Hi there<|end|>\n<|assistant|>\n  two  spaces",
              "<|system|>\nTabs\tand\nnewlines\n\n<|end|>\n<|user|>\n3 + 4 = ?<|end|>\n<|assistant|>\n7<|end|>",
-             "Ünïcödé: 日本語, emoji 🦙, bytes \x01 and '   ' runs", "   leading spaces", "<|endoftext|> after"]
-    models = [llama_cpp.Llama(model_path=str(p), vocab_only=True, verbose=False) for p in (reference, ours)]
+             "Ünïcödé: 日本語, emoji 🦙, bytes \x01 and '   ' runs", "<|endoftext|> after", "a</s> b"]
+    llm = llama_cpp.Llama(model_path=str(ours), vocab_only=True, verbose=False)
     try:
-        for text in texts:
-            want = tok(text, add_special_tokens=False)["input_ids"]
-            ref, got = (m.tokenize(text.encode(), add_bos=False, special=True) for m in models)
-            assert got == ref == want, text
+        assert len(cases) > 40
+        for text, want in cases:  # llama.cpp's test-tokenizer-0: no BOS, special tokens as text
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == want, text
+        for text in chats:
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == \
+                tok(text, add_special_tokens=False)["input_ids"], text
     finally:
-        for m in models:
-            m.close()
+        llm.close()
 
 
 def test_failed_check_exits_non_zero_naming_quant_and_numbers(tmp_path, capsys, llama_cpp):
@@ -327,16 +332,19 @@ def test_modelfile_is_valid_and_renders_phi3_chat_template(merged_dir, tmp_path,
 
 def test_merged_dir_converts_with_llama_cpps_converter(llama_cpp, llama_cpp_src, merged_dir, tmp_path):
     """Users who prefer llama.cpp's own tools can convert the merged directory: it carries tokenizer.model
-    (PITFALLS #18), and the result tokenizes chat text like training (PITFALLS #20) and predicts like ours."""
+    (PITFALLS #18), and the result tokenizes chat text like training, without a <s> and with Phi-3's rstrip
+    (its model card names it Phi-3, PITFALLS #20), and predicts like ours."""
+    import gguf
     from transformers import AutoTokenizer
 
     assert (merged_dir / "tokenizer.model").is_file()
     converted = tmp_path / "converted-f16.gguf"
-    env = {**os.environ, "PYTHONPATH": str(llama_cpp_src / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # it uses its own gguf-py
     proc = subprocess.run([sys.executable, str(llama_cpp_src / "convert_hf_to_gguf.py"), str(merged_dir),
                            "--outfile", str(converted), "--outtype", "f16"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Phi-3" in gguf.GGUFReader(str(converted)).fields["general.name"].contents()
     ours = tmp_path / "ours-f16.gguf"
     write_gguf(merged_dir, ours, "f16", "tiny")
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
@@ -348,7 +356,8 @@ def test_merged_dir_converts_with_llama_cpps_converter(llama_cpp, llama_cpp_src,
     for path in (converted, ours):
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
         try:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, path.name
+            # add_bos=True: add what the file says to add, as llama.cpp front ends do
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, path.name
             llm.eval(ids)
             logits.append(np.asarray(llm.scores[: len(ids)]).copy())
         finally:
@@ -393,8 +402,8 @@ def test_refuses_unknown_quant_and_existing_out(merged_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="not an export"):
         export(str(merged_dir), str(busy), check=False, force=True)  # --force never deletes other files
     assert (busy / "notes.txt").read_text() == "mine"
-    with pytest.raises(UserError, match="overlaps the model"):
-        export(str(merged_dir), str(merged_dir / "gguf"), check=False)
+    with pytest.raises(UserError, match="would replace the directory it exports from"):
+        export(str(merged_dir), str(merged_dir.parent), check=False, force=True)
 
 
 def test_force_replaces_an_export_and_an_interrupted_one_leaves_it_intact(merged_dir, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_phi3.errors import UserError
+from qlora_phi3.out.merge import held_out_records, merge, phi3_model_name, publish_dir
 from qlora_phi3.ui import console, info, warn
 
 __all__ = ["CheckFailed", "ExportResult", "QUANTS", "export", "write_gguf", "modelfile_text"]
@@ -141,9 +142,8 @@ def check_phi3_dir(model_dir: Path) -> dict:
 def _check_out(out: Path, source: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory.")
-    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents \
-            or source.resolve() in out.resolve().parents:
-        raise UserError(f"--out {out} overlaps the model it exports ({source}); choose a separate directory.")
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise UserError(f"--out {out} would replace the directory it exports from ({source}); choose another.")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UserError(f"--out {out} is not empty; add --force to replace it (it is replaced only once the "
@@ -226,12 +226,6 @@ def _rope(config) -> tuple[dict, int, int]:
     return rope, rope_dims, orig_ctx
 
 
-def _general_name(name: str) -> str:
-    """llama.cpp turns on Phi-3's rstrip after special tokens only when general.name contains 'phi3' or
-    'phi-3' (llama-vocab.cpp); without it `<|user|>\\nHi` tokenizes differently from training (PITFALLS #20)."""
-    return name if re.search(r"phi-?3", name, re.IGNORECASE) else f"Phi-3 {name}"
-
-
 def _tensor_plan(model_dir: Path, n_layers: int):
     """(gguf name, hf name, shard file, shape) for every weight, in file order; refuses unknown tensors."""
     import gguf
@@ -287,7 +281,7 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
 
     w = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(_general_name(name))
+    w.add_name(phi3_model_name(name))
     w.add_context_length(config.max_position_embeddings)
     w.add_rope_scaling_orig_ctx_len(orig_ctx)
     w.add_embedding_length(config.hidden_size)
@@ -586,7 +580,6 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
         name: file name stem (default: the source directory's name); files are ``<name>-<quant>.gguf``.
     """
     from qlora_phi3.out.artifacts import check_base, hide_load_progress_bars, resolve_source
-    from qlora_phi3.out.merge import held_out_records, merge, publish_dir
 
     t0 = time.perf_counter()
     names = _parse_quants(quants)
@@ -630,7 +623,7 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
                                             encoding="utf-8")
         checks, reference = {}, None
         if check:
-            checks, reference = _run_checks(llama_cpp, src, model_dir, files, check_samples, held_out_records)
+            checks, reference = _run_checks(llama_cpp, src, model_dir, files, check_samples)
         else:
             warn("not checked: llama-cpp-python is not installed, so the files were not run in llama.cpp "
                  f"({GGUF_EXTRA})." if llama_cpp is None else "not checked (--no-check).")
@@ -640,7 +633,7 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
             rows[q]["check"] = checks.get(q)
         report = {
             "source": str(src.path), "kind": src.kind, "out_dir": str(out_dir), "name": stem,
-            "general_name": _general_name(stem), "modelfile_from": files[names[0]].name,
+            "general_name": phi3_model_name(stem), "modelfile_from": files[names[0]].name,
             "files": rows, "checked": bool(check), "reference": reference,
             "merge": {"merged_worse_than_trained": merge_report["merged_worse_than_trained"],
                       "explanation": merge_report["explanation"]} if merge_report else None,
@@ -690,7 +683,7 @@ def _write_all(llama_cpp, model_dir: Path, stage: Path, stem: str, names: list[s
     return {q: files[q] for q in names}, {q: rows[q] for q in names}
 
 
-def _run_checks(llama_cpp, src, model_dir: Path, files: dict, n: int, held_out_records):
+def _run_checks(llama_cpp, src, model_dir: Path, files: dict, n: int):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
