@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from qlora_phi3.cli import main
 from qlora_phi3.data.synthetic import answer_for
 
@@ -44,3 +46,38 @@ def test_chat_refuses_a_path_that_is_not_a_model(tmp_path, capsys):
     assert main(["chat", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "no such file or directory" in err and "Traceback" not in err
+
+
+def test_generation_prompt_and_stop_ids_are_phi3s(tiny_run):
+    from qlora_phi3.out.chat import load_chat_model
+
+    _, run = tiny_run
+    cm = load_chat_model(str(run.adapter_dir))
+    assert cm.stop_ids == [32007, 32000]  # <|end|>, <|endoftext|>
+    msgs = [{"role": "user", "content": "What is 3 plus 4?"}]
+    assert cm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith(
+        "<|end|>\n<|assistant|>\n")
+    ids = cm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[-2:] == [32007, 32001]
+
+
+@pytest.mark.parametrize("emitted, stops", [(32007, True), (32000, True), (6324, False)])
+def test_generation_stops_at_end_and_endoftext(emitted, stops, capsys):
+    """A model that always emits one token: <|end|> or <|endoftext|> end the answer at once; any other token
+    runs to --max-new-tokens and is reported."""
+    import torch
+
+    from qlora_phi3.model.tiny import TINY_MODEL_DIR
+    from qlora_phi3.out.chat import load_chat_model, reply
+
+    cm = load_chat_model(str(TINY_MODEL_DIR))  # a plain model directory, as a merged model is
+    old = cm.model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[emitted] = 10.0
+    cm.model.lm_head = head
+    answer = reply(cm, [{"role": "user", "content": "Hi"}], max_new_tokens=4, stream=False)
+    cut = "without an end-of-turn token" in capsys.readouterr().out
+    assert (answer, cut) == (("", False) if stops else ("Hi Hi Hi Hi", True))

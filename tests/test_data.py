@@ -172,6 +172,23 @@ def test_validate_messages_explains():
     assert validate_messages([{"role": "tool", "content": "x"}]).startswith("unknown role")
 
 
+def test_special_token_text_is_skipped_naming_the_token_and_line(tmp_path):
+    """Phi-3's tokenizer turns the text "<|end|>" into the end-of-turn token wherever it appears, so a reply
+    holding it would end its loss span early; such records are skipped, with the token and file:line."""
+    rows = _good_rows(8)
+    rows.insert(1, {"messages": [{"role": "user", "content": "How do turns end?"},
+                                 {"role": "assistant", "content": "With <|end|>, like this."}]})
+    rows.insert(3, {"messages": [{"role": "user", "content": "Echo <|user|>"}, {"role": "assistant", "content": "No."}]})
+    records, report = _load(_jsonl(tmp_path / "specials.jsonl", rows), max_bad_fraction=0.25)
+    assert len(records) == 8
+    hits = report.skipped["special token in text"]
+    assert [origin.rsplit("/", 1)[1] for origin, _ in hits] == ["specials.jsonl:2", "specials.jsonl:4"]
+    assert "message 1 (assistant) contains '<|end|>'" in hits[0][1] and "message 0 (user) contains '<|user|>'" in hits[1][1]
+    assert "2 x special token in text: " in report.summary_lines()[0]
+    with pytest.raises(UserError, match=r"specials.jsonl:2: special token in text: .*'<\|end\|>'"):
+        _load(tmp_path / "specials.jsonl", strict=True)
+
+
 def test_duplicates_kept_when_asked(tmp_path):
     path = _jsonl(tmp_path / "dups.jsonl", [GOOD, GOOD, GOOD])
     records, report = _load(path)

@@ -76,14 +76,39 @@ def test_render_highlights_exactly_the_replies_and_their_end(tiny_tokenizer):
                       {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 4 plus 4?"},
                       {"role": "assistant", "content": "8."}], "x.jsonl:1")
     ids, labels = encode_conversation(tiny_tokenizer, rec.messages)
-    text = render_sample(tiny_tokenizer, rec, ids, labels, max_seq_len=len(ids) - 3, index=0)
+    text = render_sample(tiny_tokenizer, rec, ids, labels, max_seq_len=len(ids) - 2, index=0, plain=False)
 
     def styled(pred):
         return "".join(text.plain[s.start:s.end] for s in text.spans if pred(str(s.style)))
 
     assert text.plain == tiny_tokenizer.apply_chat_template(rec.messages, tokenize=False)
-    assert styled(lambda st: "on green3" in st or "on dark_sea_green2" in st) == "5.<|end|>8."
+    # <|end|> swallows the newline after it (Phi-3's rstrip), so the newline is part of that loss token.
+    assert styled(lambda st: "on green3" in st or "on dark_sea_green2" in st) == "5.<|end|>\n8."
     assert styled(lambda st: st == "strike red") == "<|end|>\n<|endoftext|>"  # the last end is past max_seq_len
+    plain = render_sample(tiny_tokenizer, rec, ids, labels, max_seq_len=len(ids) - 2, index=0, plain=True)
+    assert plain == ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 plus 3?<|end|>\n<|assistant|>\n"
+                     "⟦5.<|end|>⟧\n<|user|>\nAnd 4 plus 4?<|end|>\n<|assistant|>\n⟦8.⟧✂<|end|>\n<|endoftext|>")
+
+
+def test_render_shows_each_token_once_on_the_real_tokenizer(tiny_tokenizer):
+    """Offsets of ▁-prefixed and byte-fallback tokens are not character positions (issue 18 #11): ``0 plus 0``
+    rendered as ``00 plus 0`` and one emoji as four. Rendered from the ids, every token shows its own text."""
+    from qlora_phi3.data.encode import encode_conversation
+    from qlora_phi3.data.inspect import token_texts
+
+    msgs = [{"role": "user", "content": "What is 0 plus 0?"},
+            {"role": "assistant", "content": "\n0 plus 0 is 0. 🦙 Ça, 日本 😶‍🌫️\t "}]
+    ids, labels = encode_conversation(tiny_tokenizer, msgs)
+    text = tiny_tokenizer.apply_chat_template(msgs, tokenize=False)
+    shown = token_texts(tiny_tokenizer, text, ids)
+    assert len(shown) == len(ids) and "".join(shown) == text
+    pieces = tiny_tokenizer.convert_ids_to_tokens(ids)
+    assert shown[:6] == ["<|user|>\n", "What", " is", " ", "0", " plus"]  # the first ▁ is the normalizer's
+    assert shown[pieces.index("<|assistant|>")] == "<|assistant|>\n\n"  # rstrip swallowed the reply's newline
+    llama = [k for k, p in enumerate(pieces) if p == "<0xF0>"][0]  # 🦙 = F0 9F A6 99: shown once, on its last byte
+    assert shown[llama:llama + 4] == ["", "", "", "🦙"] and text.count("🦙") == "".join(shown).count("🦙") == 1
+    plain = render_sample(tiny_tokenizer, ChatRecord(msgs, "x:1"), ids, labels, 4096, 0, plain=True)
+    assert plain == text.replace("\n\n0 plus", "\n\n⟦0 plus").replace("\t <|end|>", "\t <|end|>⟧")
 
 
 def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch, capsys):
@@ -91,8 +116,8 @@ def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch,
 
     real = formatting.encode_conversation
 
-    def no_end_labels(tokenizer, messages):
-        ids, labels = real(tokenizer, messages)
+    def no_end_labels(tokenizer, messages, markers=None):
+        ids, labels = real(tokenizer, messages, markers)
         end = tokenizer.convert_tokens_to_ids(formatting.END_TOKEN)
         return ids, [formatting.IGNORE_INDEX if i == end else lab for i, lab in zip(ids, labels)]
 

@@ -82,7 +82,7 @@ print(json.dumps({
     "max_abs_diff": (a - b).abs().max().item(), "mean_abs_diff": (a - b).abs().mean().item(),
     "logit_scale": b.abs().max().item(), "same_argmax": bool((a.argmax(-1) == b.argmax(-1)).all()),
     "adapter_effect": (b - plain).abs().max().item(),
-    "stop_ids_in_eos": [tok.convert_tokens_to_ids(t) in eos for t in ("<|end|>", "<|endoftext|>")],
+    "stop_ids_in_eos": [tok.convert_tokens_to_ids(t) in eos for t in ("<|end|>", "<|endoftext|>")], "eos": eos,
     "template_ok": "<|assistant|>" in tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
 }))
 """
@@ -105,6 +105,7 @@ def test_plain_transformers_loads_merged_and_matches_peft(merged, tiny_run):
     assert r["same_argmax"], r
     assert r["adapter_effect"] > 1.0, r
     assert r["stop_ids_in_eos"] == [True, True] and r["template_ok"]
+    assert {32007, 32000} <= set(r["eos"])  # Phi-3's real ids: <|end|>, <|endoftext|>
 
 
 def test_merge_report_compares_the_three_models(merged):
@@ -206,7 +207,7 @@ def test_refuses_bad_flags_before_loading(tiny_run, tmp_path):
 
 def test_refuses_shape_mismatch_recorded_in_adapter(tiny_run, tmp_path):
     adapter = _copy_adapter(tiny_run[1], tmp_path, hidden_size=3072, num_hidden_layers=32)
-    with pytest.raises(UserError, match=r"different base.*hidden_size: adapter 3072, base 128"):
+    with pytest.raises(UserError, match=r"different base.*hidden_size: adapter 3072, base 64"):
         merge(str(adapter), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

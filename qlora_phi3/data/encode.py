@@ -2,51 +2,90 @@
 
 Why not TRL's ``assistant_only_loss``: it needs ``{% generation %}`` markers in the chat template,
 which Phi-3's own template lacks (without them the mask silently covers everything or nothing).
-We render with the model's own template and label by character spans instead, so the tokens are
-exactly what inference will see.
+We render with the model's own template, tokenize the whole text once (exactly what inference sees),
+and label by walking the token ids: loss on every token after an ``<|assistant|>`` token (and after
+the rest of the generation prompt, if the tokenizer leaves some, e.g. a newline) up to and including
+the ``<|end|>`` that closes the reply. Character spans cannot do this: Phi-3's role tokens swallow the
+whitespace after them (``rstrip``), so a reply starting with a newline overlaps ``<|assistant|>``.
+
+A reply holding the text of a Phi-3 special token (``<|end|>``, ...) would be tokenized as that token and
+end the span early; ``data.read`` rejects such records, and the walk here refuses any conversation whose
+token structure does not match its turns rather than label it wrongly.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import dataclass
 
 from qlora_phi3.data.read import ChatRecord
 from qlora_phi3.errors import UserError
 
-__all__ = ["EncodedSplit", "encode_conversation", "encode_records", "split_records", "END_TOKEN"]
+__all__ = ["ASSISTANT_TOKEN", "END_TOKEN", "EncodedSplit", "encode_conversation", "encode_records", "reply_markers",
+           "split_records"]
 
+ASSISTANT_TOKEN = "<|assistant|>"
 END_TOKEN = "<|end|>"
 IGNORE_INDEX = -100
 
 
-def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
-    """Character spans [start, end) of each assistant reply plus the ``<|end|>`` that closes it."""
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        start = len(prefix)
-        stop = start + len(m["content"])
-        if not text.startswith(prefix) or text[start:stop] != m["content"] or not text.startswith(END_TOKEN, stop):
-            raise UserError("the tokenizer's chat template does not render assistant turns as "
-                            f"'<|assistant|>\\n' + content + '{END_TOKEN}'; it is not Phi-3's template.")
-        spans.append((start, stop + len(END_TOKEN)))
-    return spans
+def reply_markers(tokenizer) -> tuple[int, list[int], int, tuple[str, ...]]:
+    """(id of <|assistant|>, ids the generation prompt adds after it, id of <|end|>, texts of the added tokens).
+
+    The generation prompt is what inference feeds before the answer, so it never carries loss. With
+    Phi-3's tokenizer it is the one token ``<|assistant|>`` (the newline is swallowed); a tokenizer
+    without ``rstrip`` leaves ``▁`` and ``\\n`` tokens after it."""
+    assistant, end = tokenizer.convert_tokens_to_ids(ASSISTANT_TOKEN), tokenizer.convert_tokens_to_ids(END_TOKEN)
+    if assistant in (None, tokenizer.unk_token_id) or end in (None, tokenizer.unk_token_id):
+        raise UserError(f"the tokenizer has no {ASSISTANT_TOKEN} or {END_TOKEN} token; it is not a Phi-3 chat tokenizer.")
+    probe = [{"role": "user", "content": "Hi"}]
+    with_prompt, without = (tokenizer(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=g),
+                                      add_special_tokens=False)["input_ids"] for g in (True, False))
+    tail = with_prompt[len(os.path.commonprefix([with_prompt, without])):]
+    if not tail or tail[0] != assistant:
+        raise UserError("the tokenizer's chat template does not open the generation prompt with "
+                        f"{ASSISTANT_TOKEN}; it is not Phi-3's template.")
+    added = tuple(sorted({str(t) for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True))
+    return assistant, tail[1:], end, added
 
 
-def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+def encode_conversation(tokenizer, messages: list[dict], markers=None) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation, and labels that are -100 except on assistant replies
-    and their closing ``<|end|>`` (every assistant turn, not just the last)."""
+    and their closing ``<|end|>`` (every assistant turn, not just the last). ``markers``: ``reply_markers``
+    of the tokenizer, when encoding many conversations."""
+    assistant, prompt_tail, end, added = markers or reply_markers(tokenizer)
+    for i, m in enumerate(messages):  # data.read rejects these first; a guard for other tokenizers and callers
+        token = next((t for t in added if t in m["content"]), None)
+        if token:
+            raise UserError(f"message {i} ({m['role']}) contains {token!r}, which the tokenizer reads as a special "
+                            "token, not as text: it would end or shift the loss span. Remove it from the data.")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = _assistant_spans(tokenizer, messages, text)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = enc["input_ids"], []
-    for tok, (s, e) in zip(ids, enc["offset_mapping"]):
-        inside = any(s < end and e > start for start, end in spans)
-        labels.append(tok if inside else IGNORE_INDEX)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    replies, i = 0, 0
+    while i < len(ids):
+        if ids[i] != assistant:
+            i += 1
+            continue
+        start = i + 1
+        if ids[start:start + len(prompt_tail)] != prompt_tail:
+            raise UserError(f"the tokens after {ASSISTANT_TOKEN} differ from the generation prompt's; "
+                            "cannot tell where the reply starts (is this Phi-3's tokenizer and template?).")
+        start += len(prompt_tail)
+        try:
+            stop = ids.index(end, start)
+        except ValueError:
+            raise UserError(f"an assistant reply is not closed by {END_TOKEN}; the chat template is not "
+                            "Phi-3's.") from None
+        labels[start:stop + 1] = ids[start:stop + 1]
+        replies += 1
+        i = stop + 1
+    expected = sum(1 for m in messages if m["role"] == "assistant")
+    if replies != expected:
+        raise UserError(f"found {replies} assistant replies in the tokens but the conversation has {expected} "
+                        "assistant turns; the chat template is not Phi-3's.")
     return ids, labels
 
 
@@ -81,8 +120,9 @@ class EncodedSplit:
 
 def encode_records(records: list[ChatRecord], tokenizer, max_seq_len: int) -> EncodedSplit:
     out = EncodedSplit([], [], [])
+    markers = reply_markers(tokenizer)
     for rec in records:
-        ids, labels = encode_conversation(tokenizer, rec.messages)
+        ids, labels = encode_conversation(tokenizer, rec.messages, markers)
         if len(ids) > max_seq_len:
             out.truncated += 1
             out.assistant_tokens_lost += sum(1 for t in labels[max_seq_len:] if t != IGNORE_INDEX)

@@ -1,7 +1,7 @@
 """``qlora-phi3 data RECIPE``: what the model will really be trained on, before any GPU time is spent.
 
 Loads the recipe's data with the same validation and policy as training, and the tokenizer (never the
-model); tokenizes every conversation exactly as training does (``formatting.encode_conversation``) and
+model); tokenizes every conversation exactly as training does (``data.encode.encode_conversation``) and
 reports: counts and skipped records, token-length percentiles and a histogram (text and PNG), what
 ``data.max_seq_len`` cuts (samples, assistant tokens, closing ``<|end|>`` labels), tokens and steps per
 epoch for the recipe's batch settings, and one conversation rendered with its loss mask.
@@ -18,7 +18,7 @@ from qlora_phi3.config import Recipe, recipe_to_dict
 from qlora_phi3.errors import UserError
 from qlora_phi3.ui import console, info, warn
 
-__all__ = ["DataInspection", "inspect_data", "percentile", "render_sample", "text_histogram"]
+__all__ = ["DataInspection", "inspect_data", "percentile", "render_sample", "text_histogram", "token_texts"]
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -83,14 +83,15 @@ def text_histogram(lengths: list[int], max_seq_len: int, n_bins: int = 12, bar_c
 def _encode_all(records, tokenizer) -> list[tuple[list[int], list[int]]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from qlora_phi3.data.encode import encode_conversation
+    from qlora_phi3.data.encode import encode_conversation, reply_markers
 
+    markers = reply_markers(tokenizer)
     out = []
     with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console(), transient=True) as bar:
         task = bar.add_task("tokenize", total=len(records))
         for rec in records:
-            out.append(encode_conversation(tokenizer, rec.messages))
+            out.append(encode_conversation(tokenizer, rec.messages, markers))
             bar.advance(task)
     return out
 
@@ -116,20 +117,99 @@ def _write_png(lengths: list[int], max_seq_len: int, title: str, path: Path) -> 
     os.replace(tmp, path)
 
 
-def render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_len: int, index: int):
-    """The conversation as the model sees it: loss tokens highlighted (alternating shades show token
-    boundaries), prompt tokens dim, tokens past max_seq_len struck out in red."""
+def token_texts(tokenizer, text: str, ids: list[int]) -> list[str]:
+    """What each token of ``ids`` (the tokenization of ``text``) stands for, as display strings.
+
+    Decided from the ids, not from the tokenizer's offsets: for SentencePiece-style tokens the offsets
+    are not character positions (Phi-3's ``▁0`` maps onto the ``0`` the next token also maps onto, and a
+    4-byte emoji's byte-fallback tokens each map onto the whole emoji). Byte tokens are decoded as UTF-8
+    together, so a character spelled in several byte tokens shows once, on its last byte. An added token
+    (``<|end|>``, ...) shows with the whitespace it swallows (Phi-3's ``rstrip``), taken from the text.
+    Between added tokens, the ``▁`` the normalizer prepends to each piece of text is dropped, so the
+    strings join back into ``text``."""
+    import codecs
+
+    added = tokenizer.added_tokens_decoder
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out: list[str] = []
+    segment: list[int] = []  # positions of the current run of ordinary tokens
+    seg_start = 0  # where that run's text starts
+
+    def close_segment(seg_end: int) -> None:
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        shown = []
+        for pos in segment:
+            piece = pieces[pos]
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                shown.append(utf8.decode(bytes([int(piece[3:5], 16)])))
+            else:
+                shown.append(utf8.decode(b"", final=True) + piece.replace("\u2581", " "))
+        if shown:
+            shown[-1] += utf8.decode(b"", final=True)
+        original = text[seg_start:seg_end]
+        joined = "".join(shown)
+        if joined != original and joined == " " + original:  # the normalizer's prefix space
+            first = next(k for k, sh in enumerate(shown) if sh)
+            shown[first] = shown[first][1:]
+        out.extend(shown)
+        segment.clear()
+
+    for pos, token_id in enumerate(ids):
+        if token_id in added:
+            start, end = offsets[pos]
+            close_segment(start)
+            out.append(text[start:end] or str(added[token_id]))
+            seg_start = end
+        else:
+            segment.append(pos)
+    close_segment(len(text))
+    return out
+
+
+def render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_len: int, index: int,
+                  plain: bool | None = None):
+    """The conversation as the model sees it, token by token: loss tokens highlighted (alternating shades
+    show token boundaries), prompt tokens dim, tokens past max_seq_len struck out in red. ``plain`` (default:
+    when stdout is not a terminal) marks them in text instead: ``⟦loss⟧``, and ``✂`` where the cut starts.
+    Returns the rich ``Text`` or the plain string that was printed."""
+    from rich.markup import escape
     from rich.text import Text
 
     from qlora_phi3.data.encode import IGNORE_INDEX
 
     text = tokenizer.apply_chat_template(record.messages, tokenize=False)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if enc["input_ids"] != ids:  # cannot happen with encode_conversation; guard the rendering anyway
+    if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:  # cannot happen; guard the rendering
         raise RuntimeError("re-tokenizing the sample gave different ids than encode_conversation")
-    out, prev, shade = Text(), 0, 0
-    for pos, ((start, end), label) in enumerate(zip(enc["offset_mapping"], labels)):
-        out.append(text[prev:start], style="grey50")
+    shown = token_texts(tokenizer, text, ids)
+    plain = not console().is_terminal if plain is None else plain
+    n_loss = sum(1 for lab in labels[:max_seq_len] if lab != IGNORE_INDEX)
+    head = f"\n[bold]sample {index}[/] ({escape(record.origin)}): {len(ids)} tokens, {n_loss} carry loss  "
+    if plain:
+        parts, in_loss = [], False
+
+        def close() -> None:  # before the whitespace an <|end|> swallowed, so the mark stays on its line
+            last = parts.pop() if parts else ""
+            parts.extend([last.rstrip(), "⟧", last[len(last.rstrip()):]])
+
+        for pos, (piece, label) in enumerate(zip(shown, labels)):
+            loss = label != IGNORE_INDEX and pos < max_seq_len
+            if in_loss and (not loss or pos == max_seq_len):
+                close()
+            if pos == max_seq_len:
+                parts.append("✂")
+            elif loss and not in_loss:
+                parts.append("⟦")
+            in_loss = loss
+            parts.append(piece)
+        if in_loss:
+            close()
+        out = "".join(parts)
+        info(head + f"(plain text: loss on ⟦...⟧, no loss elsewhere; ✂ = cut by data.max_seq_len={max_seq_len})")
+        console().print(out, markup=False, highlight=False)
+        return out
+    out, shade = Text(), 0
+    for pos, (piece, label) in enumerate(zip(shown, labels)):
         if pos >= max_seq_len:
             style = "strike red"
         elif label != IGNORE_INDEX:
@@ -137,12 +217,8 @@ def render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_
             shade ^= 1
         else:
             style = "grey50"
-        out.append(text[start:end], style=style)
-        prev = max(prev, end)
-    out.append(text[prev:], style="grey50")
-    n_loss = sum(1 for lab in labels[:max_seq_len] if lab != IGNORE_INDEX)
-    info(f"\n[bold]sample {index}[/] ({record.origin}): {len(ids)} tokens, {n_loss} carry loss  "
-         "[bold black on green3] loss [/] [grey50]no loss[/] [strike red]cut by max_seq_len[/]")
+        out.append(piece, style=style)
+    info(head + "[bold black on green3] loss [/] [grey50]no loss[/] [strike red]cut by max_seq_len[/]")
     console().print(out)
     return out
 

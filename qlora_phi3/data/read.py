@@ -22,10 +22,18 @@ from qlora_phi3.config import EMBEDDED_DATA, DataConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
-__all__ = ["ChatRecord", "LoadReport", "load_records", "resolve_data_path", "validate_messages"]
+__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "load_records", "resolve_data_path", "validate_messages"]
 
 EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
 ROLES = ("system", "user", "assistant")
+# Phi-3's added tokens in id order (0, 1, 2, 32000..32010). The tokenizer matches them anywhere in a string, so
+# a reply holding the text "<|end|>" would become the end-of-turn token and end the loss span early; the model
+# would learn to stop mid-answer. Such records are rejected (there is no way to escape the text).
+PHI3_TOKEN_TEXTS = (
+    "<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
+    "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>",
+    "<|user|>",
+)
 _EXAMPLE = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'
 
 
@@ -95,6 +103,10 @@ def _turn_problem(messages) -> RecordProblem | None:
                                                        f"{type(m['content']).__name__}")
         if not m["content"].strip():
             return RecordProblem("empty content", f"message {i} ({m['role']})")
+        token = next((t for t in PHI3_TOKEN_TEXTS if t in m["content"]), None)
+        if token:
+            return RecordProblem("special token in text", f"message {i} ({m['role']}) contains {token!r}, which "
+                                 "Phi-3's tokenizer reads as a control token, not as text; remove it")
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
         return RecordProblem("no assistant turn", f"roles {roles}")

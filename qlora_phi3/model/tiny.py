@@ -1,24 +1,34 @@
-"""The embedded tiny Phi-3: exact Phi-3 architecture (fused ``qkv_proj`` / ``gate_up_proj``), tiny sizes.
+"""The embedded tiny Phi-3: the real Phi-3 tokenizer, a mini Phi-3-mini-4k-instruct config, random weights.
 
-It lets every command run offline on a CPU through the same code path as the real model: it is
-saved as an ordinary Hugging Face model directory (safetensors, ``config.json`` with
-``model_type: phi3``, a fast tokenizer with Phi-3's special tokens and chat template) and loaded by
-``from_pretrained`` like ``microsoft/Phi-3-mini-4k-instruct``.
+It lets every command run offline on a CPU through the same code path as the real model: it is an
+ordinary Hugging Face model directory (safetensors, ``config.json`` with ``model_type: phi3`` and every
+field of Phi-3-mini-4k-instruct's except the sizes, Phi-3's own tokenizer and chat template) loaded by
+``from_pretrained`` like ``microsoft/Phi-3-mini-4k-instruct``. Why the real tokenizer: labels, stops and
+renders depend on its details (``rstrip`` after the role tokens, the ``▁`` prefix, byte fallback), so only
+tests on it say what users get. Why random weights: there are no Phi-3 weights offline, and a tiny random
+base that LoRA can teach the bundled synthetic tasks shows the whole pipeline working in a minute.
 
-The files are built deterministically (seeded init, tokenizer trained on the bundled synthetic
-data) and shipped in ``qlora_phi3/assets/tiny-phi3``; ``python -m qlora_phi3.model.tiny OUT`` rebuilds
-them and ``tests/test_tiny.py`` checks the rebuild matches what ships.
+The tokenizer files are rebuilt by ``python -m qlora_phi3.model.tokenizer`` (from llama.cpp's copy of the
+Phi-3 vocabulary); the weights by ``python -m qlora_phi3.model.tiny [OUT]`` (seeded, bit for bit:
+``tests/test_tiny.py`` checks the rebuild matches what ships).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["PHI3_CHAT_TEMPLATE", "PHI3_SPECIAL_TOKENS", "TINY_MODEL_DIR", "build_tiny", "tiny_config_kwargs"]
+from qlora_phi3.data.read import PHI3_TOKEN_TEXTS
+
+__all__ = ["PHI3_CHAT_TEMPLATE", "PHI3_MINI_4K", "PHI3_MINI_128K", "PHI3_SPECIAL_TOKENS", "TINY_MODEL_DIR",
+           "TINY_SIZES", "TOKENIZER_FILES", "build_tiny", "mini_phi3_config"]
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny-phi3"
+MODEL_MAX_LENGTH = 4096  # Phi-3-mini-4k-instruct's tokenizer_config.json
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 
 # microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json chat template, verbatim.
 PHI3_CHAT_TEMPLATE = (
@@ -27,97 +37,139 @@ PHI3_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-# Phi-3's added tokens, in its order (ids 32000.. in the real tokenizer).
-PHI3_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+# Phi-3's chat tokens, ids 32000..32010.
+PHI3_SPECIAL_TOKENS = list(PHI3_TOKEN_TEXTS[3:])
+
+# microsoft/Phi-3-mini-4k-instruct config.json, every field but the sizes (which TINY_SIZES or the caller give).
+PHI3_MINI_4K = dict(
+    architectures=["Phi3ForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=1, embd_pdrop=0.0,
+    eos_token_id=32000, hidden_act="silu", initializer_range=0.02, max_position_embeddings=4096, model_type="phi3",
+    original_max_position_embeddings=4096, pad_token_id=32000, resid_pdrop=0.0, rms_norm_eps=1e-05,
+    rope_scaling=None, rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False, use_cache=True,
+    vocab_size=32064,
+)
+# The published longrope factors (head_dim 96, so 48 each) of microsoft/Phi-3.5-mini-instruct's config.json, the
+# same architecture, vocabulary and longrope layout as Phi-3-mini-128k-instruct (whose own lists we could not
+# reach offline); verbatim from two independent copies of that config.json. A mini config with another head
+# dim cannot use them and gets the same curve resampled to head_dim / 2 points.
+_LONG_FACTOR = [
+    1.0800000429153442, 1.1100000143051147, 1.1399999856948853, 1.340000033378601, 1.5899999141693115,
+    1.600000023841858, 1.6200000047683716, 2.620000123977661, 3.2300000190734863, 3.2300000190734863,
+    4.789999961853027, 7.400000095367432, 7.700000286102295, 9.09000015258789, 12.199999809265137,
+    17.670000076293945, 24.46000099182129, 28.57000160217285, 30.420001983642578, 30.840002059936523,
+    32.590003967285156, 32.93000411987305, 42.320003509521484, 44.96000289916992, 50.340003967285156,
+    50.45000457763672, 57.55000305175781, 57.93000411987305, 58.21000289916992, 60.1400032043457,
+    62.61000442504883, 62.62000274658203, 62.71000289916992, 63.1400032043457, 63.1400032043457,
+    63.77000427246094, 63.93000411987305, 63.96000289916992, 63.970001220703125, 64.02999877929688,
+    64.06999969482422, 64.08000183105469, 64.12000274658203, 64.41000366210938, 64.4800033569336,
+    64.51000213623047, 64.52999877929688, 64.83999633789062,
 ]
-_BASE_TOKENS = ["<unk>", "<s>", "</s>"]
-_BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]  # Llama-style byte fallback: any text encodes
-_TRAINED_VOCAB = 512  # merges learned on the synthetic data on top of the bytes
+_SHORT_FACTOR = [
+    1.0, 1.0199999809265137, 1.0299999713897705, 1.0299999713897705, 1.0499999523162842, 1.0499999523162842,
+    1.0499999523162842, 1.0499999523162842, 1.0499999523162842, 1.0699999332427979, 1.0999999046325684,
+    1.1099998950958252, 1.1599998474121094, 1.1599998474121094, 1.1699998378753662, 1.2899998426437378,
+    1.339999794960022, 1.679999828338623, 1.7899998426437378, 1.8199998140335083, 1.8499997854232788,
+    1.8799997568130493, 1.9099997282028198, 1.9399996995925903, 1.9899996519088745, 2.0199997425079346,
+    2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346,
+    2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914,
+    2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0799996852874756,
+    2.0899996757507324, 2.189999580383301, 2.2199995517730713, 2.5899994373321533, 2.729999542236328,
+    2.749999523162842, 2.8399994373321533,
+]
+# microsoft/Phi-3-mini-128k-instruct config.json: the 4k fields with longrope to 131072 positions.
+PHI3_MINI_128K = dict(
+    PHI3_MINI_4K, max_position_embeddings=131072, sliding_window=262144,
+    rope_scaling={"type": "longrope", "long_factor": _LONG_FACTOR, "short_factor": _SHORT_FACTOR},
+)
+
+# The embedded model's sizes (the only fields that differ from Phi-3-mini-4k-instruct's config.json).
+# Hidden 64 keeps the two 32064-row matrices (embedding, lm_head) at 8 MB in bf16, most of the package; the layers
+# cost 82 KB each, so there are 4 (measured, 300 steps: 4 layers reach eval loss 0.12, 2 layers 1.16).
+TINY_SIZES = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4)
 
 
-def tiny_config_kwargs(vocab_size: int) -> dict:
-    """Sizes of the tiny model; everything else is Phi3Config's (i.e. Phi-3-mini's) default."""
-    return dict(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        original_max_position_embeddings=4096, bos_token_id=1, eos_token_id=32000 % vocab_size,
-        pad_token_id=32000 % vocab_size, tie_word_embeddings=False, sliding_window=None,
-        # Wider init than the 0.02 default: with a frozen lm_head of std 0.02 and a 128-d hidden state, logits
-        # could never exceed ~2.6 and LoRA could not make confident predictions.
-        initializer_range=0.1,
-    )
+def _resample(factors: list[float], n: int) -> list[float]:
+    """``factors`` (a curve over the rotary frequencies) linearly resampled to ``n`` points."""
+    if n == len(factors):
+        return list(factors)
+    step = (len(factors) - 1) / max(1, n - 1)
+    out = []
+    for i in range(n):
+        x = i * step
+        lo = int(x)
+        hi = min(lo + 1, len(factors) - 1)
+        out.append(factors[lo] + (factors[hi] - factors[lo]) * (x - lo))
+    return out
 
 
-def _build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def mini_phi3_config(kind: str = "4k", **sizes):
+    """A ``Phi3Config`` with every field of Phi-3-mini-``kind``-instruct's config.json and tiny ``sizes``."""
+    from transformers import Phi3Config
 
-    from qlora_phi3.data.synthetic import generate
-
-    corpus = []
-    for record in generate():
-        corpus.extend(m["content"] for m in record["messages"])
-    # Learn merges on the corpus, then lay the vocabulary out like Phi-3's: specials, bytes, merges.
-    probe = Tokenizer(models.BPE())
-    probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    probe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=_TRAINED_VOCAB + 64, show_progress=False))
-    learned = sorted(probe.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    vocab = {tok: i for i, tok in enumerate(_BASE_TOKENS + _BYTE_TOKENS)}
-    for tok, _ in learned:
-        vocab.setdefault(tok, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in _merges_of(probe)]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>",
-        pad_token="<unk>", padding_side="right", model_max_length=4096, clean_up_tokenization_spaces=False,
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": PHI3_SPECIAL_TOKENS})
-    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
-    return tokenizer
+    fields = json.loads(json.dumps(PHI3_MINI_4K if kind == "4k" else PHI3_MINI_128K))  # deep copy
+    fields.update(TINY_SIZES if not sizes else sizes)
+    if fields["rope_scaling"]:
+        half = fields["hidden_size"] // fields["num_attention_heads"] // 2
+        for key in ("long_factor", "short_factor"):
+            fields["rope_scaling"][key] = _resample(fields["rope_scaling"][key], half)
+    return Phi3Config(**fields)
 
 
-def _merges_of(tokenizer) -> list:
-    import json
+def _init_weights(model, seed: int) -> None:
+    """Seeded weights for a frozen random base that LoRA can teach within a minute.
 
-    return json.loads(tokenizer.to_str())["model"]["merges"]
+    Written out rather than left to ``from_pretrained``'s initialisation, so that the shipped bytes do not
+    depend on how a transformers version initialises. The choices: unit-scale embeddings; projections of
+    std 1/sqrt(fan_in); a quiet residual stream (o_proj / down_proj 20x smaller, as GPT-2 scales them); and a
+    confident lm_head (std 0.5): with 32064 frozen random output rows and a 64-wide hidden state, a smaller
+    head could not make any one token much likelier than the rest however LoRA steers the hidden state.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            fan_in = param.shape[-1]
+            if "embed_tokens" in name:
+                std = 1.0
+            elif name == "lm_head.weight":
+                std = 0.5
+            else:
+                std = fan_in ** -0.5 * (0.05 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0)
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = TINY_MODEL_DIR) -> Path:
+    """A Phi-3 model directory: ``config`` with seeded random bf16 weights and the shipped Phi-3 tokenizer."""
+    import torch
+    from transformers import GenerationConfig, Phi3ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(config)
+    _init_weights(model, seed)
+    model = model.to(torch.bfloat16)
+    # Phi-3-mini-4k-instruct's generation_config.json: it stops at <|endoftext|>, <|assistant|> and <|end|>.
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[32000, 32001, 32007], pad_token_id=32000)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if Path(tokenizer_dir).resolve() != out_dir.resolve():
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+        if config.max_position_embeddings != MODEL_MAX_LENGTH:  # the 128k tokenizer says 131072
+            path = out_dir / "tokenizer_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length":
+                                        config.max_position_embeddings}, indent=2) + "\n")
+    return out_dir
 
 
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny Phi-3 (random init, seeded) and its tokenizer into ``out_dir``."""
-    import torch
-    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
-
-    tokenizer = _build_tokenizer()
-    # Round the embedding up to a multiple of 64, as Phi-3 pads 32011 tokens to 32064.
-    vocab_size = -(-len(tokenizer) // 64) * 64
-    config = Phi3Config(**tiny_config_kwargs(vocab_size))
-    config.eos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # as in Phi-3's config.json
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config)
-    with torch.no_grad():
-        # A random base with a quiet residual stream (small o_proj/down_proj, as GPT-2 scales them) and a
-        # confident lm_head: LoRA on a frozen random net then learns the synthetic tasks within a minute
-        # (measured: eval loss 0.8 -> 0.12 over the same 300 steps, versus no recall with plain init).
-        for name, param in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.mul_(0.05)
-        model.lm_head.weight.mul_(3.0)
-    model = model.to(torch.bfloat16)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=1, pad_token_id=config.pad_token_id,
-        eos_token_id=[config.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")])
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    """Build the embedded tiny Phi-3 into ``out_dir`` (the tokenizer files come from the shipped directory)."""
+    return build_model_dir(out_dir, mini_phi3_config("4k"), seed)
 
 
 if __name__ == "__main__":  # pragma: no cover - regeneration entry point
