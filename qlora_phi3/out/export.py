@@ -499,8 +499,10 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
     longest = max(max(len(c.ids) for c in convs), max(len(tokenizer(c.prompt, add_special_tokens=False)["input_ids"])
                                                       + 2 * c.reply_tokens + 16 for c in convs))
     n_ctx = min(max(longest + 8, 64), 1 << 15)
+    # Threads: llama-cpp-python's default (half the logical CPUs, about the physical cores). More threads
+    # than cores make ggml's spinning thread sync cost 250 ms per token on a busy 2-core machine (measured).
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                          n_threads=os.cpu_count() or 1, verbose=False, seed=0)
+                          verbose=False, seed=0)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     try:
         ids_equal, mismatch = 0, None
@@ -616,7 +618,8 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
             model_dir, merge_report = src.path, None
         else:  # a staging subdirectory, removed before publishing: the GGUFs are the product
             model_dir = stage / "merged"
-            merge_report = merge(str(src.path), str(model_dir), base=base, revision=revision).report
+            merge_report = merge(str(src.path), str(model_dir), base=base, revision=revision,
+                                 report_samples=check_samples).report
         config = check_phi3_dir(model_dir)
         files, rows = _write_all(llama_cpp, model_dir, stage, stem, names, config)
         (stage / MODELFILE_NAME).write_text(modelfile_text(files[names[0]].name, config["max_position_embeddings"]),
@@ -668,16 +671,17 @@ def _write_all(llama_cpp, model_dir: Path, stage: Path, stem: str, names: list[s
         t = time.perf_counter()
         with console().status(f"writing {dest.name}..."):
             if QUANTS[q].by == "gguf":
-                write_gguf(model_dir, dest, q, stem)
+                types = write_gguf(model_dir, dest, q, stem)
             else:
                 if intermediate is None:
                     intermediate = files.get(sixteen) or stage / f".{stem}-{sixteen}.gguf"
                     if not intermediate.exists():
                         write_gguf(model_dir, intermediate, sixteen, stem)
                 _llama_quantize(llama_cpp, intermediate, dest, q)
+                types = _tensor_types(dest)  # llama.cpp picks per tensor (and falls back where rows do not fit)
         files[q] = dest
         rows[q] = {"file": dest.name, "bytes": dest.stat().st_size, "seconds": round(time.perf_counter() - t, 2),
-                   "tensor_types": _tensor_types(dest), "written_by": QUANTS[q].by}
+                   "tensor_types": types, "written_by": QUANTS[q].by}
     if intermediate is not None and intermediate.name.startswith("."):
         intermediate.unlink(missing_ok=True)
     return {q: files[q] for q in names}, {q: rows[q] for q in names}
