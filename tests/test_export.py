@@ -201,6 +201,43 @@ def test_vocabulary_tokenizes_like_phi3_in_llama_cpp(llama_cpp, tmp_path):
         llm.close()
 
 
+@pytest.mark.parametrize("kind, n_tokens", [("4k", 300), ("128k", 4200)])
+def test_rope_keys_run_like_transformers(llama_cpp, kind, n_tokens, tmp_path):
+    """Mini Phi-3-mini-4k / -128k (head dim 96, the published longrope factors): llama.cpp computes the same
+    logits as transformers, the 128k model past 4096 tokens too, where both switch to the long factors and the
+    attention factor matters."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_phi3.model.tiny import build_model_dir, mini_phi3_config
+
+    model_dir = build_model_dir(tmp_path / kind, mini_phi3_config(
+        kind, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+    path = tmp_path / f"{kind}.gguf"
+    write_gguf(model_dir, path, "f16", "mini")
+    reader, kv = _fields(path)
+    assert kv["phi3.rope.scaling.original_context_length"] == 4096
+    if kind == "128k":
+        assert kv["phi3.context_length"] == 131072
+        assert kv["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
+        assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= {t.name for t in reader.tensors}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():  # the f16 file's weights, computed in float32 like llama.cpp does
+            param.copy_(param.half().float()) if param.dim() > 1 else None
+        ids = np.random.default_rng(0).integers(300, 31000, n_tokens).tolist()
+        want = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].numpy()  # the last token sees them all
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_tokens + 16, n_batch=n_tokens, n_ubatch=n_tokens,
+                          verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    finally:
+        llm.close()
+    # fp32 on both sides, different kernels: 0.01 at logits of |30-40| (measured 0.008); a wrong factor or
+    # attention scale moves them by far more.
+    assert np.abs(got - want).max() < 0.03, np.abs(got - want).max()
+
+
 def test_failed_check_exits_non_zero_naming_quant_and_numbers(tmp_path, capsys, llama_cpp):
     """The untrained tiny base never learned to end its turn: the check must say so, not pass."""
     code = main(["export", str(TINY_MODEL_DIR), "--out", str(tmp_path / "out"), "--quant", "q8_0",
