@@ -4,7 +4,7 @@ Modelfile renders Phi-3's chat template; the merged directory converts with llam
 input is refused before any work, and an interrupted export leaves nothing half-written.
 
 Tests that run llama.cpp need llama-cpp-python (the [gguf] extra, built from source) and the converter test
-needs the llama-cpp-python sdist (QLORA_PHI3_LLAMA_CPP_SDIST): both skip with the reason when absent, and
+needs the llama-cpp-python sdist (QLORA_PHI3_SDIST): both skip with the reason when absent, and
 fail instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, which CI sets after installing them.
 """
 
@@ -32,7 +32,7 @@ from qlora_phi3.out.export import CheckFailed, export, modelfile_text, write_ggu
 
 PHI3_VOCAB = Path(__file__).resolve().parent / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
 CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, quick on 2 cores
-SDIST_ENV = "QLORA_PHI3_LLAMA_CPP_SDIST"
+SDIST_ENV = "QLORA_PHI3_SDIST"
 REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
 
 
