@@ -35,7 +35,7 @@ __all__ = ["build_chat_set", "build_mini_phi3", "main"]
 
 
 def build_mini_phi3(out_dir: Path, layers: int, hidden: int, intermediate: int, seed: int = 0) -> Path:
-    """Phi-3 architecture, vocab 32064, head dim 96, random bf16 weights, the tiny tokenizer."""
+    """Phi-3 architecture, vocab 32064, head dim 96, random bf16 weights, the shipped Phi-3 tokenizer."""
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 

@@ -127,6 +127,9 @@ def test_special_token_text_in_a_reply_is_rejected_not_mislabelled(tiny_tokenize
         token = "<|end|>" if bad else "<|assistant|>"
         with pytest.raises(UserError, match=rf"message {bad} \({msgs[bad]['role']}\) contains '{token}'.*Remove it"):
             encode_conversation(tiny_tokenizer, msgs)
+    with pytest.raises(UserError, match=r"^chats.jsonl:7: message 1 \(assistant\) contains '<\|end\|>'"):
+        bad = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Stop <|end|> here."}]
+        encode_records([ChatRecord(CONV, "chats.jsonl:1"), ChatRecord(bad, "chats.jsonl:7")], tiny_tokenizer, 4096)
 
 
 def test_truncation_is_counted_and_fully_masked_samples_dropped(tiny_tokenizer):

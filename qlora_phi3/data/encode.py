@@ -9,8 +9,8 @@ the ``<|end|>`` that closes the reply. Character spans cannot do this: Phi-3's r
 whitespace after them (``rstrip``), so a reply starting with a newline overlaps ``<|assistant|>``.
 
 A reply holding the text of a Phi-3 special token (``<|end|>``, ...) would be tokenized as that token and
-end the span early; ``data.read`` rejects such records, and the walk here refuses any conversation whose
-token structure does not match its turns rather than label it wrongly.
+end the span early; ``data.read`` rejects such records (with file:line), and the encoder refuses a message
+holding any added token's text, or tokens that do not match the turns, rather than label it wrongly.
 """
 
 from __future__ import annotations
@@ -122,7 +122,10 @@ def encode_records(records: list[ChatRecord], tokenizer, max_seq_len: int) -> En
     out = EncodedSplit([], [], [])
     markers = reply_markers(tokenizer)
     for rec in records:
-        ids, labels = encode_conversation(tokenizer, rec.messages, markers)
+        try:
+            ids, labels = encode_conversation(tokenizer, rec.messages, markers)
+        except UserError as e:
+            raise UserError(f"{rec.origin}: {e}") from None
         if len(ids) > max_seq_len:
             out.truncated += 1
             out.assistant_tokens_lost += sum(1 for t in labels[max_seq_len:] if t != IGNORE_INDEX)

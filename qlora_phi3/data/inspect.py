@@ -91,7 +91,10 @@ def _encode_all(records, tokenizer) -> list[tuple[list[int], list[int]]]:
                   console=console(), transient=True) as bar:
         task = bar.add_task("tokenize", total=len(records))
         for rec in records:
-            out.append(encode_conversation(tokenizer, rec.messages, markers))
+            try:
+                out.append(encode_conversation(tokenizer, rec.messages, markers))
+            except UserError as e:
+                raise UserError(f"{rec.origin}: {e}") from None
             bar.advance(task)
     return out
 

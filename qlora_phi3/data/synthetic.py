@@ -1,7 +1,7 @@
 """The bundled synthetic chat data set that the tiny model can measurably learn.
 
-Deterministic (seeded) so that the shipped file, the tiny tokenizer trained on it and the
-expected answers in tests all agree. Regenerate with ``python -m qlora_phi3.data.synthetic OUT.jsonl``.
+Deterministic (seeded) so that the shipped file and the expected answers in tests agree. Regenerate
+with ``python -m qlora_phi3.data.synthetic OUT.jsonl``.
 
 Three tasks with a fixed answer shape, so that a small model trained for a minute learns them and a
 person can check an answer by eye:

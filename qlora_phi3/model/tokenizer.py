@@ -137,9 +137,13 @@ def _hf_tokenizer(gguf_path: Path):
 
     from qlora_phi3.model.tiny import MODEL_MAX_LENGTH, PHI3_CHAT_TEMPLATE
 
+    # transformers rebuilds Phi-3's normalizer and the merges (from the scores); the rest of Phi-3's
+    # tokenizer_config.json has no GGUF field, so it is set on the tokenizers JSON below.
     raw = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     spec = json.loads(raw.backend_tokenizer.to_str())
     model = spec["model"]
+    # The BPE model holds the 32000 SentencePiece pieces, as Phi-3's tokenizer.json does; ids 32000-32010 are
+    # added tokens and the GGUF's [PAD32011].. rows are only embedding padding. No merge involves those.
     model["vocab"] = {tok: i for tok, i in model["vocab"].items() if i < N_PIECES}
     vocab = model["vocab"]
     model["merges"] = [m for m in model["merges"] if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
@@ -171,6 +175,8 @@ def sentencepiece_model_bytes(gguf_path: Path) -> bytes:
     convert_hf_to_gguf overwrote ids 0-2 with the added-token entries of tokenizer_config.json (score
     -1000, <unk> as CONTROL, </s> as USER_DEFINED); a SentencePiece model has them as UNKNOWN / CONTROL /
     CONTROL with score 0, so those three are restored. The rest is the GGUF's, piece for piece."""
+    # By hand because the sentencepiece library only makes a model by training one; its protobuf schema
+    # (sentencepiece_model_pb2) is how a model with given pieces and scores is written.
     from sentencepiece import sentencepiece_model_pb2 as spm
 
     tokens, scores, types = _gguf_vocab(gguf_path)
