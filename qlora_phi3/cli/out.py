@@ -1,6 +1,8 @@
-"""``merge`` and ``chat``: from a trained adapter to a model people can use."""
+"""``merge``, ``export`` and ``chat``: from a trained adapter to a model people can use."""
 
 from __future__ import annotations
+
+import argparse
 
 __all__ = ["print_merge_report", "register"]
 
@@ -23,6 +25,27 @@ def register(sub) -> None:
     p.add_argument("--report-samples", type=int, default=8, metavar="N",
                    help="held-out conversations the merge report evaluates (default 8)")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("export", help="GGUF files for llama.cpp, Ollama and LM Studio, each checked by running it",
+                       description="Write the model as GGUF (merging a run or adapter first), an Ollama Modelfile and "
+                                   "export_report.json; then load every file in llama.cpp and compare it with the "
+                                   "merged model in transformers (token ids, next-token top-1, stop at <|end|>).")
+    p.add_argument("source", metavar="RUN_OR_MERGED_DIR", help="a run directory, its adapter/, or a merged model dir")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the GGUF files go (must be empty or new)")
+    p.add_argument("--quant", default="q8_0", metavar="LIST",
+                   help="comma-separated GGUF types (default q8_0): f16, bf16, q8_0 (no extra needed); q6_k, q5_k_m, "
+                        "q4_k_m (llama.cpp's quantizer: pip install 'qlora-phi3[gguf]'). The Modelfile uses the first")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous export in --out (only once the new one is complete)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each file in llama.cpp and compare with the merged model (default: on when "
+                        "llama-cpp-python is installed)")
+    p.add_argument("--check-samples", type=int, default=8, metavar="N",
+                   help="held-out conversations checked (default 8)")
+    p.add_argument("--name", metavar="NAME",
+                   help="file name stem: NAME-QUANT.gguf (default: the source directory's name)")
+    _add_base_args(p)
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("chat", help="chat with a merged model, an adapter (on its 4-bit base) or a run directory")
     p.add_argument("source", metavar="MODEL_OR_ADAPTER_DIR", help="merged model dir, adapter dir or run dir")
@@ -52,6 +75,14 @@ def _merge(args) -> int:
     print_merge_report(report)
     info(f"[bold green]merged[/] in {report['seconds']:.0f}s, peak RAM {report['peak_rss_gib']:.2f} GiB RSS: "
          f"[bold]{result.out_dir}[/] (report: {result.out_dir / REPORT_NAME})")
+    return 0
+
+
+def _export(args) -> int:
+    from qlora_phi3.out.export import export
+
+    export(args.source, args.out, quants=args.quant, force=args.force, check=args.check, name=args.name,
+           base=args.base, revision=args.revision, check_samples=args.check_samples)
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import resource
 import shutil
 import sys
@@ -38,7 +39,7 @@ from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.ui import console, info, warn
 from qlora_phi3.units import parse_size
 
-__all__ = ["MergeResult", "merge", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
+__all__ = ["MergeResult", "merge", "held_out_records", "phi3_model_name", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
 
 # The merged model is flagged when its eval loss exceeds the 4-bit + adapter loss by more than
 # max(2% of it, 0.01 nats): 2% is well beyond run-to-run noise of a fixed eval set, and the absolute
@@ -87,6 +88,12 @@ def _peak_rss_gib() -> float:
 
 
 def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
+    records, where = held_out_records(src, tokenizer, n)
+    enc = encode_records(records, tokenizer, src.max_seq_len)
+    return [_Sample(i, lab) for i, lab in zip(enc.input_ids, enc.labels)], where
+
+
+def held_out_records(src, tokenizer, n: int) -> tuple[list, str]:
     """Up to ``n`` held-out conversations: the run's own eval split (:func:`load_splits`, as training built
     it) when the run's recipe and data are still there, else the bundled synthetic set's held-out split."""
     records, where = None, ""
@@ -104,8 +111,7 @@ def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
     if records is None:
         records = load_splits(DataConfig(), TrainConfig().seed).eval
         where = "bundled synthetic samples (held-out split of the default recipe)"
-    enc = encode_records(records[:n], tokenizer, src.max_seq_len)
-    return [_Sample(i, lab) for i, lab in zip(enc.input_ids, enc.labels)], where
+    return records[:n], where
 
 
 def _answer_logits(model, samples: list[_Sample], autocast_dtype=None):
@@ -176,6 +182,46 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
     tokenizer.save_pretrained(tmp)
 
 
+def phi3_model_name(name: str) -> str:
+    """``name``, made to say Phi-3 if it does not: llama.cpp applies Phi-3's rstrip after special tokens only
+    when a GGUF's general.name contains "phi3" or "phi-3" (llama-vocab.cpp); without it ``<|user|>\\nHi``
+    tokenizes differently from training (PITFALLS #20)."""
+    return name if re.search(r"phi-?3", name, re.IGNORECASE) else f"{name} (Phi-3 fine-tune)"
+
+
+def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
+    """What llama.cpp's ``convert_hf_to_gguf.py`` needs to turn this directory into a GGUF that runs as trained:
+
+    * ``tokenizer.model``: it reads Phi-3's vocabulary from the SentencePiece model and refuses a directory
+      without one (transformers saves only tokenizer.json): the adapter's or the base's copy (Hub cache too);
+    * ``add_bos_token: false`` in tokenizer_config.json: without the key it makes llama.cpp prepend <s> to
+      every prompt, and training fed none (data/encode.py tokenizes without special tokens);
+    * a model card whose name says Phi-3: it names the GGUF after the card or the directory, and llama.cpp
+      swallows the whitespace after Phi-3's special tokens only when that name contains "phi3"/"phi-3"
+      (PITFALLS #20)."""
+    import json
+
+    import yaml
+    from transformers.utils import cached_file
+
+    base = resolve_model_path(src.model_cfg.name_or_path)
+    for where, revision in ((src.adapter_dir, None), (base, src.model_cfg.revision)):
+        found = None if (tmp / "tokenizer.model").is_file() else cached_file(
+            str(where), "tokenizer.model", revision=revision, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False)
+        if found:
+            shutil.copyfile(found, tmp / "tokenizer.model")
+    config_path = tmp / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(add_bos_token=False, add_eos_token=False)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    card = {"model_name": phi3_model_name(out_dir.name), "tags": ["phi3", "qlora-phi3"]}
+    if not Path(base).expanduser().exists() and not base.startswith(("/", ".", "~")):
+        card["base_model"] = base  # a Hub id
+    (tmp / "README.md").write_text(f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n\nMerged by `qlora-phi3 merge` "
+                                   f"from `{src.adapter_dir}`; see merge_report.json.\n", encoding="utf-8")
+
+
 def _evaluate_4bit(src, samples):
     """(a): the model exactly as trained, under the autocast training used on the CPU."""
     compute = src.compute_dtype or pick_compute_dtype(src.model_cfg.compute_dtype, "cpu").value
@@ -228,6 +274,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
             b = _answer_logits(merged, samples)
         with console().status(f"saving to {out_dir} (via {tmp.name})..."):
             _save(merged, tokenizer, tmp, shard_bytes)
+            _save_for_llama_cpp(src, tmp, out_dir)
             del merged
             gc.collect()
         report = _report(src, dtype, where, samples, a, b, c)
