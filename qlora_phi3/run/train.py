@@ -238,6 +238,9 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str) -> RunRes
     from qlora_phi3.model.lora import attach_lora, coverage
 
     model = attach_lora(model, recipe.lora, recipe.train.gradient_checkpointing)
+    from qlora_phi3.run.tiling import enable_tiling
+
+    enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
