@@ -115,9 +115,11 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
                             ["data.max_seq_len=384", "train.loss_chunk_tokens=0,256"])
     rows, meta = profile(configs, steps=1, warmup=1, device="cpu")
     assert not meta["leaks"]
-    for row in rows:
+    for row, (_, recipe) in zip(rows, configs):
         assert row.status == "ok", row
-        assert abs(row.estimate_error_pct) <= 15, (row.overrides, row.peak_allocated_gib, row.estimated_gib)
+        # the profiler's own step loop runs the forward under autocast (the training forward does not, yet)
+        est = estimate(recipe, config_for_estimate(recipe.model), "cpu", autocast=True).tensor_gib
+        assert abs(est - row.peak_allocated_gib) <= 0.15 * row.peak_allocated_gib, (row.overrides, row.peak_allocated_gib, est)
     # the measurement itself responds to the settings it should
     by = {(r.lora_r, r.max_seq_len, r.gradient_checkpointing, r.overrides.get("train.loss_chunk_tokens")): r
           for r in rows}
