@@ -1,7 +1,7 @@
 """Long context on the CPU, per token: live-tensor peak of real training steps with sequence tiling off and on.
 
-    nice -n 10 python bench/long_context.py --write            # 2k, 4k, 8k, 16k tokens x tiling off/on, 2 layers
-    python bench/long_context.py --seqs 2048 --layers 1        # a quick look
+    nice -n 10 python bench/long_context.py --write            # 2k, 4k, 8k, 16k tokens x tiling off/on, 1 layer
+    python bench/long_context.py --seqs 2048                   # a quick look
     python bench/long_context.py --predict                     # the estimator on full Phi-3-mini-128k (no run)
 
 The model has Phi-3-mini's real widths (hidden 3072, MLP 8192, 32 heads of 96, vocabulary 32064) with
@@ -11,9 +11,10 @@ to exactly ``data.max_seq_len`` tokens, so every step is one row of that many to
 
 Each configuration runs in its own process through ``qlora_phi3.run.train.train(recipe,
 cpu_memory="tensors")``: the trainer users run (4-bit base, LoRA r=16 on the fused targets, paged 8-bit
-AdamW, checkpointing, chunked loss), 2 optimizer steps, and ``peak_memory`` is read from its run.json
-(the peak of live tensor storage from the start of training, the step-0 eval included). Step seconds are
-the second step's (the first allocates the optimizer states), from the run's logged tokens/s.
+AdamW, checkpointing, chunked loss), ``--steps`` optimizer steps (default 1: on 2 shared cores a 16k-token
+step of one full-width layer takes minutes; the LoRA optimizer states the first step allocates are a few MB),
+and ``peak_memory`` is read from its run.json (the peak of live tensor storage from the start of training,
+the step-0 eval of one short conversation included). Step seconds come from the run's logged tokens/s.
 ``--write`` saves ``bench/results/cpu_long_context.md`` (the table) and ``.json`` (the rows, which
 tests/test_estimate.py checks the estimator against).
 """
@@ -84,10 +85,11 @@ def build_long_chats(path: Path, min_tokens: int, seed: int = 0) -> Path:
     return path
 
 
-def _overrides(model_dir: Path, data: Path, out: Path, seq: int, tile: int, attn: str = "sdpa") -> list[str]:
+def _overrides(model_dir: Path, data: Path, out: Path, seq: int, tile: int, attn: str = "sdpa",
+               steps: int = 1) -> list[str]:
     return [f"model.name_or_path={model_dir}", f"model.attn_implementation={attn}", f"data.path={data}",
             f"data.max_seq_len={seq}", "data.eval_fraction=0.05", "data.max_eval_samples=1", "data.packing=false",
-            "lora.r=16", "lora.dropout=0.05", f"train.output_dir={out}", "train.max_steps=2",
+            "lora.r=16", "lora.dropout=0.05", f"train.output_dir={out}", f"train.max_steps={steps}",
             "train.micro_batch_size=1", "train.grad_accum=1", "train.optimizer=paged_adamw_8bit",
             "train.gradient_checkpointing=true", "train.loss_chunk_tokens=256", f"train.tile_tokens={tile}",
             "train.logging_steps=1", "train.eval_steps=0", "train.save_steps=0", "train.device=cpu",
@@ -106,8 +108,9 @@ def _worker(spec_path: Path) -> None:
     run = train(recipe, force=True, cpu_memory="tensors").run
     hist = {h["step"]: h["tokens_per_second"] for h in run["history"] if "loss" in h}
     seq = recipe.data.max_seq_len
-    # tokens/s in the history are cumulative from the start of training: the second step alone is the difference
-    step2_s = 2 * seq / hist[2] - seq / hist[1]
+    # tokens/s in the history are cumulative from the start of training (the step-0 eval, one short conversation,
+    # included): with 2 steps the second alone is the difference
+    step2_s = 2 * seq / hist[2] - seq / hist[1] if 2 in hist else seq / hist[1]
     row = {"seq": seq, "tile_tokens": recipe.train.tile_tokens, "layers": spec["layers"],
            "peak_gib": round(run["peak_memory"]["peak_allocated_gib"], 4), "step_seconds": round(step2_s, 1),
            "tokens_per_second": round(seq / step2_s, 1), "train_seconds": run["train_seconds"]}
@@ -171,8 +174,9 @@ def _markdown(rows: list[dict], layers: int, command: str, hardware: str | None 
              f"- model: Phi-3 with Phi-3-mini's widths (hidden 3072, MLP 8192, 32 heads x 96, vocab 32064), {layers} "
              "layers, random weights, 4-bit NF4 base; LoRA r=16 (dropout 0.05) on qkv/o/gate_up/down; paged 8-bit "
              "AdamW; checkpointing on; chunked loss (256); sdpa; one unpacked row of `seq` tokens per step",
-             "- measured: `qlora_phi3.run.train.train(recipe, cpu_memory=\"tensors\")`, 2 optimizer steps, "
-             "`peak_memory` from run.json (live tensor storage, weights included); step s = the second step",
+             "- measured: `qlora_phi3.run.train.train(recipe, cpu_memory=\"tensors\")`, one process per row, "
+             "`peak_memory` from run.json (live tensor storage, weights included); step s from the run's tokens/s "
+             "(the last step's)",
              "- estimated: `qlora_phi3.memory.estimate.estimate(recipe, config, \"cpu\")` (tensor bytes); "
              "error = (estimated - measured) / measured",
              "",
@@ -202,7 +206,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqs", default="2048,4096,8192,16384")
     parser.add_argument("--tiles", default=f"0,{TILE_TOKENS}")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per configuration (2: time the second)")
     parser.add_argument("--write", action="store_true", help="save bench/results/cpu_long_context.{md,json}")
     parser.add_argument("--predict", action="store_true", help="print the estimator's Phi-3-mini-128k predictions")
     parser.add_argument("--render", action="store_true",
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
             for tile in tiles:
                 spec = tmp / f"spec-{seq}-{tile}.json"
                 spec.write_text(json.dumps({"layers": args.layers, "overrides": _overrides(
-                    model_dir, data, tmp / f"run-{seq}-{tile}", seq, tile)}))
+                    model_dir, data, tmp / f"run-{seq}-{tile}", seq, tile, steps=args.steps)}))
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--worker", str(spec)], capture_output=True,
                                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -117,3 +117,26 @@ def test_tiling_lowers_the_measured_peak(tmp_path):
         meter.close()
         model.zero_grad(set_to_none=True)
     assert peaks[1] < 0.8 * peaks[0], peaks
+
+
+def test_block_causal_mask_builds_no_other_quadratic_temporary():
+    """The packed-row mask is L x L itself, but nothing else of that size is built on the way (issue: several
+    L x L temporaries at 24k tokens); blocks of rows give the same mask as the whole-matrix rule."""
+    from qlora_phi3.data.packing import block_causal_mask
+    from qlora_phi3.memory.meter import PeakMemory
+
+    seg = torch.tensor([[0] * 700 + [1] * 900 + [2] * 448, [0] * 2048])
+    idx = torch.arange(2048)
+    rule = (idx[None, :] <= idx[:, None]) & (seg[:, :, None] == seg[:, None, :])
+    windowed_rule = rule & (idx[None, :] > idx[:, None] - 300)
+    for attn in ("sdpa", "eager"):
+        meter = PeakMemory("cpu", cpu_measure="tensors")
+        meter.reset()
+        before = meter.current_gib()
+        mask = block_causal_mask(seg, attn, rows_per_chunk=128)
+        peak = (meter.read().peak_allocated_gib - before) * 1024**3
+        meter.close()
+        allowed = mask[:, 0] if attn == "sdpa" else mask[:, 0] == 0
+        assert torch.equal(allowed, rule)
+        assert peak <= mask.numel() * mask.element_size() * 1.25, (attn, peak)  # the mask + one block of scraps
+    assert torch.equal(block_causal_mask(seg, "sdpa", sliding_window=300, rows_per_chunk=100)[:, 0], windowed_rule)
