@@ -140,3 +140,16 @@ def test_block_causal_mask_builds_no_other_quadratic_temporary():
         assert torch.equal(allowed, rule)
         assert peak <= mask.numel() * mask.element_size() * 1.25, (attn, peak)  # the mask + one block of scraps
     assert torch.equal(block_causal_mask(seg, "sdpa", sliding_window=300, rows_per_chunk=100)[:, 0], windowed_rule)
+
+
+def test_gpu_long_context_check_dry_run(tmp_path):
+    """The GPU script's longest-context step runs end to end on a CPU with a tiny model: the 128k recipe's path
+    (tiling on, chunked loss, packing), a row appended to the results file."""
+    from bench.gpu_long_context import run_long_context_check
+
+    out = tmp_path / "gpu.md"
+    row = run_long_context_check(tmp_path / "work", out, dry_run=True, steps=1)
+    assert row["seq"] == 256 and row["tile_tokens"] == 64 and row["steps"] == 1
+    assert row["peak_allocated_gib"] > 0 and row["estimated_total_gib"] > 0
+    text = out.read_text()
+    assert "DRY RUN" in text and "| 256 | 64 | 1 | sdpa |" in text

@@ -241,8 +241,8 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     # Quadratic in the row length: what the attention implementation needs besides q, k, v.
     quad, quad_saved, quad_formula = _quadratic_attention_bytes(attn, recipe.data.packing, batch, seq, heads, ckpt,
                                                                 n_layers, on_gpu)
-    if quad:
-        add(f"attention masks and scores ({attn})", quad, quad_formula)
+    if quad or quad_saved:
+        add(f"attention masks and scores ({attn})", quad + quad_saved, quad_formula)
 
     # --- one layer's backward (the layers' part of the peak) ---
     # Traced with the live-tensor meter (qlora_phi3/memory/meter.py) on a Phi-3-mini-width layer, two moments:
