@@ -131,6 +131,39 @@ def estimate_row(row: dict):
     return estimate(recipe, config, "cpu")
 
 
+def speed(seq: int, tile: int, layers: int, repeats: int) -> dict:
+    """Tokens/s of one training step (forward + backward, the trainer's model and loss) with tiling off and on,
+    interleaved off/on/off/on in one process, so that load from other jobs on a shared machine hits both alike."""
+    import statistics
+
+    import torch
+
+    from qlora_phi3.config import LoraSettings, ModelConfig
+    from qlora_phi3.model.load import load_model
+    from qlora_phi3.model.lora import attach_lora
+    from qlora_phi3.run.loss import model_loss
+    from qlora_phi3.run.tiling import disable_tiling, enable_tiling
+
+    with tempfile.TemporaryDirectory(prefix="qlora-speed-") as tmp:
+        model_dir = build_model(Path(tmp) / "model", layers, max(seq, 4096))
+        model = attach_lora(load_model(ModelConfig(name_or_path=str(model_dir)), "cpu", "bfloat16", "sdpa"),
+                            LoraSettings(r=16, dropout=0.05), True).train()
+    ids = torch.randint(3, 600, (1, seq), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[0, ::30] = ids[0, ::30]  # ~3% labelled, like the generated chats
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    seconds = {0: [], tile: []}
+    for k in range(2 * repeats + 1):
+        t = tile if k % 2 else 0
+        enable_tiling(model, t) if t else disable_tiling(model)
+        t0 = time.perf_counter()
+        model_loss(model, batch, 256).backward()
+        model.zero_grad(set_to_none=True)
+        if k:  # the first step warms up
+            seconds[t].append(time.perf_counter() - t0)
+    return {t: round(seq / statistics.median(v), 1) for t, v in seconds.items()}
+
+
 def fit_slope(rows: list[dict]) -> tuple[float, float]:
     """Least-squares (bytes per token, intercept GiB) of peak against tokens."""
     xs, ys = [r["seq"] for r in rows], [r["peak_gib"] for r in rows]
@@ -210,12 +243,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per configuration (2: time the second)")
     parser.add_argument("--write", action="store_true", help="save bench/results/cpu_long_context.{md,json}")
     parser.add_argument("--predict", action="store_true", help="print the estimator's Phi-3-mini-128k predictions")
+    parser.add_argument("--speed", type=int, metavar="SEQ",
+                        help="tokens/s with tiling off and on at SEQ tokens, interleaved in one process")
     parser.add_argument("--render", action="store_true",
                         help="rewrite the .md from the saved .json with the current estimator (no run)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args.worker)
+        return 0
+    if args.speed:
+        tile = int(args.tiles.split(",")[-1])
+        result = speed(args.speed, tile, args.layers, repeats=3)
+        print(json.dumps({"seq": args.speed, "layers": args.layers, "tokens_per_second": result,
+                          "tiled_over_untiled": round(result[tile] / result[0], 3)}))
         return 0
     if args.render:
         print(render())

@@ -2,11 +2,16 @@
 
 No weights are loaded: ``estimate(recipe, model_config)`` needs the shapes (hidden, layers, heads,
 MLP width, vocabulary) and the recipe. Every term below names its formula and where it comes from.
-Where a coefficient comes from tracing what autograd saves, the trace is of transformers 5's
-``Phi3DecoderLayer`` with PEFT LoRA on bitsandbytes ``Linear4bit`` under bf16 autocast (the code
-path of ``qlora-phi3 train``); ``tests/test_estimate.py`` checks the total against the profiler's
-measured CPU peak (within 15%) on tiny and mini Phi-3 models, and ``bench/gpu_profile.sh``
-compares it with ``max_memory_reserved`` on a GPU.
+Where a coefficient comes from tracing, the trace is of transformers 5.24's ``Phi3DecoderLayer`` (or its
+tiled form, qlora_phi3/run/tiling.py) with PEFT LoRA on bitsandbytes ``Linear4bit``, bf16 weights, on the
+code path of ``qlora-phi3 train``: what autograd saves (``saved_tensors_hooks``) and what is alive at the
+peak (the live-tensor meter, qlora_phi3/memory/meter.py). That forward runs outside autocast, so PEFT runs
+the adapters in fp32 (``TRAIN_FORWARD_AUTOCAST``; the profiler's own loop uses autocast: ``autocast=True``).
+Checked: ``tests/test_estimate.py`` against measured CPU peaks (within 15% on tiny and mini Phi-3s through
+the profiler, eager included; within 10% on every row of bench/results/cpu_long_context.md, real training
+steps at Phi-3-mini's widths, 2k-16k tokens, tiling off and on). The GPU-only terms (attention backward
+buffers, cuBLAS workspaces, allocator overhead, CUDA context) come from their sources and are not measured
+yet (bench/gpu_profile.sh, bench/gpu_long_context.py).
 
 Notation: N = micro_batch_size x max_seq_len tokens, h = hidden, I = MLP width, L = layers,
 V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers.
@@ -427,16 +432,18 @@ def run_estimate(recipe_path: str | None, overrides: list[str], budget: str | No
     s = est.settings
     table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
                         f"{s['micro_batch_size']}, r={s['lora_r']}, checkpointing {s['gradient_checkpointing']}, "
-                        f"{s['optimizer']} ({est.device})", title_justify="left")
+                        f"tiles {s['tile_tokens'] or 'off'}, {s['optimizer']}, attention {s['attn_implementation']}"
+                        f"{' + packing' if s['packing'] else ''} ({est.device})", title_justify="left")
     table.add_column("term")
     table.add_column("GiB", justify="right")
-    table.add_column("formula (source in qlora_phi3/estimate.py)", overflow="fold")
+    table.add_column("formula (source in qlora_phi3/memory/estimate.py)", overflow="fold")
     from rich.markup import escape
 
     for t in est.terms:
         table.add_row(t.name, f"{t.gib:.3f}", escape(t.formula))
     table.add_row("[bold]peak", f"[bold]{est.total_gib:.2f}",
-                  "weights + saved activations + max(logits and loss, recompute + backward transients)"
+                  "weights + saved activations + masks + max(final norm + logits and loss, recompute + backward "
+                  "transients [+ attention backward buffers])"
                   + (" + overhead + context" if est.device == "cuda" else ""))
     console().print(table)
     if budget_gib is not None:
