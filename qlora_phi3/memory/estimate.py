@@ -154,7 +154,7 @@ def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list
     # Two RMSNorms: fp32 upcast of the input (4h) and 1/rms (4) each. Attention: the fused qkv output (2 x qkv_out,
     # q/k/v are views of it), rotated q and k, the attention output and its fp32 logsumexp (4 per head).
     # MLP: the fused gate_up output (2 x 2I) and silu(gate) (2I).
-    base = 2 * (4 * h + 4) + 2 * qkv_out + 2 * (q_size + kv_size) + 2 * q_size + 4 * heads + 4 * 2 * i + 2 * i
+    base = 2 * (4 * h + 4) + 2 * qkv_out + 2 * (q_size + kv_size) + 2 * q_size + 4 * heads + 2 * 2 * i + 2 * i
     # Each LoRA target: its fp32 input (4 x in) kept by lora_A, or with dropout the fp32 dropout mask and the
     # dropped input (8 x in); and lora_A's fp32 output (4r).
     # Under autocast (lora_fp32=False) the adapter runs in bf16 on the bf16 input: 2 x in (4 x in with dropout) + 2r.
@@ -283,14 +283,16 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
         whole = _tiled_layer_bytes_per_token(cfg)
         attn_grads = 2 * q_size + 2 * h + 2 * (q_size + 2 * kv_size)  # attention output, residual; dq, dk, dv
         rows = batch * tile
-        in_tile = 2 * h * n_tokens + max(rows * tile_recompute, rows * tile_backward + dequant)
+        # the layer output's gradient, and the gradients of the tiles already done (split's backward gathers them)
+        in_tile = (2 * h + 2 * q_size + 2 * h) * n_tokens + max(rows * tile_recompute, rows * tile_backward + dequant)
         in_attention = attn_grads * n_tokens
         layer_ws = n_tokens * (whole + layer_input_back)
         add("one layer's recompute working set", layer_ws,
             f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v 2(q+2k), its output and the contiguous copy "
             f"o_proj reads 4q, logsumexp 4*heads]{' + N x 2h [offloaded input back]' if offload else ''}")
         grad_ws = max(in_tile, in_attention)
-        grad_formula = (f"max(N x 2h [layer output grad] + tile {tile} x micro-batch x max({tile_recompute:,} B "
+        grad_formula = (f"max(N x (2h + 2q + 2h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
+                        f"{tile} x micro-batch x max({tile_recompute:,} B "
                         f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
                         f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv])")
     else:
