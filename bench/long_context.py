@@ -2,7 +2,9 @@
 
     nice -n 10 python bench/long_context.py --write            # 2k, 4k, 8k, 16k tokens x tiling off/on, 1 layer
     python bench/long_context.py --seqs 2048                   # a quick look
+    nice -n 10 python bench/long_context.py --speed 4096 --write  # tokens/s tiling off vs on, interleaved
     python bench/long_context.py --predict                     # the estimator on full Phi-3-mini-128k (no run)
+    python bench/long_context.py --render                      # the table again from the JSON, current estimator
 
 The model has Phi-3-mini's real widths (hidden 3072, MLP 8192, 32 heads of 96, vocabulary 32064) with
 ``--layers`` layers and random weights (no download); the tokenizer is the embedded tiny one. The data is
@@ -197,7 +199,8 @@ def _hardware() -> str:
     return f"{os.cpu_count()}-core CPU ({cpu}), no GPU"
 
 
-def _markdown(rows: list[dict], layers: int, command: str, hardware: str | None = None) -> str:
+def _markdown(rows: list[dict], layers: int, command: str, hardware: str | None = None,
+              speed_result: dict | None = None) -> str:
     import torch
     import transformers
 
@@ -227,11 +230,15 @@ def _markdown(rows: list[dict], layers: int, command: str, hardware: str | None 
             slope, icpt = fit_slope(group)
             lines.append(f"- tiling {tile or 'off'}: {slope / 1024:,.1f} KiB per token (least squares over "
                          f"{len(group)} lengths; intercept {icpt:.3f} GiB)")
-    speed = {(r["seq"], r["tile_tokens"]): r["tokens_per_second"] for r in rows}
-    ratios = [speed[(s, t)] / speed[(s, 0)] for (s, t) in speed if t and (s, 0) in speed]
-    if ratios:
-        lines.append(f"- speed with tiling: {min(ratios):.2f}x-{max(ratios):.2f}x the untiled tokens/s "
-                     "(same run, same machine; the tiled parts are computed once more per step)")
+    lines.append("- step s / tokens/s above: one step per process, on 2 cores shared with other jobs (load average "
+                 "7-9 during these runs): they vary by 2x from run to run and do not compare tiling; see below")
+    if speed_result:
+        tps = speed_result["tokens_per_second"]
+        off, on = tps["0"], tps[str(max(int(k) for k in tps))]
+        lines.append(f"- speed (`{speed_result['command']}`: forward + backward of the trainer's model and loss at "
+                     f"{speed_result['seq']} tokens, tiling off and on interleaved in one process, median of "
+                     f"{speed_result['repeats']} each): {off:.0f} tokens/s untiled, {on:.0f} tiled = "
+                     f"{on / off:.2f}x (the tiled parts are computed once more per step)")
     return "\n".join(lines) + "\n"
 
 
@@ -254,9 +261,17 @@ def main(argv=None) -> int:
         return 0
     if args.speed:
         tile = int(args.tiles.split(",")[-1])
-        result = speed(args.speed, tile, args.layers, repeats=3)
-        print(json.dumps({"seq": args.speed, "layers": args.layers, "tokens_per_second": result,
-                          "tiled_over_untiled": round(result[tile] / result[0], 3)}))
+        repeats = 3
+        result = speed(args.speed, tile, args.layers, repeats=repeats)
+        out = {"command": "python bench/long_context.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "seq": args.speed, "layers": args.layers, "repeats": repeats,
+               "tokens_per_second": {str(k): v for k, v in result.items()}}
+        print(json.dumps(out))
+        if args.write:
+            saved = json.loads((RESULTS / "cpu_long_context.json").read_text(encoding="utf-8"))
+            saved["speed"] = out
+            (RESULTS / "cpu_long_context.json").write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+            render()
         return 0
     if args.render:
         print(render())
@@ -297,7 +312,7 @@ def main(argv=None) -> int:
 
 
 def _save(rows: list[dict], layers: int, command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)  # (a later --speed --write adds its result to the same file)
     (RESULTS / "cpu_long_context.json").write_text(json.dumps(
         {"command": command, "hardware": _hardware(), "layers": layers, "rows": rows}, indent=1) + "\n",
         encoding="utf-8")
@@ -307,7 +322,7 @@ def _save(rows: list[dict], layers: int, command: str) -> None:
 def render() -> str:
     """Rewrite the markdown table from the measured rows in the JSON, with the estimator as it is now."""
     saved = json.loads((RESULTS / "cpu_long_context.json").read_text(encoding="utf-8"))
-    text = _markdown(saved["rows"], saved["layers"], saved["command"], saved["hardware"])
+    text = _markdown(saved["rows"], saved["layers"], saved["command"], saved["hardware"], saved.get("speed"))
     (RESULTS / "cpu_long_context.md").write_text(text, encoding="utf-8")
     return text
 

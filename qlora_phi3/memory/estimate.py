@@ -285,6 +285,9 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
         rows = batch * tile
         # the layer output's gradient, and the gradients of the tiles already done (split's backward gathers them)
         in_tile = (2 * h + 2 * q_size + 2 * h) * n_tokens + max(rows * tile_recompute, rows * tile_backward + dequant)
+        # sdpa: transformers returns its output transposed and made contiguous, so the gradient reaches sdpa's
+        # backward as a transposed view that it copies (2q); flash-attn takes (batch, seq, heads, dim) as it comes.
+        attn_grads += 2 * q_size if attn == "sdpa" else 0
         in_attention = attn_grads * n_tokens
         layer_ws = n_tokens * (whole + layer_input_back)
         add("one layer's recompute working set", layer_ws,
@@ -294,7 +297,8 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
         grad_formula = (f"max(N x (2h + 2q + 2h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
                         f"{tile} x micro-batch x max({tile_recompute:,} B "
                         f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
-                        f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv])")
+                        f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv"
+                        f"{', the output grad made contiguous (sdpa)' if attn == 'sdpa' else ''}])")
     else:
         layer_ws = n_tokens * (at_gate_up + layer_input_back) if ckpt else 0.0
         if ckpt:
