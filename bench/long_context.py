@@ -237,7 +237,7 @@ def _markdown(rows: list[dict], layers: int, command: str, hardware: str | None 
         off, on = tps["0"], tps[str(max(int(k) for k in tps))]
         lines.append(f"- speed (`{speed_result['command']}`: forward + backward of the trainer's model and loss at "
                      f"{speed_result['seq']} tokens, tiling off and on interleaved in one process, median of "
-                     f"{speed_result['repeats']} each): {off:.0f} tokens/s untiled, {on:.0f} tiled = "
+                     f"{speed_result['repeats']} each): {off:.1f} tokens/s untiled, {on:.1f} tiled = "
                      f"{on / off:.2f}x (the tiled parts are computed once more per step)")
     return "\n".join(lines) + "\n"
 
