@@ -1,7 +1,14 @@
 """The estimator: budget parsing, each term's arithmetic, no weights loaded, and within 15% of the measured
 CPU peak (live tensor bytes) on tiny and mini Phi-3 models."""
 
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/ (the long-context table and the GPU check) is not an installed package
+    sys.path.insert(0, str(REPO))
 
 from qlora_phi3.config import RECIPES_DIR, load_recipe
 from qlora_phi3.errors import UserError

@@ -1,8 +1,15 @@
 """Sequence tiling: the same loss and LoRA gradients as transformers' own layers (4-bit base, sdpa and eager,
 packed rows, with and without checkpointing), tiles that really are tile-sized, and less memory."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/ (the long-context table and the GPU check) is not an installed package
+    sys.path.insert(0, str(REPO))
 
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.data.packing import PackingCollator, pack_columns, to_model_inputs
