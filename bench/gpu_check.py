@@ -14,7 +14,7 @@ before ``--budget-s`` are recorded as skipped):
            with micro-batches of 1 and 2 rows (flash-attn only isolates samples when told their boundaries)
 4. fp16    a forced fp16 run (the pre-Ampere path: loss scaling, fp32 adapter weights)
 5. grid    ``qlora-phi3 profile``: seq 512/2048/8192 x r 8/16/64, reserved / allocated / device used vs estimate
-6. long    a few steps of the long-context recipe at its length (recipes/phi3_mini_128k_12gb.yaml)
+6. long    random Phi-3-mini-128k; a few steps of recipes/phi3_mini_128k_12gb.yaml at its length, beside the estimate
 7. merge   ``qlora-phi3 merge`` of the step-2 run into fp16, with a one-sample report
 """
 
@@ -177,16 +177,31 @@ def step_grid(ctx) -> str:
 
 
 def step_long(ctx) -> str:
+    """The 128k recipe at its own length on Phi-3-mini-128k's architecture (longrope factors, 131,072 positions),
+    measured beside the estimator's prediction for the same settings."""
     from qlora_phi3.config import load_recipe, resolve_recipe
+    from qlora_phi3.memory.estimate import estimate
+    from qlora_phi3.model.load import read_model_config
+    from qlora_phi3.model.tiny import write_random_phi3
 
+    if not (ctx.long_model_dir / "config.json").is_file():
+        write_random_phi3(ctx.long_model_dir, device=ctx.device, kind="128k", **ctx.sizes)
     recipe = load_recipe(resolve_recipe("phi3_mini_128k_12gb"), [])
     seq = ctx.long_seq or recipe.data.max_seq_len
+    long_overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
+    if ctx.dry:  # tiles smaller than the dry run's 256-token rows, so the tiled layers run too
+        long_overrides += ["train.tile_tokens=64"]
     _checked(_qlora("train", "phi3_mini_128k_12gb", f"model.name_or_path={ctx.long_model_dir}", "model.revision=null",
                     f"data.path={ctx.long_data_path(seq)}", "data.eval_split=null", "data.max_eval_samples=1",
                     f"data.max_seq_len={seq}", "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1",
                     "train.max_steps=2", "train.grad_accum=1", f"train.output_dir={ctx.work / 'long'}", "--force",
-                    *ctx.train_overrides, timeout=ctx.remaining()))
-    return f"phi3_mini_128k_12gb at {seq:,} tokens (2 steps): " + _run_summary(ctx.work / "long")
+                    *long_overrides, timeout=ctx.remaining()))
+    run_dir = ctx.work / "long"
+    run = json.loads((run_dir / "run.json").read_text())
+    ran = load_recipe(run_dir / "recipe.yaml")
+    est = estimate(ran, read_model_config(ran.model), ctx.device, run.get("attn_implementation"))
+    return (f"phi3_mini_128k_12gb at {seq:,} tokens, tiles of {ran.train.tile_tokens or 'off'} (2 steps): "
+            f"{_run_summary(run_dir)}; estimated reserved {est.reserved_gib:.2f} GiB, total {est.total_gib:.2f} GiB")
 
 
 def step_merge(ctx) -> str:
@@ -211,7 +226,7 @@ class Context:
         self.work = Path(args.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.model_dir = self.work / ("tiny-phi3" if self.dry else "phi3-mini-4k-random")
-        self.long_model_dir = self.model_dir
+        self.long_model_dir = self.work / ("tiny-phi3-128k" if self.dry else "phi3-mini-128k-random")
         self.grid = (["lora.r=8", "data.max_seq_len=64"] if self.dry else
                      ["lora.r=8,16,64", "data.max_seq_len=512,2048,8192"])
         self.long_seq = 256 if self.dry else None

@@ -32,12 +32,14 @@ DEFAULT_RECIPE = "tiny_cpu"
 def recipes_dir() -> Path:
     """The shipped recipes: the top-level ``recipes/`` folder, installed as the package data
     ``qlora_phi3.recipes`` (pyproject.toml maps it), so an installed qlora-phi3 finds them anywhere."""
-    try:
-        from importlib.resources import files
+    # find_spec, not importlib.resources.files: recipes/ has no __init__.py, so the installed folder is a namespace
+    # package, and files() hands back a MultiplexedPath whose str() is not a path.
+    import importlib.util
 
-        return Path(str(files("qlora_phi3.recipes")))
-    except ModuleNotFoundError:  # a source checkout on sys.path without an install
-        return Path(__file__).resolve().parent.parent / "recipes"
+    spec = importlib.util.find_spec("qlora_phi3.recipes")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "recipes"  # a source checkout on sys.path without an install
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -136,6 +138,11 @@ class TrainConfig:
     loss_chunk_tokens: int = _f(
         256, "Labelled positions whose logits are built at once by the chunked cross-entropy "
              "(256 x 32064 vocab ~ 82 MB, vs ~0.6 GB for full logits at 2k tokens); 0 = the model's plain loss.")
+    tile_tokens: int = _f(
+        0, "Sequence tiling: each decoder layer's norms, projections and MLP (with LoRA) run over chunks of this "
+           "many tokens, in forward and in the checkpoint recompute, so one layer's working set scales with the "
+           "chunk, not the sequence (long context; qlora_phi3/run/tiling.py). Costs one more forward of those parts "
+           "per step. 0 = off; the long-context recipes use 4096.")
     seed: int = _f(42, "Seed for init, data order and dropout.")
     logging_steps: int = _f(10, "Steps between log lines.")
     eval_steps: int = _f(50, "Steps between evaluations (0 = only at start and end).")
@@ -345,6 +352,8 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("train.weight_decay", recipe.train.weight_decay >= 0, "must be non-negative"),
         ("train.max_grad_norm", recipe.train.max_grad_norm > 0, "must be positive"),
         ("train.loss_chunk_tokens", recipe.train.loss_chunk_tokens >= 0, "must be 0 (plain loss) or more"),
+        ("train.tile_tokens", recipe.train.tile_tokens == 0 or recipe.train.tile_tokens >= 16,
+         "must be 0 (off) or at least 16 tokens"),
         ("train.logging_steps", recipe.train.logging_steps >= 1, "must be at least 1"),
         ("train.eval_steps", recipe.train.eval_steps >= 0, "must be 0 or more"),
         ("train.save_steps", recipe.train.save_steps >= 0, "must be 0 or more"),

@@ -28,20 +28,23 @@ def test_plan_fits_and_is_the_largest(budget):
     assert p.data.max_seq_len % SEQ_STEP == 0 and p.data.max_seq_len <= cfg.max_position_embeddings
     # maximal: one more micro-batch sample would not fit; nor would a longer sequence (at batch 1, checkpointed)
     bigger = copy.deepcopy(p)
-    bigger.train.micro_batch_size += 1
-    assert bigger.train.micro_batch_size > 64 or estimate(bigger, cfg).total_gib > usable
+    bigger.train.micro_batch_size = next(m for m in range(p.train.micro_batch_size + 1, 17) if 16 % m == 0) \
+        if p.train.micro_batch_size < 16 else 17
+    assert bigger.train.micro_batch_size > 16 or estimate(bigger, cfg).total_gib > usable
     if p.data.max_seq_len < cfg.max_position_embeddings:
         longer = copy.deepcopy(p)
         longer.data.max_seq_len += SEQ_STEP
         longer.train.micro_batch_size, longer.train.gradient_checkpointing = 1, True
+        assert estimate(longer, cfg).total_gib > usable
+        longer.train.tile_tokens = 2048  # nor with tiling
         assert estimate(longer, cfg).total_gib > usable
     # checkpointing only when needed
     if plan.checkpointing_needed:
         off = copy.deepcopy(p)
         off.train.micro_batch_size, off.train.gradient_checkpointing = 1, False
         assert estimate(off, cfg).total_gib > usable
-    # same effective batch as the recipe asked for (2 x 8)
-    assert abs(p.train.micro_batch_size * p.train.grad_accum - 16) <= p.train.micro_batch_size
+    # exactly the effective batch the recipe asked for (2 x 8), never 3 x 5 = 15
+    assert p.train.micro_batch_size * p.train.grad_accum == 16
 
 
 def test_bigger_budget_never_plans_less():
@@ -73,3 +76,44 @@ def test_fit_writes_a_ready_self_documenting_recipe(tmp_path, capsys):
     assert loaded.train.micro_batch_size == plan.recipe.train.micro_batch_size
     assert loaded.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct"
     assert str(out) in capsys.readouterr().out
+
+
+def test_fit_never_plans_past_the_longest_conversation(tmp_path):
+    """Data under 300 tokens must not get data.max_seq_len=4096 (it did): the data's lengths cap it."""
+    from qlora_phi3.memory.fit import data_longest_tokens
+
+    recipe = load_recipe(RECIPES_DIR / "tiny_cpu.yaml", [])
+    longest, note = data_longest_tokens(recipe)
+    assert 20 < longest < 300 and "longest conversation" in note
+    cfg = config_for_estimate(recipe.model)
+    plan = plan_fit(recipe, cfg, 24.0, longest_tokens=longest)
+    assert plan.recipe.data.max_seq_len == SEQ_STEP * -(-longest // SEQ_STEP)
+    assert plan_fit(recipe, cfg, 24.0).recipe.data.max_seq_len == cfg.max_position_embeddings  # no data: memory only
+    assert any("longest conversation" in n for n in plan.notes)
+    hub = load_recipe(PHI3, [])
+    assert data_longest_tokens(hub)[0] is None  # a Hub dataset is not read (no download)
+
+
+def test_fit_turns_tiling_on_only_when_it_buys_length():
+    recipe = load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml", ["train.tile_tokens=0"])
+    cfg = config_for_estimate(recipe.model)
+    plan = plan_fit(recipe, cfg, 12.0)
+    assert plan.recipe.train.tile_tokens > 0 and plan.recipe.data.max_seq_len >= 32768
+    untiled = copy.deepcopy(plan.recipe)
+    untiled.train.tile_tokens = 0
+    assert estimate(untiled, cfg).total_gib > plan.usable_gib
+    short = plan_fit(load_recipe(PHI3, []), config_for_estimate(load_recipe(PHI3, []).model), 12.0)
+    assert short.recipe.train.tile_tokens == 0  # 4k context fits untiled
+
+
+def test_fit_counts_the_quadratic_attention_memory():
+    """eager (scores) and sdpa with packing (the L x L mask) grow with the square of the row: fit plans shorter rows."""
+    base = load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml", [])
+    cfg = config_for_estimate(base.model)
+    flash = plan_fit(base, cfg, 12.0)
+    sdpa_packed = plan_fit(load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml",
+                                       ["model.attn_implementation=sdpa"]), cfg, 12.0)
+    eager = plan_fit(load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml",
+                                 ["model.attn_implementation=eager", "data.packing=false"]), cfg, 12.0)
+    assert eager.recipe.data.max_seq_len < sdpa_packed.recipe.data.max_seq_len < flash.recipe.data.max_seq_len
+    assert any("square" in n for n in sdpa_packed.notes + eager.notes)

@@ -22,3 +22,5 @@ def test_dry_run_runs_every_step_and_writes_each_result_as_it_goes(tmp_path):
     packing = next(line for line in report.splitlines() if line.startswith("packed vs alone"))
     diffs = [float(part.rsplit(" ", 1)[1]) for part in packing.split(": ", 1)[1].split("; ")]
     assert len(diffs) == 2 and max(diffs) < 0.05  # 1 and 2 rows per micro-batch: no sample sees another
+    long = next(line for line in report.splitlines() if line.startswith("phi3_mini_128k_12gb at"))
+    assert "256 tokens, tiles of 64" in long and "estimated reserved" in long  # the tiled path ran, beside its estimate

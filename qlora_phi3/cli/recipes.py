@@ -35,6 +35,11 @@ def _run(args) -> int:
     from qlora_phi3.ui import console, info
 
     shipped = shipped_recipes()
+    if not shipped:
+        from qlora_phi3.config import recipes_dir
+
+        raise UserError(f"no shipped recipes in {recipes_dir()}: this install of qlora-phi3 is incomplete; "
+                        "reinstall it (pip install --force-reinstall qlora-phi3).")
     if args.action == "list":
         width = max(len(n) for n in shipped)
         for name, path in shipped.items():

@@ -109,22 +109,34 @@ class PackingCollator:
         return batch
 
 
-def block_causal_mask(segment_ids, attn_implementation: str, sliding_window: int | None = None):
+def block_causal_mask(segment_ids, attn_implementation: str, sliding_window: int | None = None,
+                      rows_per_chunk: int | None = None):
     """(batch, 1, L, L) mask: token q sees token k iff same segment and k <= q (and within the window).
 
     sdpa takes it as bool (True = attend); eager adds it to the scores, so there it is 0 / -inf-like fp32.
+    The mask itself is L x L per row (1 B per entry for sdpa: 4 GiB at 64k tokens; the estimator counts it);
+    it is filled a block of query rows at a time, so no other L x L temporary is ever built (the whole-matrix
+    comparisons would take several: ~0.6 GB each at 24k).
     """
     import torch
 
-    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device)
-    allowed = idx[None, :] <= idx[:, None]
-    if sliding_window is not None:  # Phi-3-mini-4k has sliding_window=2047; same rule as transformers' mask
-        allowed = allowed & (idx[None, :] > idx[:, None] - sliding_window)
-    allowed = (allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
-    if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(torch.float32).min)
-    return allowed
+    batch, length = segment_ids.shape
+    device = segment_ids.device
+    eager = attn_implementation == "eager"
+    out = torch.empty((batch, 1, length, length), dtype=torch.float32 if eager else torch.bool, device=device)
+    idx = torch.arange(length, device=device)
+    step = rows_per_chunk or max(1, (16 * 1024**2) // max(1, batch * length))  # ~16 MB of temporaries per block
+    for start in range(0, length, step):
+        q = idx[start:start + step, None]
+        allowed = idx[None, :] <= q
+        if sliding_window is not None:  # Phi-3-mini-4k has sliding_window=2047; same rule as transformers' mask
+            allowed = allowed & (idx[None, :] > q - sliding_window)
+        allowed = allowed[None] & (segment_ids[:, start:start + step, None] == segment_ids[:, None, :])
+        if eager:
+            out[:, 0, start:start + step] = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        else:
+            out[:, 0, start:start + step] = allowed
+    return out
 
 
 def to_model_inputs(batch: dict, attn_implementation: str, sliding_window: int | None = None) -> dict:

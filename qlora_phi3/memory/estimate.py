@@ -2,11 +2,17 @@
 
 No weights are loaded: ``estimate(recipe, model_config)`` needs the shapes (hidden, layers, heads,
 MLP width, vocabulary) and the recipe. Every term below names its formula and where it comes from.
-Where a coefficient comes from tracing what autograd saves, the trace is of transformers 5's
-``Phi3DecoderLayer`` with PEFT LoRA on bitsandbytes ``Linear4bit`` under bf16 autocast (the code
-path of ``qlora-phi3 train``); ``tests/test_estimate.py`` checks the total against the profiler's
-measured CPU peak (within 15%) on tiny and mini Phi-3 models, and ``bench/gpu_profile.sh``
-compares it with ``max_memory_reserved`` on a GPU.
+Where a coefficient comes from tracing, the trace is of transformers 5.24's ``Phi3DecoderLayer`` (or its
+tiled form, qlora_phi3/run/tiling.py) with PEFT LoRA on bitsandbytes ``Linear4bit``, bf16 weights, on the
+code path of ``qlora-phi3 train``: what autograd saves (``saved_tensors_hooks``) and what is alive at the
+peak (the live-tensor meter, qlora_phi3/memory/meter.py). That forward runs under autocast, so PEFT runs the
+adapters in bf16 (``TRAIN_FORWARD_AUTOCAST``; ``autocast=False`` estimates the fp32-adapter path the long-context
+table was measured on).
+Checked: ``tests/test_estimate.py`` against measured CPU peaks (within 15% on tiny and mini Phi-3s through
+the profiler, eager included; within 10% on every row of bench/results/cpu_long_context.md, real training
+steps at Phi-3-mini's widths, 2k-16k tokens, tiling off and on). The GPU-only terms (attention backward
+buffers, cuBLAS workspaces, allocator overhead, CUDA context) come from their sources and are not measured
+yet (bench/gpu_check.py).
 
 Notation: N = micro_batch_size x max_seq_len tokens, h = hidden, I = MLP width, L = layers,
 V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers.
@@ -20,11 +26,15 @@ from qlora_phi3.config import Recipe
 from qlora_phi3.errors import UserError
 from qlora_phi3.units import GIB
 
-__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes",
+__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes", "resolve_attention",
            "config_for_estimate", "KNOWN_SHAPES", "PHI3_MINI_4K_SIZES"]
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
 ALLOCATOR_OVERHEAD = 0.10  # PyTorch caching allocator: reserved exceeds allocated by ~5-15% (block rounding, fragmentation)
+# The trainer runs the forward under autocast (run/trainer.py; the chunked loss included), so PEFT runs the adapters
+# in bf16 on bf16 inputs. False estimates the older path, where PEFT cast every LoRA input to fp32.
+TRAIN_FORWARD_AUTOCAST = True
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * 1024**2  # one cuBLAS workspace per handle (forward + backward thread), 32 MiB on Hopper
 BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit block size (QLoRA paper, arXiv 2305.14314, section 2)
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes optimizers keep 32-bit state for tensors smaller than this (min_8bit_size)
 BNB_8BIT_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer: one fp32 absmax per 256 values per state
@@ -111,34 +121,74 @@ def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, int]]) -> tuple[flo
                    f"Adam; tensors under {BNB_8BIT_MIN_SIZE} values keep 8 B/param)")
 
 
-def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list[str]) -> tuple[float, str]:
-    """Bytes autograd saves per token in one decoder layer without checkpointing (traced, see module doc)."""
+def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list[str],
+                                      lora_fp32: bool = True) -> tuple[float, str]:
+    """Bytes autograd saves per token in one decoder layer run whole (no tiling), traced with
+    ``torch.autograd.graph.saved_tensors_hooks`` on a Phi-3-mini-width layer (see the module doc).
+
+    bitsandbytes' ``MatMul4Bit`` keeps no activation (the frozen weight needs no input to backpropagate), and the
+    RMSNorm's last multiply by its frozen weight saves only the weight, so the bf16 inputs of the projections
+    are not saved; the LoRA inputs are: bf16 under autocast, fp32 copies without it (PEFT casts every LoRA input
+    to the adapter's dtype, peft/tuners/lora/bnb.py ``requires_conversion``).
+    """
     h, i = cfg.hidden_size, cfg.intermediate_size
     heads = cfg.num_attention_heads
     shapes = _linear_shapes(cfg)
-    qkv_out = shapes["qkv_proj"][1]
-    # Two RMSNorms (fp32 upcast of the input and 1/rms: 12h + 8 between them); attention: the fused qkv output
-    # (2 x qkv_out, q/k/v are views of it), rotated q and k (4h), the output (2h) and its logsumexp (4 per head);
-    # MLP: the fused gate_up output (2 x 2I), silu(gate) (2I).
-    base = 12 * h + 8 + 2 * qkv_out + 4 * h + 2 * h + 4 * heads + 4 * i + 2 * i
-    # Each LoRA target saves its bf16 input (2 x in) and lora_A's output (2r); with dropout > 0 PEFT's fp32 cast of
-    # the input is kept too (4 x in).
-    lora = sum((2 + (4 if dropout > 0 else 0)) * shapes[t][0] + 2 * r for t in targets if t in shapes)
-    return float(base + lora), (f"12h+8 (norms) + 2*{qkv_out} (qkv) + 6h + 4*heads (attention) + 6I (MLP) + LoRA inputs "
-                                f"{'6' if dropout > 0 else '2'}*in + 2r per target")
+    q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
+    kv_size = (qkv_out - q_size) // 2
+    # Two RMSNorms: fp32 upcast of the input (4h) and 1/rms (4) each. Attention: the fused qkv output (2 x qkv_out,
+    # q/k/v are views of it), rotated q and k, the attention output and its fp32 logsumexp (4 per head).
+    # MLP: the fused gate_up output (2 x 2I) and silu(gate) (2I).
+    base = 2 * (4 * h + 4) + 2 * qkv_out + 2 * (q_size + kv_size) + 2 * q_size + 4 * heads + 2 * 2 * i + 2 * i
+    # Each LoRA target: its fp32 input (4 x in) kept by lora_A, or with dropout the fp32 dropout mask and the
+    # dropped input (8 x in); and lora_A's fp32 output (4r).
+    # Under autocast (lora_fp32=False) the adapter runs in bf16 on the bf16 input: 2 x in (4 x in with dropout) + 2r.
+    per_in = _lora_bytes_per_input(dropout, lora_fp32)
+    lora = sum(per_in * shapes[t][0] + (4 if lora_fp32 else 2) * r for t in targets if t in shapes)
+    return float(base + lora), (f"8h+8 (norms) + 2*{qkv_out} (qkv) + 2*(q+k) + 2q + 4*heads (attention) + 6I (MLP) "
+                                f"+ LoRA {per_in}*in + {4 if lora_fp32 else 2}r per target")
 
 
-def estimate(recipe: Recipe, model_config, device: str = "cuda") -> Estimate:
-    """Peak memory of one training step. ``device``: 'cuda' (adds context and allocator overhead) or 'cpu'."""
+def _lora_bytes_per_input(dropout: float, lora_fp32: bool) -> int:
+    if lora_fp32:
+        return 8 if dropout > 0 else 4
+    return 4 if dropout > 0 else 2
+
+
+def resolve_attention(recipe: Recipe, device: str) -> str:
+    """The attention implementation training will use, as ``model.load.pick_attention`` decides it, without
+    asking a GPU: 'auto' is flash_attention_2 for a CUDA estimate where flash-attn is installed, else sdpa."""
+    import importlib.util
+
+    requested = recipe.model.attn_implementation
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementation: str | None = None,
+             autocast: bool = TRAIN_FORWARD_AUTOCAST) -> Estimate:
+    """Peak memory of one training step. ``device``: 'cuda' (adds context and allocator overhead) or 'cpu'.
+    ``attn_implementation``: the attention the step runs (default: :func:`resolve_attention`).
+    ``autocast``: whether the forward runs under autocast (then PEFT runs the adapters in bf16, not fp32)."""
     cfg = model_config
     h, i, n_layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     r = recipe.lora.r
-    n_tokens = recipe.train.micro_batch_size * recipe.data.max_seq_len
+    batch, seq = recipe.train.micro_batch_size, recipe.data.max_seq_len
+    n_tokens = batch * seq
+    on_gpu = device.startswith("cuda")
+    attn = attn_implementation or resolve_attention(recipe, device)
     ckpt = bool(recipe.train.gradient_checkpointing)
-    offload = recipe.train.gradient_checkpointing == "offload" and device.startswith("cuda")
+    offload = recipe.train.gradient_checkpointing == "offload" and on_gpu
     chunk = recipe.train.loss_chunk_tokens
+    tile = recipe.train.tile_tokens if 0 < recipe.train.tile_tokens < seq else 0  # a row within one tile runs whole
     shapes = _linear_shapes(cfg)
-    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
+    kv_size = (qkv_out - q_size) // 2
     p_quant = n_layers * sum(a * b for a, b in shapes.values())
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     lora = lora_shapes(recipe, cfg)
@@ -148,7 +198,7 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda") -> Estimate:
     def add(name, n_bytes, formula):
         terms.append(Term(name, float(n_bytes), formula))
 
-    # --- weights ---
+    # --- weights: allocated once, before the first step ---
     add("4-bit base weights", p_quant / 2, f"P_q x 4 bit = {p_quant:,} x 0.5 B (NF4, QLoRA paper)")
     bits = 0.127 if recipe.model.double_quant else 0.5
     add("quantization constants", p_quant * (1 / BNB_BLOCKSIZE + 4 / (BNB_BLOCKSIZE * 256)) if recipe.model.double_quant
@@ -161,36 +211,104 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda") -> Estimate:
     add("LoRA gradients (fp32)", p_lora * 4, "one fp32 grad per LoRA param")
     opt_bytes, opt_formula = _optimizer_bytes(recipe.train.optimizer, lora)
     add(f"optimizer states ({recipe.train.optimizer})", opt_bytes, opt_formula)
+    weights = sum(t.n_bytes for t in terms)
 
-    # --- activations ---
+    # --- activations alive for the whole step ---
+    lora_fp32 = not autocast
     per_layer, layer_formula = _layer_activation_bytes_per_token(cfg, r, recipe.lora.dropout,
-                                                                 recipe.lora.target_modules)
+                                                                 recipe.lora.target_modules, lora_fp32)
     rope = 2 * 2 * head_dim  # cos and sin (bf16), computed once per forward and shared by all layers
     if ckpt:
-        saved_each = 0 if offload else 2 * h  # non-reentrant checkpoint keeps each layer's bf16 input
-        saved = n_tokens * (n_layers * saved_each + rope)
+        saved = n_tokens * (n_layers * (0 if offload else 2 * h) + rope)
         add("saved activations (checkpointed)", saved,
             "N x (L x 2h [layer inputs, 0 when offloaded to CPU] + 4 x head_dim [rope])")
-        layer_ws = n_tokens * per_layer
-        add("one layer's recompute working set", layer_ws, f"N x ({layer_formula}) = N x {per_layer:,.0f} B")
     else:
-        saved = n_tokens * (n_layers * per_layer + rope + 2 * h)
+        kept = (_tiled_layer_bytes_per_token(cfg) + 2 * h) if tile else per_layer
+        saved = n_tokens * (n_layers * kept + rope + 2 * h)
         add("saved activations (no checkpointing)", saved,
-            f"N x (L x {per_layer:,.0f} B [{layer_formula}] + rope + 2h embedding output)")
-        layer_ws = 0.0
-    # Backward transients of the widest layer: the gradient of the gate_up output (2 x 2I, bf16), of silu and of the
-    # gate (2 x 2I), and bitsandbytes' dequantized weight (MatMul4Bit.backward dequantizes the widest layer).
-    widest = max(a * b for a, b in shapes.values())
-    grad_ws = n_tokens * (8 * i + 4 * h) + 2 * widest
-    add("backward transients", grad_ws, "N x (8I + 4h) [bf16 grads of the MLP's widest outputs] "
-                                        "+ 2 B x widest 4-bit weight dequantized by MatMul4Bit.backward")
+            f"N x (L x {kept:,.0f} B [{'tiled: what attention keeps + the tile inputs' if tile else layer_formula}] "
+            "+ rope + 2h embedding output)")
+    # Quadratic in the row length: what the attention implementation needs besides q, k, v.
+    quad, quad_saved, quad_formula = _quadratic_attention_bytes(attn, recipe.data.packing, batch, seq, heads, ckpt,
+                                                                n_layers, on_gpu)
+    if quad or quad_saved:
+        add(f"attention masks and scores ({attn})", quad + quad_saved, quad_formula)
 
-    # --- logits and loss ---
+    # --- one layer's backward (the layers' part of the peak) ---
+    # Traced with the live-tensor meter (qlora_phi3/memory/meter.py) on a Phi-3-mini-width layer, two moments:
+    # (a) its recompute reaching gate_up's LoRA: everything saved up to there, gate_up's output, the fp32 LoRA
+    #     output and its scaled copy (PEFT computes the adapter in fp32 here), PEFT's fp32 copy of the input, the
+    #     residual and normed input that transformers' forward holds, the gradient arriving from above, and one more
+    #     fp32 h-wide buffer the trace shows alive (owner not pinned down; counted, not guessed away);
+    # (b) backward reaching gate_up: the MLP's own saved tensors (gate_up output, silu, down_proj's LoRA inputs)
+    #     are freed; gate_up's output gradient, the residual gradient and the dequantized weight are alive.
+    # (a) wins from ~1k tokens on; a tiled layer reaches both inside one tile, and over the whole sequence holds
+    # what attention needs, with its own peak in attention's backward (dq, dk, dv).
+    widest = max(a * b for a, b in shapes.values())
+    dequant = 2 * widest  # MatMul4Bit.backward dequantizes the frozen weight (bf16) to multiply the gradient
+    targets = [t for t in recipe.lora.target_modules if t in shapes]
+    per_in = _lora_bytes_per_input(recipe.lora.dropout, lora_fp32)
+    down_lora = (per_in * i + (4 if lora_fp32 else 2) * r) if "down_proj" in targets else 0
+    at_gate_up = per_layer - 6 * i - down_lora  # saved tensors alive when the recompute / backward is at gate_up
+    lora_out = 2 * (4 if lora_fp32 else 2) * 2 * i if "gate_up_proj" in targets else 0
+    held = (4 * h if lora_fp32 else 0) + 2 * 2 * h + 4 * h  # (a): PEFT's fp32 input copy, residual + normed input,
+    # and the unpinned buffer
+    in_recompute = at_gate_up + 2 * 2 * i + lora_out + held + 2 * h
+    in_backward = at_gate_up + 2 * 2 * i + 2 * h
+    moment_formula = (f"max({in_recompute:,.0f} B [(a) saved up to gate_up + 4I output + {lora_out:,} fp32 LoRA "
+                      f"output and scaled copy + 14h held], {in_backward:,.0f} B + dequantized weight [(b)])")
+    # A tile of segment B (o_proj + MLP) has saved only its own part: o_proj's LoRA input, the second norm and
+    # gate_up's LoRA input; the attention's tensors are whole-sequence (below) and the layer output grad too.
+    seg_b = (4 * h + 4) + sum(per_in * shapes[t][0] + (4 if lora_fp32 else 2) * r
+                              for t in ("o_proj", "gate_up_proj") if t in targets)
+    tile_recompute = seg_b + 2 * 2 * i + lora_out + held
+    tile_backward = seg_b + 2 * 2 * i
+    layer_input_back = 2 * h if offload else 0  # an offloaded layer input comes back for its own recompute
+    if tile:
+        whole = _tiled_layer_bytes_per_token(cfg)
+        attn_grads = 2 * q_size + 2 * h + 2 * (q_size + 2 * kv_size)  # attention output, residual; dq, dk, dv
+        rows = batch * tile
+        # the layer output's gradient, and the gradients of the tiles already done (split's backward gathers them)
+        in_tile = (2 * h + 2 * q_size + 2 * h) * n_tokens + max(rows * tile_recompute, rows * tile_backward + dequant)
+        # sdpa: transformers returns its output transposed and made contiguous, so the gradient reaches sdpa's
+        # backward as a transposed view that it copies (2q); flash-attn takes (batch, seq, heads, dim) as it comes.
+        attn_grads += 2 * q_size if attn == "sdpa" else 0
+        in_attention = attn_grads * n_tokens
+        layer_ws = n_tokens * (whole + layer_input_back)
+        add("one layer's recompute working set", layer_ws,
+            f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v 2(q+2k), its output and the contiguous copy "
+            f"o_proj reads 4q, logsumexp 4*heads]{' + N x 2h [offloaded input back]' if offload else ''}")
+        grad_ws = max(in_tile, in_attention)
+        grad_formula = (f"max(N x (2h + 2q + 2h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
+                        f"{tile} x micro-batch x max({tile_recompute:,} B "
+                        f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
+                        f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv"
+                        f"{', the output grad made contiguous (sdpa)' if attn == 'sdpa' else ''}])")
+    else:
+        layer_ws = n_tokens * (at_gate_up + layer_input_back) if ckpt else 0.0
+        if ckpt:
+            add("one layer's recompute working set", layer_ws,
+                f"N x {at_gate_up:,.0f} B [{layer_formula}, less the MLP's own 6I and down_proj's LoRA inputs]")
+        grad_ws = max(n_tokens * (in_recompute - at_gate_up), n_tokens * (in_backward - at_gate_up) + dequant)
+        grad_formula = f"N x {moment_formula} less the recompute working set"
+    add("backward transients", grad_ws, grad_formula)
+    if on_gpu and attn in ("flash_attention_2", "sdpa"):
+        attn_bwd = n_tokens * (4 * q_size + 4 * heads)
+        add("attention backward buffers (GPU)", attn_bwd,
+            "N x (4 x heads x head_dim [fp32 dq accumulator] + 4 x heads [softmax_d]): flash-attn 2's backward "
+            "(flash_api.cpp mha_bwd), the same for sdpa's flash / efficient kernels")
+        grad_ws = max(grad_ws, attn_bwd + (in_attention if tile else n_tokens * (2 * q_size + 2 * (q_size + 2 * kv_size))))
+
+    # --- logits and loss (the first thing backward runs), with the final norm's saved tensors ---
+    final_norm = n_tokens * (4 * h + 4)
+    add("final norm (saved)", final_norm, "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; "
+                                          "freed when backward reaches it, right after the loss")
     if chunk:
         rows = min(n_tokens, chunk)
-        logits = rows * vocab * 12 + n_tokens * 2 * h
+        logits = rows * vocab * 12 + n_tokens * 2 * h * 2
         logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
-                          "grad, recomputed in backward: qlora_phi3/loss.py) + N x 2h (labelled hidden states)")
+                          "grad, recomputed in backward: qlora_phi3/run/loss.py) + N x 2 x 2h (final hidden states "
+                          "and the labelled rows gathered from them; their gradient)")
     else:
         # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
         # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
@@ -200,25 +318,70 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda") -> Estimate:
                           "with their gradients; measured on the training path)")
     add("logits and loss", logits, logits_formula)
 
-    weights = sum(t.n_bytes for t in terms[:7])
-    # The peak is in backward: saved activations, plus the larger of the loss's working set (first in backward)
-    # and one layer's recompute with its gradient transients.
-    tensor_bytes = weights + saved + max(logits, layer_ws + grad_ws)
-    est = Estimate(device="cuda" if device.startswith("cuda") else "cpu", terms=terms, tensor_bytes=tensor_bytes,
-                   settings={"max_seq_len": recipe.data.max_seq_len, "micro_batch_size": recipe.train.micro_batch_size,
-                             "gradient_checkpointing": recipe.train.gradient_checkpointing, "lora_r": r,
-                             "optimizer": recipe.train.optimizer, "loss_chunk_tokens": chunk})
-    if est.device == "cuda":
-        overhead = ALLOCATOR_OVERHEAD * tensor_bytes
-        add("allocator overhead (GPU)", overhead, f"{ALLOCATOR_OVERHEAD:.0%} of tensor memory: caching-allocator "
-            "rounding and fragmentation (reserved - allocated)")
-        add("CUDA context (GPU)", CUDA_CONTEXT_BYTES, "~0.5 GB per process: CUDA runtime, cuBLAS workspaces; "
+    # The peak is in backward: what lives through the step (weights, saved activations, the persistent masks) plus
+    # the larger of the loss's moment (first in backward) and one layer's recompute with its backward.
+    activations = saved + quad + max(logits + final_norm, layer_ws + grad_ws + quad_saved)
+    tensor_bytes = weights + activations
+    settings = {"max_seq_len": seq, "micro_batch_size": batch, "gradient_checkpointing": recipe.train.gradient_checkpointing,
+                "lora_r": r, "optimizer": recipe.train.optimizer, "loss_chunk_tokens": chunk,
+                "tile_tokens": recipe.train.tile_tokens, "attn_implementation": attn, "packing": recipe.data.packing}
+    est = Estimate(device="cuda" if on_gpu else "cpu", terms=terms, settings=settings)
+    if on_gpu:
+        add("cuBLAS workspaces (GPU)", CUBLAS_WORKSPACE_BYTES,
+            "2 x 32 MiB: one workspace per cuBLAS handle (forward thread and autograd's backward thread), taken "
+            "from the caching allocator (torch CublasHandlePool.cpp; 32 MiB on Hopper, ~8 MiB before)")
+        tensor_bytes += CUBLAS_WORKSPACE_BYTES
+        overhead = ALLOCATOR_OVERHEAD * activations
+        add("allocator overhead (GPU)", overhead, f"{ALLOCATOR_OVERHEAD:.0%} of the activation memory (allocated and "
+            "freed every step: block rounding and fragmentation); weights are allocated once and do not fragment")
+        add("CUDA context (GPU)", CUDA_CONTEXT_BYTES, "~0.5 GB per process: CUDA runtime and kernels; "
             "not in max_memory_reserved")
+        est.tensor_bytes = tensor_bytes
         est.reserved_bytes = tensor_bytes + overhead
         est.total_bytes = est.reserved_bytes + CUDA_CONTEXT_BYTES
     else:
-        est.reserved_bytes = est.total_bytes = tensor_bytes
+        est.tensor_bytes = est.reserved_bytes = est.total_bytes = tensor_bytes
     return est
+
+
+def _tiled_layer_bytes_per_token(cfg) -> float:
+    """What a tiled layer keeps for the whole sequence (traced like the untiled one, qlora_phi3/run/tiling.py):
+    rotated q and k and a contiguous v (2 x (q + 2k)), the attention output and the contiguous copy o_proj reads
+    (2 x 2q), the fp32 logsumexp (4 per head). The tiles' own inputs are views of these and of the layer input."""
+    shapes = _linear_shapes(cfg)
+    q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
+    kv_size = (qkv_out - q_size) // 2
+    return float(2 * (q_size + 2 * kv_size) + 4 * q_size + 4 * cfg.num_attention_heads)
+
+
+def _quadratic_attention_bytes(attn: str, packing: bool, batch: int, seq: int, heads: int, ckpt: bool, n_layers: int,
+                               on_gpu: bool) -> tuple[float, float, str]:
+    """(bytes alive through the step, bytes alive during one layer's backward, formula) of what grows with the
+    square of the row length: masks and, on eager, the attention probabilities.
+
+    sdpa with packing: our block-diagonal mask is B x L^2 bool (data/packing.py), passed to every layer; sdpa
+    turns a bool mask into a compute-dtype copy (2 B per entry, torch's ``convert_boolean_attn_mask``) that the
+    attention saves for backward, in every layer without checkpointing or in the recomputed one with it.
+    eager: transformers' causal mask (B x L^2 x 2 B, or our packed fp32 mask: 4 B) and per layer the softmax
+    probabilities (heads x L^2 x 2 B) saved for backward, plus the fp32 softmax transient (4 B per entry).
+    flash_attention_2: nothing (varlen from position ids, no mask)."""
+    sq = batch * seq * seq
+    if attn == "sdpa" and packing:
+        if ckpt:
+            return sq, 2 * sq, ("B x L^2 x (1 [bool mask, through the step] + 2 [its compute-dtype copy, saved by the "
+                                "attention of the layer being recomputed])")
+        return sq * (1 + 2 * n_layers), 0.0, "B x L^2 x (1 [bool mask] + L x 2 [its compute-dtype copy, every layer])"
+    if attn == "eager":
+        mask = 4 if packing else 2
+        probs = heads * sq * 2
+        if ckpt:
+            return sq * mask, probs + heads * sq * 4, (
+                f"B x L^2 x {mask} [mask] + heads x B x L^2 x (2 [softmax output saved by the recomputed layer] "
+                "+ 4 [fp32 softmax transient])")
+        return sq * mask + n_layers * probs, heads * sq * 4, (
+            f"B x L^2 x {mask} [mask] + L x heads x B x L^2 x 2 [softmax outputs of every layer] + heads x B x L^2 "
+            "x 4 [fp32 softmax transient]")
+    return 0.0, 0.0, ""
 
 
 def format_breakdown(est: Estimate) -> str:

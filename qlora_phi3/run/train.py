@@ -35,6 +35,7 @@ from qlora_phi3.run.measure import MeasureSteps
 from qlora_phi3.run.offload import checkpointing_kwargs
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
 from qlora_phi3.run.rundir import clear_run_dir, prepare_run_dir, resume_command
+from qlora_phi3.run.tiling import enable_tiling
 from qlora_phi3.run.trainer import build_trainer
 from qlora_phi3.ui import console, info, is_main_process, plural, warn
 
@@ -244,6 +245,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = attach_lora(model, recipe.lora)
+    enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
