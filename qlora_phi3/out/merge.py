@@ -185,7 +185,7 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
 def phi3_model_name(name: str) -> str:
     """``name``, made to say Phi-3 if it does not: llama.cpp applies Phi-3's rstrip after special tokens only
     when a GGUF's general.name contains "phi3" or "phi-3" (llama-vocab.cpp); without it ``<|user|>\\nHi``
-    tokenizes differently from training (PITFALLS #20)."""
+    tokenizes differently from training."""
     return name if re.search(r"phi-?3", name, re.IGNORECASE) else f"{name} (Phi-3 fine-tune)"
 
 
@@ -198,7 +198,7 @@ def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
       every prompt, and training fed none (data/encode.py tokenizes without special tokens);
     * a model card whose name says Phi-3: it names the GGUF after the card or the directory, and llama.cpp
       swallows the whitespace after Phi-3's special tokens only when that name contains "phi3"/"phi-3"
-      (PITFALLS #20)."""
+      (llama-vocab.cpp)."""
     import json
 
     import yaml
