@@ -72,14 +72,15 @@ def _bins(lengths: list[int], n_bins: int) -> list[tuple[int, int, int]]:
 
 
 def text_histogram(lengths: list[int], max_seq_len: int, n_bins: int = 12, bar_chars: int = 40) -> list[str]:
-    """Rows like ``  256-  512 ████████ 31``; rows beyond max_seq_len are marked ``(cut)``."""
+    """Rows like ``  256-  512 ████████ 31``; a bin whose samples are all longer than max_seq_len is marked
+    ``(cut)``, one where only some are ``(N cut)``."""
     bins = _bins(lengths, n_bins)
     peak = max(c for _, _, c in bins) or 1
     rows = []
     for lo, hi, count in bins:
         bar = "█" * round(bar_chars * count / peak) or ("▏" if count else "")
-        # a sample is cut when longer than max_seq_len; the bin holds lengths lo..hi-1
-        mark = "" if not count else "  (cut)" if lo > max_seq_len else "  (partly cut)" if max_seq_len < hi - 1 else ""
+        cut = sum(1 for n in lengths if lo <= n < hi and n > max_seq_len)  # truncated: longer than max_seq_len
+        mark = "" if not cut else "  (cut)" if cut == count else f"  ({cut:,} cut)"
         rows.append(f"{lo:>7,}-{hi:<7,} {bar:<{bar_chars}} {count:>6,}{mark}")
     return rows
 
