@@ -57,16 +57,17 @@ def _estimate(args) -> int:
     est = estimate(recipe, config_for_estimate(recipe.model), args.device)
     s = est.settings
     table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
-                        f"{s['micro_batch_size']}, r={s['lora_r']}, checkpointing {s['gradient_checkpointing']}, "
-                        f"{s['optimizer']} ({est.device})", title_justify="left")
+                        f"{s['micro_batch_size']}{' packed' if s['packing'] else ''}, r={s['lora_r']}, checkpointing "
+                        f"{s['gradient_checkpointing']}, tiles {s['tile_tokens'] or 'off'}, {s['optimizer']}, attention "
+                        f"{s['attn_implementation']} ({est.device})", title_justify="left")
     table.add_column("term")
     table.add_column("GiB", justify="right")
     table.add_column("formula (source in qlora_phi3/memory/estimate.py)", overflow="fold")
     for t in est.terms:
         table.add_row(t.name, f"{t.gib:.3f}", escape(t.formula))
     table.add_row("[bold]peak", f"[bold]{est.total_gib:.2f}",
-                  "weights + saved activations + max(logits and loss, recompute + backward transients)"
-                  + (" + overhead + context" if est.device == "cuda" else ""))
+                  "weights + saved activations + masks + max(final norm + logits and loss, recompute + backward "
+                  "transients [+ attention backward buffers])" + (" + overhead + context" if est.device == "cuda" else ""))
     console().print(table)
     if budget_gib is None:
         return 0

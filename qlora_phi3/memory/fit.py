@@ -200,8 +200,11 @@ def run_fit(recipe_path: str | None, overrides: list[str], budget: str, out: str
         info(f"  {key}: {old} -> [bold]{new}[/]" if old != new else f"  {key}: {new} (unchanged)")
     for note in plan.notes:
         info(f"  note: {note}")
-    info(f"effective batch kept: {plan.recipe.train.micro_batch_size} x {plan.recipe.train.grad_accum} = "
-         f"{plan.recipe.train.micro_batch_size * plan.recipe.train.grad_accum} conversations per optimizer step")
+    t, d = plan.recipe.train, plan.recipe.data
+    rows = t.micro_batch_size * t.grad_accum
+    per_step = (f"{rows} packed rows of {d.max_seq_len:,} tokens ({rows * d.max_seq_len:,} tokens) per optimizer step"
+                if d.packing else f"{rows} conversations per optimizer step")
+    info(f"effective batch kept: {t.micro_batch_size} x {t.grad_accum} = {per_step}")
     info(f"predicted peak {plan.predicted_gib:.2f} GiB of {budget_gib:g} GiB (safety margin {SAFETY_MARGIN:.0%}); "
          f"checkpointing {'needed' if plan.checkpointing_needed else 'not needed'}")
     info(f"recipe written: [bold]{out_path}[/]   train with: qlora-phi3 train {out_path}")
