@@ -112,7 +112,7 @@ def test_tiling_lowers_the_measured_peak(tmp_path):
 
     path = write_random_phi3(tmp_path / "m", hidden_size=96, intermediate_size=256, num_hidden_layers=1,
                              num_attention_heads=1, num_key_value_heads=1, vocab_size=704,
-                             pad_token_id=0, eos_token_id=0)
+                             pad_token_id=0, eos_token_id=0, sliding_window=None)
     model = _lora_model("sdpa", True, path)
     ids = torch.randint(3, 600, (1, 2048), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
