@@ -5,7 +5,6 @@ evaluation, and the default run's last answers are the trained ones; recipe and 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -149,7 +148,6 @@ def test_wandb_is_offline_and_in_the_run_dir_unless_set(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     prepare_trackers(recipe, tmp_path)
     assert os.environ["WANDB_MODE"] == "online"  # the user's choice stands
-    assert "wandb" not in sys.modules or True  # nothing imported wandb at recipe or prepare time
 
 
 def test_sample_prompt_file_errors_name_the_line(tmp_path):
