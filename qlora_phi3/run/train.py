@@ -291,6 +291,10 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         _carry_over(record, plan)
     elif not measure:
         trainer.add_callback(EvalAtStart(trainer, record))
+    if prompts and trainer.is_fsdp_enabled:
+        # Generation on rank 0 alone would wait forever for the other ranks' shards of the weights.
+        warn("train.sample_prompts: no sample answers under FSDP (generation needs every rank); merge and chat instead.")
+        prompts = []
     if prompts:
         resumed_at = int(plan.resume_from.name.split("-")[-1]) if plan.resume_from is not None else None
         trainer.add_callback(SampleAnswers(trainer, prompts, recipe, out, resumed_at))
