@@ -109,3 +109,30 @@ def test_pissa_and_impossible_combinations_are_refused_before_loading(tmp_path, 
             train(recipe)
     with pytest.raises(UserError, match="lora.init"):
         load_recipe("tiny_cpu", ["lora.init=corda"])
+
+
+def test_loftq_adapter_starts_as_the_fit_of_the_quantization_error():
+    """At step 0, 4-bit base + LoftQ adapter is closer to the 16-bit weights than the 4-bit base alone (with the
+    LoRA scaling alpha/r = 2 of the tiny recipe: an adapter not divided by it would overshoot)."""
+    from bitsandbytes.functional import dequantize_4bit
+    from peft.tuners.lora import Linear4bit
+    from safetensors.torch import load_file
+
+    from qlora_phi3.model.load import load_model
+    from qlora_phi3.model.lora import attach_lora
+    from qlora_phi3.model.tiny import TINY_MODEL_DIR
+
+    recipe = load_recipe("tiny_cpu", ["lora.init=loftq"])
+    assert recipe.lora.alpha / recipe.lora.r == 2
+    model = attach_lora(load_model(recipe.model, "cpu", "bfloat16", "sdpa"), recipe.lora, recipe.model)
+    w16 = load_file(str(TINY_MODEL_DIR / "model.safetensors"))
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            weight = module.get_base_layer().weight
+            q = dequantize_4bit(weight.data, weight.quant_state).float()
+            w = w16[name.removeprefix("base_model.model.") + ".weight"].float()
+            ba = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+            assert (w - q - ba).norm() < 0.9 * (w - q).norm(), name
+            checked += 1
+    assert checked == 4 * len(recipe.lora.target_modules)

@@ -128,16 +128,49 @@ def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | None = N
     # autocast_adapter_dtype keeps LoRA weights in fp32 even over a bf16/fp16 base (needed for fp16 loss scaling).
     peft_model = get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
     if settings.init == "loftq":
-        from peft import replace_lora_weights_loftq
-
         check_lora_variant(settings, model_cfg or ModelConfig())
-        replace_lora_weights_loftq(peft_model, model_path=_safetensors_path(model_cfg or ModelConfig()))
+        _loftq_replace(peft_model, _safetensors_path(model_cfg or ModelConfig()))
     if settings.init in CONVERTED_INITS:
         # PEFT's conversion reads the initial adapter from disk at save time: keep it in a temp dir for this process.
         keep = tempfile.TemporaryDirectory(prefix="qlora-phi3-initial-")
         peft_model.save_pretrained(str(Path(keep.name) / "initial"), safe_serialization=True)
         peft_model._qlora_initial_adapter = keep  # the directory lives as long as the model
     return peft_model
+
+
+@torch.no_grad()
+def _loftq_replace(peft_model, weights_path: str) -> None:
+    """LoftQ on the 4-bit base (one step): each adapter starts as the best rank-r fit of its weight's quantization
+    error, so base + adapter starts closer to the 16-bit model than the 4-bit base alone.
+
+    By hand, not ``peft.replace_lora_weights_loftq``, for two reasons (PEFT 0.21): it computes on "cuda" (or
+    "xpu") unconditionally, so it cannot run on a CPU, and it sets A and B to the factors of the residual without
+    dividing by the LoRA scaling (alpha / r), so with alpha != r the adapter adds a multiple of the error. The
+    math is PEFT's: residual = W16 - dequantize(W4); truncated SVD; sqrt of the singular values on each side.
+    """
+    import json
+
+    from bitsandbytes.functional import dequantize_4bit
+    from peft.tuners.lora import Linear4bit
+    from safetensors import safe_open
+
+    path = Path(weights_path)
+    index = path.parent / "model.safetensors.index.json"
+    shard_of = (json.loads(index.read_text())["weight_map"] if not path.is_file() and index.is_file() else None)
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, Linear4bit) or "default" not in module.lora_A:
+            continue
+        key = name[len(prefix):] + ".weight" if name.startswith(prefix) else name + ".weight"
+        with safe_open(str(path.parent / shard_of[key]) if shard_of else str(path), framework="pt") as f:
+            w16 = f.get_tensor(key).float()
+        weight = module.get_base_layer().weight
+        residual = w16 - dequantize_4bit(weight.data, weight.quant_state).float()
+        r, scaling = module.r["default"], module.scaling["default"]
+        u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = sv[:r].sqrt()
+        module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
+        module.lora_B["default"].weight.data = (u[:, :r] * root[None] / scaling).to(module.lora_B["default"].weight.dtype)
 
 
 def initial_adapter_dir(peft_model) -> str | None:

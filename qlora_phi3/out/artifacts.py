@@ -176,7 +176,9 @@ def load_adapter(base_model, adapter_dir: Path):
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors (qlora-phi3 loads safetensors only).")
     with safe_open(str(weights), framework="pt") as f:
         saved = set(f.keys())
-    expected = {n.replace(".default.", ".") for n, _ in model.named_parameters() if "lora_" in n}
+    # PEFT saves a DoRA magnitude as '...lora_magnitude_vector' (the parameter is '...lora_magnitude_vector.default.weight')
+    expected = {n.replace(".default.", ".").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+                for n, _ in model.named_parameters() if "lora_" in n}
     missing = sorted(expected - saved)
     if missing:
         raise UserError(f"{weights}: {len(missing)} of {len(expected)} LoRA weights are missing (e.g. {missing[0]}); "
