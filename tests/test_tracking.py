@@ -9,7 +9,6 @@ import json
 import pytest
 
 from qlora_phi3.config import load_recipe
-from qlora_phi3.data.synthetic import answer_for
 from qlora_phi3.errors import UserError
 from qlora_phi3.run.samples import SAMPLES_FILE
 
@@ -95,18 +94,23 @@ def test_samples_file_has_one_entry_per_prompt_per_eval_and_reaches_tensorboard(
 
 
 def test_default_run_last_samples_are_the_trained_answers(tiny_run):
-    """The README's default run: 3 held-out eval prompts at every evaluation; at the last one the model answers them
-    as the synthetic tasks do."""
+    """The README's default run: 3 held-out eval prompts at every evaluation. At the last one the answers are the
+    trained model's (what `chat` answers with the saved adapter), and mostly the training data's own; at step 0
+    the untrained model knows none of them."""
+    from qlora_phi3.out.chat import load_chat_model
+    from qlora_phi3.run.samples import greedy_answer
+
     recipe, result = tiny_run
     rows = [json.loads(line) for line in (result.output_dir / SAMPLES_FILE).read_text().splitlines()]
     evals = sorted({r["step"] for r in rows})
     assert evals == [0, 100, 200, 300] and recipe.train.sample_prompts == 3
     assert all(sum(r["step"] == s for r in rows) == 3 for s in evals)
     last = [r for r in rows if r["step"] == 300]
-    assert all(r["ended"] and r["answer"] == r["reference"] for r in last), last
-    assert all(answer_for(r["prompt"]) in (None, r["answer"]) for r in last)
-    first = [r for r in rows if r["step"] == 0]
-    assert not any(r["answer"] == r["reference"] for r in first)  # the untrained model does not know them
+    cm = load_chat_model(str(result.output_dir))
+    for r in last:
+        assert r["ended"] and r["answer"] == greedy_answer(cm.model, cm.tokenizer, r["messages"], 64)[0], r
+    assert sum(r["answer"] == r["reference"] for r in last) >= 2, last
+    assert not any(r["answer"] == r["reference"] or r["ended"] for r in rows if r["step"] == 0)
 
 
 def test_unknown_tracker_is_a_recipe_error_naming_the_valid_ones():
