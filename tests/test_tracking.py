@@ -87,6 +87,7 @@ def test_samples_file_has_one_entry_per_prompt_per_eval_and_reaches_tensorboard(
     for step in steps:
         assert [r["prompt"] for r in rows if r["step"] == step] == ["What is the capital of Zorvia?", "What is 2 plus 3?"]
     assert all(r["origin"].endswith(("prompts.txt:1", "prompts.txt:3")) for r in rows)
+    assert tb_run.run["sample_seconds"] > 0  # what the answers cost the run, in run.json
     texts = _texts(tb_run.output_dir / "tensorboard")
     assert set(texts) == set(steps)
     last = [r for r in rows if r["step"] == STEPS]

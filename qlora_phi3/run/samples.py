@@ -10,6 +10,7 @@ and sent to the trackers as text. ``train.sample_max_new_tokens`` bounds their t
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class SampleAnswers(TrainerCallback):
         self.trainer, self.prompts, self.recipe, self.out = trainer, prompts, recipe, out
         self.path = out / SAMPLES_FILE
         self.done: set[int] = set()
+        self.seconds = 0.0  # spent answering, for run.json (what the samples cost the run)
         if resumed_at is not None:
             self._keep_until(resumed_at)
 
@@ -143,6 +145,7 @@ class SampleAnswers(TrainerCallback):
         if step in self.done or not is_main_process():
             return
         self.done.add(step)
+        t0 = time.perf_counter()
         model = model if model is not None else self.trainer.model
         was_training = model.training
         model.eval()
@@ -169,3 +172,4 @@ class SampleAnswers(TrainerCallback):
         text = "\n\n".join(f"**{r['prompt']}**\n\n{r['answer']}" + (f"\n\n*reference:* {r['reference']}"
                                                                    if r["reference"] else "") for r in rows)
         log_text(self.recipe, self.out, "samples", text, step)
+        self.seconds += time.perf_counter() - t0

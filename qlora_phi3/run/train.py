@@ -295,9 +295,11 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         # Generation on rank 0 alone would wait forever for the other ranks' shards of the weights.
         warn("train.sample_prompts: no sample answers under FSDP (generation needs every rank); merge and chat instead.")
         prompts = []
+    samples = None
     if prompts:
         resumed_at = int(plan.resume_from.name.split("-")[-1]) if plan.resume_from is not None else None
-        trainer.add_callback(SampleAnswers(trainer, prompts, recipe, out, resumed_at))
+        samples = SampleAnswers(trainer, prompts, recipe, out, resumed_at)
+        trainer.add_callback(samples)
     if not measure:
         prepare_trackers(recipe, out)
     record.update()
@@ -341,6 +343,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
         return RunResult(out, None, record.data, trainer.model)
     fields["eval_loss_end"] = trainer.evaluate()["eval_loss"]
+    if samples is not None:
+        fields["sample_seconds"] = round(samples.seconds, 2)  # all evaluations' answers, within wall_seconds
     adapter_dir = out / "adapter"
     state_dict = gather_state_dict(trainer)  # a collective under FSDP: every rank takes part
     if is_main_process():
