@@ -16,6 +16,7 @@ from qlora_phi3.memory.estimate import KNOWN_SHAPES, config_for_estimate, estima
 
 PHI3_RECIPE = recipes_dir() / "phi3_mini_4k_12gb.yaml"
 REPO_TINY = recipes_dir() / "tiny_cpu.yaml"
+RECIPES_DIR = recipes_dir()
 
 
 def _phi3(overrides=()):
