@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,13 @@ VARIANTS = {
     "gaussian init": ["lora.init=gaussian"],
     "NEFTune (alpha 5)": ["train.neftune_noise_alpha=5"],
 }
+
+
+def _cpu_name() -> str:
+    sys.path.insert(0, str(REPO))
+    from qlora_phi3.run.record import device_info
+
+    return device_info("cpu")["name"]
 
 
 def run_one(overrides: list[str], out: Path) -> dict:
@@ -69,7 +75,7 @@ def main() -> None:
     lines = [
         "# LoRA variants on the tiny model, side by side",
         "",
-        f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; load average "
+        f"Hardware: {_cpu_name()}, {os.cpu_count()} CPU cores, no GPU; load average "
         f"at the end {os.getloadavg()[0]:.1f} (shared machine: seconds vary from run to run). "
         f"Date: {time.strftime('%Y-%m-%d')}.",
         f"Command: `nice -n 10 python bench/lora_variants.py --steps {args.steps} --write`",
