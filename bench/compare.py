@@ -1,19 +1,18 @@
-"""Ours versus the cookbook QLoRA pipeline, side by side in one command, on a "mini Phi-3" on the CPU.
+"""qlora-phi3 with its defaults versus the cookbook QLoRA pipeline, one pass over mixed-length chat data, CPU.
 
-    python bench/compare.py --write               # defaults below, ~10 minutes on 2 cores; --write saves the table
-    python bench/compare.py --steps 8 --grad-accum 2 --layers 4 --hidden 768   # bigger
+    python bench/compare.py --write          # ~10 minutes on 2 idle cores; --write saves bench/results/cpu_compare.md
 
-The mini Phi-3 has the real architecture, vocabulary (32064) and head dim (96), with fewer and
-narrower layers and random weights (no download); the tokenizer is the embedded tiny one, its ids
-fit inside the padded vocabulary. The data is a chat set with mixed lengths (most conversations a
-few turns, some filling the whole context), built from the bundled synthetic tasks.
+Ours is ``qlora-phi3 train phi3_mini_4k_12gb`` as shipped: nothing tuned for the benchmark, only the model,
+the data file, the run directory, the CPU and one epoch are set (the recipe's packing, micro-batch, accumulation,
+learning rate, chunked loss, checkpointing and optimizer are its own). The reference is the cookbook's
+notebook pipeline (bench/reference_pipeline.py): micro-batches of ``--micro-batch-ref`` (8) padded to their
+longest sample, with the same LoRA, learning rate, optimizer, assistant-only labels and train/eval split.
 
-Both pipelines train the same LoRA (r, alpha, fused targets), on the same train/eval split with the
-same assistant-only labels, optimizer, learning rate and number of optimizer steps, with about the
-same real tokens per optimizer step (ours: packed rows of max_seq_len; the reference: micro-batches
-padded to their longest sample, with grad_accum scaled to match). Each runs in its own process, so
-neither inherits the other's memory. Peak memory on the CPU is qlora_phi3.memory.meter.PeakMemory's live
-tensor bytes (weights included), measured the same way for both; tokens/s counts non-padding tokens.
+The model is a "mini Phi-3": the real architecture, vocabulary (32064) and head dim (96), with fewer and
+narrower layers and random weights (no download); the tokenizer is the shipped Phi-3 one. The data is a chat
+set of mixed lengths (30 to ~1,900 tokens, median ~250) built from the bundled synthetic tasks. Each pipeline
+runs in its own process, one after the other; peak memory is each process's sampled RSS (the same meter for
+both), tokens/s counts real (non-padding) tokens over the whole pass.
 """
 
 from __future__ import annotations
@@ -55,7 +54,8 @@ def build_mini_phi3(out_dir: Path, layers: int, hidden: int, intermediate: int, 
 
 
 def build_chat_set(path: Path, n: int, seed: int = 0) -> Path:
-    """Conversations of 1-4 question/answer pairs (70%), 10-30 (20%) and 60-120 (10%, most over 2k tokens)."""
+    """Conversations of 1-3 question/answer pairs (25%), 6-20 (55%) and 30-90 (20%): about 30 to 1,900 tokens,
+    median ~250, the shape of scraped multi-turn chat."""
     from qlora_phi3.data.synthetic import generate
 
     rng = random.Random(seed)
@@ -67,90 +67,59 @@ def build_chat_set(path: Path, n: int, seed: int = 0) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
             r = rng.random()
-            k = rng.randint(1, 4) if r < 0.7 else rng.randint(10, 30) if r < 0.9 else rng.randint(60, 120)
+            k = rng.randint(1, 3) if r < 0.25 else rng.randint(6, 20) if r < 0.8 else rng.randint(30, 90)
             messages = [msg for pair in rng.sample(pairs, k) for msg in pair]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
 
+RECIPE = "phi3_mini_4k_12gb"
+
+
+def _recipe(spec: dict, output_dir: str | None = None):
+    """The shipped recipe with only what this machine and data need changed."""
+    from qlora_phi3.config import load_recipe, resolve_recipe
+
+    return load_recipe(resolve_recipe(RECIPE), [
+        f"model.name_or_path={spec['model_dir']}", "model.revision=null", f"data.path={spec['data_path']}",
+        "data.split=train", "data.eval_split=null", "data.eval_fraction=0.1", "data.max_eval_samples=8",
+        f"train.output_dir={output_dir or spec['workdir'] + '/ours'}", "train.max_steps=-1", "train.epochs=1",
+        "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1", "train.device=cpu"])
+
+
 def _splits(spec: dict):
-    from qlora_phi3.config import load_recipe
-    from qlora_phi3.data.read import load_records
-    from qlora_phi3.data.encode import encode_records, split_records
+    from qlora_phi3.data.encode import encode_records
+    from qlora_phi3.data.split import load_splits
     from qlora_phi3.model.load import load_tokenizer
 
-    recipe = load_recipe(None, _our_overrides(spec))
+    recipe = _recipe(spec)
     tokenizer = load_tokenizer(recipe.model)
-    records, _ = load_records(recipe.data)
-    train_recs, eval_recs = split_records(records, recipe.data.eval_fraction, recipe.data.max_eval_samples,
-                                          recipe.train.seed)
-    return (encode_records(train_recs, tokenizer, spec["max_seq_len"]),
-            encode_records(eval_recs, tokenizer, spec["max_seq_len"]))
-
-
-def _our_overrides(spec: dict, output_dir: str | None = None) -> list[str]:
-    return [f"model.name_or_path={spec['model_dir']}", f"data.path={spec['data_path']}",
-            f"data.max_seq_len={spec['max_seq_len']}", "data.eval_fraction=0.1", "data.max_eval_samples=8",
-            "data.packing=true", "lora.dropout=0.0", "model.attn_implementation=sdpa",
-            f"train.output_dir={output_dir or spec['workdir'] + '/ours'}", f"train.max_steps={spec['steps']}",
-            "train.micro_batch_size=1", f"train.grad_accum={spec['grad_accum_ours']}", f"train.lr={spec['lr']}",
-            "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.optimizer=paged_adamw_8bit",
-            "train.logging_steps=1", "train.eval_steps=0", "train.save_steps=0", "train.device=cpu",
-            f"train.gradient_checkpointing={spec['gradient_checkpointing']}",
-            f"train.loss_chunk_tokens={spec['loss_chunk_tokens']}", "train.seed=0"]
-
-
-def _our_probe(spec: dict, model) -> float:
-    """Our side of reference_pipeline.probe_peak_gib: one micro-step on a packed row holding the longest sample."""
-    from bench.reference_pipeline import probe_peak_gib
-    from qlora_phi3.config import load_recipe
-    from qlora_phi3.data.encode import EncodedSplit
-    from qlora_phi3.model.load import load_tokenizer
-    from qlora_phi3.data.packing import pack_columns
-    from qlora_phi3.run.train import _sft_config
-    from qlora_phi3.run.trainer import build_trainer
-
-    recipe = load_recipe(None, _our_overrides(spec, spec["workdir"] + "/ours-probe"))
-    tokenizer = load_tokenizer(recipe.model)
-    train_enc, eval_enc = _splits(spec)
-    rows = pack_columns(train_enc.input_ids, train_enc.labels, spec["max_seq_len"])
-    full = max(range(len(rows["input_ids"])), key=lambda r: len(rows["input_ids"][r]))
-    trainer, _, meter = build_trainer(model, tokenizer, _sft_config(recipe, "cpu", "bfloat16"), train_enc, eval_enc,
-                                      "cpu", packing_max_seq_len=spec["max_seq_len"],
-                                      loss_chunk_tokens=spec["loss_chunk_tokens"])
-    meter.close()
-    # The packed row is fed as one "sample" with its seq_lens: the collator builds the leak-free mask.
-    row = EncodedSplit([rows["input_ids"][full]], [rows["labels"][full]], ["probe"])
-    collate = trainer.data_collator
-    trainer.data_collator = lambda feats: collate([{**feats[0], "seq_lens": rows["seq_lens"][full]}])
-    return probe_peak_gib(trainer, row)
+    splits = load_splits(recipe.data, recipe.train.seed)
+    return (encode_records(splits.train, tokenizer, recipe.data.max_seq_len),
+            encode_records(splits.eval, tokenizer, recipe.data.max_seq_len), recipe)
 
 
 def _worker(which: str, spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     if which == "ours":
-        from qlora_phi3.config import load_recipe
         from qlora_phi3.run.train import train
+        from qlora_phi3.ui import quiet_library_noise
 
-        # Measured the way the reference is (live tensors, same per-operator overhead on both sides);
-        # `qlora-phi3 train` on a CPU shows sampled RSS instead, for speed.
-        run_result = train(load_recipe(None, _our_overrides(spec)), force=True, cpu_memory="tensors")
-        result = run_result.run
-        probe = _our_probe(spec, run_result.model)
-        out = {"peak_allocated_gib": max(result["peak_memory"]["peak_allocated_gib"], probe), "probe_peak_gib": probe,
+        quiet_library_noise()
+        result = train(_recipe(spec), force=True, cpu_memory="rss").run
+        out = {"peak_gib": result["peak_memory"]["peak_allocated_gib"],
                "tokens_per_second": result["tokens_per_second"], "train_seconds": result["train_seconds"],
-               "tokens": round(result["tokens_per_second"] * result["train_seconds"]),
+               "tokens": result["tokens"]["real_tokens"], "padded_tokens": result["tokens"]["padded_tokens"],
                "train_losses": [h["loss"] for h in result["history"] if "loss" in h],
                "eval_loss_end": result["eval_loss_end"], "steps": result["steps"]}
     else:
         from bench.reference_pipeline import run_reference
-        from qlora_phi3.config import load_recipe
 
-        recipe = load_recipe(None, _our_overrides(spec))
-        train_enc, eval_enc = _splits(spec)
+        train_enc, eval_enc, recipe = _splits(spec)
         out = run_reference(spec["model_dir"], train_enc, eval_enc, micro_batch_size=spec["micro_batch_ref"],
-                            grad_accum=spec["grad_accum_ref"], steps=spec["steps"], lr=spec["lr"], lora=recipe.lora,
-                            optimizer="paged_adamw_8bit", seed=0, output_dir=spec["workdir"] + "/reference")
+                            grad_accum=1, epochs=1, lr=recipe.train.lr, lora=recipe.lora,
+                            optimizer=recipe.train.optimizer, seed=recipe.train.seed,
+                            output_dir=spec["workdir"] + "/reference")
     (spec_path.parent / f"{which}.json").write_text(json.dumps(out, indent=1))
 
 
@@ -166,31 +135,29 @@ def _run_worker(which: str, spec_path: Path, console) -> dict:
 
 
 def _table(spec: dict, ours: dict, ref: dict, hardware: str, command: str) -> str:
-    def last(r):
-        tail = r["train_losses"][-2:]
-        return sum(tail) / len(tail)
-
+    recipe = spec["recipe"]
     rows = [
-        (f"peak memory (live tensors, GiB; incl. one {spec['max_seq_len']}-token micro-step)", f"{ref['peak_allocated_gib']:.3f}", f"{ours['peak_allocated_gib']:.3f}",
-         f"{ours['peak_allocated_gib'] / ref['peak_allocated_gib']:.2f}x"),
-        ("real tokens / s", f"{ref['tokens_per_second']:.0f}", f"{ours['tokens_per_second']:.0f}",
-         f"{ours['tokens_per_second'] / ref['tokens_per_second']:.2f}x"),
-        ("real tokens per optimizer step", f"{ref['tokens'] / ref['steps']:.0f}", f"{ours['tokens'] / ours['steps']:.0f}",
-         f"{(ours['tokens'] / ours['steps']) / (ref['tokens'] / ref['steps']):.2f}x"),
-        (f"train loss, mean of steps {spec['steps'] - 1}-{spec['steps']}", f"{last(ref):.4f}", f"{last(ours):.4f}",
-         f"{last(ours) - last(ref):+.4f}"),
-        (f"eval loss after {spec['steps']} steps", f"{ref['eval_loss_end']:.4f}", f"{ours['eval_loss_end']:.4f}",
+        ("real tokens / s (one pass)", f"{ref['tokens_per_second']:.0f}", f"{ours['tokens_per_second']:.0f}",
+         f"**{ours['tokens_per_second'] / ref['tokens_per_second']:.2f}x**"),
+        ("wall time of the pass (s)", f"{ref['train_seconds']:.0f}", f"{ours['train_seconds']:.0f}",
+         f"{ours['train_seconds'] / ref['train_seconds']:.2f}x"),
+        ("padding share of the computed tokens", f"{ref['padded_tokens'] / (ref['padded_tokens'] + ref['tokens']):.0%}",
+         f"{ours['padded_tokens'] / (ours['padded_tokens'] + ours['tokens']):.0%}", ""),
+        ("peak memory (RSS, GiB)", f"{ref['peak_gib']:.2f}", f"{ours['peak_gib']:.2f}",
+         f"{ours['peak_gib'] / ref['peak_gib']:.2f}x"),
+        ("optimizer steps", f"{ref['steps']}", f"{ours['steps']}", ""),
+        ("eval loss after the pass (per assistant token)", f"{ref['eval_loss_end']:.4f}", f"{ours['eval_loss_end']:.4f}",
          f"{ours['eval_loss_end'] - ref['eval_loss_end']:+.4f}"),
     ]
-    lines = ["| metric | reference (cookbook) | qlora-phi3 | ours / reference |", "|---|---:|---:|---:|"]
+    lines = ["| metric | reference (cookbook) | qlora-phi3 defaults | ours / reference |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     setup = (f"mini Phi-3 ({spec['layers']} layers, hidden {spec['hidden']}, MLP {spec['intermediate']}, vocab 32064, "
-             f"head dim 96, random weights), data.max_seq_len={spec['max_seq_len']}, LoRA r=16 on the fused targets, "
-             f"{spec['steps']} optimizer steps; ours: packed rows, micro-batch 1 x grad_accum {spec['grad_accum_ours']}, "
-             f"chunked loss ({spec['loss_chunk_tokens']} tokens), gradient_checkpointing={spec['gradient_checkpointing']}; "
-             f"reference: micro-batch {spec['micro_batch_ref']} padded to longest x grad_accum {spec['grad_accum_ref']}. "
-             f"{spec['n_train']} train conversations, {spec['min_len']}-{spec['max_len']} tokens "
-             f"(median {spec['median_len']}).")
+             f"head dim 96, random weights); {spec['n_train']} train conversations of {spec['min_len']}-"
+             f"{spec['max_len']} tokens (median {spec['median_len']}), one pass. Ours: `{RECIPE}` as shipped "
+             f"(packing {recipe['packing']}, micro-batch {recipe['micro_batch_size']} x grad_accum "
+             f"{recipe['grad_accum']}, max_seq_len {recipe['max_seq_len']}, lr {recipe['lr']}, chunked loss "
+             f"{recipe['loss_chunk_tokens']}); reference: micro-batch {spec['micro_batch_ref']} padded to its longest, "
+             "grad_accum 1, same LoRA, lr, optimizer and split.")
     return "\n".join([f"Hardware: {hardware}. Command: `{command}`", "", setup, "", *lines]) + "\n"
 
 
@@ -199,14 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=384, help="multiple of 96 (Phi-3's head dim)")
     p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--grad-accum", type=int, default=1, help="ours: packed rows per optimizer step")
-    p.add_argument("--micro-batch-ref", type=int, default=1, help="reference micro-batch (padded to longest)")
-    p.add_argument("--conversations", type=int, default=120)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--loss-chunk-tokens", type=int, default=256)
-    p.add_argument("--gradient-checkpointing", default="true", choices=["true", "offload"])
+    p.add_argument("--conversations", type=int, default=106, help="96 train + 10 held out for eval")
+    p.add_argument("--micro-batch-ref", type=int, default=8, help="reference micro-batch (padded to its longest)")
     p.add_argument("--workdir", type=Path, default=None, help="keep models, data and logs here (default: temp dir)")
     p.add_argument("--write", action="store_true", help="write bench/results/cpu_compare.md")
     p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
@@ -217,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from rich.console import Console
 
-    from qlora_phi3.data.packing import pack_rows
     from qlora_phi3.run.record import device_info
 
     console = Console()
@@ -230,29 +190,31 @@ def main(argv: list[str] | None = None) -> int:
         build_mini_phi3(model_dir, a.layers, a.hidden, a.intermediate)
         data_path = build_chat_set(workdir / "chats.jsonl", a.conversations)
     spec = {"model_dir": str(model_dir), "data_path": str(data_path), "workdir": str(workdir), "layers": a.layers,
-            "hidden": a.hidden, "intermediate": a.intermediate, "max_seq_len": a.max_seq_len, "steps": a.steps,
-            "grad_accum_ours": a.grad_accum, "micro_batch_ref": a.micro_batch_ref, "lr": a.lr,
-            "loss_chunk_tokens": a.loss_chunk_tokens, "gradient_checkpointing": a.gradient_checkpointing}
-    train_enc, _ = _splits(spec)
+            "hidden": a.hidden, "intermediate": a.intermediate, "micro_batch_ref": a.micro_batch_ref}
+    train_enc, _, recipe = _splits(spec)
     lengths = sorted(len(x) for x in train_enc.input_ids)
-    rows = pack_rows(lengths, a.max_seq_len)
-    tokens_per_row = sum(lengths) / len(rows)
-    # Same real tokens per optimizer step: the reference's samples per step replace our packed rows.
-    spec["grad_accum_ref"] = max(1, round(a.grad_accum * tokens_per_row / (a.micro_batch_ref * sum(lengths) / len(lengths))))
-    spec.update(n_train=len(lengths), min_len=lengths[0], max_len=lengths[-1], median_len=lengths[len(lengths) // 2])
+    spec.update(n_train=len(lengths), min_len=lengths[0], max_len=lengths[-1], median_len=lengths[len(lengths) // 2],
+                recipe={"packing": recipe.data.packing, "micro_batch_size": recipe.train.micro_batch_size,
+                        "grad_accum": recipe.train.grad_accum, "max_seq_len": recipe.data.max_seq_len,
+                        "lr": recipe.train.lr, "loss_chunk_tokens": recipe.train.loss_chunk_tokens})
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     ref = _run_worker("reference", spec_path, console)
     ours = _run_worker("ours", spec_path, console)
     cpu = device_info("cpu")
-    hardware = f"{cpu['cores']}-core CPU ({cpu['name']}, {cpu['ram_gib']} GiB RAM), no GPU"
+    load = os.getloadavg()[0]
+    hardware = (f"{cpu['cores']}-core CPU ({cpu['name']}, {cpu['ram_gib']} GiB RAM), no GPU; load average "
+                f"{load:.1f} at the end")
     command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = _table(spec, ours, ref, hardware, command.strip())
     console.print(table)
     if a.write:
         out = REPO / "bench" / "results" / "cpu_compare.md"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("# Ours vs the cookbook QLoRA pipeline, CPU\n\n" + table)
+        (out.parent / "cpu_compare.json").write_text(json.dumps({"spec": spec, "ours": ours, "reference": ref,
+                                                                  "hardware": hardware, "command": command},
+                                                                 indent=1) + "\n")
+        out.write_text("# qlora-phi3 defaults vs the cookbook QLoRA pipeline, CPU\n\n" + table)
         console.print(f"written: {out}")
     return 0
 

@@ -96,17 +96,18 @@ def _train_args(ctx, name: str, *extra: str) -> list[str]:
 
 
 def step_train(ctx) -> str:
-    steps = 2 if ctx.dry else 3
+    steps = 1 if ctx.dry else 3
     _checked(_qlora(*_train_args(ctx, "train", f"train.max_steps={steps}"), timeout=ctx.remaining()))
     return f"`qlora-phi3 train phi3_mini_4k_12gb` ({steps} steps): " + _run_summary(ctx.work / "train")
 
 
 def step_fp16(ctx) -> str:
-    _checked(_qlora(*_train_args(ctx, "fp16", "train.max_steps=2", "model.compute_dtype=float16"),
+    steps = 1 if ctx.dry else 2  # fp16 matmuls are emulated on a CPU: slow even at the dry run's sizes
+    _checked(_qlora(*_train_args(ctx, "fp16", f"train.max_steps={steps}", "model.compute_dtype=float16"),
                     timeout=ctx.remaining()))
     run = json.loads((ctx.work / "fp16" / "run.json").read_text())
     losses = [h["loss"] for h in run["history"] if "loss" in h]
-    return f"forced fp16 (2 steps): {_run_summary(ctx.work / 'fp16')}; losses {losses}"
+    return f"forced fp16 ({steps} steps): {_run_summary(ctx.work / 'fp16')}; losses {losses}"
 
 
 def step_packing(ctx) -> str:
@@ -124,7 +125,8 @@ def step_packing(ctx) -> str:
         impls.append("flash_attention_2")
     except ImportError:
         pass
-    dtype = pick_compute_dtype("auto", ctx.device).value
+    # fp32 in the dry run: bf16's rounding (0.125 at the tiny model's |logits| of 16-32) would hide a small leak
+    dtype = "float32" if ctx.dry else pick_compute_dtype("auto", ctx.device).value
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in (37, 120, 64, 200, 90, 11)]
     cols = pack_columns(samples, samples, 256)
@@ -185,12 +187,18 @@ def step_long(ctx) -> str:
     from qlora_phi3.model.tiny import write_random_phi3
 
     if not (ctx.long_model_dir / "config.json").is_file():
-        write_random_phi3(ctx.long_model_dir, device=ctx.device, kind="128k", **ctx.sizes)
+        # the 128k config's own context (131,072 positions over 4,096 original: the longrope factors apply)
+        sizes = {k: v for k, v in ctx.sizes.items() if not k.endswith("max_position_embeddings")}
+        write_random_phi3(ctx.long_model_dir, device=ctx.device, kind="128k", **sizes)
     recipe = load_recipe(resolve_recipe("phi3_mini_128k_12gb"), [])
     seq = ctx.long_seq or recipe.data.max_seq_len
     long_overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
     if ctx.dry:  # tiles smaller than the dry run's 256-token rows, so the tiled layers run too
         long_overrides += ["train.tile_tokens=64"]
+    try:
+        import flash_attn  # noqa: F401  (the recipe asks for it; a GPU box without it still measures sdpa)
+    except ImportError:
+        long_overrides += ["model.attn_implementation=sdpa"]
     _checked(_qlora("train", "phi3_mini_128k_12gb", f"model.name_or_path={ctx.long_model_dir}", "model.revision=null",
                     f"data.path={ctx.long_data_path(seq)}", "data.eval_split=null", "data.max_eval_samples=1",
                     f"data.max_seq_len={seq}", "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1",

@@ -183,13 +183,13 @@ def fit_slope(rows: list[dict]) -> tuple[float, float]:
 
 def predict_rows(seqs=(32768, 65536, 131072)) -> list[tuple[str, int, object]]:
     """The estimator on full Phi-3-mini-128k for the shipped long-context recipes' settings at each length."""
-    from qlora_phi3.config import RECIPES_DIR, load_recipe
+    from qlora_phi3.config import load_recipe, recipes_dir
     from qlora_phi3.memory.estimate import config_for_estimate, estimate
 
     out = []
     for name in ("phi3_mini_128k_12gb.yaml", "phi3_mini_128k_8gb.yaml"):
         for seq in seqs:
-            recipe = load_recipe(RECIPES_DIR / name, [f"data.max_seq_len={seq}"])
+            recipe = load_recipe(recipes_dir() / name, [f"data.max_seq_len={seq}"])
             out.append((name, seq, estimate(recipe, config_for_estimate(recipe.model), "cuda")))
     return out
 

@@ -16,29 +16,12 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["probe_peak_gib", "run_reference"]
+__all__ = ["run_reference"]
 
 
-def probe_peak_gib(trainer, train_enc) -> float:
-    """Peak memory of one training micro-step on the longest training sample (micro-batch 1): the memory
-    figure at ``max_seq_len`` whichever samples the short run happened to draw."""
-    from qlora_phi3.memory.meter import PeakMemory
-
-    longest = max(range(len(train_enc.input_ids)), key=lambda i: len(train_enc.input_ids[i]))
-    batch = trainer.data_collator([{"input_ids": train_enc.input_ids[longest], "labels": train_enc.labels[longest]}])
-    trainer.current_gradient_accumulation_steps = 1  # set by train(); a fresh trainer lacks it
-    meter = PeakMemory("cpu")
-    meter.reset()
-    trainer.training_step(trainer.model_wrapped, batch)
-    peak = meter.read().peak_allocated_gib
-    meter.close()
-    trainer.model.zero_grad(set_to_none=True)
-    return peak
-
-
-def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int, grad_accum: int, steps: int,
+def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int, grad_accum: int, epochs: float,
                   lr: float, lora, optimizer: str, seed: int, output_dir: str, attn_implementation: str = "sdpa"):
-    """Train ``steps`` optimizer steps; returns peak memory, real tokens/s and losses (same keys as ours)."""
+    """Train ``epochs`` passes; returns peak memory (RSS), real tokens/s and losses (same keys as ours)."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -63,7 +46,7 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=list(lora.target_modules)))  # fused names: qkv_proj, o_proj, gate_up_proj, down_proj
     args = SFTConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=micro_batch_size,
+        output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=grad_accum, learning_rate=lr,
         lr_scheduler_type="constant", optim=optimizer, gradient_checkpointing=True, bf16=True, use_cpu=True,
         seed=seed, data_seed=seed, logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[],
@@ -72,7 +55,15 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_enc.to_dataset(),
                          eval_dataset=eval_enc.to_dataset(), processing_class=tokenizer)
-    meter = PeakMemory("cpu")
+    collate, computed = trainer.data_collator, [0]
+
+    def counting(features):  # tokens computed per micro-batch: its rows x its longest sample
+        batch = collate(features)
+        computed[0] += batch["input_ids"].numel()
+        return batch
+
+    trainer.data_collator = counting
+    meter = PeakMemory("cpu", cpu_measure="rss")  # as `qlora-phi3 train` measures ours
     meter.reset()
     t0 = time.perf_counter()
     trainer.train()
@@ -80,11 +71,11 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
     peak = meter.read()
     meter.close()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    probe = probe_peak_gib(trainer, train_enc)
+    real = int(trainer.state.num_input_tokens_seen)
     return {
-        "peak_allocated_gib": max(peak.peak_allocated_gib, probe),
-        "probe_peak_gib": probe,
-        "tokens": trainer.state.num_input_tokens_seen,
+        "peak_gib": peak.peak_allocated_gib,
+        "tokens": real,
+        "padded_tokens": computed[0] - real,
         "train_seconds": train_seconds,
         "tokens_per_second": trainer.state.num_input_tokens_seen / train_seconds,
         "train_losses": losses,

@@ -127,7 +127,8 @@ class DataConfig:
     max_bad_fraction: float = _f(0.1, "Fail if more than this share of records is bad (skipped).")
     drop_duplicates: bool = _f(True, "Skip exact duplicate conversations (each is reported with the file:line "
                                      "of its first copy either way).")
-    packing: bool = _f(False, "Pack samples into rows of max_seq_len without padding, with no attention across samples.")
+    packing: bool = _f(True, "Pack samples into rows of max_seq_len without padding, with no attention across "
+                             "samples (the fast default for chat data); false pads each micro-batch to its longest.")
 
 
 @dataclass

@@ -189,6 +189,36 @@ def test_special_token_text_is_skipped_naming_the_token_and_line(tmp_path):
         _load(tmp_path / "specials.jsonl", strict=True)
 
 
+def test_openai_exports_text_parts_tool_turns_and_a_trailing_user_turn(tmp_path):
+    """What OpenAI-style exports hold: text parts are joined; image parts, tool calls and tool results are skipped
+    with a reason that names them; a trailing user turn (nothing answers it) is dropped and reported."""
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is 2 "},
+                                                         {"type": "text", "text": "plus 3?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "2 plus 3 is 5."}]}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    call = {"messages": [{"role": "user", "content": "Weather in Lumo?"},
+                         {"role": "assistant", "content": None,
+                          "tool_calls": [{"id": "1", "type": "function", "function": {"name": "weather"}}]},
+                         {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+                         {"role": "assistant", "content": "Sunny."}]}
+    result = {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "x"},
+                           {"role": "assistant", "content": "Hello."}]}
+    pair = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "7."}]
+    trailing = {"messages": [*pair, {"role": "user", "content": "And 4 plus 5?"}]}
+    path = _jsonl(tmp_path / "openai.jsonl", [parts, image, call, result, trailing, *_good_rows(5)])
+    records, report = _load(path, max_bad_fraction=0.5)
+    assert records[0].messages == EXPECTED_PAIR
+    assert records[1].messages == pair and records[1].origin.endswith("openai.jsonl:5")
+    assert len(records) == 7
+    by_line = {o.rsplit(":", 1)[1]: (reason, detail) for reason, hits in report.skipped.items() for o, detail in hits}
+    assert by_line["2"][0] == "non-text content part" and "'image_url' part" in by_line["2"][1]
+    assert by_line["3"][0] == "tool call" and "message 1 (assistant) has 'tool_calls'" in by_line["3"][1]
+    assert by_line["4"][0] == "tool turn" and "message 1 has role 'tool'" in by_line["4"][1]
+    assert [o.rsplit("/", 1)[1] for o in report.trailing_user] == ["openai.jsonl:5"]
+    assert any("1 conversation ends with a user turn (e.g. " in n and "openai.jsonl:5" in n for n in report.notes)
+
+
 def test_duplicates_kept_when_asked(tmp_path):
     path = _jsonl(tmp_path / "dups.jsonl", [GOOD, GOOD, GOOD])
     records, report = _load(path)

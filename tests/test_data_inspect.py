@@ -37,13 +37,15 @@ def _recipe(tmp_path, *overrides):
         "train.micro_batch_size=3", "train.grad_accum=2", f"train.output_dir={tmp_path / 'run'}", *overrides])
 
 
-def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, capsys, tiny_tokenizer):
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, capsys, tiny_tokenizer, packing):
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.encode import encode_records
+    from qlora_phi3.data.packing import pack_columns, padding_advice
     from qlora_phi3.run.train import _load_data
 
-    recipe = _recipe(tmp_path)
-    res = inspect_data(recipe, sample=2)
+    recipe = _recipe(tmp_path, f"data.packing={packing}")
+    res = inspect_data(recipe, tiny_tokenizer, sample=2)
     out = capsys.readouterr().out
 
     records, _ = load_records(recipe.data)
@@ -52,7 +54,16 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
     assert res.assistant_tokens_lost == everything.assistant_tokens_lost > 0 and res.dropped == everything.dropped
     train_enc = _load_data(recipe, tiny_tokenizer).train  # exactly what training would feed the model
     assert res.tokens_per_epoch == train_enc.n_tokens and res.loss_tokens_per_epoch == train_enc.n_label_tokens
-    assert res.steps_per_epoch == math.ceil(math.ceil(len(train_enc.input_ids) / 3) / 2)
+    if packing == "true":  # the rows the trainer is given (run/trainer.py packs with pack_columns)
+        rows = len(pack_columns(train_enc.input_ids, train_enc.labels, 60)["input_ids"])
+        assert res.packed_rows == rows < len(train_enc.input_ids) and res.padded_share is None
+        assert f"packing: {rows} rows" in out
+    else:  # the padding share is the one train prints, for the recipe's micro-batch of 3
+        rows = len(train_enc.input_ids)
+        share, line, _ = padding_advice([len(x) for x in train_enc.input_ids], 3, recipe.train.seed)
+        assert res.padded_share == share > 0 and res.packed_rows is None
+        assert line.split(" (")[0] in " ".join(out.split())
+    assert res.steps_per_epoch == math.ceil(math.ceil(rows / 3) / 2)
     assert res.train_samples == 18 and res.eval_samples == 2
     assert res.percentiles["p100"] == max(res.token_lengths) > 60 and res.percentiles["p50"] < res.percentiles["p100"]
     assert res.end_unlabelled == []  # Phi-3's template: every assistant <|end|> carries a label
@@ -111,7 +122,7 @@ def test_render_shows_each_token_once_on_the_real_tokenizer(tiny_tokenizer):
     assert plain == text.replace("\n\n0 plus", "\n\n⟦0 plus").replace("\t <|end|>", "\t <|end|>⟧")
 
 
-def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch, capsys):
+def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch, capsys, tiny_tokenizer):
     import qlora_phi3.data.encode as formatting
 
     real = formatting.encode_conversation
@@ -122,23 +133,24 @@ def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch,
         return ids, [formatting.IGNORE_INDEX if i == end else lab for i, lab in zip(ids, labels)]
 
     monkeypatch.setattr(formatting, "encode_conversation", no_end_labels)
-    res = inspect_data(_recipe(tmp_path), out_dir=tmp_path / "rep")
+    res = inspect_data(_recipe(tmp_path), tiny_tokenizer, out_dir=tmp_path / "rep")
     assert len(res.end_unlabelled) == 20
     assert "carries no label" in capsys.readouterr().out
 
 
-def test_sample_out_of_range(tmp_path):
+def test_sample_out_of_range(tmp_path, tiny_tokenizer):
     with pytest.raises(UserError, match=r"--sample 20: there are 20 usable conversations; pick 0 to 19"):
-        inspect_data(_recipe(tmp_path), sample=20, out_dir=tmp_path / "rep")
+        inspect_data(_recipe(tmp_path), tiny_tokenizer, sample=20, out_dir=tmp_path / "rep")
 
 
 def test_text_histogram_and_percentiles():
     lengths = [12, 15, 18, 33, 35, 70]
     rows = text_histogram(lengths, max_seq_len=34, n_bins=6)  # width 20: 0-20, 20-40, 40-60, 60-80
     assert [r.split()[0] for r in rows] == ["0-20", "20-40", "40-60", "60-80"]
-    assert [int(r.split()[-1]) if "cut" not in r else int(r.split()[-2] if "partly" not in r else r.split()[-3])
-            for r in rows] == [3, 2, 0, 1]
-    assert rows[1].endswith("(partly cut)") and rows[3].endswith("(cut)") and "cut" not in rows[0] + rows[2]
+    assert [int(r.split("(")[0].split()[-1]) for r in rows] == [3, 2, 0, 1]
+    assert rows[1].endswith("(1 cut)") and rows[3].endswith("(cut)") and "cut" not in rows[0] + rows[2]
+    # max_seq_len inside a bin whose samples all fit: nothing is marked
+    assert not any("cut" in r for r in text_histogram([12, 15, 18, 33, 35], max_seq_len=36, n_bins=6))
     assert [percentile(sorted(lengths), p) for p in (50, 100)] == [18, 70]
 
 

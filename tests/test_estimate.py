@@ -16,7 +16,6 @@ from qlora_phi3.memory.estimate import KNOWN_SHAPES, config_for_estimate, estima
 
 PHI3_RECIPE = recipes_dir() / "phi3_mini_4k_12gb.yaml"
 REPO_TINY = recipes_dir() / "tiny_cpu.yaml"
-RECIPES_DIR = recipes_dir()
 
 
 def _phi3(overrides=()):
@@ -163,10 +162,10 @@ def test_estimate_within_10_percent_of_the_long_context_cpu_table():
 def test_long_context_terms_and_attention():
     """Tiling shrinks the layer terms from per-sequence to per-tile; the quadratic terms appear exactly where the
     attention implementation needs them; GPU-only terms only on the GPU; overhead is not charged on weights."""
-    recipe = load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml", ["data.max_seq_len=65536"])
+    recipe = load_recipe(recipes_dir() / "phi3_mini_128k_12gb.yaml", ["data.max_seq_len=65536"])
     cfg = config_for_estimate(recipe.model)
     tiled = estimate(recipe, cfg)
-    untiled = estimate(load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml",
+    untiled = estimate(load_recipe(recipes_dir() / "phi3_mini_128k_12gb.yaml",
                                    ["data.max_seq_len=65536", "train.tile_tokens=0"]), cfg)
     assert untiled.total_gib > 2 * tiled.total_gib and tiled.total_gib < 12 * 0.9
     t = _terms(tiled)
@@ -177,7 +176,7 @@ def test_long_context_terms_and_attention():
     assert t["allocator overhead"] == pytest.approx(0.10 * (tiled.tensor_bytes - weights - t["cuBLAS workspaces"]))
     sdpa = _terms(estimate(recipe, cfg, attn_implementation="sdpa"))
     assert sdpa["attention masks and scores"] >= 65536**2 * 3  # bool mask + its bf16 copy
-    unpacked = load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml", ["data.max_seq_len=65536", "data.packing=false"])
+    unpacked = load_recipe(recipes_dir() / "phi3_mini_128k_12gb.yaml", ["data.max_seq_len=65536", "data.packing=false"])
     assert "attention masks and scores" not in _terms(estimate(unpacked, cfg, attn_implementation="sdpa"))
     assert _terms(estimate(unpacked, cfg, attn_implementation="eager"))["attention masks and scores"] > 32 * 65536**2
     cpu = _terms(estimate(recipe, cfg, "cpu"))

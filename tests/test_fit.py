@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from qlora_phi3.config import recipes_dir, load_recipe
+from qlora_phi3.config import load_recipe, recipes_dir
 from qlora_phi3.errors import UserError
 from qlora_phi3.memory.estimate import config_for_estimate, estimate
 from qlora_phi3.memory.fit import SAFETY_MARGIN, SEQ_STEP, plan_fit, run_fit
@@ -28,9 +28,10 @@ def test_plan_fits_and_is_the_largest(budget):
     assert p.data.max_seq_len % SEQ_STEP == 0 and p.data.max_seq_len <= cfg.max_position_embeddings
     # maximal: one more micro-batch sample would not fit; nor would a longer sequence (at batch 1, checkpointed)
     bigger = copy.deepcopy(p)
-    bigger.train.micro_batch_size = next(m for m in range(p.train.micro_batch_size + 1, 17) if 16 % m == 0) \
-        if p.train.micro_batch_size < 16 else 17
-    assert bigger.train.micro_batch_size > 16 or estimate(bigger, cfg).total_gib > usable
+    effective = recipe.train.micro_batch_size * recipe.train.grad_accum  # the recipe's, kept exactly
+    bigger.train.micro_batch_size = next((m for m in range(p.train.micro_batch_size + 1, effective + 1)
+                                          if effective % m == 0), effective + 1)
+    assert bigger.train.micro_batch_size > effective or estimate(bigger, cfg).total_gib > usable
     if p.data.max_seq_len < cfg.max_position_embeddings:
         longer = copy.deepcopy(p)
         longer.data.max_seq_len += SEQ_STEP
@@ -43,8 +44,8 @@ def test_plan_fits_and_is_the_largest(budget):
         off = copy.deepcopy(p)
         off.train.micro_batch_size, off.train.gradient_checkpointing = 1, False
         assert estimate(off, cfg).total_gib > usable
-    # exactly the effective batch the recipe asked for (2 x 8), never 3 x 5 = 15
-    assert p.train.micro_batch_size * p.train.grad_accum == 16
+    # exactly the effective batch the recipe asked for (2 x 4), never 3 x 3 = 9
+    assert p.train.micro_batch_size * p.train.grad_accum == effective == 8
 
 
 def test_bigger_budget_never_plans_less():
@@ -82,7 +83,7 @@ def test_fit_never_plans_past_the_longest_conversation(tmp_path):
     """Data under 300 tokens must not get data.max_seq_len=4096 (it did): the data's lengths cap it."""
     from qlora_phi3.memory.fit import data_longest_tokens
 
-    recipe = load_recipe(RECIPES_DIR / "tiny_cpu.yaml", [])
+    recipe = load_recipe(recipes_dir() / "tiny_cpu.yaml", [])
     longest, note = data_longest_tokens(recipe)
     assert 20 < longest < 300 and "longest conversation" in note
     cfg = config_for_estimate(recipe.model)
@@ -95,7 +96,7 @@ def test_fit_never_plans_past_the_longest_conversation(tmp_path):
 
 
 def test_fit_turns_tiling_on_only_when_it_buys_length():
-    recipe = load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml", ["train.tile_tokens=0"])
+    recipe = load_recipe(recipes_dir() / "phi3_mini_128k_12gb.yaml", ["train.tile_tokens=0"])
     cfg = config_for_estimate(recipe.model)
     plan = plan_fit(recipe, cfg, 12.0)
     assert plan.recipe.train.tile_tokens > 0 and plan.recipe.data.max_seq_len >= 32768
@@ -108,12 +109,12 @@ def test_fit_turns_tiling_on_only_when_it_buys_length():
 
 def test_fit_counts_the_quadratic_attention_memory():
     """eager (scores) and sdpa with packing (the L x L mask) grow with the square of the row: fit plans shorter rows."""
-    base = load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml", [])
+    base = load_recipe(recipes_dir() / "phi3_mini_128k_12gb.yaml", [])
     cfg = config_for_estimate(base.model)
     flash = plan_fit(base, cfg, 12.0)
-    sdpa_packed = plan_fit(load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml",
+    sdpa_packed = plan_fit(load_recipe(recipes_dir() / "phi3_mini_128k_12gb.yaml",
                                        ["model.attn_implementation=sdpa"]), cfg, 12.0)
-    eager = plan_fit(load_recipe(RECIPES_DIR / "phi3_mini_128k_12gb.yaml",
+    eager = plan_fit(load_recipe(recipes_dir() / "phi3_mini_128k_12gb.yaml",
                                  ["model.attn_implementation=eager", "data.packing=false"]), cfg, 12.0)
     assert eager.recipe.data.max_seq_len < sdpa_packed.recipe.data.max_seq_len < flash.recipe.data.max_seq_len
     assert any("square" in n for n in sdpa_packed.notes + eager.notes)

@@ -84,6 +84,9 @@ print(json.dumps({
     "adapter_effect": (b - plain).abs().max().item(),
     "stop_ids_in_eos": [tok.convert_tokens_to_ids(t) in eos for t in ("<|end|>", "<|endoftext|>")], "eos": eos,
     "template_ok": "<|assistant|>" in tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+    "padding_side": tok.padding_side, "tokenizer_pad_id": tok.pad_token_id,
+    "config_pad_id": merged.config.pad_token_id, "generation_pad_id": gen.pad_token_id,
+    "tokenizer_config_keys": sorted(json.load(open(merged_dir + "/tokenizer_config.json"))),
 }))
 """
 
@@ -106,6 +109,11 @@ def test_plain_transformers_loads_merged_and_matches_peft(merged, tiny_run):
     assert r["adapter_effect"] > 1.0, r
     assert r["stop_ids_in_eos"] == [True, True] and r["template_ok"]
     assert {32007, 32000} <= set(r["eos"])  # Phi-3's real ids: <|end|>, <|endoftext|>
+    # What a user of the merged model needs, nothing of this machine: batched generation pads on the left, with
+    # the tokenizer's pad (<unk>, never eos) in config and generation config alike.
+    assert r["padding_side"] == "left"
+    assert r["config_pad_id"] == r["generation_pad_id"] == r["tokenizer_pad_id"] == 0
+    assert not {"is_local", "local_files_only", "cache_dir", "token"} & set(r["tokenizer_config_keys"])
 
 
 def test_merge_report_compares_the_three_models(merged):

@@ -24,7 +24,9 @@ TILE = 16
 
 def _lora_model(attn: str, checkpointing=True, name=None):
     cfg = ModelConfig() if name is None else ModelConfig(name_or_path=str(name))
-    model = attach_lora(load_model(cfg, "cpu", "float32", attn), LoraSettings(r=8, dropout=0.0), checkpointing)
+    model = attach_lora(load_model(cfg, "cpu", "float32", attn), LoraSettings(r=8, dropout=0.0))
+    if checkpointing:  # as the Trainer turns it on for train.gradient_checkpointing=true
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     gen = torch.Generator().manual_seed(0)
     for n, p in model.named_parameters():  # PEFT starts lora_B at zero, which would make every lora_A grad zero
         if "lora_B" in n:
@@ -106,7 +108,7 @@ def test_tiling_lowers_the_measured_peak(tmp_path):
     """Live-tensor peak of one training step on a 1-layer Phi-3 whose MLP dominates (the Phi-3-mini shape ratio):
     tiled by 128 tokens at 2048 tokens, the step needs clearly less."""
     from qlora_phi3.memory.meter import PeakMemory
-    from qlora_phi3.run.profile import write_random_phi3
+    from qlora_phi3.model.tiny import write_random_phi3
 
     path = write_random_phi3(tmp_path / "m", hidden_size=96, intermediate_size=256, num_hidden_layers=1,
                              num_attention_heads=1, num_key_value_heads=1, vocab_size=704,

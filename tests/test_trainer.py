@@ -67,3 +67,41 @@ def test_real_and_padded_tokens_are_counted(tmp_path):
     assert len(batches) == 1
     assert trainer.tokens_real == int(batches[0]["attention_mask"].sum()) == trainer.state.num_input_tokens_seen
     assert trainer.tokens_total == batches[0]["input_ids"].numel() > trainer.tokens_real  # padded to the longest
+
+
+def _per_token_eval_loss_by_hand(trainer) -> tuple[float, float]:
+    """(mean loss per labelled token over the eval set, the Trainer's own row-weighted average of batch means),
+    each eval conversation run alone through the model's own loss."""
+    model, sums, counts = trainer.model.eval(), [], []
+    rows = trainer.eval_dataset
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for ids, lab in zip(rows["input_ids"], rows["labels"]):
+            n = sum(1 for t in lab[1:] if t != -100)
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([lab])).loss.float().item()
+            sums.append(loss * n)
+            counts.append(n)
+    b = trainer.args.per_device_eval_batch_size
+    batch_means = [sum(sums[i:i + b]) / sum(counts[i:i + b]) for i in range(0, len(sums), b)]
+    weights = [len(sums[i:i + b]) for i in range(0, len(sums), b)]
+    return sum(sums) / sum(counts), sum(m * w for m, w in zip(batch_means, weights)) / sum(weights)
+
+
+def test_eval_loss_is_per_assistant_token_and_the_same_with_packing(tmp_path):
+    """Eval conversations carry different numbers of answer tokens; the eval loss is the mean over all of them
+    (not the Trainer's average of batch means), on both loss paths, and packing the training data changes
+    nothing about it. A few real steps first, so that some answers are learned and others not yet."""
+    common = ("data.max_samples=200", "train.max_steps=40", "train.lr=6e-3")
+    packed = _trainer(tmp_path / "packed", "data.packing=true", *common)
+    packed.train()
+    losses = {("packed", "chunked"): packed.evaluate()["eval_loss"]}
+    packed.loss_chunk_tokens = 0
+    losses["packed", "SFTTrainer's"] = packed.evaluate()["eval_loss"]
+    unpacked = _trainer(tmp_path / "unpacked", "data.packing=false", *common)
+    trained = {k: v for k, v in packed.model.state_dict().items() if "lora_" in k}
+    assert not unpacked.model.load_state_dict(trained, strict=False).unexpected_keys
+    losses["unpacked", "chunked"] = unpacked.evaluate()["eval_loss"]
+    per_token, row_weighted = _per_token_eval_loss_by_hand(unpacked)
+    gap = abs(per_token - row_weighted)
+    assert gap > 0.01 * per_token  # the data tells the two apart
+    for key, loss in losses.items():
+        assert abs(loss - per_token) < 0.1 * gap, (key, loss, per_token, row_weighted)

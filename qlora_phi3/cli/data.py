@@ -20,7 +20,8 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     from qlora_phi3.data.inspect import inspect_data
+    from qlora_phi3.model.load import load_tokenizer
 
     recipe = recipe_from_args(args)
-    inspect_data(recipe, sample=args.sample, out_dir=args.out)
+    inspect_data(recipe, load_tokenizer(recipe.model), sample=args.sample, out_dir=args.out)
     return 0

@@ -45,6 +45,10 @@ class DataInspection:
     tokens_per_epoch: int = 0  # train split, after truncation
     loss_tokens_per_epoch: int = 0
     steps_per_epoch: int = 0
+    packed_rows: int | None = None  # data.packing: rows of max_seq_len tokens per epoch
+    padded_share: float | None = None  # no packing: share of padding in the micro-batches of one epoch
+    padding_note: str = ""  # what that costs, in words (the same sentence train prints)
+    padding_warns: bool = False
     png_path: str = ""
     json_path: str = ""
 
@@ -68,14 +72,15 @@ def _bins(lengths: list[int], n_bins: int) -> list[tuple[int, int, int]]:
 
 
 def text_histogram(lengths: list[int], max_seq_len: int, n_bins: int = 12, bar_chars: int = 40) -> list[str]:
-    """Rows like ``  256-  512 ████████ 31``; rows beyond max_seq_len are marked ``(cut)``."""
+    """Rows like ``  256-  512 ████████ 31``; a bin whose samples are all longer than max_seq_len is marked
+    ``(cut)``, one where only some are ``(N cut)``."""
     bins = _bins(lengths, n_bins)
     peak = max(c for _, _, c in bins) or 1
     rows = []
     for lo, hi, count in bins:
         bar = "█" * round(bar_chars * count / peak) or ("▏" if count else "")
-        # a sample is cut when longer than max_seq_len; the bin holds lengths lo..hi-1
-        mark = "" if not count else "  (cut)" if lo > max_seq_len else "  (partly cut)" if max_seq_len < hi - 1 else ""
+        cut = sum(1 for n in lengths if lo <= n < hi and n > max_seq_len)  # truncated: longer than max_seq_len
+        mark = "" if not cut else "  (cut)" if cut == count else f"  ({cut:,} cut)"
         rows.append(f"{lo:>7,}-{hi:<7,} {bar:<{bar_chars}} {count:>6,}{mark}")
     return rows
 
@@ -232,12 +237,13 @@ def _default_out_dir(recipe: Recipe) -> Path:
     return run_dir.with_name(run_dir.name + "-data")
 
 
-def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = None) -> DataInspection:
-    """Validate, tokenize and report on ``recipe``'s training data; write a PNG histogram and a JSON summary."""
+def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path | None = None) -> DataInspection:
+    """Validate, tokenize (with ``tokenizer``, the recipe model's) and report on ``recipe``'s training data; write
+    a PNG histogram and a JSON summary."""
+    from qlora_phi3.data.packing import pack_rows, padding_advice
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.split import hold_out
     from qlora_phi3.files import atomic_write_json
-    from qlora_phi3.model.load import load_tokenizer
     from qlora_phi3.phi3 import END_TOKEN, IGNORE_INDEX
 
     d, t = recipe.data, recipe.train
@@ -264,7 +270,6 @@ def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = N
         n_eval = len(eval_recs)
     train_origins = {r.origin for r in train_recs}
 
-    tokenizer = load_tokenizer(recipe.model)
     end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
     encoded = _encode_all(records, tokenizer)
     lengths = [len(ids) for ids, _ in encoded]
@@ -274,7 +279,7 @@ def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = N
         skipped=report.n_skipped, duplicates=len(report.duplicates), train_samples=len(train_recs),
         eval_samples=n_eval if n_eval is not None else 0, max_seq_len=d.max_seq_len, token_lengths=lengths,
         percentiles={f"p{p}": percentile(ordered, p) for p in PERCENTILES})
-    kept_train = 0
+    train_lengths = []  # after truncation, of the train conversations training keeps
     for rec, (ids, labels) in zip(records, encoded):
         loss_at = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
         labelled_ends = [i for i in loss_at if ids[i] == end_id]
@@ -290,12 +295,18 @@ def inspect_data(recipe: Recipe, sample: int = 0, out_dir: str | Path | None = N
             if any(i >= d.max_seq_len for i in labelled_ends):
                 res.end_cut.append(rec.origin)
         if rec.origin in train_origins and kept:
-            kept_train += 1
-            res.tokens_per_epoch += min(len(ids), d.max_seq_len)
+            train_lengths.append(min(len(ids), d.max_seq_len))
             res.loss_tokens_per_epoch += len(kept)
-    # transformers' Trainer: ceil(samples / micro_batch) batches, ceil(batches / grad_accum) steps
-    batches = math.ceil(kept_train / t.micro_batch_size)
-    res.steps_per_epoch = max(1, math.ceil(batches / t.grad_accum))
+    res.tokens_per_epoch = sum(train_lengths)
+    if d.packing:  # the rows training builds (data/packing.py), each a micro-batch row
+        res.packed_rows = len(pack_rows(train_lengths, d.max_seq_len))
+        rows = res.packed_rows
+    else:
+        res.padded_share, res.padding_note, res.padding_warns = padding_advice(train_lengths, t.micro_batch_size,
+                                                                              t.seed)
+        rows = len(train_lengths)
+    # transformers' Trainer: ceil(rows / micro_batch) batches, ceil(batches / grad_accum) steps
+    res.steps_per_epoch = max(1, math.ceil(math.ceil(rows / t.micro_batch_size) / t.grad_accum))
 
     _print_summary(res, recipe)
     render_sample(tokenizer, records[sample], *encoded[sample], d.max_seq_len, sample)
@@ -340,10 +351,17 @@ def _print_summary(res: DataInspection, recipe: Recipe) -> None:
              f"data.max_seq_len (e.g. {', '.join(res.end_cut[:3])}): those replies are trained without their end.")
     effective = t.micro_batch_size * t.grad_accum
     eval_part = f"{res.eval_samples:,} held out for eval" if not d.eval_split else f"eval from split {d.eval_split!r}"
+    unit = f"packed rows of {d.max_seq_len:,} tokens" if d.packing else "conversations"
     info(f"\n[bold]per epoch[/]: {res.train_samples:,} train conversations ({eval_part}), "
          f"{res.tokens_per_epoch:,} tokens, {res.loss_tokens_per_epoch:,} with loss; "
          f"{res.steps_per_epoch:,} optimizer steps at micro_batch_size {t.micro_batch_size} x grad_accum "
-         f"{t.grad_accum} = {effective} conversations per step (one process).")
+         f"{t.grad_accum} = {effective} {unit} per step (one process).")
+    if d.packing:
+        fill = res.tokens_per_epoch / (res.packed_rows * d.max_seq_len) if res.packed_rows else 0.0
+        info(f"packing: {res.packed_rows:,} rows, {fill:.0%} real tokens (no padding inside a row; the last row of "
+             "each micro-batch may be short); data.packing=false pads each micro-batch instead.")
+    else:
+        (warn if res.padding_warns else info)(res.padding_note)
     if t.max_steps > 0:
         info(f"train.max_steps={t.max_steps:,} is {t.max_steps / res.steps_per_epoch:.2f} epochs.")
     else:

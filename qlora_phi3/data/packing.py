@@ -19,7 +19,10 @@ import random
 
 from qlora_phi3.phi3 import IGNORE_INDEX
 
-__all__ = ["PackingCollator", "block_causal_mask", "pack_columns", "pack_rows", "padded_tokens", "to_model_inputs"]
+__all__ = ["PADDING_WARN_SHARE", "PackingCollator", "block_causal_mask", "pack_columns", "pack_rows", "padded_tokens",
+           "padding_advice", "to_model_inputs"]
+
+PADDING_WARN_SHARE = 0.30  # above this share of padded tokens per epoch, packing is worth a warning
 
 
 def pack_rows(lengths: list[int], max_seq_len: int) -> list[list[int]]:
@@ -54,6 +57,19 @@ def padded_tokens(lengths: list[int], micro_batch_size: int, seed: int = 0) -> i
         batch = [lengths[i] for i in order[start:start + micro_batch_size]]
         total += max(batch) * len(batch) - sum(batch)
     return total
+
+
+def padding_advice(lengths: list[int], micro_batch_size: int, seed: int) -> tuple[float, str, bool]:
+    """(share of padded tokens per epoch without packing, the sentence that says so, whether it deserves a
+    warning), for ``train`` and the ``data`` inspector alike."""
+    padded = padded_tokens(lengths, micro_batch_size, seed)
+    share = padded / (padded + sum(lengths)) if lengths else 0.0
+    line = (f"padding: about {share:.0%} of the tokens per epoch are padding (data.packing=false: micro-batches of "
+            f"{micro_batch_size} padded to their longest sample)")
+    if share > PADDING_WARN_SHARE:
+        return share, (f"{line}: compute spent on nothing. data.packing=true packs conversations into full rows "
+                       "without padding (leak-free) and is usually several times faster."), True
+    return share, line, False
 
 
 def pack_columns(input_ids: list[list[int]], labels: list[list[int]], max_seq_len: int) -> dict[str, list]:

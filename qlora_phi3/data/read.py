@@ -54,6 +54,7 @@ class LoadReport:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (origin, origin of the first copy)
     duplicates_dropped: bool = True
     notes: list[str] = field(default_factory=list)  # harmless things fixed on the way (BOM, CRLF, ...)
+    trailing_user: list[str] = field(default_factory=list)  # origins of conversations whose last (user) turn was cut
 
     def skip(self, reason: str, origin: str, detail: str = "") -> None:
         self.skipped.setdefault(reason, []).append((origin, detail))
@@ -82,6 +83,48 @@ class LoadReport:
 
 def resolve_data_path(path: str) -> str:
     return str(EMBEDDED_DATA_FILE) if path == EMBEDDED_DATA else path
+
+
+TOOL_ROLES = ("tool", "function", "ipython")  # tool results in OpenAI / older OpenAI / Llama 3 exports
+
+
+def _joined_text_parts(parts: list, i: int, role: str) -> str:
+    """OpenAI-style content parts (``[{"type": "text", "text": ...}, ...]``) as one string: the text parts
+    concatenated, as chat templates that accept parts render them. Other parts (images, audio) cannot be
+    trained on by a text model: they are a RecordProblem naming the part."""
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RecordProblem("non-text content part", f"message {i} ({role}) has a {kind!r} part; Phi-3-mini "
+                                "reads text only: drop the part or the conversation")
+    return "".join(texts)
+
+
+def _normalized_turns(messages) -> list:
+    """``messages`` with text-part lists joined into strings; tool calls and tool results are a RecordProblem
+    that names them (Phi-3-mini's chat template has no tool role, so there is no right way to train on them)."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict):
+            role = m.get("role")
+            if role in TOOL_ROLES:
+                raise RecordProblem("tool turn", f"message {i} has role {role!r} (a tool result); Phi-3-mini's "
+                                    "chat template has no tool role: drop tool conversations or flatten them to text")
+            calls = [k for k in ("tool_calls", "function_call") if m.get(k)]
+            if calls:
+                raise RecordProblem("tool call", f"message {i} ({role}) has {calls[0]!r}; Phi-3-mini's chat template "
+                                    "has no tool calls: drop tool conversations or flatten them to text")
+            if isinstance(m.get("content"), list):
+                m = {**m, "content": _joined_text_parts(m["content"], i, role)}
+        out.append(m)
+    return out
 
 
 def _turn_problem(messages) -> RecordProblem | None:
@@ -350,7 +393,7 @@ def load_records(cfg: DataConfig, split: str | None = None) -> tuple[list[ChatRe
                 fmt = detect_format(row)
                 report.format, report.format_origin = fmt, f"detected from {origin}"
             try:
-                messages = to_messages(row, fmt)
+                messages = _normalized_turns(to_messages(row, fmt))
             except RecordProblem as p:
                 problem = p
         problem = problem or _turn_problem(messages)
@@ -361,6 +404,9 @@ def load_records(cfg: DataConfig, split: str | None = None) -> tuple[list[ChatRe
             report.skip(problem.reason, origin, problem.detail)
             continue
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if messages[-1]["role"] == "user":  # nothing follows it, so it carries no loss: only compute
+            messages = messages[:-1]
+            report.trailing_user.append(origin)
         digest = hashlib.blake2b(json.dumps(messages, ensure_ascii=False).encode(), digest_size=16).digest()
         if digest in first_seen:
             report.duplicates.append((origin, first_seen[digest]))
@@ -369,5 +415,10 @@ def load_records(cfg: DataConfig, split: str | None = None) -> tuple[list[ChatRe
         else:
             first_seen[digest] = origin
         records.append(ChatRecord(messages, origin))
+    if report.trailing_user:
+        n = len(report.trailing_user)
+        report.notes.append(f"{n} conversation{'s end' if n > 1 else ' ends'} with a user turn (e.g. "
+                            f"{', '.join(report.trailing_user[:3])}): nothing answers it, so it would carry no loss; "
+                            "dropped from training, the rest of each conversation kept")
     _apply_policy(cfg, report, records)
     return records, report

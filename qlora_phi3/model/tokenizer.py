@@ -61,7 +61,7 @@ N_PIECES = 32000  # the SentencePiece vocabulary (Llama 2's); ids above are adde
 # special). </s> is the one not special; it and 32001-32010 swallow the whitespace after them.
 _ADDED_IDS = (0, 1, 2, *range(32000, 32011))
 PHI3_ADDED_TOKENS = {i: (text, i == 2 or i > 32000, i != 2) for i, text in zip(_ADDED_IDS, PHI3_TOKEN_TEXTS)}
-# Cases the GGUF's reference file does not cover: Phi-3's rstrip after special tokens (PITFALLS #13).
+# Cases the GGUF's reference file does not cover: Phi-3's rstrip after special tokens.
 RSTRIP_CASES = [
     ("<|user|>\n Hi", [32010, 6324]),
     ("<|user|>\nHi<|end|>\n<|assistant|>\n\n  Hello<|end|>\n", [32010, 6324, 32007, 32001, 15043, 32007]),

@@ -12,7 +12,7 @@ Why a writer of our own instead of llama.cpp's ``convert_hf_to_gguf.py``: the co
 installable package (it lives in the llama.cpp source tree, which we cannot fetch offline), it needs the
 SentencePiece ``tokenizer.model`` that transformers does not save, and it names the model after its directory,
 while llama.cpp applies Phi-3's whitespace rules after special tokens only when ``general.name`` says Phi-3
-(PITFALLS #20). The ``gguf`` package provides the format: the writer, the PHI3 tensor names and keys and the
+(llama-vocab.cpp). The ``gguf`` package provides the format: the writer, the PHI3 tensor names and keys and the
 numpy quantizers; this module only decides what goes in, following the converter's Phi-3 class.
 """
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 import resource
 import shutil
@@ -32,7 +33,7 @@ from qlora_phi3.config import DataConfig, TrainConfig
 from qlora_phi3.data.encode import encode_records
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import UserError
-from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
+from qlora_phi3.files import atomic_write_json, atomic_write_text, partial_dir, publish_dir
 from qlora_phi3.model.load import hide_load_progress_bars, load_model, load_tokenizer, pick_compute_dtype, resolve_model_path
 from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
 from qlora_phi3.phi3 import IGNORE_INDEX
@@ -174,18 +175,33 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     model.generation_config.eos_token_id = list(dict.fromkeys(eos + stop_token_ids(tokenizer)))
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Phi-3's config says pad = eos (32000); the tokenizer pads with <unk>. Generation and batching read the
+    # config, so they must agree with the tokenizer, or padding would look like an end of text.
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp, max_shard_size=shard_bytes)  # safetensors only in transformers 5
     # Training pads on the right; batched generation needs left padding so each prompt ends at the cut.
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp)
+    _drop_machine_keys(tmp / "tokenizer_config.json")
+
+
+# Load-time arguments transformers writes back into tokenizer_config.json: they describe how this machine found
+# the tokenizer, and would make another machine's load behave as if told the same.
+MACHINE_KEYS = ("is_local", "local_files_only", "cache_dir", "token", "revision", "trust_remote_code", "_commit_hash")
+
+
+def _drop_machine_keys(path: Path) -> None:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in MACHINE_KEYS:
+        config.pop(key, None)
+    config["padding_side"] = "left"
+    atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def phi3_model_name(name: str) -> str:
     """``name``, made to say Phi-3 if it does not: llama.cpp applies Phi-3's rstrip after special tokens only
     when a GGUF's general.name contains "phi3" or "phi-3" (llama-vocab.cpp); without it ``<|user|>\\nHi``
-    tokenizes differently from training (PITFALLS #20)."""
+    tokenizes differently from training."""
     return name if re.search(r"phi-?3", name, re.IGNORECASE) else f"{name} (Phi-3 fine-tune)"
 
 
@@ -198,9 +214,7 @@ def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
       every prompt, and training fed none (data/encode.py tokenizes without special tokens);
     * a model card whose name says Phi-3: it names the GGUF after the card or the directory, and llama.cpp
       swallows the whitespace after Phi-3's special tokens only when that name contains "phi3"/"phi-3"
-      (PITFALLS #20)."""
-    import json
-
+      (llama-vocab.cpp)."""
     import yaml
     from transformers.utils import cached_file
 

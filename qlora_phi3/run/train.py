@@ -21,7 +21,7 @@ from trl import SFTConfig
 
 from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict, with_absolute_paths
 from qlora_phi3.data.encode import EncodedSplit, encode_records
-from qlora_phi3.data.packing import padded_tokens
+from qlora_phi3.data.packing import padding_advice
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
@@ -43,7 +43,6 @@ from qlora_phi3.ui import console, info, is_main_process, plural, warn
 
 __all__ = ["RunInterrupted", "RunResult", "gather_state_dict", "train"]
 
-PADDING_WARN_SHARE = 0.30  # above this share of padded tokens per epoch, packing is worth suggesting
 
 
 @dataclass
@@ -152,16 +151,9 @@ def _load_data(recipe: Recipe, tokenizer) -> _Data:
                  f"left; {enc.assistant_tokens_lost:,} assistant tokens lost).")
     share = None
     if not d.packing:
-        lengths = [len(x) for x in train_enc.input_ids]
-        padded = padded_tokens(lengths, recipe.train.micro_batch_size, recipe.train.seed)
-        share = padded / (padded + sum(lengths))
-        line = (f"padding: about {share:.0%} of the tokens per epoch are padding (micro-batches of "
-                f"{recipe.train.micro_batch_size} padded to their longest sample)")
-        if share > PADDING_WARN_SHARE:
-            warn(f"{line}: compute spent on nothing. data.packing=true packs conversations into full rows without "
-                 "padding (leak-free) and is usually several times faster.")
-        else:
-            info(line)
+        share, line, serious = padding_advice([len(x) for x in train_enc.input_ids], recipe.train.micro_batch_size,
+                                              recipe.train.seed)
+        (warn if serious else info)(line)
     return _Data(train_enc, eval_enc, share, splits.eval)
 
 

@@ -1,9 +1,12 @@
 """TRL's SFTTrainer around our pre-tokenized data, with the chunked loss and leak-free packing.
 
-``QLoRATrainer`` changes two things in SFTTrainer, both for memory and speed on small cards: the
-loss is the chunked cross-entropy of :mod:`qlora_phi3.run.loss` (train and eval, since
-``prediction_step`` calls ``compute_loss``), and packed batches get their leak-free attention inputs
-from :mod:`qlora_phi3.data.packing` right before the forward. Everything else (optimizer, schedule,
+``QLoRATrainer`` changes three things in SFTTrainer. For memory and speed on small cards, the loss is
+the chunked cross-entropy of :mod:`qlora_phi3.run.loss` (train and eval: ``prediction_step`` calls
+``compute_loss``), and packed batches get their leak-free attention inputs from
+:mod:`qlora_phi3.data.packing` right before the forward. And the eval loss is per assistant token over
+the whole eval set: the Trainer averages each batch's mean loss weighted by its rows, which weighs a
+token in a short answer more than one in a long answer, and would make eval losses depend on how the
+rows were batched. Everything else (optimizer, schedule,
 mixed precision, gradient accumulation, checkpoint format, distributed data parallel) is the
 Trainer's own. ``train``, ``profile`` and ``bench/compare.py`` all step through this class.
 """
@@ -18,6 +21,7 @@ from trl import SFTTrainer
 from qlora_phi3.data.encode import EncodedSplit
 from qlora_phi3.data.packing import PackingCollator, pack_columns, to_model_inputs
 from qlora_phi3.memory.meter import PeakMemory
+from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.run.checkpoints import AtomicCheckpoints
 from qlora_phi3.run.internals import check_trainer_internals
 from qlora_phi3.run.loss import model_loss
@@ -37,22 +41,43 @@ class QLoRATrainer(AtomicCheckpoints, SFTTrainer):
         self._sliding_window = getattr(config, "sliding_window", None)
         self.tokens_real = 0  # training tokens this session: real ones, and real + padding (what was computed)
         self.tokens_total = 0
+        # (eval rows, eval tokens that carry a loss) of the whole eval set: see _per_token_eval_loss.
+        self.eval_rows_and_tokens: tuple[int, int] | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.tokens_total += inputs["input_ids"].numel()
             self.tokens_real += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else \
                 inputs["input_ids"].numel()
+        labels = inputs["labels"]
         inputs = to_model_inputs(inputs, self._attn, self._sliding_window)
-        # Under DDP the backbone must be called through the wrapper's forward (gradient sync), and
-        # return_outputs wants logits: both go to SFTTrainer's own (fused-head) loss.
-        if not self.loss_chunk_tokens or return_outputs or self.accelerator.num_processes > 1:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # The chunked loss calls the backbone itself, past the top-level forward that accelerate wraps in
-        # autocast; without this the LoRA layers would see fp32 inputs and run their matmuls in fp32
-        # (PEFT casts to the adapter dtype when autocast is off), a slower and bigger path than planned.
-        with self.accelerator.autocast():
-            return model_loss(model, inputs, self.loss_chunk_tokens, num_items_in_batch)
+        evaluating = not model.training and self.accelerator.num_processes == 1
+        # Under DDP the backbone must be called through the wrapper's forward (gradient sync): SFTTrainer's own
+        # (fused-head) loss. So does a caller that wants logits (prediction_step asks for outputs, but with no
+        # compute_metrics it only reads the loss: prediction_loss_only).
+        if (not self.loss_chunk_tokens or self.accelerator.num_processes > 1
+                or (return_outputs and not (evaluating and self.compute_metrics is None))):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            # The chunked loss calls the backbone itself, past the top-level forward that accelerate wraps in
+            # autocast; without this the LoRA layers would see fp32 inputs and run their matmuls in fp32
+            # (PEFT casts to the adapter dtype when autocast is off), a slower and bigger path than planned.
+            with self.accelerator.autocast():
+                loss = model_loss(model, inputs, self.loss_chunk_tokens, num_items_in_batch)
+            result = (loss, {"loss": loss}) if return_outputs else loss
+        if evaluating and self.eval_rows_and_tokens:
+            loss = self._per_token_eval_loss(result[0] if return_outputs else result, labels)
+            result = (loss, result[1]) if return_outputs else loss
+        return result
+
+    def _per_token_eval_loss(self, batch_mean, labels):
+        """The batch's mean loss (per labelled token of the batch), rescaled so that the Trainer's row-weighted
+        average of batch losses over the eval set is the mean per labelled token of the whole set:
+        (S_b / T_b) * (T_b / B_b) / (T / N), averaged with weights B_b / N, is (sum of all S_b) / T, where S_b is
+        batch b's summed loss over its T_b labelled tokens and B_b rows, and the set has T tokens in N rows."""
+        rows, tokens = self.eval_rows_and_tokens
+        batch_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return batch_mean * (batch_tokens / labels.shape[0]) * (rows / tokens)
 
 
 def build_trainer(model, tokenizer, args, train_enc: EncodedSplit, eval_enc: EncodedSplit | None, device: str, *,
@@ -86,6 +111,9 @@ def build_trainer(model, tokenizer, args, train_enc: EncodedSplit, eval_enc: Enc
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    if eval_enc is not None and eval_enc.input_ids:
+        trainer.eval_rows_and_tokens = (len(eval_enc.input_ids), sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX)
+                                                          for lab in eval_enc.labels))
     if trainer.is_fsdp_enabled:
         # PEFT's documented FSDP-QLoRA setup: with use_orig_params=False the trainable LoRA weights and the frozen
         # 4-bit weights must land in different flat parameters, so they are wrapped apart.
