@@ -78,9 +78,9 @@ def main() -> None:
         f"Hardware: {_cpu_name()}, {os.cpu_count()} CPU cores, no GPU; load average "
         f"at the end {os.getloadavg()[0]:.1f} (shared machine: seconds vary from run to run). "
         f"Date: {time.strftime('%Y-%m-%d')}.",
-        f"Command: `nice -n 10 python bench/lora_variants.py --steps {args.steps} --write`",
+        f"Command: `OMP_NUM_THREADS=1 nice -n 10 python bench/lora_variants.py --steps {args.steps} --write`",
         "",
-        f"Each row: `recipes/tiny_cpu.yaml` + the variant, {args.steps} optimizer steps (micro-batch 16), its own "
+        f"Each row: `recipes/tiny_cpu.yaml` + the variant, {args.steps} optimizer steps (the recipe's micro-batch), its own "
         "process, sample answers off, live-tensor memory meter.",
         "",
         "| variant | overrides | peak MiB (measured) | estimated MiB | train s | x default | eval loss step 0 -> end |",
