@@ -21,12 +21,14 @@ from qlora_phi3.phi3 import PHI3_TARGETS
 
 __all__ = [
     "DataConfig", "LoraSettings", "ModelConfig", "Recipe", "TrainConfig", "EMBEDDED_DATA", "EMBEDDED_MODEL",
-    "DEFAULT_RECIPE", "load_recipe", "recipes_dir", "resolve_recipe", "shipped_recipes", "recipe_to_dict", "dump_recipe", "field_help", "with_absolute_paths",
+    "DEFAULT_RECIPE", "TRACKERS", "load_recipe", "recipes_dir", "resolve_recipe", "shipped_recipes", "recipe_to_dict", "dump_recipe", "field_help", "with_absolute_paths",
 ]
 
 EMBEDDED_MODEL = "embedded:tiny-phi3"
 EMBEDDED_DATA = "embedded:tiny-chat"
 DEFAULT_RECIPE = "tiny_cpu"
+# train.report_to: transformers' own integrations we support and test ("none" = no tracker).
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 
 
 def recipes_dir() -> Path:
@@ -94,6 +96,17 @@ class LoraSettings:
     dropout: float = _f(0.05, "Dropout on the LoRA input.")
     target_modules: list[str] = _f(list(PHI3_TARGETS), "Module names to adapt. Phi-3 fuses q/k/v into qkv_proj and "
                                                  "gate/up into gate_up_proj.")
+    # LoRA variants, all PEFT's own (peft.LoraConfig); README "LoRA variants" says when to use which.
+    use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so high ranks "
+                                 "keep learning (arXiv 2312.03732).")
+    use_dora: bool = _f(False, "DoRA: learn a magnitude vector per output feature beside the LoRA direction "
+                               "(arXiv 2402.09353); often better at low rank, slower steps and more memory.")
+    init: Literal["default", "gaussian", "olora", "pissa", "loftq"] = _f(
+        "default", "LoRA initialisation: default (PEFT's: A Kaiming-uniform, B zero: starts as the base model); "
+                   "gaussian (A Gaussian with std 1/r, B zero); olora (QR of the "
+                    "base weight, which is re-quantized without that part); loftq (A, B fitted to the 4-bit "
+                    "quantization error, from the 16-bit weights on disk). pissa needs a 16-bit base and is refused "
+                    "on the 4-bit one.")
 
 
 @dataclass
@@ -150,6 +163,17 @@ class TrainConfig:
     save_steps: int = _f(100, "Steps between checkpoints (0 = none).")
     save_total_limit: int = _f(2, "Checkpoints kept; older ones are deleted.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu.")
+    neftune_noise_alpha: float | None = _f(
+        None, "NEFTune: uniform noise of this scale on the input embeddings while training (TRL/transformers; "
+              "arXiv 2310.05914; 5 is the paper's value). null = off.")
+    report_to: list[str] = _f([], "Experiment trackers that get the metrics: tensorboard (files in "
+                                  "<output_dir>/tensorboard), wandb (offline unless WANDB_MODE is set), mlflow "
+                                  "(<output_dir>/mlruns unless MLFLOW_TRACKING_URI is set). Empty or none = none.")
+    run_name: str | None = _f(None, "Run name shown by the trackers; null = the output directory's name.")
+    sample_prompts: int | str = _f(
+        3, "Sample answers at every evaluation: a number N (the first N held-out eval conversations) or a file of "
+           "prompts (.txt: one per line; .jsonl: a 'prompt' string or 'messages' per line). 0 = off.")
+    sample_max_new_tokens: int = _f(64, "Cap on each sample answer's length (greedy; bounds the time samples take).")
 
 
 @dataclass
@@ -359,12 +383,21 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("train.eval_steps", recipe.train.eval_steps >= 0, "must be 0 or more"),
         ("train.save_steps", recipe.train.save_steps >= 0, "must be 0 or more"),
         ("train.save_total_limit", recipe.train.save_total_limit >= 1, "must be at least 1"),
+        ("train.neftune_noise_alpha", recipe.train.neftune_noise_alpha is None or recipe.train.neftune_noise_alpha > 0,
+         "must be positive (or null: off)"),
+        ("train.sample_prompts", not isinstance(recipe.train.sample_prompts, int) or recipe.train.sample_prompts >= 0,
+         "must be 0 (off), a number of eval prompts, or a file of prompts"),
+        ("train.sample_max_new_tokens", recipe.train.sample_max_new_tokens >= 1, "must be at least 1"),
     ]
     for key, ok, what in checks:
         if not ok:
             section, name = key.split(".")
             value = getattr(getattr(recipe, section), name)
             raise UserError(f"{where(key)}: '{key}' {what}, got {value!r}.")
+    unknown = [name for name in recipe.train.report_to if name not in TRACKERS]
+    if unknown:
+        raise UserError(f"{where('train.report_to')}: 'train.report_to' has unknown tracker {unknown[0]!r}; valid: "
+                        f"{', '.join(TRACKERS)} (a list, e.g. train.report_to=[tensorboard,wandb]).")
     if not recipe.train.output_dir.strip():
         raise UserError(f"{where('train.output_dir')}: 'train.output_dir' must not be empty.")
 
@@ -469,6 +502,8 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     out = copy.deepcopy(recipe)
     out.model.name_or_path = _absolute(recipe.model.name_or_path)
     out.data.path = _absolute(recipe.data.path)
+    if isinstance(recipe.train.sample_prompts, str):
+        out.train.sample_prompts = _absolute(recipe.train.sample_prompts)
     return out
 
 

@@ -124,6 +124,25 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     assert by[(16, 384, "true", "0")].peak_allocated_gib > by[(16, 384, "true", "256")].peak_allocated_gib
 
 
+def test_dora_term_matches_what_dora_adds_to_the_measured_peak():
+    """lora.use_dora: the same configuration with and without DoRA through the profiler (train's own path, no
+    checkpointing, so the layers' saved tensors are at the peak): the estimate is within 3% of each measured peak, and
+    the DoRA terms account for what DoRA adds (magnitudes, the outputs saved for their gradient, the weight norm)."""
+    from qlora_phi3.run.profile import grid_recipes, profile
+
+    configs = grid_recipes(str(REPO_TINY), ["data.max_seq_len=128", "train.micro_batch_size=4",
+                                            "train.gradient_checkpointing=false"], ["lora.use_dora=true,false"])
+    rows, _ = profile(configs, steps=1, warmup=1)
+    by = {r.overrides["lora.use_dora"]: r for r in rows}
+    assert all(r.status == "ok" and abs(r.estimate_error_pct) <= 3 for r in rows), rows
+    measured = by["true"].peak_allocated_gib - by["false"].peak_allocated_gib
+    estimated = by["true"].estimated_gib - by["false"].estimated_gib
+    assert measured > 0 and estimated == pytest.approx(measured, rel=0.10), (measured, estimated)
+    recipe = load_recipe(REPO_TINY, ["lora.use_dora=true"])
+    names = [t.name for t in estimate(recipe, config_for_estimate(recipe.model), "cpu").terms]
+    assert "DoRA magnitude vectors" in names and "DoRA activations" in names
+
+
 def test_estimate_within_10_percent_of_the_long_context_cpu_table():
     """Every row of bench/results/cpu_long_context.json (real training steps at Phi-3-mini's widths, 2k-16k
     tokens, tiling off and on, measured once with `python bench/long_context.py --write`): the estimator, from the

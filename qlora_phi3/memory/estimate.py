@@ -211,6 +211,9 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     add("LoRA gradients (fp32)", p_lora * 4, "one fp32 grad per LoRA param")
     opt_bytes, opt_formula = _optimizer_bytes(recipe.train.optimizer, lora)
     add(f"optimizer states ({recipe.train.optimizer})", opt_bytes, opt_formula)
+    dora = _dora_bytes(recipe, cfg, shapes, n_tokens) if recipe.lora.use_dora else None
+    if dora:
+        add("DoRA magnitude vectors", dora.weights, dora.weights_formula)
     weights = sum(t.n_bytes for t in terms)
 
     # --- activations alive for the whole step ---
@@ -225,6 +228,8 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     else:
         kept = (_tiled_layer_bytes_per_token(cfg) + 2 * h) if tile else per_layer
         saved = n_tokens * (n_layers * kept + rope + 2 * h)
+        if dora:
+            saved += n_layers * dora.saved
         add("saved activations (no checkpointing)", saved,
             f"N x (L x {kept:,.0f} B [{'tiled: what attention keeps + the tile inputs' if tile else layer_formula}] "
             "+ rope + 2h embedding output)")
@@ -286,12 +291,17 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
                         f"{', the output grad made contiguous (sdpa)' if attn == 'sdpa' else ''}])")
     else:
         layer_ws = n_tokens * (at_gate_up + layer_input_back) if ckpt else 0.0
+        if dora and ckpt:
+            layer_ws += dora.saved
         if ckpt:
             add("one layer's recompute working set", layer_ws,
                 f"N x {at_gate_up:,.0f} B [{layer_formula}, less the MLP's own 6I and down_proj's LoRA inputs]")
         grad_ws = max(n_tokens * (in_recompute - at_gate_up), n_tokens * (in_backward - at_gate_up) + dequant)
         grad_formula = f"N x {moment_formula} less the recompute working set"
     add("backward transients", grad_ws, grad_formula)
+    if dora:
+        add("DoRA activations", dora.saved * (1 if ckpt else n_layers) + dora.transient, dora.formula)
+        grad_ws += dora.transient
     if on_gpu and attn in ("flash_attention_2", "sdpa"):
         attn_bwd = n_tokens * (4 * q_size + 4 * heads)
         add("attention backward buffers (GPU)", attn_bwd,
@@ -342,6 +352,41 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     else:
         est.tensor_bytes = est.reserved_bytes = est.total_bytes = tensor_bytes
     return est
+
+
+@dataclass
+class _Dora:
+    weights: float  # magnitude vectors with their gradients and optimizer states
+    weights_formula: str
+    saved: float  # one layer's tensors saved for the magnitude's gradient, over the micro-batch
+    transient: float  # the widest target's weight-norm computation
+    formula: str
+
+
+def _dora_bytes(recipe: Recipe, cfg, shapes: dict[str, tuple[int, int]], n_tokens: int) -> _Dora:
+    """What DoRA (``lora.use_dora``) adds, from PEFT's ``DoraLinearLayer`` (peft/tuners/lora/dora.py):
+
+    * a trainable magnitude per output feature of each adapted layer (fp32, with its gradient and optimizer states);
+    * autograd saves the layer's base output and LoRA output (compute dtype) to give the magnitude its gradient
+      (``(m / ||W + sBA|| - 1) * base + m / ||W + sBA|| * lora * s``), in every layer without checkpointing, in the
+      recomputed one with it;
+    * each forward rebuilds the full weight to take its row norms: an fp32 identity of in x in (``get_lora_weight``),
+      B A as an out x in matrix, the dequantized base and the scaled sum (out x in, compute dtype each).
+    """
+    L = cfg.num_hidden_layers
+    targets = [t for t in recipe.lora.target_modules if t in shapes]
+    outs = [shapes[t][1] for t in targets]
+    opt, _ = _optimizer_bytes(recipe.train.optimizer, [(1, o) for o in outs])
+    weights = L * (8 * sum(outs) + opt)
+    saved = n_tokens * 2 * 2 * sum(outs)
+    transient = max(max(4 * i * i + 2 * i * recipe.lora.r + 2 * o * i, 4 * 2 * o * i) for i, o in
+                    (shapes[t] for t in targets))
+    return _Dora(weights, f"L x sum(out) = {L * sum(outs):,} fp32 magnitudes x (4 B weight + 4 B grad) + optimizer "
+                          "states (PEFT DoraLinearLayer.weight)",
+                 saved, transient,
+                 "N x sum(out) x 2 x 2 B [base and LoRA outputs saved for the magnitude's gradient; per layer without "
+                 "checkpointing] + max over targets of (4 in^2 [fp32 identity] + 2 out x in, 4 x 2 out x in) "
+                 "[the weight-norm computation, PEFT dora.py]")
 
 
 def _tiled_layer_bytes_per_token(cfg) -> float:

@@ -2,21 +2,34 @@
 
 PEFT only raises when *no* target matches, so a Llama-style list (q_proj, k_proj, ...) on Phi-3
 silently adapts only o_proj and down_proj. We check every target name on its own first.
+
+The variants are PEFT's (``lora.use_rslora``, ``lora.use_dora``, ``lora.init``). Two initialisations do not
+start from "base + zero update": OLoRA moves part of each base weight into the adapter (and re-quantizes
+the rest), LoftQ fits the adapter to the 4-bit quantization error. Their trained adapter is saved
+converted to a plain LoRA against the *original* base weights (PEFT's ``path_initial_model_for_weight_
+conversion``: rank 2r, the update minus the initial adapter), so merge, chat and export treat it like any
+other adapter. Checkpoints keep the unconverted weights: a resumed run recomputes the same initialisation.
 """
 
 from __future__ import annotations
 
 import difflib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from qlora_phi3.config import LoraSettings
+from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
 
-__all__ = ["Coverage", "attach_lora", "check_targets", "coverage", "lora_config"]
+__all__ = ["Coverage", "attach_lora", "check_lora_variant", "check_targets", "coverage", "initial_adapter_dir",
+           "lora_config"]
+
+# Initialisations that change what the adapter means at step 0, so the saved adapter is converted (module doc).
+CONVERTED_INITS = ("olora", "loftq")
 
 # Llama/Mistral names that Phi-3 fuses, and the fused module to use instead.
 _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -62,18 +75,109 @@ def lora_config(settings: LoraSettings):
         target_modules=list(settings.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
+        # LoftQ on a 4-bit base starts from PEFT's default adapter and replaces it (replace_lora_weights_loftq).
+        init_lora_weights={"default": True, "gaussian": "gaussian", "olora": "olora"}.get(settings.init, True),
     )
 
 
-def attach_lora(model, settings: LoraSettings):
+def _safetensors_path(model_cfg: ModelConfig) -> str | None:
+    """The base model's 16-bit weights on this machine, as PEFT's LoftQ reads them (a file, or a sharded
+    model's first-file name beside its index); None when they are not here."""
+    from qlora_phi3.model.load import resolve_model_path
+
+    local = Path(resolve_model_path(model_cfg.name_or_path)).expanduser()
+    if local.is_dir():
+        found = [n for n in ("model.safetensors", "model.safetensors.index.json") if (local / n).is_file()]
+        return str(local / "model.safetensors") if found else None
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        cached = try_to_load_from_cache(model_cfg.name_or_path, name, revision=model_cfg.revision)
+        if isinstance(cached, str):
+            return str(Path(cached).parent / "model.safetensors")
+    return None
+
+
+def check_lora_variant(settings: LoraSettings, model_cfg: ModelConfig) -> None:
+    """Variant settings that cannot work on a 4-bit base, refused before the model loads."""
+    if settings.init == "pissa":
+        raise UserError("lora.init=pissa: PEFT's PiSSA takes an SVD of the 16-bit weight and rewrites the base with "
+                        "the residual, which a 4-bit base cannot hold (PEFT: 'initialize PiSSA under float32, float16, "
+                        "or bfloat16'). On a 4-bit base use lora.init=olora (the same idea with a QR decomposition, "
+                        "supported by PEFT on 4-bit weights) or lora.init=loftq.")
+    if settings.init in CONVERTED_INITS and settings.use_dora:
+        raise UserError(f"lora.init={settings.init} with lora.use_dora=true: the saved adapter is converted to a plain "
+                        "LoRA against the original base (rank 2r), which PEFT cannot do for DoRA's magnitude vector; "
+                        "use one of the two.")
+    if settings.init == "loftq" and _safetensors_path(model_cfg) is None:
+        raise UserError(f"lora.init=loftq: LoftQ fits the adapter to the quantization error of each weight, so it reads "
+                        f"the 16-bit weights from safetensors files, and {model_cfg.name_or_path} has none on this "
+                        "machine; download the model first (hf download ...) or use another lora.init.")
+
+
+def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | None = None):
     """Wrap the frozen 4-bit model with trainable fp32 LoRA adapters on the checked targets.
 
     We skip ``prepare_model_for_kbit_training``: it upcasts all non-quantized weights to fp32 (~0.4 GB on
     Phi-3-mini) for no benefit with bf16 compute. Activation checkpointing is the Trainer's to turn on
-    (``run.train`` passes it in the training arguments), non-reentrant, so no input grads are needed."""
+    (``run.train`` passes it in the training arguments), non-reentrant, so no input grads are needed.
+    ``model_cfg`` (the base's identity) is needed for lora.init=loftq, which reads its 16-bit weights."""
     check_targets(model, settings.target_modules)
     # autocast_adapter_dtype keeps LoRA weights in fp32 even over a bf16/fp16 base (needed for fp16 loss scaling).
-    return get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
+    peft_model = get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
+    if settings.init == "loftq":
+        check_lora_variant(settings, model_cfg or ModelConfig())
+        _loftq_replace(peft_model, _safetensors_path(model_cfg or ModelConfig()))
+    if settings.init in CONVERTED_INITS:
+        # PEFT's conversion reads the initial adapter from disk at save time: keep it in a temp dir for this process.
+        keep = tempfile.TemporaryDirectory(prefix="qlora-phi3-initial-")
+        peft_model.save_pretrained(str(Path(keep.name) / "initial"), safe_serialization=True)
+        peft_model._qlora_initial_adapter = keep  # the directory lives as long as the model
+    return peft_model
+
+
+@torch.no_grad()
+def _loftq_replace(peft_model, weights_path: str) -> None:
+    """LoftQ on the 4-bit base (one step): each adapter starts as the best rank-r fit of its weight's quantization
+    error, so base + adapter starts closer to the 16-bit model than the 4-bit base alone.
+
+    By hand, not ``peft.replace_lora_weights_loftq``, for two reasons (PEFT 0.21): it computes on "cuda" (or
+    "xpu") unconditionally, so it cannot run on a CPU, and it sets A and B to the factors of the residual without
+    dividing by the LoRA scaling (alpha / r), so with alpha != r the adapter adds a multiple of the error. The
+    math is PEFT's: residual = W16 - dequantize(W4); truncated SVD; sqrt of the singular values on each side.
+    """
+    import json
+
+    from bitsandbytes.functional import dequantize_4bit
+    from peft.tuners.lora import Linear4bit
+    from safetensors import safe_open
+
+    path = Path(weights_path)
+    index = path.parent / "model.safetensors.index.json"
+    shard_of = (json.loads(index.read_text())["weight_map"] if not path.is_file() and index.is_file() else None)
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, Linear4bit) or "default" not in module.lora_A:
+            continue
+        key = name[len(prefix):] + ".weight" if name.startswith(prefix) else name + ".weight"
+        with safe_open(str(path.parent / shard_of[key]) if shard_of else str(path), framework="pt") as f:
+            w16 = f.get_tensor(key).float()
+        weight = module.get_base_layer().weight
+        residual = w16 - dequantize_4bit(weight.data, weight.quant_state).float()
+        r, scaling = module.r["default"], module.scaling["default"]
+        u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = sv[:r].sqrt()
+        module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
+        module.lora_B["default"].weight.data = (u[:, :r] * root[None] / scaling).to(module.lora_B["default"].weight.dtype)
+
+
+def initial_adapter_dir(peft_model) -> str | None:
+    """Where the step-0 adapter of an OLoRA/LoftQ model is kept (for ``save_pretrained``'s
+    ``path_initial_model_for_weight_conversion``); None for the other initialisations."""
+    keep = getattr(peft_model, "_qlora_initial_adapter", None)
+    return str(Path(keep.name) / "initial") if keep is not None else None
 
 
 @dataclass

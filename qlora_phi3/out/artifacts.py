@@ -17,7 +17,7 @@ from safetensors import safe_open
 from qlora_phi3.config import ModelConfig, Recipe, load_recipe
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.load import read_model_config
-from qlora_phi3.phi3 import STOP_TOKENS
+from qlora_phi3.run.samples import stop_token_ids  # re-exported: merge and export stop on the same ids
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RUN_FILE
 from qlora_phi3.ui import warn
 
@@ -176,14 +176,11 @@ def load_adapter(base_model, adapter_dir: Path):
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors (qlora-phi3 loads safetensors only).")
     with safe_open(str(weights), framework="pt") as f:
         saved = set(f.keys())
-    expected = {n.replace(".default.", ".") for n, _ in model.named_parameters() if "lora_" in n}
+    # PEFT saves a DoRA magnitude as '...lora_magnitude_vector' (the parameter is '...lora_magnitude_vector.default.weight')
+    expected = {n.replace(".default.", ".").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+                for n, _ in model.named_parameters() if "lora_" in n}
     missing = sorted(expected - saved)
     if missing:
         raise UserError(f"{weights}: {len(missing)} of {len(expected)} LoRA weights are missing (e.g. {missing[0]}); "
                         "the adapter file is incomplete or from a different configuration.")
     return model.eval()
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Ids of ``<|end|>`` (closes every Phi-3 turn) and ``<|endoftext|>``: generation must stop at either."""
-    return [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]

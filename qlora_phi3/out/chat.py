@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.load import (hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device)
-from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
+from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source
+from qlora_phi3.run.samples import greedy_answer, stop_token_ids
 from qlora_phi3.ui import console, warn
 
 __all__ = ["ChatModel", "chat", "load_chat_model"]
@@ -76,17 +77,12 @@ def _note(msg: str) -> None:
 
 def reply(cm: ChatModel, messages: list[dict], max_new_tokens: int, stream: bool = True) -> str:
     """Generate the assistant's answer to ``messages``, printing it token by token when ``stream``."""
-    inputs = cm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True).to(cm.device)
     streamer = TextStreamer(cm.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    with torch.no_grad():
-        out = cm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=cm.stop_ids,
-                                pad_token_id=cm.tokenizer.pad_token_id, use_cache=True, streamer=streamer)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    if len(new) >= max_new_tokens and new[-1] not in cm.stop_ids:
+    answer, ended = greedy_answer(cm.model, cm.tokenizer, messages, max_new_tokens, streamer)
+    if not ended:
         # A model that never emits <|end|> was trained without it in the labels (pad == eos masks it out).
         warn(f"stopped at --max-new-tokens={max_new_tokens} without an end-of-turn token.")
-    return cm.tokenizer.decode(new, skip_special_tokens=True).strip()
+    return answer
 
 
 def chat(path: str, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,

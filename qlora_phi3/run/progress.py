@@ -31,6 +31,11 @@ class RichProgress(TrainerCallback):
         elapsed = time.perf_counter() - self._t0 if self._t0 else 0.0
         return (state.num_input_tokens_seen - self.tokens_at_start) / elapsed if elapsed > 0 else 0.0
 
+    def metrics(self, state) -> dict:
+        """Our own numbers for a logged row (and the trackers): speed since this session began, peak memory."""
+        return {"tokens_per_second": self._tokens_per_second(state),
+                "peak_memory_gib": self.meter.read().peak_reserved_gib}
+
     def on_train_begin(self, args, state, control, **kwargs):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -65,8 +70,7 @@ class RichProgress(TrainerCallback):
         if "learning_rate" in logs:
             self._last["lr"] = logs["learning_rate"]
         mem = self.meter.read()
-        row = {"step": state.global_step, **logs, "tokens_per_second": self._tokens_per_second(state),
-               "peak_memory_gib": mem.peak_reserved_gib}
+        row = {"step": state.global_step, **logs, **self.metrics(state)}
         self.history.append(row)
         if self._progress is None:
             return

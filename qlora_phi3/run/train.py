@@ -28,14 +28,16 @@ from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.memory.oom import is_oom, oom_message
 from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device, read_model_config)
-from qlora_phi3.model.lora import attach_lora, coverage
+from qlora_phi3.model.lora import attach_lora, check_lora_variant, coverage, initial_adapter_dir
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 from qlora_phi3.run.measure import MeasureSteps
 from qlora_phi3.run.offload import checkpointing_kwargs
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
 from qlora_phi3.run.rundir import clear_run_dir, prepare_run_dir, resume_command
+from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
+from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers, trackers
 from qlora_phi3.run.trainer import build_trainer
 from qlora_phi3.ui import console, info, is_main_process, plural, warn
 
@@ -62,6 +64,7 @@ class _Data:
     train: EncodedSplit
     eval: EncodedSplit
     padded_share: float | None  # share of padded tokens per epoch without packing (None when packing)
+    eval_records: list  # the eval conversations (ChatRecord), for the sample prompts
 
 
 def _sft_config(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool) -> SFTConfig:
@@ -94,7 +97,9 @@ def _sft_config(recipe: Recipe, output_dir: Path, device: str, compute_dtype: st
         save_strategy="steps" if t.save_steps and not measuring else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        report_to=[],
+        report_to=[] if measuring else trackers(recipe),  # the Trainer's integrations (run/tracking.py)
+        run_name=t.run_name or output_dir.name,
+        neftune_noise_alpha=t.neftune_noise_alpha,  # the Trainer's NEFTune hook on the input embeddings
         disable_tqdm=True,  # our rich display replaces tqdm
         include_num_input_tokens_seen="non_padding",
         max_length=None,  # already truncated (and counted) in data.encode.encode_records
@@ -149,7 +154,7 @@ def _load_data(recipe: Recipe, tokenizer) -> _Data:
         share, line, serious = padding_advice([len(x) for x in train_enc.input_ids], recipe.train.micro_batch_size,
                                               recipe.train.seed)
         (warn if serious else info)(line)
-    return _Data(train_enc, eval_enc, share)
+    return _Data(train_enc, eval_enc, share, splits.eval)
 
 
 def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
@@ -214,6 +219,9 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     _check_against_model(recipe, model_config)
     device, dtype, attn = _choices(recipe)
     _check_fsdp(recipe, dtype.value)
+    check_lora_variant(recipe.lora, recipe.model)
+    if not measure:
+        check_trackers(recipe)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
          f"attention [bold]{attn.value}[/] ({attn.reason})")
     if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
@@ -221,6 +229,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
              "(same math, same checkpoints).")
     tokenizer = load_tokenizer(recipe.model)
     data = _load_data(recipe, tokenizer)
+    prompts = [] if measure else sample_prompts(recipe, data.eval_records)  # measure mode has no evaluation
     fingerprint = data.train.fingerprint()
     if plan.resume_from is not None and plan.previous.get("dataset", {}).get("fingerprint") not in (None, fingerprint):
         raise UserError(f"--resume: the training data changed since {plan.resume_from.name} was written (dataset "
@@ -236,7 +245,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = attach_lora(model, recipe.lora)
+    model = attach_lora(model, recipe.lora, recipe.model)
     enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
@@ -258,6 +267,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         callbacks=[interrupt, guard] + ([measurer] if measurer else []))
     if measurer:
         measurer.meter = meter
+    else:
+        attach_trackers(trainer, recipe, out, progress)
 
     # The run starts: from here on the directory is this run's.
     if plan.replace and is_main_process():
@@ -272,6 +283,17 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         _carry_over(record, plan)
     elif not measure:
         trainer.add_callback(EvalAtStart(trainer, record))
+    if prompts and trainer.is_fsdp_enabled:
+        # Generation on rank 0 alone would wait forever for the other ranks' shards of the weights.
+        warn("train.sample_prompts: no sample answers under FSDP (generation needs every rank); merge and chat instead.")
+        prompts = []
+    samples = None
+    if prompts:
+        resumed_at = int(plan.resume_from.name.split("-")[-1]) if plan.resume_from is not None else None
+        samples = SampleAnswers(trainer, prompts, recipe, out, resumed_at)
+        trainer.add_callback(samples)
+    if not measure:
+        prepare_trackers(recipe, out)
     record.update()
     meter.reset()
     t_train = time.perf_counter()
@@ -313,6 +335,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
         return RunResult(out, None, record.data, trainer.model)
     fields["eval_loss_end"] = trainer.evaluate()["eval_loss"]
+    if samples is not None:
+        fields["sample_seconds"] = round(samples.seconds, 2)  # all evaluations' answers, within wall_seconds
     adapter_dir = out / "adapter"
     state_dict = gather_state_dict(trainer)  # a collective under FSDP: every rank takes part
     if is_main_process():
@@ -410,7 +434,9 @@ def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, stat
     partial directory and renamed, so ``adapter/`` is either complete or absent."""
     tmp = partial_dir(adapter_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    # OLoRA / LoftQ: saved as a plain LoRA against the original base (model/lora.py), which merge and chat expect.
+    peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+                               path_initial_model_for_weight_conversion=initial_adapter_dir(peft_model))
     tokenizer.save_pretrained(tmp)
     base = peft_model.get_base_model().config
     atomic_write_json(tmp / ADAPTER_META, {
