@@ -29,7 +29,7 @@ VARIANTS = {
     "DoRA": ["lora.use_dora=true"],
     "OLoRA init": ["lora.init=olora"],
     "LoftQ init": ["lora.init=loftq"],
-    "gaussian init": ["lora.init=gaussian"],
+    "PEFT default init": ["lora.init=default"],
     "NEFTune (alpha 5)": ["train.neftune_noise_alpha=5"],
 }
 

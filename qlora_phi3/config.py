@@ -101,9 +101,9 @@ class LoraSettings:
                                  "keep learning (arXiv 2312.03732).")
     use_dora: bool = _f(False, "DoRA: learn a magnitude vector per output feature beside the LoRA direction "
                                "(arXiv 2402.09353); often better at low rank, slower steps and more memory.")
-    init: Literal["default", "gaussian", "olora", "pissa", "loftq"] = _f(
-        "default", "LoRA initialisation: default (PEFT's: A Kaiming-uniform, B zero: starts as the base model); "
-                   "gaussian (A Gaussian with std 1/r, B zero); olora (QR of the "
+    init: Literal["gaussian", "default", "olora", "pissa", "loftq"] = _f(
+        "gaussian", "LoRA initialisation: gaussian (A Gaussian with std 1/r, B zero: starts as the base model); "
+                    "default (PEFT's own: A Kaiming-uniform, B zero); olora (QR of the "
                     "base weight, which is re-quantized without that part); loftq (A, B fitted to the 4-bit "
                     "quantization error, from the 16-bit weights on disk). pissa needs a 16-bit base and is refused "
                     "on the 4-bit one.")
