@@ -72,10 +72,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qlora-phi3-gguf-bench")
     ap.add_argument("--write", action="store_true", help=f"save the table to {RESULT.relative_to(REPO)}")
     args = ap.parse_args()
-    from qlora_phi3.cli import _quiet_libraries
+    from qlora_phi3.ui import quiet_library_noise
     from qlora_phi3.out.export import export
 
-    _quiet_libraries()
+    quiet_library_noise()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     model = build_zero_phi3_mini(work / "phi3-mini-zeros")

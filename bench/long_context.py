@@ -65,7 +65,7 @@ def build_long_chats(path: Path, min_tokens: int, seed: int = 0) -> Path:
     recipe's seeded split holds one out (eval stays cheap: evaluating a long row would double the run)."""
     import random
 
-    from qlora_phi3.data.encode import split_records
+    from qlora_phi3.data.split import hold_out
     from qlora_phi3.data.synthetic import generate
 
     rng = random.Random(seed)
@@ -80,7 +80,7 @@ def build_long_chats(path: Path, min_tokens: int, seed: int = 0) -> Path:
         return {"messages": messages}
 
     records = [long_conversation() for _ in range(3)]
-    _, held = split_records([0, 1, 2], 0.05, 1, seed)
+    _, held = hold_out([0, 1, 2], 0.05, 1, seed)  # the indices the recipe's seeded split holds out
     records[held[0]] = {"messages": [{"role": "user", "content": "What is 2 plus 2?"},
                                      {"role": "assistant", "content": "2 plus 2 is 4."}]}
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
