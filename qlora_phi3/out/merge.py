@@ -182,7 +182,7 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
     # Training pads on the right; batched generation needs left padding so each prompt ends at the cut.
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp)
-    _drop_machine_keys(tmp / "tokenizer_config.json")
+    _portable_tokenizer_config(tmp / "tokenizer_config.json")
 
 
 # Load-time arguments transformers writes back into tokenizer_config.json: they describe how this machine found
@@ -190,11 +190,14 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
 MACHINE_KEYS = ("is_local", "local_files_only", "cache_dir", "token", "revision", "trust_remote_code", "_commit_hash")
 
 
-def _drop_machine_keys(path: Path) -> None:
+def _portable_tokenizer_config(path: Path) -> None:
+    """tokenizer_config.json as users of the merged model need it, written once: no machine keys, left padding,
+    and ``add_bos_token`` / ``add_eos_token`` false (training fed no <s>, data/encode.py; without the keys
+    llama.cpp's converter makes every prompt start with one)."""
     config = json.loads(path.read_text(encoding="utf-8"))
     for key in MACHINE_KEYS:
         config.pop(key, None)
-    config["padding_side"] = "left"
+    config.update(padding_side="left", add_bos_token=False, add_eos_token=False)
     atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -210,8 +213,7 @@ def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
 
     * ``tokenizer.model``: it reads Phi-3's vocabulary from the SentencePiece model and refuses a directory
       without one (transformers saves only tokenizer.json): the adapter's or the base's copy (Hub cache too);
-    * ``add_bos_token: false`` in tokenizer_config.json: without the key it makes llama.cpp prepend <s> to
-      every prompt, and training fed none (data/encode.py tokenizes without special tokens);
+    * ``add_bos_token: false`` in tokenizer_config.json (written by :func:`_portable_tokenizer_config`);
     * a model card whose name says Phi-3: it names the GGUF after the card or the directory, and llama.cpp
       swallows the whitespace after Phi-3's special tokens only when that name contains "phi3"/"phi-3"
       (llama-vocab.cpp)."""
@@ -225,10 +227,6 @@ def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
             _raise_exceptions_for_connection_errors=False)
         if found:
             shutil.copyfile(found, tmp / "tokenizer.model")
-    config_path = tmp / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config.update(add_bos_token=False, add_eos_token=False)
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     card = {"model_name": phi3_model_name(out_dir.name), "tags": ["phi3", "qlora-phi3"]}
     if not Path(base).expanduser().exists() and not base.startswith(("/", ".", "~")):
         card["base_model"] = base  # a Hub id
