@@ -464,3 +464,23 @@ def test_force_replaces_an_export_and_an_interrupted_one_leaves_it_intact(merged
     second = export(str(merged_dir), str(out), quants="f16", check=False, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export_report.json", "tiny-merged-f16.gguf"]
     assert first.report["files"].keys() != second.report["files"].keys()
+
+
+def test_a_failed_check_never_replaces_a_good_export(merged_dir, tmp_path, monkeypatch):
+    """`export --force` whose new files fail the llama.cpp check leaves the earlier good export as it was and puts
+    the failed files beside it (the first-day report: a good q8_0 was deleted by a failing q4_k_m export)."""
+    out = tmp_path / "out"
+    export(str(merged_dir), str(out), quants="q8_0", check=False)
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing_checks(llama_cpp, src, model_dir, files, n):
+        return {q: {"passed": False, "problems": ["top-1 agreement 0.40 < 0.95"]} for q in files}, None
+
+    monkeypatch.setattr(export_mod, "_llama_cpp", lambda: object())  # a check runs, as with llama-cpp-python
+    monkeypatch.setattr(export_mod, "_run_checks", failing_checks)
+    monkeypatch.setattr(export_mod, "_print_report", lambda report: None)
+    with pytest.raises(CheckFailed, match="left as it was") as e:
+        export(str(merged_dir), str(out), quants="f16", check=True, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good
+    failed = tmp_path / "out-failed"
+    assert str(failed) in str(e.value) and (failed / "tiny-merged-f16.gguf").is_file()

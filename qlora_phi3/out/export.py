@@ -567,6 +567,10 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
 # --------------------------------------------------------------------------------------------- export
 
 
+# A failed export next to a good one goes to "<out>-failed", never over it.
+FAILED_SUFFIX = "-failed"
+
+
 def _default_name(src) -> str:
     p = src.path.parent if src.path.name in ("adapter", "merged") else src.path
     return _safe_name(p.resolve().name)
@@ -646,18 +650,25 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
             "seconds": round(time.perf_counter() - t0, 1),
         }
         atomic_write_json(stage / REPORT_NAME, report)
+        failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
+        kept = None
+        if failed and out_dir.is_dir() and any(out_dir.iterdir()):
+            # A good earlier export stays where it is: the failed one goes beside it, for inspection.
+            kept, out_dir = out_dir, out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+            report["out_dir"] = str(out_dir)
+            atomic_write_json(stage / REPORT_NAME, report)
         publish_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # never leave a half-written export behind
         raise
     files = {q: out_dir / p.name for q, p in files.items()}
     _print_report(report)
-    failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
     if failed:
         raise CheckFailed("; ".join(f"{q}: " + "; ".join(checks[q]["problems"]) for q in failed)
-                          + f". The files are in {out_dir} with the numbers in {REPORT_NAME}; if the merged model "
-                          "itself does not stop or answer well (`qlora-phi3 chat` on a merged dir shows it), train "
-                          "longer before exporting.")
+                          + f". The files are in {out_dir} with the numbers in {REPORT_NAME}"
+                          + (f" (the earlier export in {kept} is left as it was)" if kept else "")
+                          + "; if the merged model itself does not stop or answer well (`qlora-phi3 chat` on a "
+                          "merged dir shows it), train longer before exporting.")
     info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]  "
          f"(Ollama: ollama create {stem} -f {out_dir / MODELFILE_NAME})")
     return ExportResult(out_dir, files, report)

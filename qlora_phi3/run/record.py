@@ -46,7 +46,11 @@ def device_info(device: str) -> dict:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
         except (ValueError, OSError):
             ram = None
-        return {"kind": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "ram_gib": round(ram, 1) if ram else None}
+        from qlora_phi3.machine import cpu_flags, usable_cores
+
+        flags = cpu_flags()
+        return {"kind": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "usable_cores": usable_cores(),
+                "bf16_flags": sorted(f for f, on in flags.items() if on), "ram_gib": round(ram, 1) if ram else None}
     import torch
 
     props = torch.cuda.get_device_properties(device)

@@ -25,6 +25,7 @@ from qlora_phi3.data.packing import padding_advice
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
+from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
 from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device, read_model_config)
@@ -208,6 +209,17 @@ def _choices(recipe: Recipe) -> tuple[Choice, Choice, Choice]:
     return device, dtype, attn
 
 
+def _cpu_threads(device: str) -> Choice | None:
+    """On a CPU, torch's thread count set to the cores free to this process (machine.pick_threads)."""
+    if device != "cpu":
+        return None
+    import torch
+
+    n, why = pick_threads()
+    torch.set_num_threads(n)
+    return Choice(str(n), why)
+
+
 def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: tuple[int, int] | None) -> RunResult:
     t_start = time.perf_counter()
     hide_load_progress_bars()
@@ -222,8 +234,10 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     check_lora_variant(recipe.lora, recipe.model)
     if not measure:
         check_trackers(recipe)
+    threads = _cpu_threads(device.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
-         f"attention [bold]{attn.value}[/] ({attn.reason})")
+         f"attention [bold]{attn.value}[/] ({attn.reason})"
+         + (f"; [bold]{threads.value}[/] threads ({threads.reason})" if threads else ""))
     if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
         info(f"train.optimizer={recipe.train.optimizer}: bitsandbytes has no paging on CPU and runs it unpaged "
              "(same math, same checkpoints).")
@@ -278,7 +292,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         clear_run_dir(out)
     if is_main_process():
         dump_recipe(recipe, out / RECIPE_FILE)
-    record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data))
+    record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data, threads))
     if plan.resume_from is not None:
         _carry_over(record, plan)
     elif not measure:
@@ -347,11 +361,13 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     return RunResult(out, adapter_dir, record.data, trainer.model)
 
 
-def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: _Data) -> dict:
+def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: _Data, threads: Choice | None) -> dict:
     return {
         "versions": package_versions(),
         "device": device_info(device.value),
         "compute_dtype": dtype.value,
+        "compute_dtype_reason": dtype.reason,
+        "cpu_threads": None if threads is None else {"threads": int(threads.value), "reason": threads.reason},
         "attn_implementation": attn.value,
         "world_size": world_size,
         "recipe": recipe_to_dict(recipe),
