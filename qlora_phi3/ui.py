@@ -36,7 +36,11 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    console().print(f"[bold yellow]warning:[/] {msg}")
+    """A warning, printed as written: its text is never rich markup (``pip install 'qlora-phi3[gguf]'`` keeps
+    its brackets)."""
+    from rich.markup import escape
+
+    console().print(f"[bold yellow]warning:[/] {escape(msg)}")
 
 
 def error(msg: str) -> None:

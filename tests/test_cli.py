@@ -99,3 +99,12 @@ def test_recipes_are_listed_copied_and_usable_by_name(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)  # not the checkout: the README's `recipes/...` paths still name shipped recipes
     assert resolve_recipe("recipes/tiny_cpu.yaml") == shipped_recipes()["tiny_cpu"]
     assert resolve_recipe("tiny_cpu") == resolve_recipe("tiny_cpu.yaml") == shipped_recipes()["tiny_cpu"]
+
+
+def test_warnings_print_brackets_as_written(capsys):
+    """Warnings are not rich markup: `[gguf]` in an install hint must reach the user (it was eaten)."""
+    from qlora_phi3 import ui
+
+    ui.status_to_stderr(False)
+    ui.warn("not checked: pip install 'qlora-phi3[gguf]' [bold]")
+    assert "pip install 'qlora-phi3[gguf]' [bold]" in capsys.readouterr().out

@@ -277,6 +277,9 @@ def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport):
 
 
 def _read_hub(cfg: DataConfig, split: str):
+    from qlora_phi3.hub import ensure_hub_access
+
+    ensure_hub_access(cfg.path, cfg.revision, "data.path", repo_type="dataset")
     import datasets
 
     try:

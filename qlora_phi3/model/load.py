@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig
 from qlora_phi3.errors import UserError
+from qlora_phi3.hub import ensure_hub_access
 from qlora_phi3.machine import cpu_bf16
 from qlora_phi3.phi3 import END_TOKEN
 
@@ -111,6 +112,7 @@ def read_model_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     path = resolve_model_path(cfg.name_or_path)
+    ensure_hub_access(path, cfg.revision, "model.name_or_path")
     try:
         return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -134,6 +136,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(cfg.name_or_path)
+    ensure_hub_access(path, cfg.revision, "model.name_or_path")
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -171,6 +174,7 @@ def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implement
     _quiet_bitsandbytes()
     hide_load_progress_bars()
     path = resolve_model_path(cfg.name_or_path)
+    ensure_hub_access(path, cfg.revision, "model.name_or_path")
     if cfg.trust_remote_code:
         from qlora_phi3.ui import warn
 
