@@ -515,5 +515,8 @@ def dump_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe as YAML that ``load_recipe`` reads back to the same values."""
     import yaml
 
+    from qlora_phi3.files import atomic_write_text
+
     header = f"# Resolved recipe (defaults < {recipe.source} < command-line overrides).\n"
-    path.write_text(header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    # Atomic: `--resume` reads it back, so a crash mid-write must not leave half a recipe.
+    atomic_write_text(path, header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

@@ -72,13 +72,6 @@ def download_command(repo_id: str, revision: str | None = None, repo_type: str =
 
 
 def _cached(repo_id: str, revision: str | None, repo_type: str) -> bool:
-    if repo_type == "dataset":
-        from huggingface_hub import scan_cache_dir
-
-        try:
-            return any(r.repo_id == repo_id and r.repo_type == "dataset" for r in scan_cache_dir().repos)
-        except Exception:  # no cache directory at all (CacheNotFound) or an unreadable one
-            return False
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
@@ -93,10 +86,11 @@ def ensure_hub_access(repo_id: str, revision: str | None, setting: str, repo_typ
         if hub_reachable():
             return
         go_offline()
+    if repo_type == "dataset":
+        return  # datasets keeps its own cache of prepared data too: it says offline whether it has the data
     if not _cached(repo_id, revision, repo_type):
         where = "the Hugging Face Hub is unreachable" if _reachable is False else "offline (HF_HUB_OFFLINE)"
         raise UserError(f"{setting}={repo_id!r}: {where} and it is not in the local cache. Download it once on a "
                         f"connected machine with `{download_command(repo_id, revision, repo_type)}`, or point "
-                        f"{setting} at a local {'file or directory' if repo_type == 'dataset' else 'directory'}."
-                        + (" To try without a GPU or network: `qlora-phi3 train` (the embedded tiny model)."
-                           if repo_type == "model" else ""))
+                        f"{setting} at a local directory. To try without a GPU or network: `qlora-phi3 train` (the "
+                        "embedded tiny model).")

@@ -43,10 +43,15 @@ def test_cached_model_is_used_offline(unreachable, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
-def test_dataset_ids_name_the_dataset_download(unreachable, monkeypatch):
-    monkeypatch.setattr(hub, "_cached", lambda repo, rev, kind: False)
-    with pytest.raises(UserError, match="hf download org/chats --repo-type dataset"):
-        hub.ensure_hub_access("org/chats", None, "data.path", repo_type="dataset")
+def test_unreachable_hub_dataset_goes_offline_and_names_the_download(unreachable, tmp_path, monkeypatch):
+    from qlora_phi3.config import DataConfig
+    from qlora_phi3.data.read import load_records
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=r"unreachable and the dataset is not cached.*hf download org/chats "
+                                        r"--repo-type dataset"):
+        load_records(DataConfig(path="org/chats", split="train"))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_cli_offline_prints_one_line_and_no_retries(tmp_path):

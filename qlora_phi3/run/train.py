@@ -291,6 +291,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
                                                           "saved)" if not force else ""))
         clear_run_dir(out)
     if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / RECIPE_FILE)
     record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data, threads))
     if plan.resume_from is not None:
