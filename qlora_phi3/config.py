@@ -62,7 +62,9 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     if path.is_dir():
         raise UserError(f"{name_or_path} is a directory, not a recipe file; to continue a run in it use "
                         f"`qlora-phi3 train --resume {name_or_path}`.")
-    raise UserError(f"recipe file not found: {name_or_path}. Give a YAML file or a shipped recipe's name: "
+    close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
+    hint = f"Did you mean {close[0]}? " if close else ""
+    raise UserError(f"recipe file not found: {name_or_path}. {hint}Give a YAML file or a shipped recipe's name: "
                     f"{', '.join(shipped)} (`qlora-phi3 recipes` describes them).")
 
 

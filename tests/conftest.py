@@ -20,6 +20,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_dtype() -> str:
+    """The compute dtype training picks on this CPU (bf16 where native, else fp32): tests that load the model
+    themselves use it, so a CPU without native bf16 does not run them 10x slower in emulation."""
+    from qlora_phi3.model.load import pick_compute_dtype
+
+    return pick_compute_dtype("auto", "cpu").value
 TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 
 

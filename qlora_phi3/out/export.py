@@ -37,8 +37,9 @@ __all__ = ["CheckFailed", "ExportResult", "QUANTS", "export", "write_gguf", "mod
 
 REPORT_NAME = "export_report.json"
 MODELFILE_NAME = "Modelfile"
-GGUF_EXTRA = "pip install 'qlora-phi3[gguf]'  (builds llama-cpp-python from source: cmake and a C++ compiler, " \
-             "about 4-7 minutes)"
+# pip prints nothing while it compiles: say how long, and how to watch it, before the user starts it.
+GGUF_EXTRA = "pip install -v 'qlora-phi3[gguf]'  (builds llama-cpp-python from source with cmake and a C++ " \
+             "compiler: 5-15 minutes on 2 cores, silent without -v)"
 
 
 @dataclass(frozen=True)
@@ -669,8 +670,9 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
                           + (f" (the earlier export in {kept} is left as it was)" if kept else "")
                           + "; if the merged model itself does not stop or answer well (`qlora-phi3 chat` on a "
                           "merged dir shows it), train longer before exporting.")
-    info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]  "
-         f"(Ollama: ollama create {stem} -f {out_dir / MODELFILE_NAME})")
+    info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]")
+    info(f"next: `ollama create {stem} -f {out_dir / MODELFILE_NAME} && ollama run {stem}`, or llama.cpp: "
+         f"`llama-cli -m {files[names[0]]} -cnv`")
     return ExportResult(out_dir, files, report)
 
 

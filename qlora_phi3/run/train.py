@@ -30,6 +30,7 @@ from qlora_phi3.memory.oom import is_oom, oom_message
 from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device, read_model_config)
 from qlora_phi3.model.lora import attach_lora, check_lora_variant, coverage, initial_adapter_dir
+from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 from qlora_phi3.run.measure import MeasureSteps
@@ -405,6 +406,9 @@ def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path) -> None:
          f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.short()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
+    run_dir = adapter_dir.parent
+    info(f"next: `qlora-phi3 chat {run_dir}` to try it, `qlora-phi3 merge {run_dir} --out {run_dir}-merged` for one "
+         f"fp16 model, `qlora-phi3 export {run_dir} --out {run_dir}-gguf` for llama.cpp / Ollama")
 
 
 class EvalAtStart(TrainerCallback):
@@ -420,8 +424,7 @@ class EvalAtStart(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         info("evaluating the untrained adapter (step 0)...")
-        loss = self.trainer.evaluate()["eval_loss"]
-        info(f"eval loss at step 0: {loss:.4f}")
+        loss = self.trainer.evaluate()["eval_loss"]  # the progress display prints it ("step 0  eval loss ...")
         self.record.update(eval_loss_start=loss)
 
 
@@ -455,6 +458,7 @@ def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, stat
     peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
                                path_initial_model_for_weight_conversion=initial_adapter_dir(peft_model))
     tokenizer.save_pretrained(tmp)
+    write_card(tmp, adapter_dir.parent, recipe.model.name_or_path, kind="adapter")  # not PEFT's empty template
     base = peft_model.get_base_model().config
     atomic_write_json(tmp / ADAPTER_META, {
         "base_model": recipe.model.name_or_path,
