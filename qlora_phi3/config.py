@@ -83,7 +83,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _f(
         "auto", "auto = flash_attention_2 when flash-attn is installed and the GPU is Ampere+, else sdpa.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
-        "auto", "auto = bfloat16 where supported (CPU, Ampere+), float16 with loss scaling otherwise.")
+        "auto", "auto = bfloat16 where native (Ampere+ GPUs; CPUs with AVX512-BF16, AMX or ARM BF16), float16 with "
+        "loss scaling on older GPUs, float32 on other CPUs (emulated bf16 is ~10x slower).")
     quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of the frozen base weights.")
     double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.37 bit/weight).")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _f(
