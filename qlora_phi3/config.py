@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from qlora_phi3.errors import UserError
-from qlora_phi3.other_tools import TRANSLATIONS, recognise
+from qlora_phi3.key_map import TRANSLATIONS, our_key, recognise
 from qlora_phi3.phi3 import PHI3_TARGETS
 
 __all__ = [
@@ -205,23 +205,10 @@ def _all_keys() -> list[str]:
     return [key for key, _, _ in field_help()]
 
 
-# Names other tools use for our keys (TRL/transformers/axolotl), so a habit gets a precise hint.
-_ALIASES = {
-    "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "optim": "optimizer",
-    "max_length": "max_seq_len", "max_seq_length": "max_seq_len", "sequence_len": "max_seq_len",
-    "model_name": "name_or_path", "model_id": "name_or_path", "target_modules": "target_modules",
-    "dataset": "path", "output": "output_dir",
-}
-
-
 def _suggest(key: str, candidates: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in _ALIASES:
-        aliased = [c for c in candidates if c.rsplit(".", 1)[-1] == _ALIASES[leaf]]
-        if aliased:
-            return f" (did you mean '{aliased[0]}'?)"
+    if our_key(leaf) in candidates:  # another tool's name for one of our keys (key_map.py)
+        return f" (did you mean '{our_key(leaf)}'?)"
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close and "." in key:  # 'lora.rank' -> compare the leaf too
         leaf = key.rsplit(".", 1)[-1]
