@@ -30,7 +30,8 @@ from pathlib import Path
 
 from qlora_phi3.errors import UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
-from qlora_phi3.out.merge import held_out_records, merge, phi3_model_name
+from qlora_phi3.data.split import held_out_records
+from qlora_phi3.out.merge import merge, phi3_model_name
 from qlora_phi3.ui import console, info, warn
 
 __all__ = ["CheckFailed", "ExportResult", "QUANTS", "export", "write_gguf", "modelfile_text"]
@@ -705,7 +706,7 @@ def _run_checks(llama_cpp, src, model_dir: Path, files: dict, n: int):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    records, where = held_out_records(src, tokenizer, n)
+    records, where = held_out_records(src.recipe, src.run, tokenizer, src.max_seq_len, n)
     convs = _conversations(records, tokenizer)
     with console().status("reference: the merged model in transformers..."):
         how = _reference(model_dir, convs)
