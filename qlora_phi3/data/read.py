@@ -288,7 +288,7 @@ def _read_hub(cfg: DataConfig, split: str):
     except FileNotFoundError as e:
         raise UserError(f"data.path={cfg.path!r}: no such local file, and no such dataset on the Hub "
                         f"({str(e).splitlines()[0]}).") from None
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError):
         raise UserError(f"data.path={cfg.path!r}: the Hugging Face Hub is unreachable and the dataset is not "
                         f"cached. Download it once on a connected machine (`{download_command(cfg.path, cfg.revision, 'dataset')}`"
                         ") or use a local file (JSONL, JSON, Parquet, .jsonl.gz).") from None
