@@ -6,13 +6,10 @@ import os
 
 __all__ = ["console", "error", "info", "is_main_process", "plural", "quiet_library_noise", "status_to_stderr", "warn"]
 
+from qlora_phi3.ranks import is_main_process
+
 _console = None
 _stderr = False
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or no distributed launch at all): the only process that prints and writes outputs."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def status_to_stderr(on: bool = True) -> None:

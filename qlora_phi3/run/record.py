@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from qlora_phi3.files import atomic_write_json
-from qlora_phi3.ui import is_main_process
+from qlora_phi3.ranks import is_main_process
 
 __all__ = ["ADAPTER_META", "BASE_SHAPE_KEYS", "RECIPE_FILE", "RUN_FILE", "RunRecord", "device_info", "package_versions", "read_run"]
 

@@ -24,7 +24,8 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.files import atomic_write_text
 from qlora_phi3.model.generate import greedy_answer
 from qlora_phi3.run.tracking import log_text
-from qlora_phi3.ui import info, is_main_process
+from qlora_phi3.ranks import is_main_process
+from qlora_phi3.ui import info
 
 __all__ = ["SAMPLES_FILE", "SampleAnswers", "SamplePrompt", "sample_prompts"]
 

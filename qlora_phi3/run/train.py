@@ -41,7 +41,8 @@ from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
 from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers, trackers
 from qlora_phi3.run.trainer import build_trainer
-from qlora_phi3.ui import console, info, is_main_process, plural, warn
+from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
+from qlora_phi3.ui import console, info, plural, warn
 
 __all__ = ["RunInterrupted", "RunResult", "gather_state_dict", "train"]
 
@@ -264,7 +265,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch_world_size()
     effective_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     if world_size > 1:
         info(f"data parallel over {world_size} processes: effective batch = {recipe.train.micro_batch_size} "
