@@ -70,3 +70,7 @@ def quiet_library_noise() -> None:
     # bitsandbytes looks for an optional CPU kernel package at import and logs its absence on every start.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
+    # ... through the `kernels` package (a transformers dependency since 5.25), which offline (ours, or the user's
+    # HF_HUB_OFFLINE) announces at every start that it skips a publisher check for that optional kernel.
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        lambda record: "Skipping publisher trust check" not in record.getMessage())

@@ -358,6 +358,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     state_dict = gather_state_dict(trainer)  # a collective under FSDP: every rank takes part
     if is_main_process():
         _save_adapter(trainer.model, tokenizer, recipe, adapter_dir, state_dict)
+        write_card(out, out, recipe.model.name_or_path)  # also when no checkpoint wrote one (save_steps=0)
         fields["adapter_dir"] = str(adapter_dir)
     record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
     _say_done(record.data, peak, adapter_dir, record.path)
