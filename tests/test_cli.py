@@ -50,6 +50,7 @@ def test_bad_override_is_one_clean_line(tmp_path):
     assert "unknown key 'lora.rank'" in res.stderr and "did you mean 'lora.r'" in res.stderr
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_missing_data_file_fails_before_model_load(tmp_path):
     res = _run("train", "data.path=/nonexistent/chats.jsonl", f"train.output_dir={tmp_path / 'x'}")
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -174,6 +174,7 @@ def test_each_file_passes_the_llama_cpp_check(exported):
     assert not (exported.out_dir / "merged").exists()  # the merge was staged, not shipped
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_vocabulary_tokenizes_like_phi3_in_llama_cpp(llama_cpp, tmp_path):
     """Our vocabulary, rebuilt from tokenizer.json, gives in llama.cpp the ids Phi-3's Hugging Face tokenizer
     gives llama.cpp's own Phi-3 test strings (tests/data/phi3_vocab), and transformers' ids on chat text:
@@ -201,6 +202,7 @@ def test_vocabulary_tokenizes_like_phi3_in_llama_cpp(llama_cpp, tmp_path):
         llm.close()
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 @pytest.mark.parametrize("kind, n_tokens", [("4k", 300), ("128k", 4200)])
 def test_rope_keys_run_like_transformers(llama_cpp, kind, n_tokens, tmp_path):
     """Mini Phi-3-mini-4k / -128k (head dim 96, the published longrope factors): llama.cpp computes the same
@@ -238,6 +240,7 @@ def test_rope_keys_run_like_transformers(llama_cpp, kind, n_tokens, tmp_path):
     assert np.abs(got - want).max() < 0.03, np.abs(got - want).max()
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_failed_check_exits_non_zero_naming_quant_and_numbers(tmp_path, capsys, llama_cpp):
     """The untrained tiny base never learned to end its turn: the check must say so, not pass."""
     code = main(["export", str(TINY_MODEL_DIR), "--out", str(tmp_path / "out"), "--quant", "q8_0",

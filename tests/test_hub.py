@@ -54,6 +54,7 @@ def test_unreachable_hub_dataset_goes_offline_and_names_the_download(unreachable
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_cli_offline_prints_one_line_and_no_retries(tmp_path):
     """The real command, with the Hub's endpoint on a closed local port: one error line, no retry noise."""
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
