@@ -145,6 +145,29 @@ def _tiny_dir() -> Path:
     return TINY_MODEL_DIR
 
 
+def test_per_module_scales_are_folded_into_b(runs, tmp_path):
+    """alpha_pattern gives o_proj its own scale (PEFT: 64 / 16 = 4, the others 32 / 16 = 2): the file keeps the
+    common alpha and carries o_proj's ratio in its B, so llama.cpp's alpha / r * B A equals PEFT's scale * B A."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = _copy_adapter(runs["lora"], tmp_path / "adapter", alpha_pattern={"o_proj": 64})
+    result = export_adapter(str(adapter), str(tmp_path / "out"), check=False)
+    reader, kv = _kv(result.files["f16"])
+    assert kv["adapter.lora.alpha"] == 32.0
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(_tiny_dir())), str(adapter))
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors = {t.name: t for t in reader.tensors}
+    for hf, gg in (("self_attn.o_proj", "attn_output"), ("self_attn.qkv_proj", "attn_qkv")):
+        module = peft.base_model.model.model.layers[1].get_submodule(hf)
+        b = weights[f"base_model.model.model.layers.1.{hf}.lora_B.weight"].float().numpy()
+        got = np.asarray(tensors[f"blk.1.{gg}.weight.lora_b"].data, dtype=np.float32).reshape(b.shape)
+        llama_cpp_scale = kv["adapter.lora.alpha"] / b.shape[1]  # alpha / r, r from B's shape
+        np.testing.assert_allclose(llama_cpp_scale * got, module.scaling["default"] * b, rtol=2e-3, atol=1e-6)
+    assert result.report["files"]["f16"]["scale_folded_into_b"] == [f"blk.{i}.attn_output.weight" for i in range(4)]
+
+
 # ------------------------------------------------------------------------------- proof in llama.cpp
 
 
