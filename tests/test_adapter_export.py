@@ -3,7 +3,8 @@ byte, with the alpha that gives PEFT's scale, rsLoRA included); in llama.cpp the
 what the merged GGUF of the same run predicts, for plain LoRA and rsLoRA, and the base alone does not; the
 Modelfile names base and adapter; adapters llama.cpp cannot apply are refused before any file is written.
 
-Two short training runs (plain LoRA, rsLoRA) serve the module. Tests that run llama.cpp need llama-cpp-python, the
+The session's tiny run (conftest ``tiny_run``, the README's default: plain LoRA, shared with the other export
+tests) and one short rsLoRA run serve the module. Tests that run llama.cpp need llama-cpp-python, the
 converter test the llama-cpp-python sdist (QLORA_PHI3_SDIST): they skip with the reason when absent and fail
 instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/test_export.py.
 """
@@ -33,7 +34,7 @@ from qlora_phi3.out.export import CheckFailed, export
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK_SAMPLES = 4  # held-out conversations: enough answer positions, quick on 2 cores
-TRAIN_STEPS = 40  # the adapter must move the base's predictions a lot, nothing more (eval loss 18.2 -> ~3)
+RSLORA_STEPS = 40  # the rsLoRA run must move the base's predictions a lot, nothing more (eval loss 18.2 -> ~3)
 SDIST_ENV = "QLORA_PHI3_SDIST"
 REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
 
@@ -69,25 +70,18 @@ def converter(tmp_path_factory) -> Path:
     return out / root / "vendor" / "llama.cpp" / "convert_lora_to_gguf.py"
 
 
-def _train(tmp_path_factory, name: str, overrides: list[str]):
+@pytest.fixture(scope="module")
+def runs(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """The tiny recipe's run (plain LoRA, r=16, alpha=32: scale 2, 300 steps) and a short rsLoRA run (alpha=8:
+    scale 8 / sqrt(16) = 2 as well, so it learns as stably; llama.cpp's alpha / r needs alpha 32 in the file)."""
     from qlora_phi3.config import load_recipe
     from qlora_phi3.run.train import train
-    from qlora_phi3.ui import quiet_library_noise
 
-    quiet_library_noise()
-    out = tmp_path_factory.mktemp(name) / name
+    out = tmp_path_factory.mktemp("rslora") / "rslora"
     recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [
-        f"train.output_dir={out}", f"train.max_steps={TRAIN_STEPS}", f"train.eval_steps={TRAIN_STEPS}",
-        f"train.save_steps={TRAIN_STEPS}", *overrides])
-    return train(recipe).output_dir
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """Two short runs of the tiny recipe: plain LoRA (r=16, alpha=32: scale 2) and rsLoRA (alpha=8: scale
-    8 / sqrt(16) = 2 as well, so it learns as stably; llama.cpp's alpha / r needs alpha 32 in the file, not 8)."""
-    return {"lora": _train(tmp_path_factory, "lora", []),
-            "rslora": _train(tmp_path_factory, "rslora", ["lora.use_rslora=true", "lora.alpha=8"])}
+        f"train.output_dir={out}", f"train.max_steps={RSLORA_STEPS}", f"train.eval_steps={RSLORA_STEPS}",
+        f"train.save_steps={RSLORA_STEPS}", "lora.use_rslora=true", "lora.alpha=8"])
+    return {"lora": tiny_run[1].output_dir, "rslora": train(recipe).output_dir}
 
 
 def _kv(path: Path) -> tuple:
@@ -186,11 +180,12 @@ def _logits(llama_cpp, model: Path, id_lists, lora: Path | None = None) -> list[
         llm.close()
 
 
-@pytest.mark.parametrize("kind", ["lora", "rslora"])
-def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path, kind):
-    """The issue's proof: on held-out chat text, llama.cpp with base f16 + our LoRA (f16 and q8_0) gives the merged
-    f16 GGUF's next-token top-1 at >= 99% of the answer positions, the base alone does not; the export's own check
-    (against the base + adapter in transformers) passes and says so in its report."""
+@pytest.mark.parametrize("kind, quants", [("lora", ("f16", "q8_0")), ("rslora", ("f16",))])
+def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path, kind, quants):
+    """The issue's proof: on held-out chat text, llama.cpp with base f16 + our LoRA gives the merged f16 GGUF's
+    next-token top-1 at >= 99% of the answer positions, the base alone does not; the export's own check (against
+    the base + adapter in transformers) passes and says so in its report. q8_0 on the trained default run only:
+    its rounding of A (max |logit diff| ~0.1, half the merged q8_0's) flips near-ties of a 40-step model."""
     from transformers import AutoTokenizer
 
     from qlora_phi3.out.artifacts import resolve_source
@@ -199,12 +194,12 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     run = runs[kind]
     merged = export(str(run), str(tmp_path / "merged"), quants="f16", check=False).files["f16"]
     try:
-        result = export_adapter(str(run), str(tmp_path / "adapter"), quants="f16,q8_0", base_quant="f16",
+        result = export_adapter(str(run), str(tmp_path / "adapter"), quants=",".join(quants), base_quant="f16",
                                 check=True, check_samples=CHECK_SAMPLES)
     except CheckFailed as e:
         pytest.fail(f"the export's llama.cpp check failed: {e}")
     report = json.loads((result.out_dir / "export_report.json").read_text())
-    for quant in ("f16", "q8_0"):
+    for quant in quants:
         c = report["files"][quant]["check"]
         assert c["passed"] and c["token_ids_equal"] == CHECK_SAMPLES and c["top1_agreement"] >= 0.99, c
         assert c["stopped_at_end"] == CHECK_SAMPLES
@@ -220,12 +215,12 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     answer = lambda logits: np.concatenate([lg[p] for lg, p in zip(logits, pos)])  # noqa: E731
     want = answer(ref)
     measured = {}
-    for label, lora in (("f16", result.files["f16"]), ("q8_0", result.files["q8_0"]), ("base alone", None)):
+    for label, lora in [*result.files.items(), ("base alone", None)]:
         got = answer(_logits(llama_cpp, base, ids, lora))
         measured[label] = ((got.argmax(-1) == want.argmax(-1)).mean(), np.abs(got - want).max())
     print(f"\n{kind}: {len(want)} answer positions; top-1 agreement with the merged f16 GGUF, max |logit diff|: "
           + ", ".join(f"{k} {a:.4f} {d:.4f}" for k, (a, d) in measured.items()))
-    assert measured["f16"][0] >= 0.99 and measured["q8_0"][0] >= 0.99, measured
+    assert all(measured[q][0] >= 0.99 for q in quants), measured
     assert measured["base alone"][0] < 0.5, measured
     # The merged file rounds base + update to f16 once; the LoRA path adds the update in f32: logits differ by
     # rounding (measured ~0.01-0.05 at logits of |10-20|), while the base alone misses by whole units.
@@ -323,8 +318,9 @@ def test_refuses_a_loftq_checkpoint_saved_before_conversion(runs, tmp_path):
     shutil.copytree(runs["lora"], run)
     recipe = (run / "recipe.yaml").read_text()
     (run / "recipe.yaml").write_text(re.sub(r"(?m)^(\s*init:).*$", r"\1 loftq", recipe))
+    checkpoint = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     with pytest.raises(UserError, match=r"checkpoint of a lora.init=loftq run.*final adapter/"):
-        export_adapter(str(run / f"checkpoint-{TRAIN_STEPS}"), str(tmp_path / "out"), check=False)
+        export_adapter(str(checkpoint), str(tmp_path / "out"), check=False)
     assert not (tmp_path / "out").exists()
 
 
