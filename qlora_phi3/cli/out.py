@@ -32,9 +32,17 @@ def register(sub) -> None:
                                    "merged model in transformers (token ids, next-token top-1, stop at <|end|>).")
     p.add_argument("source", metavar="RUN_OR_MERGED_DIR", help="a run directory, its adapter/, or a merged model dir")
     p.add_argument("--out", required=True, metavar="DIR", help="where the GGUF files go (must be empty or new)")
-    p.add_argument("--quant", default="q8_0", metavar="LIST",
+    p.add_argument("--quant", metavar="LIST",
                    help="comma-separated GGUF types (default q8_0): f16, bf16, q8_0 (no extra needed); q6_k, q5_k_m, "
-                        "q4_k_m (llama.cpp's quantizer: pip install 'qlora-phi3[gguf]'). The Modelfile uses the first")
+                        "q4_k_m (llama.cpp's quantizer: pip install 'qlora-phi3[gguf]'). The Modelfile uses the first. "
+                        "With --adapter: the LoRA file's types, f16 (default) or q8_0")
+    p.add_argument("--adapter", action="store_true",
+                   help="write the adapter as a GGUF LoRA (NAME-lora-QUANT.gguf, a few MB) to serve on the base model "
+                        "(llama.cpp --lora, Ollama ADAPTER, LM Studio) instead of a merged model; needs a run or "
+                        "adapter directory. See docs/adapter_export.md")
+    p.add_argument("--base-quant", metavar="QUANT",
+                   help="with --adapter: also write the base model as NAME-base-QUANT.gguf (f16, bf16, q8_0, q6_k, "
+                        "q5_k_m, q4_k_m), which the Modelfile's FROM then names")
     p.add_argument("--force", action="store_true",
                    help="replace a previous export in --out (only once the new one is complete)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
@@ -87,10 +95,22 @@ def _merge(args) -> int:
 
 
 def _export(args) -> int:
-    from qlora_phi3.out.export import export
+    from qlora_phi3.errors import UserError
 
-    export(args.source, args.out, quants=args.quant, force=args.force, check=args.check, name=args.name,
-           base=args.base, revision=args.revision, check_samples=args.check_samples)
+    if args.adapter:
+        from qlora_phi3.out.adapter_export import DEFAULT_LORA_QUANTS, export_adapter
+
+        export_adapter(args.source, args.out, quants=args.quant or DEFAULT_LORA_QUANTS, base_quant=args.base_quant,
+                       force=args.force, check=args.check, name=args.name, base=args.base, revision=args.revision,
+                       check_samples=args.check_samples)
+        return 0
+    if args.base_quant:
+        raise UserError("--base-quant writes the base model beside a GGUF LoRA: add --adapter, or drop it (a merged "
+                        "export already contains the base).")
+    from qlora_phi3.out.export import DEFAULT_QUANTS, export
+
+    export(args.source, args.out, quants=args.quant or DEFAULT_QUANTS, force=args.force, check=args.check,
+           name=args.name, base=args.base, revision=args.revision, check_samples=args.check_samples)
     return 0
 
 
