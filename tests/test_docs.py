@@ -19,6 +19,21 @@ REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
+def _split_shell(line: str) -> list[str]:
+    """The commands of one shell line: split on ;, && and || outside quotes, comments dropped."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands, words = [], []
+    for token in lexer:
+        if token in (";", "&&", "||", "|", "&"):
+            commands.append(words)
+            words = []
+        else:
+            words.append(token)
+    commands.append(words)
+    return [shlex.join(w) for w in commands if w]
+
+
 def _commands(page: Path):
     """(line number, command) for each shell command: lines of ```bash blocks (continuations joined) and inline
     `qlora-phi3 ...` code spans."""
@@ -33,9 +48,7 @@ def _commands(page: Path):
                 start = n
             pending += line.rstrip("\\").strip() + " "
             if not line.rstrip().endswith("\\"):
-                for part in re.split(r"\s&&\s|\s\|\|\s|;\s", pending.split(" # ")[0]):
-                    if part.strip():
-                        yield start, part.strip()
+                yield from ((start, c) for c in _split_shell(pending))
                 pending = ""
         else:
             for span in re.findall(r"`(qlora-phi3 [^`]+)`", line):
