@@ -100,6 +100,12 @@ def held_out_records(src, tokenizer, n: int) -> tuple[list, str]:
     records, where = None, ""
     if src.recipe is not None:
         try:
+            method = src.recipe.train.method
+            if method != "sft":  # a preference run: its held-out prompts with the chosen (or desirable) answer
+                from qlora_phi3.data.preference import load_preference_splits
+
+                records = load_preference_splits(src.recipe.data, method, src.recipe.train.seed).eval_chats
+                return records[:n], f"the run's held-out preference prompts with their chosen answers ({src.recipe.data.path})"
             records = load_splits(src.recipe.data, src.recipe.train.seed).eval
             where = f"the run's eval split ({src.recipe.data.path})"
             recorded = (src.run or {}).get("dataset", {}).get("eval_fingerprint")
