@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "generate_pairs", "generate_unpaired", "wrong_answer_for",
-           "write_full_length_conversations", "write_jsonl"]
+           "write_full_length_conversations", "write_full_length_pairs", "write_jsonl"]
 
 CAPITALS = {
     "Zorvia": "Quellan", "Maltheon": "Virest", "Korrin": "Dasko", "Elbaria": "Tunmore",
@@ -152,6 +152,31 @@ def write_full_length_conversations(path: Path, tokenizer, n: int, n_tokens: int
         reply = " ".join(rng.choice(sentences) for _ in range(needed))
         records.append({"messages": [{"role": "user", "content": f"Recite quiz answers, set {i}."},
                                      {"role": "assistant", "content": reply}]})
+    write_jsonl(path, records)
+    return path
+
+
+def write_full_length_pairs(path: Path, tokenizer, n: int, n_tokens: int, seed: int = 0, unpaired: bool = False) -> Path:
+    """``n`` preference pairs (or, ``unpaired``, 2n KTO records, labels alternating) whose prompt is one short turn and
+    whose chosen and rejected answers each fill ``n_tokens`` once truncated: every row of a micro-batch is exactly
+    ``n_tokens`` long and nearly all of it answer. The profiler's worst case for the preference methods."""
+    rng = random.Random(seed)
+    sentences = [answer_for(_question(rng)) for _ in range(256)]
+    tokens_each = len(tokenizer(" ".join(sentences), add_special_tokens=False)["input_ids"]) / len(sentences)
+    needed = int(n_tokens / tokens_each * 1.1) + 8
+
+    def answer() -> str:
+        return " ".join(rng.choice(sentences) for _ in range(needed))
+
+    records = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Recite quiz answers, set {i}."}]
+        if unpaired:
+            records += [{"prompt": prompt, "completion": [{"role": "assistant", "content": answer()}], "label": good}
+                        for good in (True, False)]
+        else:
+            records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer()}],
+                            "rejected": [{"role": "assistant", "content": answer()}]})
     write_jsonl(path, records)
     return path
 
