@@ -135,3 +135,47 @@ def test_each_method_trains_on_the_tiny_model(tmp_path, method, extra):
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: the method's loss moved it
     if method != "kto":
         assert "eval_reward_accuracy_end" in run
+
+
+@pytest.mark.slow
+def test_dpo_kill9_then_resume_equals_uninterrupted_run(tmp_path):
+    """As tests/test_robustness.py does for SFT: kill -9 after a checkpoint, --resume, same adapter as a run never
+    interrupted (dropout on, so the RNG state must be restored too; the reference is the same base either way)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from qlora_phi3.run.checkpoints import last_checkpoint
+
+    args = ["train.max_steps=8", "train.save_steps=4", "train.eval_steps=0", "train.micro_batch_size=4",
+            "data.max_samples=64", "lora.dropout=0.1", "train.sample_prompts=0", "train.logging_steps=1"]
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "qlora_phi3", "train", str(DPO_RECIPE), f"train.output_dir={out}", *args, *extra]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while last_checkpoint(out) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    resumed = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["steps"] == 8 and run["resumes"]
+    assert run["eval_reward_accuracy_start"] is not None  # carried over from the interrupted run

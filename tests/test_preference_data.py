@@ -34,17 +34,18 @@ def _pair(i=0):
             "rejected": [{"role": "assistant", "content": BAD}]}
 
 
-def test_the_three_pair_formats_read_to_the_same_pair(tmp_path):
+def test_the_pair_formats_read_to_the_same_pair(tmp_path):
     conversational = _pair()
     implicit = {"chosen": conversational["prompt"] + conversational["chosen"],
                 "rejected": conversational["prompt"] + conversational["rejected"]}
     strings = {"prompt": f"{Q} (0)", "chosen": GOOD, "rejected": BAD}
+    ultrafeedback = {"prompt": f"{Q} (0)", "prompt_id": "ab12", **implicit, "score_chosen": 8.0, "score_rejected": 3.0}
     got = []
-    for i, row in enumerate((conversational, implicit, strings)):
+    for i, row in enumerate((conversational, implicit, strings, ultrafeedback)):
         records, report = load_preference_records(_cfg(_write(tmp_path / f"{i}.jsonl", [row])), "dpo")
         assert report.n_bad == 0
         got.append((records[0].prompt, records[0].chosen, records[0].rejected))
-    assert got[0] == got[1] == got[2] == ([{"role": "user", "content": f"{Q} (0)"}], GOOD, BAD)
+    assert got[0] == got[1] == got[2] == got[3] == ([{"role": "user", "content": f"{Q} (0)"}], GOOD, BAD)
 
 
 def test_json_array_gzip_and_save_to_disk_sources(tmp_path):

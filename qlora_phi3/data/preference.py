@@ -108,7 +108,12 @@ def _pair(row: dict) -> tuple[list[dict], str, str]:
         if key not in row or row[key] is None:
             raise RecordProblem(f"no '{key}' field", f"fields {sorted(row)[:8]}; a pair needs 'chosen' and 'rejected'")
     prompt = _turns(row["prompt"], "prompt", "user") if row.get("prompt") is not None else []
-    chosen = _checked(prompt + _turns(row["chosen"], "chosen", "assistant"), "chosen")
+    chosen_turns = _turns(row["chosen"], "chosen", "assistant")
+    if isinstance(row.get("prompt"), str) and isinstance(row["chosen"], list) and len(chosen_turns) > 1:
+        # UltraFeedback-binarized: a string "prompt" beside chosen / rejected conversations that already hold it
+        # (TRL's maybe_extract_prompt reads it the same way): the conversations carry the prompt.
+        prompt = []
+    chosen = _checked(prompt + chosen_turns, "chosen")
     rejected = _checked(prompt + _turns(row["rejected"], "rejected", "assistant"), "rejected")
     if chosen[:-1] != rejected[:-1]:
         at = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
