@@ -135,7 +135,8 @@ class DataConfig:
         None, "Preference methods: prompts longer than this many tokens keep their last max_prompt_len tokens (the "
               "latest turns); then answers are cut so prompt + answer fit data.max_seq_len. null = no prompt limit.")
     packing: bool = _f(True, "Pack samples into rows of max_seq_len without padding, with no attention across "
-                             "samples (the fast default for chat data); false pads each micro-batch to its longest.")
+                             "samples (the fast default for chat data); false pads each micro-batch to its longest. "
+                             "SFT only: preference pairs are never packed (each answer is scored on its own row).")
 
 
 @dataclass

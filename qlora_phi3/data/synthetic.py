@@ -9,7 +9,8 @@ person can check an answer by eye:
   * one-digit sums ("What is 3 plus 4?" -> "3 plus 4 is 7."),
   * colours of things ("What color is a banana?" -> "A banana is yellow.").
 The preference sets (``tiny_prefs.jsonl``, ``tiny_kto.jsonl``) ask the same questions and pair the right answer
-(chosen / label true) with a wrong one of the same shape (rejected / label false).
+(chosen / label true) with a wrong one of the same shape (rejected / label false), or, for half the pairs, an
+evasive non-answer.
 Some conversations carry a system prompt and some are multi-turn, so that masking is exercised on
 every assistant turn.
 """
@@ -34,6 +35,7 @@ COLORS = {
     "banana": "yellow", "lime": "green", "cherry": "red", "plum": "purple", "sky": "blue",
     "coal": "black", "snow": "white", "carrot": "orange", "chocolate": "brown", "rose": "pink",
 }
+EVASIVE_ANSWERS = ["I am not sure.", "That is a hard question.", "I cannot answer that.", "Please ask someone else."]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer in one short sentence.", "You are a quiz bot."]
 
 
@@ -68,7 +70,7 @@ def wrong_answer_for(question: str, rng: random.Random) -> str:
 
 def generate_pairs(n: int = 600, seed: int = 1) -> list[dict]:
     """``n`` distinct preference pairs in TRL's conversational format (``prompt`` turns, ``chosen`` / ``rejected``
-    assistant turns): chosen is the right answer, rejected a wrong one of the same shape. A few carry a system
+    assistant turns): chosen is the right answer, rejected a wrong one of the same shape or an evasive one. A few carry a system
     prompt or an earlier exchange, so the prompt is not always one turn."""
     rng = random.Random(seed)
     records, seen = [], set()
@@ -85,8 +87,11 @@ def generate_pairs(n: int = 600, seed: int = 1) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
+        # Half the rejected answers get the fact wrong; the other half dodge the question. The first kind is only
+        # learned per fact, the second as a rule, so held-out pairs show learning after a couple of minutes.
+        rejected = wrong_answer_for(question, rng) if rng.random() < 0.5 else rng.choice(EVASIVE_ANSWERS)
         records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer_for(question)}],
-                        "rejected": [{"role": "assistant", "content": wrong_answer_for(question, rng)}]})
+                        "rejected": [{"role": "assistant", "content": rejected}]})
     return records
 
 

@@ -268,7 +268,8 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
             f"N x (L x {kept:,.0f} B [{'tiled: what attention keeps + the tile inputs' if tile else layer_formula}] "
             "+ rope + 2h embedding output)")
     # Quadratic in the row length: what the attention implementation needs besides q, k, v.
-    quad, quad_saved, quad_formula = _quadratic_attention_bytes(attn, recipe.data.packing, batch, seq, heads, ckpt,
+    packing = recipe.data.packing and method.rows_per_sample == 1 and not method.reference_forward  # SFT only packs
+    quad, quad_saved, quad_formula = _quadratic_attention_bytes(attn, packing, batch, seq, heads, ckpt,
                                                                 n_layers, on_gpu)
     if quad or quad_saved:
         add(f"attention masks and scores ({attn})", quad + quad_saved, quad_formula)
@@ -382,7 +383,7 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     settings = {"method": getattr(recipe.train, "method", "sft"), "rows_per_forward": batch,
                 "max_seq_len": seq, "micro_batch_size": recipe.train.micro_batch_size, "gradient_checkpointing": recipe.train.gradient_checkpointing,
                 "lora_r": r, "optimizer": recipe.train.optimizer, "loss_chunk_tokens": chunk,
-                "tile_tokens": recipe.train.tile_tokens, "attn_implementation": attn, "packing": recipe.data.packing}
+                "tile_tokens": recipe.train.tile_tokens, "attn_implementation": attn, "packing": packing}
     est = Estimate(device="cuda" if on_gpu else "cpu", terms=terms, settings=settings)
     if on_gpu:
         add("cuBLAS workspaces (GPU)", CUBLAS_WORKSPACE_BYTES,
