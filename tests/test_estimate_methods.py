@@ -1,0 +1,53 @@
+"""The estimator's method terms (memory/estimate.py METHOD_TERMS), from the shapes alone: a pair is two rows, dpo and
+kto add a no-grad reference forward (not with precomputed reference log-probs), kto its KL rows, a continued adapter
+its frozen copy; and the CPU profile of DPO rows lands within 10% of the estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_phi3.config import load_recipe, recipes_dir
+from qlora_phi3.memory.estimate import KNOWN_SHAPES, estimate
+
+DPO = recipes_dir() / "phi3_mini_4k_8gb_dpo.yaml"
+
+
+def _cfg():
+    from transformers import Phi3Config
+
+    return Phi3Config(**KNOWN_SHAPES["microsoft/Phi-3-mini-4k-instruct"], tie_word_embeddings=False)
+
+
+def _terms(recipe):
+    return {t.name.split(" (")[0]: t.n_bytes for t in estimate(recipe, _cfg(), "cuda").terms}
+
+
+def test_a_pair_is_two_rows_and_the_reference_forward_is_counted():
+    dpo = load_recipe(DPO, ["train.micro_batch_size=1", "data.max_seq_len=2048"])
+    sft = load_recipe(DPO, ["train.method=sft", "train.micro_batch_size=2", "data.max_seq_len=2048",
+                            "data.packing=false"])
+    t_dpo, t_sft = _terms(dpo), _terms(sft)
+    assert t_dpo["saved activations"] == t_sft["saved activations"]  # 1 pair = 2 rows = SFT's 2 rows
+    assert t_dpo["backward transients"] == t_sft["backward transients"]
+    h, i = 3072, 8192
+    assert t_dpo["no-grad forward"] >= 2 * 2048 * (4 * h + 8 * i) and "no-grad forward" not in t_sft
+    assert estimate(dpo, _cfg(), "cuda").settings["rows_per_forward"] == 2
+    precomputed = _terms(load_recipe(DPO, ["train.precompute_ref_log_probs=true"]))
+    assert "no-grad forward" not in precomputed  # nothing left to forward without gradient
+
+
+def test_reference_free_methods_have_no_reference_forward_and_kto_has_its_kl_rows():
+    for method in ("orpo", "simpo"):
+        assert "no-grad forward" not in _terms(load_recipe(DPO, [f"train.method={method}"]))
+    kto = _terms(load_recipe(DPO, ["train.method=kto", "train.micro_batch_size=2"]))
+    kto_pre = _terms(load_recipe(DPO, ["train.method=kto", "train.micro_batch_size=2",
+                                       "train.precompute_ref_log_probs=true"]))
+    # precomputed: only the 2 KL rows; otherwise also the 2 reference rows, each one layer's forward working set
+    assert kto["no-grad forward"] - kto_pre["no-grad forward"] == 2 * 2048 * (4 * 3072 + 8 * 8192)
+
+
+def test_a_continued_adapter_adds_its_frozen_copy(tmp_path):
+    plain = _terms(load_recipe(DPO, []))
+    continued = _terms(load_recipe(DPO, [f"model.adapter={tmp_path}"]))
+    assert continued["reference adapter"] == plain["LoRA weights"]
+    assert "reference adapter" not in plain
