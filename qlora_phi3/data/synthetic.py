@@ -176,9 +176,10 @@ def write_full_length_pairs(path: Path, tokenizer, n: int, n_tokens: int, seed: 
     records = []
     for i in range(n):
         prompt = [{"role": "user", "content": f"Recite quiz answers, set {i}."}]
-        if unpaired:
-            records += [{"prompt": prompt, "completion": [{"role": "assistant", "content": answer()}], "label": good}
-                        for good in (True, False)]
+        if unpaired:  # distinct prompts, so the held-out split keeps one
+            records += [{"prompt": [{"role": "user", "content": f"Recite quiz answers, set {i}{part}."}],
+                         "completion": [{"role": "assistant", "content": answer()}], "label": good}
+                        for part, good in (("a", True), ("b", False))]
         else:
             records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer()}],
                             "rejected": [{"role": "assistant", "content": answer()}]})

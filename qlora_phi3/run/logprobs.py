@@ -37,8 +37,11 @@ def _chunk_stats(hidden, weight, bias, targets):
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
     with torch.no_grad():  # logging only (TRL's entropy, logits/chosen, mean_token_accuracy)
         detached = logits.detach()
-        probs = torch.exp(detached - log_z.detach().unsqueeze(-1))
-        entropy = log_z.detach() - (probs * detached).sum(-1)
+        # One fp32 buffer, worked in place: p, then p * logit (a second copy would be another 4 B per entry,
+        # measured: +31 MB per 256-position chunk on the 32,064-token vocabulary).
+        weighted = (detached - log_z.detach().unsqueeze(-1)).exp_().mul_(detached)
+        entropy = log_z.detach() - weighted.sum(-1)
+        del weighted
         mean_logit = detached.mean(-1)
         is_top1 = detached.argmax(-1) == targets
     return logp, entropy, mean_logit, is_top1
