@@ -153,3 +153,17 @@ def test_bundled_sets_split_without_shared_prompts(tiny_tokenizer):
     assert 0.4 < sum(labels) / len(labels) < 0.6
     enc = encode_unpaired(kto.train, tiny_tokenizer, 128)
     assert enc.n_rows == len(kto.train) and enc.dropped == 0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["train.beta=0"], r"'train.beta' must be positive"),
+    (["train.method=kto", "train.micro_batch_size=1"], r"train.method=kto needs train.micro_batch_size of at least 2"),
+    (["data.max_prompt_len=2048", "data.max_seq_len=1024"], r"'data.max_prompt_len' must be at least 1 and below"),
+    (["train.method=ppo"], r"'train.method' must be one of 'sft', 'dpo', 'orpo', 'kto', 'simpo'"),
+    (["train.dpo_loss=nope"], r"'train.dpo_loss' must be one of"),
+])
+def test_preference_keys_are_checked_with_the_fix(overrides, match):
+    from qlora_phi3.config import load_recipe
+
+    with pytest.raises(UserError, match=match):
+        load_recipe(None, overrides)
