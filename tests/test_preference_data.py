@@ -167,3 +167,17 @@ def test_preference_keys_are_checked_with_the_fix(overrides, match):
 
     with pytest.raises(UserError, match=match):
         load_recipe(None, overrides)
+
+
+def test_cli_data_shows_pair_lengths_cuts_and_the_mask_of_both_answers(tmp_path, capsys):
+    from qlora_phi3.cli import main
+
+    long = {"prompt": "word " * 60, "chosen": GOOD, "rejected": BAD}
+    path = _write(tmp_path / "p.jsonl", [_pair(i) for i in range(6)] + [long])
+    assert main(["data", "tiny_cpu_dpo", f"data.path={path}", "data.max_seq_len=48", "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "7 records read as preference pairs" in text and "for train.method=dpo" in text
+    assert "1 pairs dropped (the prompt fills a row)" in text
+    assert "⟦The capital of Zorvia is Quellan.<|end|>⟧" in text and "⟦The capital of Zorvia is Virest.<|end|>⟧" in text
+    report = json.loads((tmp_path / "o" / "data_report.json").read_text())
+    assert report["dropped"] == 1 and report["token_lengths"]["prompt"]["p100"] > 48
