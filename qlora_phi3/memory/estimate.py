@@ -58,21 +58,20 @@ class MethodTerms:
     reference_forward: a no-grad forward of the same rows with the adapter off (dpo, kto), unless the reference
         log-probs are precomputed (``train.precompute_ref_log_probs``).
     kl_rows_per_sample: rows of mismatched answers forwarded without gradient, by the policy and the reference (kto).
-    answer_head_bytes: bytes per (answer position, vocabulary entry) of the label-only log-prob chunk
-        (qlora_phi3/run/logprobs.py): the SFT loss's 12 plus the fp32 probabilities of the logged entropy.
+    The answers' log-probs cost what the SFT loss costs (the "logits and loss" term): qlora_phi3/run/logprobs.py takes
+    them as minus the same fused cross-entropy, 256 answer positions at a time (measured: tests/test_estimate_methods.py).
     """
     rows_per_sample: int = 1
     reference_forward: bool = False
     kl_rows_per_sample: int = 0
-    answer_head_bytes: int = 12
 
 
 METHOD_TERMS = {
     "sft": MethodTerms(),
-    "dpo": MethodTerms(rows_per_sample=2, reference_forward=True, answer_head_bytes=16),
-    "orpo": MethodTerms(rows_per_sample=2, answer_head_bytes=16),
-    "simpo": MethodTerms(rows_per_sample=2, answer_head_bytes=16),
-    "kto": MethodTerms(reference_forward=True, kl_rows_per_sample=1, answer_head_bytes=16),
+    "dpo": MethodTerms(rows_per_sample=2, reference_forward=True),
+    "orpo": MethodTerms(rows_per_sample=2),
+    "simpo": MethodTerms(rows_per_sample=2),
+    "kto": MethodTerms(reference_forward=True, kl_rows_per_sample=1),
 }
 
 
@@ -350,7 +349,7 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
                                           "freed when backward reaches it, right after the loss")
     if chunk:
         rows = min(n_tokens, chunk)
-        logits = rows * vocab * method.answer_head_bytes + n_tokens * 2 * h * 2
+        logits = rows * vocab * 12 + n_tokens * 2 * h * 2
         logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
                           "grad, recomputed in backward: qlora_phi3/run/loss.py) + N x 2 x 2h (final hidden states "
                           "and the labelled rows gathered from them; their gradient)")
@@ -361,9 +360,6 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
         logits = n_tokens * vocab * 30
         logits_formula = ("N x V x 30 B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy metric, "
                           "with their gradients; measured on the training path)")
-    if method.answer_head_bytes != 12:
-        logits_formula = logits_formula.replace("12 B", f"{method.answer_head_bytes} B").replace(
-            "qlora_phi3/run/loss.py", "qlora_phi3/run/logprobs.py, with the logged entropy's fp32 probabilities")
     add("logits and loss", logits, logits_formula)
     # A no-grad forward (the reference with the adapter off; KTO's mismatched KL rows through policy and reference)
     # saves nothing: its peak is one layer's forward working set, residual and normed input 4h, the MLP's gate_up
