@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="ours: train.loss_chunk_tokens (0 = TRL's fused head)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qlora-phi3-dpo-compare"))
     p.add_argument("--write", action="store_true", help="write bench/results/cpu_dpo_compare.{md,json}")
+    p.add_argument("--reuse-reference", action="store_true",
+                   help="keep the reference's result from an earlier run in the same --workdir (same settings): it "
+                        "runs no qlora-phi3 training code, so a change to ours does not change it")
     p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -180,6 +183,9 @@ def main(argv=None) -> int:
     results = {}
     for which in ("reference", "ours"):
         result = work / f"{which}.json"
+        if which == "reference" and args.reuse_reference and result.is_file():
+            results[which] = json.loads(result.read_text())
+            continue
         result.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--model", str(model), "--data",
                str(data), "--result", str(result), "--workdir", str(work), "--steps", str(args.steps), "--micro",
@@ -193,6 +199,7 @@ def main(argv=None) -> int:
     ref, ours = results["reference"], results["ours"]
     over = {k: r["peak_gib"] - r["loaded_gib"] for k, r in results.items()}
     summary = {"hardware": _cpu(), "versions": package_versions(), "settings": vars(args) | {"worker": None},
+               "reference_reused": bool(args.reuse_reference),
                "reference": ref, "ours": ours, "training_memory_ratio": round(over["ours"] / over["reference"], 3),
                "speed_ratio": round(ours["tokens_per_second"] / ref["tokens_per_second"], 2)}
     print(json.dumps(summary, indent=1))
@@ -207,7 +214,9 @@ def main(argv=None) -> int:
             f"{', '.join(f'{x:.1f}' for x in hw['load_average'])} (shared box). Versions: torch {v['torch']}, "
             f"transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, bitsandbytes {v['bitsandbytes']}.",
             f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} python bench/dpo_compare.py "
-            f"--steps {args.steps} --micro {args.micro} --accum {args.accum} --chunk {args.chunk} --write`", "",
+            f"--steps {args.steps} --micro {args.micro} --accum {args.accum} --chunk {args.chunk} --write`"
+            + (" (the reference's result kept from the previous run in the same workdir: --reuse-reference)"
+               if args.reuse_reference else ""), "",
             f"mini Phi-3 (2 layers, hidden 384, MLP 1024, vocab 32,064, head dim 96, random weights); pairs whose rows "
             f"are 1,024-2,048 tokens; {args.steps} optimizer steps of {args.micro} pair(s) x {args.accum} "
             f"accumulation; lr {args.lr:g}; LoRA r=16 on the fused targets; paged 8-bit AdamW; bf16 autocast.", "",
@@ -220,11 +229,15 @@ def main(argv=None) -> int:
             f"| real tokens / s | {ref['tokens_per_second']:.0f} | {ours['tokens_per_second']:.0f} | "
             f"{summary['speed_ratio']:.2f}x |",
             f"| training seconds | {ref['train_seconds']:.0f} | {ours['train_seconds']:.0f} | |",
-            f"| real tokens trained | {ref['tokens']:,} | {ours['tokens']:,} | |", "",
+            f"| real tokens trained (each pipeline's own count) | {ref['tokens']:,} | {ours['tokens']:,} | |",
+            f"| DPO loss per step | {', '.join(f'{x:.4f}' for x in ref['losses'])} | "
+            f"{', '.join(f'{x:.4f}' for x in ours['losses'])} | |", "",
             "Notes: the reference's extra memory is TRL's fused LM head, which on a device without Triton scores every "
             "position of both rows (prompt and padding included) in 4,096-position tiles with fp32 folding, plus "
             "prepare_model_for_kbit_training's fp32 copies of the embeddings and lm_head; ours projects only answer "
-            "positions, 256 at a time. CPU timings on a shared 2-core box are noisy; no GPU figure is claimed here."]
+            "positions, 256 at a time. The two pipelines draw their pairs from the same file in their own order (ours holds "
+            "one pair out for its eval split), so their token counts differ a little; tokens/s is each one's own count "
+            "over its own training time. CPU timings on a shared 2-core box are noisy; no GPU figure is claimed here."]
         (out / "cpu_dpo_compare.md").write_text("\n".join(lines) + "\n")
     return 0
 
