@@ -67,6 +67,10 @@ def quiet_library_noise() -> None:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` at every wrap; it is PEFT's to change, not
     # the user's, and qlora-phi3 itself never calls it (tests/test_cli.py checks our own code stays clean).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # TRL's DPO/KTO reference pass turns checkpointing off and on through transformers' deprecated names at every
+    # step (trl.trainer.utils.disable_gradient_checkpointing); TRL's to change, not the user's.
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing_(disable|enable)` is deprecated",
+                            category=FutureWarning)
     # bitsandbytes looks for an optional CPU kernel package at import and logs its absence on every start.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())

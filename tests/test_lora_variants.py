@@ -88,7 +88,7 @@ def test_variant_keys_reach_peft_and_trl():
     from peft import LoraConfig
 
     from qlora_phi3.model.lora import lora_config
-    from qlora_phi3.run.train import _sft_config
+    from qlora_phi3.run.methods.sft import training_arguments as _sft_config
 
     recipe = load_recipe("tiny_cpu", ["lora.use_rslora=true", "lora.use_dora=true", "lora.init=gaussian",
                                       "train.neftune_noise_alpha=5"])

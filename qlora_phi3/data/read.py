@@ -22,10 +22,15 @@ from qlora_phi3.config import EMBEDDED_DATA, DataConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
-__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "has_named_splits", "load_records", "resolve_data_path",
-           "validate_messages"]
+__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "has_named_splits", "load_records", "read_rows",
+           "resolve_data_path", "turn_problem", "validate_messages"]
 
 EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
+# The bundled preference sets (python -m qlora_phi3.data.synthetic): pairs for dpo/orpo/simpo, labelled answers for kto.
+EMBEDDED_PREFERENCE_FILES = {
+    "embedded:tiny-prefs": EMBEDDED_DATA_FILE.with_name("tiny_prefs.jsonl"),
+    "embedded:tiny-kto": EMBEDDED_DATA_FILE.with_name("tiny_kto.jsonl"),
+}
 ROLES = ("system", "user", "assistant")
 # Phi-3's added tokens in id order (0, 1, 2, 32000..32010). The tokenizer matches them anywhere in a string, so
 # a reply holding the text "<|end|>" would become the end-of-turn token and end the loss span early; the model
@@ -82,6 +87,8 @@ class LoadReport:
 
 
 def resolve_data_path(path: str) -> str:
+    if path in EMBEDDED_PREFERENCE_FILES:
+        return str(EMBEDDED_PREFERENCE_FILES[path])
     return str(EMBEDDED_DATA_FILE) if path == EMBEDDED_DATA else path
 
 
@@ -163,6 +170,14 @@ def _turn_problem(messages) -> RecordProblem | None:
         if a == b:
             return RecordProblem("repeated role", f"messages {i - 1} and {i} are both {a}")
     return None
+
+
+def turn_problem(messages) -> RecordProblem | None:
+    """Why ``messages`` cannot be trained on (text-part lists joined first), as a RecordProblem, or None."""
+    try:
+        return _turn_problem(_normalized_turns(messages))
+    except RecordProblem as p:
+        return p
 
 
 def validate_messages(messages) -> str | None:
@@ -264,8 +279,11 @@ def _parquet_rows(path: Path) -> Iterator[tuple[object, str, RecordProblem | Non
         raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}).") from None
 
 
-def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport):
-    """Rows of a ``datasets.Dataset``, reading only the columns its format needs."""
+def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport, columns=None):
+    """Rows of a ``datasets.Dataset``, reading only the columns its format needs (``columns``: a function of the
+    column names that picks them instead, for record kinds other than chats, such as preference pairs)."""
+    if columns is not None:
+        return ((row, f"{name}#{i}", None) for i, row in enumerate(ds.select_columns(columns(ds.column_names))))
     detected = detect_format(ds.column_names)
     fmt = fmt or detected
     if fmt is None or not set(ds.column_names).issuperset(FORMATS[fmt]):
@@ -321,18 +339,25 @@ def _looks_local(path: str) -> bool:
     return Path(path).suffix in (".jsonl", ".json", ".gz", ".parquet") or path.startswith((".", "/", "~"))
 
 
-def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
+def read_rows(cfg: DataConfig, split: str, report: LoadReport, columns):
+    """Every row of ``cfg.path`` (any source this module reads) as ``(row, origin, problem)``, for readers of record
+    kinds other than chats: ``columns`` picks a dataset's columns from their names. The same file checks (UTF-8,
+    BOM, CRLF, gzip, a broken JSON array, an empty file) and ``file:line`` origins as for chats."""
+    return _rows(cfg, resolve_data_path(cfg.path), split, report, columns)
+
+
+def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport, columns=None):
     local = Path(path).expanduser()
     fmt = None if cfg.format == "auto" else cfg.format
     if local.is_dir():
         if not any((local / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
             raise UserError(f"data.path={cfg.path!r} is a directory; point it at a data file (.jsonl, .json, "
                             ".parquet, .jsonl.gz) or a directory written by Dataset.save_to_disk.")
-        return _dataset_rows(_read_saved(local, split), f"{local}[{split}]", fmt, report)
+        return _dataset_rows(_read_saved(local, split), f"{local}[{split}]", fmt, report, columns)
     if not local.is_file():
         if _looks_local(path):
             raise UserError(f"data.path={cfg.path!r}: file not found (working directory {Path.cwd()}).")
-        return _dataset_rows(_read_hub(cfg, split), f"{cfg.path}[{split}]", fmt, report)
+        return _dataset_rows(_read_hub(cfg, split), f"{cfg.path}[{split}]", fmt, report, columns)
     try:
         with local.open("rb") as f:
             magic = f.read(4)

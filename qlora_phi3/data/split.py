@@ -93,6 +93,12 @@ def held_out_records(recipe, run: dict | None, tokenizer, max_seq_len: int, n: i
     records, where = None, ""
     if recipe is not None:
         try:
+            method = getattr(recipe.train, "method", "sft")
+            if method != "sft":  # a preference run: its held-out prompts with the chosen (or desirable) answer
+                from qlora_phi3.data.preference import load_preference_splits
+
+                records = load_preference_splits(recipe.data, method, recipe.train.seed).eval_chats
+                return records[:n], f"the run's held-out preference prompts with their chosen answers ({recipe.data.path})"
             records = load_splits(recipe.data, recipe.train.seed).eval
             where = f"the run's eval split ({recipe.data.path})"
             recorded = (run or {}).get("dataset", {}).get("eval_fingerprint")

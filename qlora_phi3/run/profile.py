@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_phi3.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
-from qlora_phi3.data.synthetic import write_full_length_conversations
+from qlora_phi3.data.synthetic import write_full_length_conversations, write_full_length_pairs
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, atomic_write_text
 from qlora_phi3.memory.estimate import config_for_estimate, estimate
@@ -147,10 +147,16 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
             progress.update(task, description=", ".join(f"{k}={v}" for k, v in point.items()))
             row = _row_for(point, recipe)
             n = _conversations_needed(recipe, steps, warmup)
-            key = (recipe.model.name_or_path, recipe.data.max_seq_len)
+            method = recipe.train.method
+            kind = "chat" if method == "sft" else "unpaired" if method == "kto" else "pairs"
+            key = (recipe.model.name_or_path, recipe.data.max_seq_len, kind)
             if key not in data_files or data_files[key][1] < n:
                 path = Path(tmp) / f"data-{i}.jsonl"
-                write_full_length_conversations(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len)
+                if kind == "chat":
+                    write_full_length_conversations(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len)
+                else:  # preference rows: chosen and rejected (or KTO answers) that each fill max_seq_len
+                    write_full_length_pairs(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len,
+                                            unpaired=kind == "unpaired")
                 data_files[key] = (path, n)
             workdir = Path(tmp) / f"config-{i}"
             workdir.mkdir()

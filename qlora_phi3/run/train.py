@@ -1,5 +1,6 @@
 """A training run, top to bottom: check the inputs, load data and the 4-bit model, attach LoRA, train
-with TRL's SFTTrainer (:mod:`qlora_phi3.run.trainer`), save the adapter and the run record.
+with the method's TRL trainer (``train.method``: :mod:`qlora_phi3.run.methods`; SFT by default), save the adapter
+and the run record.
 
 Everything that can be wrong with the user's input is checked before the model is loaded, and the
 run directory is written to only once the run really starts, so a run that fails early leaves it as
@@ -17,32 +18,28 @@ from pathlib import Path
 
 import transformers
 from transformers import TrainerCallback
-from trl import SFTConfig
-
 from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict, with_absolute_paths
-from qlora_phi3.data.encode import EncodedSplit, encode_records
-from qlora_phi3.data.packing import padding_advice
-from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
 from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device, read_model_config)
-from qlora_phi3.model.lora import attach_lora, check_lora_variant, coverage, initial_adapter_dir
+from qlora_phi3.model.lora import (attach_lora, check_adapter_fits, check_lora_variant, coverage, initial_adapter_dir,
+                                   load_adapter_weights)
 from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 from qlora_phi3.run.measure import MeasureSteps
-from qlora_phi3.run.offload import checkpointing_kwargs
+from qlora_phi3.run.methods import get_method
+from qlora_phi3.run.methods.base import MethodData
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
 from qlora_phi3.run.rundir import clear_run_dir, prepare_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
-from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers, trackers
-from qlora_phi3.run.trainer import build_trainer
+from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers
 from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
-from qlora_phi3.ui import console, info, plural, warn
+from qlora_phi3.ui import console, info, warn
 
 __all__ = ["RunInterrupted", "RunResult", "gather_state_dict", "train"]
 
@@ -62,58 +59,6 @@ class RunInterrupted(UserError):
     exit_code = 130
 
 
-@dataclass
-class _Data:
-    train: EncodedSplit
-    eval: EncodedSplit
-    padded_share: float | None  # share of padded tokens per epoch without packing (None when packing)
-    eval_records: list  # the eval conversations (ChatRecord), for the sample prompts
-
-
-def _sft_config(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool) -> SFTConfig:
-    t = recipe.train
-    return SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps in transformers 5
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        activation_checkpointing=bool(t.gradient_checkpointing),
-        # The Trainer turns checkpointing on from these; "offload" is honoured on GPUs only (run/offload.py).
-        activation_checkpointing_kwargs=checkpointing_kwargs(t.gradient_checkpointing, device, announce=True),
-        bf16=compute_dtype == "bfloat16",
-        fp16=compute_dtype == "float16",  # GradScaler loss scaling; LoRA weights stay fp32
-        use_cpu=device == "cpu",
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if t.eval_steps and not measuring else "no",
-        eval_steps=t.eval_steps or None,
-        save_strategy="steps" if t.save_steps and not measuring else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        report_to=[] if measuring else trackers(recipe),  # the Trainer's integrations (run/tracking.py)
-        run_name=t.run_name or output_dir.name,
-        neftune_noise_alpha=t.neftune_noise_alpha,  # the Trainer's NEFTune hook on the input embeddings
-        disable_tqdm=True,  # our rich display replaces tqdm
-        include_num_input_tokens_seen="non_padding",
-        max_length=None,  # already truncated (and counted) in data.encode.encode_records
-        packing=False,  # ours: data/packing.py
-        dataset_num_proc=None,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
-    )
-
-
 def _print_coverage(rows) -> None:
     from rich.table import Table
 
@@ -124,40 +69,6 @@ def _print_coverage(rows) -> None:
         table.add_row(r.target, f"{r.layers_adapted}/{r.layers_total}", f"{r.trainable_params:,}")
     table.add_row("[bold]total", "", f"[bold]{sum(r.trainable_params for r in rows):,}")
     console().print(table)
-
-
-def _load_data(recipe: Recipe, tokenizer) -> _Data:
-    d = recipe.data
-    splits = load_splits(d, recipe.train.seed)
-    report = splits.report
-    if report.n_skipped:
-        warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
-        for line in report.summary_lines():
-            info(f"  {line}")
-    for note in report.notes:
-        info(f"data: {note}")
-    for note in splits.notes:
-        warn(note)
-    train_enc = encode_records(splits.train, tokenizer, d.max_seq_len)
-    eval_enc = encode_records(splits.eval, tokenizer, d.max_seq_len)
-    if not train_enc.input_ids:
-        raise UserError(f"no training sample keeps an assistant token within data.max_seq_len={d.max_seq_len}; "
-                        "raise data.max_seq_len.")
-    if not eval_enc.input_ids:
-        raise UserError("no eval sample keeps an assistant token within data.max_seq_len; raise data.max_seq_len.")
-    info(f"data: {plural(len(train_enc.input_ids), 'train conversation')} / {len(eval_enc.input_ids):,} eval "
-         f"({splits.eval_from}), {train_enc.n_tokens:,} train tokens ({train_enc.n_label_tokens:,} with loss)")
-    for name, enc in (("train", train_enc), ("eval", eval_enc)):
-        if enc.truncated:
-            warn(f"{plural(enc.truncated, name + ' sample')} longer than data.max_seq_len={d.max_seq_len} "
-                 f"{'was' if enc.truncated == 1 else 'were'} truncated ({enc.dropped} dropped: no assistant token "
-                 f"left; {enc.assistant_tokens_lost:,} assistant tokens lost).")
-    share = None
-    if not d.packing:
-        share, line, serious = padding_advice([len(x) for x in train_enc.input_ids], recipe.train.micro_batch_size,
-                                              recipe.train.seed)
-        (warn if serious else info)(line)
-    return _Data(train_enc, eval_enc, share, splits.eval)
 
 
 def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
@@ -234,6 +145,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     device, dtype, attn = _choices(recipe)
     _check_fsdp(recipe, dtype.value)
     check_lora_variant(recipe.lora, recipe.model)
+    if recipe.model.adapter:
+        check_adapter_fits(recipe.model.adapter, recipe.lora, recipe.model)
     if not measure:
         check_trackers(recipe)
     threads = _cpu_threads(device.value)
@@ -243,8 +156,9 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
         info(f"train.optimizer={recipe.train.optimizer}: bitsandbytes has no paging on CPU and runs it unpaged "
              "(same math, same checkpoints).")
+    method = get_method(recipe.train.method)
     tokenizer = load_tokenizer(recipe.model)
-    data = _load_data(recipe, tokenizer)
+    data = method.load_data(recipe, tokenizer)
     prompts = [] if measure else sample_prompts(recipe, data.eval_records)  # measure mode has no evaluation
     fingerprint = data.train.fingerprint()
     if plan.resume_from is not None and plan.previous.get("dataset", {}).get("fingerprint") not in (None, fingerprint):
@@ -253,7 +167,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
 
     # The training arguments first: building them starts the process group under a distributed launch, which
     # transformers' FSDP-aware loading checks for (it is skipped when the model loads before the group exists).
-    args = _sft_config(recipe, out, device.value, dtype.value, measuring=measure is not None)
+    args = method.training_arguments(recipe, out, device.value, dtype.value, measuring=measure is not None)
     transformers.set_seed(recipe.train.seed)
     model = load_model(recipe.model, device.value, dtype.value, attn.value)
     # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
@@ -262,6 +176,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = attach_lora(model, recipe.lora, recipe.model)
+    if recipe.model.adapter:  # continue a trained adapter (e.g. SFT before DPO): its weights, trainable
+        load_adapter_weights(model, recipe.model.adapter)
     enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
@@ -275,10 +191,9 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     guard = NonFiniteGuard(fp16=dtype.value == "float16", check_every=1 if device.value == "cpu" else
                            recipe.train.logging_steps)
     measurer = MeasureSteps(device.value, measure[0]) if measure else None
-    trainer, progress, meter = build_trainer(
-        model, tokenizer, args, data.train, None if measure else data.eval, device.value,
-        packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
-        loss_chunk_tokens=recipe.train.loss_chunk_tokens, cpu_memory=cpu_memory,
+    trainer, progress, meter = method.build_trainer(
+        model, tokenizer, args, data, device.value, recipe=recipe, measuring=measure is not None,
+        cpu_memory=cpu_memory,
         # The guard runs after every callback that may ask for a save, so no checkpoint holds a NaN.
         callbacks=[interrupt, guard] + ([measurer] if measurer else []))
     if measurer:
@@ -296,10 +211,12 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / RECIPE_FILE)
     record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data, threads))
+    if getattr(trainer, "reference", None):
+        record.data["reference"] = trainer.reference
     if plan.resume_from is not None:
         _carry_over(record, plan)
     elif not measure:
-        trainer.add_callback(EvalAtStart(trainer, record))
+        trainer.add_callback(EvalAtStart(trainer, record, method))
     if prompts and trainer.is_fsdp_enabled:
         # Generation on rank 0 alone would wait forever for the other ranks' shards of the weights.
         warn("train.sample_prompts: no sample answers under FSDP (generation needs every rank); merge and chat instead.")
@@ -335,7 +252,8 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     if record.get("train_loss_start") is None:  # kept from the interrupted run on resume
         record.data["train_loss_start"] = losses[0] if losses else None
     tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start
-    counts = {"real_tokens": trainer.tokens_real, "padded_tokens": trainer.tokens_total - trainer.tokens_real}
+    real, total = getattr(trainer, "tokens_real", 0), getattr(trainer, "tokens_total", 0)
+    counts = {"real_tokens": real, "padded_tokens": total - real}
     if interrupt.requested:
         checkpoint = last_checkpoint(out)
         record.end("interrupted", steps=trainer.state.global_step, peak_memory=peak.as_dict(),
@@ -351,7 +269,9 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         fields["measured"] = measurer.result(peak)
         record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
         return RunResult(out, None, record.data, trainer.model)
-    fields["eval_loss_end"] = trainer.evaluate()["eval_loss"]
+    metrics = trainer.evaluate()
+    fields["eval_loss_end"] = metrics["eval_loss"]
+    fields.update({f"{k}_end": v for k, v in method.eval_fields(metrics).items()})
     if samples is not None:
         fields["sample_seconds"] = round(samples.seconds, 2)  # all evaluations' answers, within wall_seconds
     adapter_dir = out / "adapter"
@@ -365,7 +285,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     return RunResult(out, adapter_dir, record.data, trainer.model)
 
 
-def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: _Data, threads: Choice | None) -> dict:
+def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: MethodData, threads: Choice | None) -> dict:
     return {
         "versions": package_versions(),
         "device": device_info(device.value),
@@ -375,11 +295,9 @@ def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: 
         "attn_implementation": attn.value,
         "world_size": world_size,
         "recipe": recipe_to_dict(recipe),
+        "method": recipe.train.method,
         "dataset": {"source": recipe.data.path, "fingerprint": data.train.fingerprint(),
-                    "eval_fingerprint": data.eval.fingerprint(), "train_samples": len(data.train.input_ids),
-                    "eval_samples": len(data.eval.input_ids), "train_tokens": data.train.n_tokens,
-                    "truncated": data.train.truncated + data.eval.truncated,
-                    "padded_share_per_epoch": None if data.padded_share is None else round(data.padded_share, 4)},
+                    "eval_fingerprint": data.eval.fingerprint(), **data.dataset},
         "seed": recipe.train.seed,
         "effective_batch": effective_batch,
     }
@@ -388,7 +306,7 @@ def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: 
 def _carry_over(record: RunRecord, plan) -> None:
     """What a resumed run keeps of the run it continues: its start losses and the list of resumes."""
     prev = plan.previous
-    for key in ("eval_loss_start", "train_loss_start"):
+    for key in ("eval_loss_start", "train_loss_start", "eval_reward_accuracy_start", "eval_reward_margin_start"):
         if prev.get(key) is not None:
             record.data[key] = prev[key]
     resumes = list(prev.get("resumes", []))
@@ -407,6 +325,11 @@ def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path) -> None:
     info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss "
          f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.short()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
+    if run.get("eval_reward_accuracy_end") is not None:
+        start_acc, start_margin = run.get("eval_reward_accuracy_start"), run.get("eval_reward_margin_start")
+        info(f"held-out reward accuracy {'-' if start_acc is None else f'{start_acc:.1%}'} -> "
+             f"{run['eval_reward_accuracy_end']:.1%}, margin {'-' if start_margin is None else f'{start_margin:+.3f}'} "
+             f"-> {run.get('eval_reward_margin_end', 0):+.3f}")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
     run_dir = adapter_dir.parent
     info(f"next: `qlora-phi3 chat {run_dir}` to try it, `qlora-phi3 merge {run_dir} --out {run_dir}-merged` for one "
@@ -421,13 +344,14 @@ class EvalAtStart(TrainerCallback):
     trains on its own gradients (checked: ranks diverge at step 1 with transformers 5.24 / accelerate 1.15).
     """
 
-    def __init__(self, trainer, record: RunRecord):
-        self.trainer, self.record = trainer, record
+    def __init__(self, trainer, record: RunRecord, method):
+        self.trainer, self.record, self.method = trainer, record, method
 
     def on_train_begin(self, args, state, control, **kwargs):
         info("evaluating the untrained adapter (step 0)...")
-        loss = self.trainer.evaluate()["eval_loss"]  # the progress display prints it ("step 0  eval loss ...")
-        self.record.update(eval_loss_start=loss)
+        metrics = self.trainer.evaluate()  # the progress display prints it ("step 0  eval loss ...")
+        extra = {f"{k}_start": v for k, v in self.method.eval_fields(metrics).items()}
+        self.record.update(eval_loss_start=metrics["eval_loss"], **extra)
 
 
 def _non_finite_message(e: NonFiniteError, recipe: Recipe, compute_dtype: str, out: Path) -> str:
@@ -457,7 +381,8 @@ def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, stat
     tmp = partial_dir(adapter_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     # OLoRA / LoftQ: saved as a plain LoRA against the original base (model/lora.py), which merge and chat expect.
-    peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+    # Only the trained adapter: a preference run also holds TRL's frozen "ref" copy (run/methods/preference.py).
+    peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, selected_adapters=["default"],
                                path_initial_model_for_weight_conversion=initial_adapter_dir(peft_model))
     tokenizer.save_pretrained(tmp)
     write_card(tmp, adapter_dir.parent, recipe.model.name_or_path, kind="adapter")  # not PEFT's empty template
@@ -468,6 +393,7 @@ def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, stat
         "base_config": {k: getattr(base, k, None) for k in BASE_SHAPE_KEYS},
         "lora": recipe_to_dict(recipe)["lora"],
         "max_seq_len": recipe.data.max_seq_len,
+        "method": recipe.train.method,
     })
     publish_dir(tmp, adapter_dir)
 
