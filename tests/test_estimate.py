@@ -116,7 +116,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     rows, meta = profile(configs, steps=1, warmup=1)
     for row in rows:
         assert row.status == "ok", row
-        # the profiler runs the training path itself (train(measure=...)), so the default estimate applies
+        # the profiler runs the training path itself (run.train.measure: setup + fit), so the default estimate applies
         assert abs(row.estimate_error_pct) <= 15, (row.overrides, row.peak_allocated_gib, row.estimated_gib)
     # the measurement itself responds to the settings it should
     by = {(r.lora_r, r.max_seq_len, r.gradient_checkpointing, r.overrides.get("train.loss_chunk_tokens")): r

@@ -1,7 +1,8 @@
 """The profiler: a few real training steps per configuration of a grid, peak memory and speed of each.
 
 ``qlora-phi3 profile RECIPE --grid lora.r=8,16,64 data.max_seq_len=512,2048`` runs, for each
-combination, ``qlora-phi3 train``'s own code (:func:`qlora_phi3.run.train.train` with ``measure=``:
+combination, ``qlora-phi3 train``'s own code (:func:`qlora_phi3.run.train.measure`: its setup and fit with a
+measuring callback:
 the same trainer, collator, packing, loss, autocast, checkpointing and optimizer) for a few warm-up
 steps (not counted) and ``--steps`` measured optimizer steps, on conversations that each fill
 ``data.max_seq_len`` (so every micro-batch is ``micro_batch_size x max_seq_len`` tokens: the worst case
@@ -272,15 +273,15 @@ def write_results(rows: list[ProfileRow], meta: dict, out_dir: Path) -> dict[str
 
 
 def _worker(recipe_path: str, result_path: str, warmup: int, steps: int) -> int:
-    """One configuration, in this (fresh) process: ``train(measure=...)``; the result as JSON."""
+    """One configuration, in this (fresh) process: :func:`qlora_phi3.run.train.measure`; the result as JSON."""
     from qlora_phi3.memory.oom import is_oom
-    from qlora_phi3.run.train import train
+    from qlora_phi3.run.train import measure
     from qlora_phi3.ui import quiet_library_noise
 
     quiet_library_noise()
     recipe = load_recipe(recipe_path, [])
     try:
-        run = train(recipe, force=True, cpu_memory="tensors", measure=(warmup, steps)).run
+        run = measure(recipe, warmup, steps, cpu_memory="tensors")
         result = {"status": "ok", "measured": run["measured"]}
     except RunFailed as e:
         oom = "out of GPU memory" in str(e)

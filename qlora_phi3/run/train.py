@@ -1,11 +1,12 @@
-"""A training run, top to bottom: check the inputs, load data and the 4-bit model, attach LoRA, train
-with the method's TRL trainer (``train.method``: :mod:`qlora_phi3.run.methods`; SFT by default), save the adapter
-and the run record.
+"""A training run, in three steps a reader can follow: :func:`setup` (check the inputs, load data, the 4-bit
+model and LoRA, build the method's TRL trainer: ``train.method``, :mod:`qlora_phi3.run.methods`, SFT by default),
+:func:`fit` (the optimizer steps) and :func:`finish` (final evaluation, adapter, run record). :func:`train` is
+the three in a row.
 
 Everything that can be wrong with the user's input is checked before the model is loaded, and the
 run directory is written to only once the run really starts, so a run that fails early leaves it as
-it was. ``profile`` and ``bench/compare.py`` call :func:`train` too (``measure=``), so the memory and
-speed they report are those of this code path.
+it was. ``profile`` and the benchmarks call :func:`measure`: the same setup and fit with a measuring callback,
+so the memory and speed they report are those of this code path.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from qlora_phi3.run.measure import MeasureSteps
 from qlora_phi3.run.methods import get_method
 from qlora_phi3.run.methods.base import MethodData
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
-from qlora_phi3.run.rundir import clear_run_dir, prepare_run_dir, resume_command
+from qlora_phi3.run.rundir import RunDir, clear_run_dir, prepare_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
 from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers
 from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
 from qlora_phi3.ui import console, info, warn
 
-__all__ = ["RunInterrupted", "RunResult", "gather_state_dict", "train"]
+__all__ = ["Run", "RunInterrupted", "RunResult", "finish", "fit", "gather_state_dict", "measure", "setup", "train"]
 
 
 
@@ -87,23 +88,63 @@ def _check_against_model(recipe: Recipe, model_config) -> None:
                         "(microsoft/Phi-3-mini-128k-instruct).")
 
 
-def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
-          measure: tuple[int, int] | None = None) -> RunResult:
-    """Run ``recipe`` to completion (see the module docstring); under torchrun/accelerate, one rank of it.
+def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss") -> RunResult:
+    """Run ``recipe`` to completion: :func:`setup`, :func:`fit`, :func:`finish` (see the module docstring); under
+    torchrun/accelerate, one rank of it.
 
     Args:
         resume: continue the run in ``train.output_dir`` from its last complete checkpoint.
         force: delete the run in ``train.output_dir`` (once this run starts) and start over.
-        cpu_memory: on a CPU, "rss" (sampled, near-free) or "tensors" (live-tensor peak, slower; what the
-            profiler and benchmarks use).
-        measure: ``(warmup_steps, measured_steps)``: run only that many optimizer steps, without evaluation,
-            checkpoints or adapter, and record the peak memory and speed of the measured steps in
-            ``run["measured"]`` (the profiler's mode).
+        cpu_memory: on a CPU, "rss" (sampled, near-free) or "tensors" (live-tensor peak, slower).
     """
     try:
-        return _train(recipe, resume, force, cpu_memory, measure)
+        run = setup(recipe, resume, force, cpu_memory=cpu_memory)
+        fit(run)
+        return finish(run)
     finally:
         _close_process_group()
+
+
+def measure(recipe: Recipe, warmup_steps: int, measured_steps: int, *, cpu_memory: str = "tensors") -> dict:
+    """The profiler's and the benchmarks' run: :func:`setup` with a measuring callback, :func:`fit`, and the
+    record with the peak memory and speed of the ``measured_steps`` after ``warmup_steps`` in ``["measured"]``;
+    no evaluation, checkpoints, trackers, sample answers or adapter. Returns run.json's contents."""
+    try:
+        run = setup(recipe, force=True, cpu_memory=cpu_memory, measurer=MeasureSteps(
+            pick_device(recipe.train.device).value, warmup_steps, total_steps=warmup_steps + measured_steps))
+        fit(run)
+        fields = _fit_fields(run)
+        fields["measured"] = run.measurer.result(run.peak)
+        run.record.end("completed", wall_seconds=round(time.perf_counter() - run.t_start, 2), **fields)
+        return run.record.data
+    finally:
+        _close_process_group()
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds and :func:`fit` and :func:`finish` use: one run's recipe, directory, choices,
+    data, trainer and record."""
+    recipe: Recipe
+    out: Path
+    plan: RunDir
+    model_config: object
+    device: Choice
+    dtype: Choice
+    attn: Choice
+    method: object  # the train.method plug-in (run/methods)
+    tokenizer: object
+    data: MethodData
+    trainer: object
+    progress: object
+    meter: object
+    record: RunRecord
+    interrupt: GracefulInterrupt
+    samples: SampleAnswers | None
+    measurer: MeasureSteps | None
+    t_start: float
+    train_seconds: float = 0.0
+    peak: object = None
 
 
 def _close_process_group() -> None:
@@ -133,13 +174,20 @@ def _cpu_threads(device: str) -> Choice | None:
     return Choice(str(n), why)
 
 
-def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: tuple[int, int] | None) -> RunResult:
+def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
+          measurer: MeasureSteps | None = None) -> Run:
+    """Everything before the first step: check the inputs (before any model loads), load data, the 4-bit model
+    and LoRA, build the method's trainer, and claim the run directory (only now is it written to).
+
+    ``measurer`` (the profiler's callback) makes the run a measurement: only its steps, no evaluation,
+    checkpoints, trackers, sample answers or adapter."""
     t_start = time.perf_counter()
     hide_load_progress_bars()
+    measuring = measurer is not None
     plan = prepare_run_dir(recipe, resume, force)
     recipe, out = with_absolute_paths(plan.recipe), plan.path
-    if measure:
-        recipe.train.max_steps = sum(measure)
+    if measuring:
+        recipe.train.max_steps = measurer.total_steps
     model_config = read_model_config(recipe.model)
     _check_against_model(recipe, model_config)
     device, dtype, attn = _choices(recipe)
@@ -147,7 +195,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     check_lora_variant(recipe.lora, recipe.model)
     if recipe.model.adapter:
         check_adapter_fits(recipe.model.adapter, recipe.lora, recipe.model)
-    if not measure:
+    if not measuring:
         check_trackers(recipe)
     threads = _cpu_threads(device.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
@@ -159,7 +207,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     method = get_method(recipe.train.method)
     tokenizer = load_tokenizer(recipe.model)
     data = method.load_data(recipe, tokenizer)
-    prompts = [] if measure else sample_prompts(recipe, data.eval_records)  # measure mode has no evaluation
+    prompts = [] if measuring else sample_prompts(recipe, data.eval_records)
     fingerprint = data.train.fingerprint()
     if plan.resume_from is not None and plan.previous.get("dataset", {}).get("fingerprint") not in (None, fingerprint):
         raise UserError(f"--resume: the training data changed since {plan.resume_from.name} was written (dataset "
@@ -167,19 +215,9 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
 
     # The training arguments first: building them starts the process group under a distributed launch, which
     # transformers' FSDP-aware loading checks for (it is skipped when the model loads before the group exists).
-    args = method.training_arguments(recipe, out, device.value, dtype.value, measuring=measure is not None)
+    args = method.training_arguments(recipe, out, device.value, dtype.value, measuring=measuring)
     transformers.set_seed(recipe.train.seed)
-    model = load_model(recipe.model, device.value, dtype.value, attn.value)
-    # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
-    # than have the Trainer "align" it with a warning.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = attach_lora(model, recipe.lora, recipe.model)
-    if recipe.model.adapter:  # continue a trained adapter (e.g. SFT before DPO): its weights, trainable
-        load_adapter_weights(model, recipe.model.adapter)
-    enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
-    _print_coverage(coverage(model, recipe.lora.target_modules))
+    model = _load_peft_model(recipe, tokenizer, device.value, dtype.value, attn.value)
 
     world_size = launch_world_size()
     effective_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
@@ -190,13 +228,11 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     interrupt = GracefulInterrupt()
     guard = NonFiniteGuard(fp16=dtype.value == "float16", check_every=1 if device.value == "cpu" else
                            recipe.train.logging_steps)
-    measurer = MeasureSteps(device.value, measure[0]) if measure else None
     trainer, progress, meter = method.build_trainer(
-        model, tokenizer, args, data, device.value, recipe=recipe, measuring=measure is not None,
-        cpu_memory=cpu_memory,
+        model, tokenizer, args, data, device.value, recipe=recipe, measuring=measuring, cpu_memory=cpu_memory,
         # The guard runs after every callback that may ask for a save, so no checkpoint holds a NaN.
-        callbacks=[interrupt, guard] + ([measurer] if measurer else []))
-    if measurer:
+        callbacks=[interrupt, guard] + ([measurer] if measuring else []))
+    if measuring:
         measurer.meter = meter
     else:
         attach_trackers(trainer, recipe, out, progress)
@@ -215,7 +251,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         record.data["reference"] = trainer.reference
     if plan.resume_from is not None:
         _carry_over(record, plan)
-    elif not measure:
+    elif not measuring:
         trainer.add_callback(EvalAtStart(trainer, record, method))
     if prompts and trainer.is_fsdp_enabled:
         # Generation on rank 0 alone would wait forever for the other ranks' shards of the weights.
@@ -226,17 +262,41 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         resumed_at = int(plan.resume_from.name.split("-")[-1]) if plan.resume_from is not None else None
         samples = SampleAnswers(trainer, prompts, recipe, out, resumed_at)
         trainer.add_callback(samples)
-    if not measure:
+    if not measuring:
         prepare_trackers(recipe, out)
     record.update()
-    meter.reset()
+    return Run(recipe, out, plan, model_config, device, dtype, attn, method, tokenizer, data, trainer, progress,
+               meter, record, interrupt, samples, measurer, t_start)
+
+
+def _load_peft_model(recipe: Recipe, tokenizer, device: str, dtype: str, attn: str):
+    """The frozen 4-bit base with LoRA attached (a continued adapter loaded into it), tiled if asked."""
+    model = load_model(recipe.model, device, dtype, attn)
+    # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
+    # than have the Trainer "align" it with a warning.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = attach_lora(model, recipe.lora, recipe.model)
+    if recipe.model.adapter:  # continue a trained adapter (e.g. SFT before DPO): its weights, trainable
+        load_adapter_weights(model, recipe.model.adapter)
+    enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
+    _print_coverage(coverage(model, recipe.lora.target_modules))
+    return model
+
+
+def fit(run: Run) -> None:
+    """The optimizer steps (the Trainer's loop), from the run's checkpoint on resume. A NaN, an interrupt or an out
+    of memory ends the record with what happened and raises one clear error; nothing half-written stays."""
+    trainer, record, progress = run.trainer, run.record, run.progress
+    run.meter.reset()
     t_train = time.perf_counter()
     try:
-        with interrupt:
-            trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+        with run.interrupt:
+            trainer.train(resume_from_checkpoint=str(run.plan.resume_from) if run.plan.resume_from else None)
     except NonFiniteError as e:
         record.end("failed", failure=str(e), steps=e.step, history=progress.history)
-        raise RunFailed(_non_finite_message(e, recipe, dtype.value, out)) from None
+        raise RunFailed(_non_finite_message(e, run.recipe, run.dtype.value, run.out)) from None
     except KeyboardInterrupt:
         record.end("interrupted", steps=trainer.state.global_step, history=progress.history)
         raise
@@ -244,45 +304,53 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         if not is_oom(e):
             raise
         record.end("failed", failure="out of memory", steps=trainer.state.global_step, history=progress.history)
-        raise RunFailed(oom_message(recipe, model_config, device.value, trainer.state.global_step)) from None
-    train_seconds = time.perf_counter() - t_train
-    peak = meter.read()
-    meter.close()
-    losses = [h["loss"] for h in progress.history if "loss" in h]
-    if record.get("train_loss_start") is None:  # kept from the interrupted run on resume
-        record.data["train_loss_start"] = losses[0] if losses else None
-    tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start
-    real, total = getattr(trainer, "tokens_real", 0), getattr(trainer, "tokens_total", 0)
-    counts = {"real_tokens": real, "padded_tokens": total - real}
-    if interrupt.requested:
-        checkpoint = last_checkpoint(out)
-        record.end("interrupted", steps=trainer.state.global_step, peak_memory=peak.as_dict(),
-                   history=progress.history, tokens=counts)
+        raise RunFailed(oom_message(run.recipe, run.model_config, run.device.value, trainer.state.global_step)) \
+            from None
+    run.train_seconds = time.perf_counter() - t_train
+    run.peak = run.meter.read()
+    run.meter.close()
+    if run.interrupt.requested:
+        checkpoint = last_checkpoint(run.out)
+        fields = _fit_fields(run)
+        record.end("interrupted", steps=fields["steps"], peak_memory=fields["peak_memory"],
+                   history=progress.history, tokens=fields["tokens"])
         where = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint could be saved"
         raise RunInterrupted(f"interrupted at step {trainer.state.global_step}; {where}. Continue with: "
-                             f"{resume_command(out)}")
-    fields = dict(steps=trainer.state.global_step, train_loss_end=losses[-1] if losses else None,
-                  train_seconds=round(train_seconds, 2), tokens=counts,
-                  tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-                  peak_memory=peak.as_dict(), history=progress.history)
-    if measure:
-        fields["measured"] = measurer.result(peak)
-        record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
-        return RunResult(out, None, record.data, trainer.model)
+                             f"{resume_command(run.out)}")
+
+
+def _fit_fields(run: Run) -> dict:
+    """What the steps did, for run.json: steps, losses, tokens (real and padded), speed, peak memory."""
+    trainer, progress = run.trainer, run.progress
+    losses = [h["loss"] for h in progress.history if "loss" in h]
+    if run.record.get("train_loss_start") is None:  # kept from the interrupted run on resume
+        run.record.data["train_loss_start"] = losses[0] if losses else None
+    tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start
+    real, total = getattr(trainer, "tokens_real", 0), getattr(trainer, "tokens_total", 0)
+    return dict(steps=trainer.state.global_step, train_loss_end=losses[-1] if losses else None,
+                train_seconds=round(run.train_seconds, 2), tokens={"real_tokens": real, "padded_tokens": total - real},
+                tokens_per_second=round(tokens / run.train_seconds, 1) if run.train_seconds > 0 else None,
+                peak_memory=run.peak.as_dict(), history=progress.history)
+
+
+def finish(run: Run) -> RunResult:
+    """After the last step: the final evaluation, the adapter (complete or absent), the run's card and record."""
+    trainer, out = run.trainer, run.out
+    fields = _fit_fields(run)
     metrics = trainer.evaluate()
     fields["eval_loss_end"] = metrics["eval_loss"]
-    fields.update({f"{k}_end": v for k, v in method.eval_fields(metrics).items()})
-    if samples is not None:
-        fields["sample_seconds"] = round(samples.seconds, 2)  # all evaluations' answers, within wall_seconds
+    fields.update({f"{k}_end": v for k, v in run.method.eval_fields(metrics).items()})
+    if run.samples is not None:
+        fields["sample_seconds"] = round(run.samples.seconds, 2)  # all evaluations' answers, within wall_seconds
     adapter_dir = out / "adapter"
     state_dict = gather_state_dict(trainer)  # a collective under FSDP: every rank takes part
     if is_main_process():
-        _save_adapter(trainer.model, tokenizer, recipe, adapter_dir, state_dict)
-        write_card(out, out, recipe.model.name_or_path)  # also when no checkpoint wrote one (save_steps=0)
+        _save_adapter(trainer.model, run.tokenizer, run.recipe, adapter_dir, state_dict)
+        write_card(out, out, run.recipe.model.name_or_path)  # also when no checkpoint wrote one (save_steps=0)
         fields["adapter_dir"] = str(adapter_dir)
-    record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
-    _say_done(record.data, peak, adapter_dir, record.path)
-    return RunResult(out, adapter_dir, record.data, trainer.model)
+    run.record.end("completed", wall_seconds=round(time.perf_counter() - run.t_start, 2), **fields)
+    _say_done(run.record.data, run.peak, adapter_dir, run.record.path)
+    return RunResult(out, adapter_dir, run.record.data, trainer.model)
 
 
 def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: MethodData, threads: Choice | None) -> dict:
