@@ -42,3 +42,20 @@ def tiny_tokenizer():
     from qlora_phi3.model.load import load_tokenizer
 
     return load_tokenizer(ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_phi4_mini_dir(tmp_path_factory):
+    """A tiny Phi-4-mini (grouped KV 6/2, partial rotary 0.75, tied embeddings, the 200,064-row vocabulary and its
+    o200k tokenizer), built once per session, seeded (~20 s: most of it deriving the BPE merges)."""
+    from qlora_phi3.model.tiny import build_tiny_shape
+
+    return build_tiny_shape("phi4-mini", tmp_path_factory.mktemp("tiny-phi4-mini"))
+
+
+@pytest.fixture(scope="session")
+def phi4_tokenizer(tiny_phi4_mini_dir):
+    from qlora_phi3.config import ModelConfig
+    from qlora_phi3.model.load import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_phi4_mini_dir)))
