@@ -130,7 +130,9 @@ def _init_weights(model, seed: int) -> None:
                 continue
             fan_in = param.shape[-1]
             if "embed_tokens" in name:
-                std = 1.0  # tied (Phi-4-mini): also the output head, one matrix (named_parameters lists it once)
+                # Tied (Phi-4-mini): also the output head (named_parameters lists the one matrix once), so scaled
+                # like lm_head: logits of std ~4 over the normed hidden state, not ~sqrt(hidden).
+                std = 0.4 if model.config.tie_word_embeddings else 1.0
             elif name == "lm_head.weight":
                 std = 0.5
             else:

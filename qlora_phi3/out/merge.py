@@ -33,8 +33,10 @@ from qlora_phi3.config import DataConfig, TrainConfig
 from qlora_phi3.data.encode import encode_records
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import UserError
+from qlora_phi3.family import PHI3, TokenizerFamily, family_for_tokenizer
 from qlora_phi3.files import atomic_write_json, atomic_write_text, partial_dir, publish_dir
 from qlora_phi3.model.load import hide_load_progress_bars, load_model, load_tokenizer, pick_compute_dtype, resolve_model_path
+from qlora_phi3.model.lora import check_still_tied
 from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
 from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.ui import console, info, warn
@@ -201,14 +203,19 @@ def _portable_tokenizer_config(path: Path) -> None:
     atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def phi3_model_name(name: str) -> str:
-    """``name``, made to say Phi-3 if it does not: llama.cpp applies Phi-3's rstrip after special tokens only
-    when a GGUF's general.name contains "phi3" or "phi-3" (llama-vocab.cpp); without it ``<|user|>\\nHi``
-    tokenizes differently from training."""
-    return name if re.search(r"phi-?3", name, re.IGNORECASE) else f"{name} (Phi-3 fine-tune)"
+def phi3_model_name(name: str, family: TokenizerFamily = PHI3) -> str:
+    """``name`` as a GGUF's general.name for a model of ``family``. llama.cpp applies Phi-3's rstrip after special
+    tokens exactly when general.name contains "phi3" or "phi-3" (llama-vocab.cpp). A Phi-3-family name must say it
+    (without rstrip ``<|user|>\\nHi`` tokenizes differently from training); a Phi-4-mini name must not (its role
+    tokens keep the whitespace after them, so rstrip would swallow a reply's leading newline)."""
+    says_phi3 = re.search(r"phi-?3", name, re.IGNORECASE)
+    if family.name == "phi3":
+        return name if says_phi3 else f"{name} (Phi-3 fine-tune)"
+    cleaned = re.sub(r"phi-?3(\.5)?", "phi", name, flags=re.IGNORECASE) if says_phi3 else name
+    return cleaned if re.search(r"phi-?4", cleaned, re.IGNORECASE) else f"{cleaned} (Phi-4-mini fine-tune)"
 
 
-def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
+def _save_for_llama_cpp(src, tmp: Path, out_dir: Path, family: TokenizerFamily = PHI3) -> None:
     """What llama.cpp's ``convert_hf_to_gguf.py`` needs to turn this directory into a GGUF that runs as trained:
 
     * ``tokenizer.model``: it reads Phi-3's vocabulary from the SentencePiece model and refuses a directory
@@ -227,7 +234,7 @@ def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
             _raise_exceptions_for_connection_errors=False)
         if found:
             shutil.copyfile(found, tmp / "tokenizer.model")
-    card = {"model_name": phi3_model_name(out_dir.name), "tags": ["phi3", "qlora-phi3"]}
+    card = {"model_name": phi3_model_name(out_dir.name, family), "tags": ["phi3", "qlora-phi3"]}
     if not Path(base).expanduser().exists() and not base.startswith(("/", ".", "~")):
         card["base_model"] = base  # a Hub id
     (tmp / "README.md").write_text(f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n\nMerged by `qlora-phi3 merge` "
@@ -282,11 +289,14 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
             merged = model.merge_and_unload()  # in place: the LoRA update is added to the 16-bit weights
             del model
             _check_finite(merged, dtype)
+            # Tied (Phi-4-mini): LoRA never touches the shared matrix, so the merged model keeps one; saved with
+            # tie_word_embeddings: true and no lm_head.weight, as published.
+            check_still_tied(merged, "merging")
         with console().status("(b) evaluating the merged model..."):
             b = _answer_logits(merged, samples)
         with console().status(f"saving to {out_dir} (via {tmp.name})..."):
             _save(merged, tokenizer, tmp, shard_bytes)
-            _save_for_llama_cpp(src, tmp, out_dir)
+            _save_for_llama_cpp(src, tmp, out_dir, family_for_tokenizer(tokenizer))
             del merged
             gc.collect()
         report = _report(src, dtype, where, samples, a, b, c)
