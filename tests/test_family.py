@@ -214,3 +214,29 @@ def test_tiny_shapes_are_deterministic(tmp_path):
     assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
     cfg = json.loads((a / "config.json").read_text())
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (4, 1, False)
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+FAMILY_RECIPES = ("phi35_mini_12gb", "phi4_mini_12gb", "phi4_mini_8gb", "phi3_medium_4k_12gb")
+
+
+@pytest.mark.parametrize("name", FAMILY_RECIPES)
+def test_family_recipes_fit_their_budget_as_their_header_says(name):
+    """Each recipe's header states the estimator's prediction for it, offline, and it fits the budget it is named
+    after with the 10% margin `fit` keeps."""
+    import re
+
+    from qlora_phi3.config import shipped_recipes
+
+    path = shipped_recipes()[name]
+    recipe = load_recipe(path)
+    model = published(recipe.model.name_or_path)
+    assert model is not None and recipe.model.revision in (None, model.revision)
+    said = float(re.search(r"Predicted peak: ([\d.]+) GiB", path.read_text()).group(1))
+    est = estimate(recipe, config_for_estimate(recipe.model))
+    assert est.total_gib == pytest.approx(said, abs=0.005)
+    budget = int(re.search(r"_(\d+)gb$", name).group(1))
+    assert est.total_gib <= 0.9 * budget
+    assert recipe.data.max_seq_len <= PUBLISHED[model.hub_id].config["max_position_embeddings"]

@@ -184,7 +184,7 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
     # Training pads on the right; batched generation needs left padding so each prompt ends at the cut.
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp)
-    _portable_tokenizer_config(tmp / "tokenizer_config.json")
+    _portable_tokenizer_config(tmp / "tokenizer_config.json", family_for_tokenizer(tokenizer))
 
 
 # Load-time arguments transformers writes back into tokenizer_config.json: they describe how this machine found
@@ -192,7 +192,7 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
 MACHINE_KEYS = ("is_local", "local_files_only", "cache_dir", "token", "revision", "trust_remote_code", "_commit_hash")
 
 
-def _portable_tokenizer_config(path: Path) -> None:
+def _portable_tokenizer_config(path: Path, family: TokenizerFamily = PHI3) -> None:
     """tokenizer_config.json as users of the merged model need it, written once: no machine keys, left padding,
     and ``add_bos_token`` / ``add_eos_token`` false (training fed no <s>, data/encode.py; without the keys
     llama.cpp's converter makes every prompt start with one)."""
@@ -200,6 +200,10 @@ def _portable_tokenizer_config(path: Path) -> None:
     for key in MACHINE_KEYS:
         config.pop(key, None)
     config.update(padding_side="left", add_bos_token=False, add_eos_token=False)
+    if family.tokenizer_kind == "byte_bpe":
+        # As Phi-4-mini publishes it: llama.cpp's converter reads a byte-level BPE Phi only when the class says
+        # GPT2Tokenizer (conversion/phi.py), else it asks for a SentencePiece tokenizer.model.
+        config["tokenizer_class"] = "GPT2Tokenizer"
     atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
