@@ -259,8 +259,9 @@ def step_phi4(ctx) -> str:
             f"{est.reserved_gib:.2f} GiB, total {est.total_gib:.2f} GiB")
 
 
-STEPS = [("build", step_build, 120), ("train", step_train, 120), ("phi4", step_phi4, 180), ("packing", step_packing, 60),
-         ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120), ("merge", step_merge, 150)]
+STEPS = [("build", step_build, 120), ("train", step_train, 120), ("phi4", step_phi4, 180),
+         ("packing", step_packing, 60), ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120),
+         ("merge", step_merge, 150)]
 
 
 class Context:

@@ -135,7 +135,9 @@ def test_tokenizer_loads_with_o200k_split_even_where_transformers_would_not(tiny
 
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copyfile(tiny_phi4_mini_dir / name, tmp_path / name)
-    digest = lambda tok: hashlib.sha256(str(tok(CHKTXT, add_special_tokens=False)["input_ids"]).encode()).hexdigest()  # noqa: E731
+    def digest(tok):
+        return hashlib.sha256(str(tok(CHKTXT, add_special_tokens=False)["input_ids"]).encode()).hexdigest()
+
     assert digest(AutoTokenizer.from_pretrained(str(tmp_path))) != LLAMA_CPP_CHKHSH
     assert digest(auto_tokenizer(str(tmp_path))) == LLAMA_CPP_CHKHSH
 

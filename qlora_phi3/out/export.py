@@ -344,8 +344,6 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
         for key, factors in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long_f), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short_f)):
             extra.append((gguf.TENSOR_NAMES[key] + ".weight", np.asarray(factors, dtype=np.float32)))
 
-    from transformers import AutoTokenizer
-
     from qlora_phi3.model.load import auto_tokenizer
 
     if family.tokenizer_kind == "byte_bpe":
