@@ -242,3 +242,15 @@ def test_family_recipes_fit_their_budget_as_their_header_says(name):
     budget = int(re.search(r"_(\d+)gb$", name).group(1))
     assert est.total_gib <= 0.9 * budget
     assert recipe.data.max_seq_len <= PUBLISHED[model.hub_id].config["max_position_embeddings"]
+
+
+def test_data_inspection_shows_phi4_mini_tokens_as_text(phi4_tokenizer):
+    """`qlora-phi3 data` renders each token as the text it stands for: byte-level pieces ('Ġ', split UTF-8) too."""
+    from qlora_phi3.data.inspect import token_texts
+
+    messages = [{"role": "user", "content": "Olá, 🚀 world\n  x"}, {"role": "assistant", "content": "ok 😶\u200d🌫️"}]
+    text = phi4_tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = phi4_tokenizer(text, add_special_tokens=False)["input_ids"]
+    shown = token_texts(phi4_tokenizer, text, ids)
+    assert len(shown) == len(ids) and "".join(shown) == text
+    assert "Ġ" not in "".join(shown)

@@ -212,13 +212,32 @@ def test_our_gguf_equals_llama_cpps_converter(phi4_gguf, phi4_merged, llama_cpp_
 
 
 def test_gguf_runs_in_llama_cpp_with_the_merged_models_predictions(phi4_merged, tmp_path):
+    """f16 and q8_0 run in llama.cpp: the same token ids as transformers on chat text (no Phi-3 rstrip, no <s>) and
+    the merged model's top-1 predictions. The tiny model trained 15 steps does not answer or stop yet, so the
+    export's own pass mark (99% top-1, every prompt stopping at <|end|>) is not asked of it: the report's numbers are."""
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (pip install 'qlora-phi3[gguf]')")
-    from qlora_phi3.out.export import export
+    from qlora_phi3.out.export import CheckFailed, export
 
-    result = export(str(phi4_merged.out_dir), str(tmp_path / "checked"), quants="f16,q8_0", check=True,
-                    check_samples=4)
-    for quant in ("f16", "q8_0"):
-        check = result.report["files"][quant]["check"]
-        assert check["token_ids_equal"] == check["conversations"], check
-        assert check["top1_agreement"] >= 0.9, check
+    out = tmp_path / "checked"
+    try:
+        export(str(phi4_merged.out_dir), str(out), quants="f16,q8_0", check=True, check_samples=4)
+    except CheckFailed:
+        pass
+    report = json.loads((out / "export_report.json").read_text())
+    for quant, top1_min in (("f16", 0.95), ("q8_0", 0.9)):
+        check = report["files"][quant]["check"]
+        assert check["token_ids_equal"] == check["conversations"] == 4, check
+        assert check["top1_agreement"] >= top1_min, check
+        assert check["eog_tokens"] == {"<|end|>": True, "<|endoftext|>": True}, check
+
+
+def test_k_quant_export_runs_in_llama_cpp(phi4_merged, tmp_path):
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'qlora-phi3[gguf]')")
+    from qlora_phi3.out import export as export_mod
+
+    result = export_mod.export(str(phi4_merged.out_dir), str(tmp_path / "k"), quants="q4_k_m", check=False)
+    reader, kv = _fields(result.files["q4_k_m"])
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    assert "Q4_K" in kinds and kv["tokenizer.ggml.pre"] == "gpt-4o" and kv["phi3.rope.dimension_count"] == 12

@@ -218,7 +218,7 @@ def _vocab(model_dir: Path, n_vocab: int):
 
 def _byte_bpe_vocab(model_dir: Path, n_vocab: int):
     """Tokens and types for llama.cpp's byte-level BPE ('gpt2') tokenizer, as convert_hf_to_gguf.py's
-    ``_set_vocab_gpt2`` writes them: the vocabulary in id order, added tokens as control (special) or user-defined,
+    ``_set_vocab_gpt2`` writes them: the vocabulary in id order, added tokens as control or user-defined,
     and ``[PADn]`` (unused) for embedding rows no token maps to (o200k's gaps, and the rows past 200028)."""
     import gguf
 
@@ -237,7 +237,10 @@ def _byte_bpe_vocab(model_dir: Path, n_vocab: int):
             raise UserError(f"{model_dir / 'tokenizer.json'}: added token {added['content']!r} has id {i}, beyond "
                             f"the model's {n_vocab} embedding rows.")
         tokens[i] = added["content"]
-        types[i] = T.CONTROL if added.get("special") else T.USER_DEFINED
+        # The converter's rule (does_token_look_special): '<|...|>' is control even when not marked special, as
+        # Phi-4-mini's tool markup; llama.cpp then never prints it as text.
+        looks_special = added["content"].startswith("<|") and added["content"].endswith("|>")
+        types[i] = T.CONTROL if added.get("special") or looks_special else T.USER_DEFINED
     return tokens, types
 
 
