@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from qlora_phi3.errors import UserError
-from qlora_phi3.other_tools import TRANSLATIONS, recognise
+from qlora_phi3.key_map import TRANSLATIONS, our_key, recognise
 from qlora_phi3.phi3 import PHI3_TARGETS
 
 __all__ = [
@@ -62,7 +62,9 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     if path.is_dir():
         raise UserError(f"{name_or_path} is a directory, not a recipe file; to continue a run in it use "
                         f"`qlora-phi3 train --resume {name_or_path}`.")
-    raise UserError(f"recipe file not found: {name_or_path}. Give a YAML file or a shipped recipe's name: "
+    close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
+    hint = f"Did you mean {close[0]}? " if close else ""
+    raise UserError(f"recipe file not found: {name_or_path}. {hint}Give a YAML file or a shipped recipe's name: "
                     f"{', '.join(shipped)} (`qlora-phi3 recipes` describes them).")
 
 
@@ -81,7 +83,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _f(
         "auto", "auto = flash_attention_2 when flash-attn is installed and the GPU is Ampere+, else sdpa.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
-        "auto", "auto = bfloat16 where supported (CPU, Ampere+), float16 with loss scaling otherwise.")
+        "auto", "auto = bfloat16 where native (Ampere+ GPUs; CPUs with AVX512-BF16, AMX or ARM BF16), float16 with "
+        "loss scaling on older GPUs, float32 on other CPUs (emulated bf16 is ~10x slower).")
     quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of the frozen base weights.")
     double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.37 bit/weight).")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _f(
@@ -202,23 +205,10 @@ def _all_keys() -> list[str]:
     return [key for key, _, _ in field_help()]
 
 
-# Names other tools use for our keys (TRL/transformers/axolotl), so a habit gets a precise hint.
-_ALIASES = {
-    "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "optim": "optimizer",
-    "max_length": "max_seq_len", "max_seq_length": "max_seq_len", "sequence_len": "max_seq_len",
-    "model_name": "name_or_path", "model_id": "name_or_path", "target_modules": "target_modules",
-    "dataset": "path", "output": "output_dir",
-}
-
-
 def _suggest(key: str, candidates: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in _ALIASES:
-        aliased = [c for c in candidates if c.rsplit(".", 1)[-1] == _ALIASES[leaf]]
-        if aliased:
-            return f" (did you mean '{aliased[0]}'?)"
+    if our_key(leaf) in candidates:  # another tool's name for one of our keys (key_map.py)
+        return f" (did you mean '{our_key(leaf)}'?)"
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close and "." in key:  # 'lora.rank' -> compare the leaf too
         leaf = key.rsplit(".", 1)[-1]
@@ -515,5 +505,8 @@ def dump_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe as YAML that ``load_recipe`` reads back to the same values."""
     import yaml
 
+    from qlora_phi3.files import atomic_write_text
+
     header = f"# Resolved recipe (defaults < {recipe.source} < command-line overrides).\n"
-    path.write_text(header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    # Atomic: `--resume` reads it back, so a crash mid-write must not leave half a recipe.
+    atomic_write_text(path, header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

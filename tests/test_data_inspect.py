@@ -158,6 +158,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_cli_data_problem_is_one_line_without_traceback(tmp_path):
     bad = DATA / "bad_records.jsonl"
     res = _cli("data", f"data.path={bad}", f"train.output_dir={tmp_path / 'run'}")

@@ -99,6 +99,7 @@ def mini_phi3(tmp_path_factory):
                              max_position_embeddings=4096)
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     """Real training steps (profiler) on tiny and mini Phi-3s; the estimate must be within 15% of each peak."""
     from qlora_phi3.run.profile import grid_recipes, profile
@@ -124,6 +125,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     assert by[(16, 384, "true", "0")].peak_allocated_gib > by[(16, 384, "true", "256")].peak_allocated_gib
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_dora_term_matches_what_dora_adds_to_the_measured_peak():
     """lora.use_dora: the same configuration with and without DoRA through the profiler (train's own path, no
     checkpointing, so the layers' saved tensors are at the peak): the estimate is within 3% of each measured peak, and

@@ -32,9 +32,17 @@ def register(sub) -> None:
                                    "merged model in transformers (token ids, next-token top-1, stop at <|end|>).")
     p.add_argument("source", metavar="RUN_OR_MERGED_DIR", help="a run directory, its adapter/, or a merged model dir")
     p.add_argument("--out", required=True, metavar="DIR", help="where the GGUF files go (must be empty or new)")
-    p.add_argument("--quant", default="q8_0", metavar="LIST",
+    p.add_argument("--quant", metavar="LIST",
                    help="comma-separated GGUF types (default q8_0): f16, bf16, q8_0 (no extra needed); q6_k, q5_k_m, "
-                        "q4_k_m (llama.cpp's quantizer: pip install 'qlora-phi3[gguf]'). The Modelfile uses the first")
+                        "q4_k_m (llama.cpp's quantizer: pip install 'qlora-phi3[gguf]'). The Modelfile uses the first. "
+                        "With --adapter: the LoRA file's types, f16 (default) or q8_0")
+    p.add_argument("--adapter", action="store_true",
+                   help="write the adapter as a GGUF LoRA (NAME-lora-QUANT.gguf, a few MB) to serve on the base model "
+                        "(llama.cpp --lora, Ollama ADAPTER, LM Studio) instead of a merged model; needs a run or "
+                        "adapter directory. See docs/adapter_export.md")
+    p.add_argument("--base-quant", metavar="QUANT",
+                   help="with --adapter: also write the base model as NAME-base-QUANT.gguf (f16, bf16, q8_0, q6_k, "
+                        "q5_k_m, q4_k_m), which the Modelfile's FROM then names")
     p.add_argument("--force", action="store_true",
                    help="replace a previous export in --out (only once the new one is complete)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
@@ -47,7 +55,12 @@ def register(sub) -> None:
     _add_base_args(p)
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("chat", help="chat with a merged model, an adapter (on its 4-bit base) or a run directory")
+    p = sub.add_parser("chat", help="chat with a merged model, an adapter (on its 4-bit base) or a run directory",
+                       description="Chat in the terminal with a fine-tuned model: a merged directory (fp16), or an "
+                                   "adapter or run directory (the adapter on its 4-bit base, as trained). Prompts are "
+                                   "rendered with the model's own chat template; answers stream and stop at the "
+                                   "model's end-of-turn token. Interactive by default (an empty line, 'exit' or "
+                                   "Ctrl-D ends it); --prompt answers one message on stdout for scripts.")
     p.add_argument("source", metavar="MODEL_OR_ADAPTER_DIR", help="merged model dir, adapter dir or run dir")
     p.add_argument("--prompt", metavar="TEXT", help="answer this one message on stdout and exit (status goes to "
                                                      "stderr; default: interactive)")
@@ -75,14 +88,29 @@ def _merge(args) -> int:
     print_merge_report(report)
     info(f"[bold green]merged[/] in {report['seconds']:.0f}s, peak RAM {report['peak_rss_gib']:.2f} GiB RSS: "
          f"[bold]{result.out_dir}[/] (report: {result.out_dir / REPORT_NAME})")
+    info(f"next: `qlora-phi3 chat {result.out_dir}` to try it, `qlora-phi3 export {result.out_dir} --out "
+         f"{result.out_dir}-gguf` for llama.cpp / Ollama; it loads anywhere transformers does "
+         f"(AutoModelForCausalLM.from_pretrained(\"{result.out_dir}\"))")
     return 0
 
 
 def _export(args) -> int:
-    from qlora_phi3.out.export import export
+    from qlora_phi3.errors import UserError
 
-    export(args.source, args.out, quants=args.quant, force=args.force, check=args.check, name=args.name,
-           base=args.base, revision=args.revision, check_samples=args.check_samples)
+    if args.adapter:
+        from qlora_phi3.out.adapter_export import DEFAULT_LORA_QUANTS, export_adapter
+
+        export_adapter(args.source, args.out, quants=args.quant or DEFAULT_LORA_QUANTS, base_quant=args.base_quant,
+                       force=args.force, check=args.check, name=args.name, base=args.base, revision=args.revision,
+                       check_samples=args.check_samples)
+        return 0
+    if args.base_quant:
+        raise UserError("--base-quant writes the base model beside a GGUF LoRA: add --adapter, or drop it (a merged "
+                        "export already contains the base).")
+    from qlora_phi3.out.export import DEFAULT_QUANTS, export
+
+    export(args.source, args.out, quants=args.quant or DEFAULT_QUANTS, force=args.force, check=args.check,
+           name=args.name, base=args.base, revision=args.revision, check_samples=args.check_samples)
     return 0
 
 

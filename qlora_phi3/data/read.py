@@ -202,7 +202,8 @@ def _jsonl_rows(raw: bytes, path: Path, report: LoadReport) -> Iterator[tuple[ob
         try:
             yield json.loads(text), origin, None
         except json.JSONDecodeError as e:
-            yield None, origin, RecordProblem("malformed JSON", f"{e.msg} at column {e.colno}")
+            # json's messages may end in "at" ("Unterminated string starting at"): no "at at column".
+            yield None, origin, RecordProblem("malformed JSON", f"{e.msg.removesuffix(' at')} at column {e.colno}")
     if blank:
         report.notes.append(f"{blank} blank line{'s' if blank > 1 else ''} ignored")
 
@@ -277,6 +278,9 @@ def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport):
 
 
 def _read_hub(cfg: DataConfig, split: str):
+    from qlora_phi3.hub import download_command, ensure_hub_access
+
+    ensure_hub_access(cfg.path, cfg.revision, "data.path", repo_type="dataset")
     import datasets
 
     try:
@@ -284,10 +288,10 @@ def _read_hub(cfg: DataConfig, split: str):
     except FileNotFoundError as e:
         raise UserError(f"data.path={cfg.path!r}: no such local file, and no such dataset on the Hub "
                         f"({str(e).splitlines()[0]}).") from None
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError):
         raise UserError(f"data.path={cfg.path!r}: the Hugging Face Hub is unreachable and the dataset is not "
-                        f"cached ({str(e).splitlines()[0]}). Download it once on a connected machine or use a "
-                        "local file (JSONL, JSON, Parquet, .jsonl.gz).") from None
+                        f"cached. Download it once on a connected machine (`{download_command(cfg.path, cfg.revision, 'dataset')}`"
+                        ") or use a local file (JSONL, JSON, Parquet, .jsonl.gz).") from None
     except ValueError as e:  # unknown split
         raise UserError(f"data.path={cfg.path!r}: {str(e).splitlines()[0]}") from None
 
@@ -345,6 +349,10 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
     if not raw.strip():
         raise UserError(f"{local}: the data file is empty; it should hold one JSON conversation per line, e.g. "
                         f"{_EXAMPLE}")
+    kind = _NOT_JSON.get(local.suffix.lower())
+    if kind and not raw.removeprefix(b"\xef\xbb\xbf").lstrip().startswith((b"{", b"[")):
+        raise UserError(f"{local}: {kind} is not a supported data format; convert it to JSONL, one JSON conversation "
+                        f"per line, e.g. {_EXAMPLE} (or to Parquet with the same columns).")
     raw = _decode_text(raw, local, report)
     if raw.lstrip().startswith(b"["):
         return _json_array_rows(raw, local)
@@ -352,6 +360,11 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
         raise UserError(f"{local}: holds one JSON object spread over several lines; write one record per line "
                         "(JSONL) or a JSON array of records.")
     return _jsonl_rows(raw, local, report)
+
+
+# Files people have that are not JSON: refused as a whole, not reported as one malformed-JSON record per line.
+_NOT_JSON = {".csv": "CSV", ".tsv": "TSV", ".txt": "plain text", ".xlsx": "an Excel workbook", ".xls": "an Excel workbook",
+             ".md": "Markdown", ".yaml": "YAML", ".yml": "YAML"}
 
 
 def _is_one_object(raw: bytes) -> bool:

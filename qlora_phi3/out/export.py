@@ -31,15 +31,17 @@ from pathlib import Path
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import family_for_config
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
-from qlora_phi3.out.merge import held_out_records, merge, phi3_model_name
+from qlora_phi3.data.split import held_out_records
+from qlora_phi3.out.merge import merge, phi3_model_name
 from qlora_phi3.ui import console, info, warn
 
 __all__ = ["CheckFailed", "ExportResult", "QUANTS", "export", "write_gguf", "modelfile_text"]
 
 REPORT_NAME = "export_report.json"
 MODELFILE_NAME = "Modelfile"
-GGUF_EXTRA = "pip install 'qlora-phi3[gguf]'  (builds llama-cpp-python from source: cmake and a C++ compiler, " \
-             "about 4-7 minutes)"
+# pip prints nothing while it compiles: say how long, and how to watch it, before the user starts it.
+GGUF_EXTRA = "pip install -v 'qlora-phi3[gguf]'  (builds llama-cpp-python from source with cmake and a C++ " \
+             "compiler: 5-15 minutes on 2 cores, silent without -v)"
 
 
 @dataclass(frozen=True)
@@ -261,12 +263,25 @@ def _rope(config) -> tuple[dict, int, int]:
     return rope, rope_dims, orig_ctx
 
 
+def phi3_tensor_names(n_layers: int):
+    """Hugging Face Phi-3 tensor name -> llama.cpp's (``tensor_name(names, "model.layers.0.self_attn.qkv_proj
+    .weight")`` is ``blk.0.attn_qkv.weight``); shared with the GGUF LoRA writer (out/adapter_export.py), whose
+    tensors are named after the base tensor they change."""
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, n_layers)
+
+
+def tensor_name(names, hf_name: str) -> str | None:
+    """llama.cpp's name for ``hf_name`` (a weight or bias), None where its Phi-3 graph has no place for it."""
+    return names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
 def _tensor_plan(model_dir: Path, n_layers: int):
     """(gguf name, hf name, shard file, shape) for every weight, in file order; refuses unknown tensors."""
-    import gguf
     from safetensors import safe_open
 
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, n_layers)
+    tmap = phi3_tensor_names(n_layers)
     plan = []
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
@@ -276,7 +291,7 @@ def _tensor_plan(model_dir: Path, n_layers: int):
             for hf_name in f.keys():
                 if hf_name.endswith(".rotary_emb.inv_freq"):
                     continue  # recomputed by llama.cpp from the rope keys
-                name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                name = tensor_name(tmap, hf_name)
                 if name is None:
                     raise UserError(f"{shard}: tensor {hf_name!r} has no place in llama.cpp's Phi-3 graph; this is "
                                     "not a plain Phi3ForCausalLM checkpoint (LoRA weights not merged?).")
@@ -284,7 +299,7 @@ def _tensor_plan(model_dir: Path, n_layers: int):
     return plan
 
 
-def _target_type(qtype, gguf_name: str, shape: tuple):
+def target_type(qtype, gguf_name: str, shape: tuple):
     """The converter's rule: 1-D tensors and norms stay F32; a matrix whose rows do not split into blocks
     falls back to F16."""
     import gguf
@@ -293,6 +308,14 @@ def _target_type(qtype, gguf_name: str, shape: tuple):
         return gguf.GGMLQuantizationType.F32
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def gguf_types(quant: str):
+    """(tensor type, file type) of a type the gguf package writes: f16, bf16 or q8_0."""
+    import gguf
+
+    Q, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    return {"f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16), "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}[quant]
 
 
 def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -> dict:
@@ -309,8 +332,7 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
     model_dir, dest = Path(model_dir), Path(dest)
     config = _config(model_dir)
     Q = gguf.GGMLQuantizationType
-    qtype, ftype = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-                    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}[quant]
+    qtype, ftype = gguf_types(quant)
     n_vocab = config.vocab_size
     rope, rope_dims, orig_ctx = _rope(config)
 
@@ -388,7 +410,7 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
     types_used: dict[str, int] = {}
     kinds = []
     for name, _, _, shape in plan:
-        kind = _target_type(qtype, name, shape)
+        kind = target_type(qtype, name, shape)
         kinds.append(kind)
         nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, kind))) if kind not in (Q.F32, Q.F16) \
             else int(np.prod(shape)) * (4 if kind == Q.F32 else 2)
@@ -478,14 +500,19 @@ OLLAMA_TEMPLATE_NO_NEWLINE = (OLLAMA_TEMPLATE.replace("|>\n{{ .Content }}<|end|>
                               .replace("<|assistant|>\n{{ end }}", "<|assistant|>{{ end }}"))
 
 
-def modelfile_text(gguf_name: str, context_length: int, role_newline: bool = True) -> str:
+def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = None, from_note: str = "",
+                   role_newline: bool = True) -> str:
+    """An Ollama Modelfile: ``FROM ./gguf_name``, then ``ADAPTER ./adapter`` (a GGUF LoRA) when given, with
+    ``from_note`` (comment lines) above FROM; the family's chat template (Phi-3's, or Phi-4-mini's without the
+    newlines when ``role_newline`` is false), its stops and a context length."""
     num_ctx = min(context_length, MODELFILE_MAX_CTX)
     note = "" if num_ctx == context_length else (
         f"# The model supports {context_length} tokens; Ollama allocates the KV cache for all of num_ctx up front,\n"
         "# so raise it only as far as your memory allows.\n")
     return (f"# Ollama: ollama create NAME -f Modelfile   (written by qlora-phi3 export)\n"
-            f"FROM ./{gguf_name}\n"
-            f'TEMPLATE """{OLLAMA_TEMPLATE if role_newline else OLLAMA_TEMPLATE_NO_NEWLINE}"""\n'
+            f"{from_note}FROM ./{gguf_name}\n"
+            + (f"ADAPTER ./{adapter}\n" if adapter else "")
+            + f'TEMPLATE """{OLLAMA_TEMPLATE if role_newline else OLLAMA_TEMPLATE_NO_NEWLINE}"""\n'
             'PARAMETER stop "<|end|>"\n'
             'PARAMETER stop "<|endoftext|>"\n'
             f"{note}PARAMETER num_ctx {num_ctx}\n")
@@ -500,6 +527,7 @@ class _Conversation:
     ids: list[int]  # what training fed the model for it
     answer_pos: list[int]  # positions whose next token is part of an assistant reply (the eval-loss positions)
     ref_top1: list[int] = field(default_factory=list)  # the merged 16-bit model's argmax there
+    ref_logits: object = None  # its float32 logits there (answer positions x vocabulary), for max |logit diff|
     prompt: str = ""  # everything before the last assistant reply, with the generation prompt
     reply_tokens: int = 0
 
@@ -524,8 +552,9 @@ def _conversations(records, tokenizer) -> list[_Conversation]:
     return out
 
 
-def _reference(model_dir: Path, convs: list[_Conversation]) -> str:
-    """Fill in the merged model's top-1 next tokens; returns how it was computed."""
+def _reference(model_dir: Path, convs: list[_Conversation], adapter_dir: Path | None = None) -> str:
+    """Fill in the merged model's top-1 next tokens and logits (or, with ``adapter_dir``, those of the 16-bit
+    model in ``model_dir`` with that adapter applied by PEFT, unmerged); returns how they were computed."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -535,17 +564,26 @@ def _reference(model_dir: Path, convs: list[_Conversation]) -> str:
     dtype = "auto" if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map={"": device},
                                                  attn_implementation="sdpa", use_safetensors=True).eval()
+    if adapter_dir is not None:
+        from qlora_phi3.out.artifacts import load_adapter
+
+        model = load_adapter(model, adapter_dir)
     with torch.no_grad():
         for c in convs:
-            logits = model(input_ids=torch.tensor([c.ids], device=device)).logits[0]
-            c.ref_top1 = logits[c.answer_pos].argmax(-1).tolist()
-    how = f"transformers, {model.dtype} on {device}"
+            logits = model(input_ids=torch.tensor([c.ids], device=device)).logits[0, c.answer_pos].float()
+            c.ref_top1 = logits.argmax(-1).tolist()
+            c.ref_logits = logits.cpu().numpy()
+    how = f"transformers, {model.dtype} on {device}" + (" (PEFT adapter, unmerged)" if adapter_dir else "")
     del model
     gc.collect()
     return how
 
 
-def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, top1_min: float) -> dict:
+def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, top1_min: float,
+                lora_path: Path | None = None, generate: bool = True) -> dict:
+    """Run ``path`` (with the GGUF LoRA ``lora_path`` applied, scale 1) in llama.cpp on ``convs``: token ids,
+    top-1 and max |logit diff| against the reference, and (``generate``) whether greedy generation stops at
+    <|end|>."""
     import numpy as np
 
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
@@ -556,11 +594,12 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
     # Threads: llama-cpp-python's default (half the logical CPUs, about the physical cores). More threads
     # than cores make ggml's spinning thread sync cost 250 ms per token on a busy 2-core machine (measured).
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                          verbose=False, seed=0)
+                          verbose=False, seed=0, lora_path=str(lora_path) if lora_path else None)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     try:
         ids_equal, mismatch = 0, None
         agree = total = 0
+        max_diff = 0.0
         stopped, first_stop = 0, []
         for c in convs:
             got = llm.tokenize(c.text.encode("utf-8"), add_bos=True, special=True)
@@ -573,9 +612,14 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
             # Logits for the ids training used, so top-1 is measured even where tokenization differs.
             llm.reset()
             llm.eval(c.ids)
-            top1 = np.asarray(llm.scores[: len(c.ids)])[c.answer_pos].argmax(-1)
+            logits = np.asarray(llm.scores[: len(c.ids)])[c.answer_pos]
+            top1 = logits.argmax(-1)
             agree += int((top1 == np.asarray(c.ref_top1)).sum())
             total += len(c.answer_pos)
+            if c.ref_logits is not None and len(c.answer_pos):
+                max_diff = max(max_diff, float(np.abs(logits - c.ref_logits).max()))
+            if not generate:
+                continue
             # Greedy generation from the chat template, as a llama.cpp front end would run it.
             prompt = llm.tokenize(c.prompt.encode("utf-8"), add_bos=True, special=True)
             llm.reset()
@@ -596,7 +640,8 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
     result = {
         "token_ids_equal": ids_equal, "conversations": len(convs),
         "top1_agreement": round(top1, 6), "top1_positions": total, "top1_min": top1_min,
-        "stopped_at_end": stopped, "stop_tokens": first_stop, "eog_tokens": eog,
+        "max_abs_logit_diff": round(max_diff, 6),
+        "stopped_at_end": stopped if generate else None, "stop_tokens": first_stop, "eog_tokens": eog,
     }
     if mismatch:
         result["first_token_mismatch"] = mismatch
@@ -606,7 +651,7 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
                         f"(first at token {mismatch['position']}: {mismatch['transformers']} vs {mismatch['llama_cpp']})")
     if top1 < top1_min:
         problems.append(f"top-1 agreement {top1:.1%} < {top1_min:.0%} over {total} answer positions")
-    if stopped < len(convs):
+    if generate and stopped < len(convs):
         problems.append(f"greedy generation stopped at <|end|> on {stopped}/{len(convs)} prompts "
                         f"(stops: {first_stop})")
     if not all(eog.values()):
@@ -617,6 +662,10 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
 
 
 # --------------------------------------------------------------------------------------------- export
+
+
+# A failed export next to a good one goes to "<out>-failed", never over it.
+FAILED_SUFFIX = "-failed"
 
 
 def _default_name(src) -> str:
@@ -679,7 +728,7 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
         files, rows = _write_all(llama_cpp, model_dir, stage, stem, names, config)
         family = family_for_config(config)
         (stage / MODELFILE_NAME).write_text(modelfile_text(files[names[0]].name, config["max_position_embeddings"],
-                                                           family.role_newline), encoding="utf-8")
+                                                           role_newline=family.role_newline), encoding="utf-8")
         checks, reference = {}, None
         if check:
             checks, reference = _run_checks(llama_cpp, src, model_dir, files, check_samples)
@@ -699,24 +748,36 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
             "seconds": round(time.perf_counter() - t0, 1),
         }
         atomic_write_json(stage / REPORT_NAME, report)
+        failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
+        kept = None
+        if failed and out_dir.is_dir() and any(out_dir.iterdir()):
+            # A good earlier export stays where it is: the failed one goes beside it, for inspection.
+            kept, out_dir = out_dir, out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+            report["out_dir"] = str(out_dir)
+            atomic_write_json(stage / REPORT_NAME, report)
         publish_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # never leave a half-written export behind
         raise
     files = {q: out_dir / p.name for q, p in files.items()}
     _print_report(report)
-    failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
     if failed:
         raise CheckFailed("; ".join(f"{q}: " + "; ".join(checks[q]["problems"]) for q in failed)
-                          + f". The files are in {out_dir} with the numbers in {REPORT_NAME}; if the merged model "
-                          "itself does not stop or answer well (`qlora-phi3 chat` on a merged dir shows it), train "
-                          "longer before exporting.")
-    info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]  "
-         f"(Ollama: ollama create {stem} -f {out_dir / MODELFILE_NAME})")
+                          + f". The files are in {out_dir} with the numbers in {REPORT_NAME}"
+                          + (f" (the earlier export in {kept} is left as it was)" if kept else "")
+                          + "; if the merged model itself does not stop or answer well (`qlora-phi3 chat` on a "
+                          "merged dir shows it), train longer before exporting.")
+    info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]")
+    info(f"next: `ollama create {stem} -f {out_dir / MODELFILE_NAME} && ollama run {stem}`, or llama.cpp: "
+         f"`llama-cli -m {files[names[0]]} -cnv`")
     return ExportResult(out_dir, files, report)
 
 
-def _write_all(llama_cpp, model_dir: Path, stage: Path, stem: str, names: list[str], config: dict):
+def _write_all(llama_cpp, model_dir: Path, stage: Path, stem: str, names: list[str], config: dict,
+               general_name: str | None = None):
+    """``<stem>-<quant>.gguf`` in ``stage`` for each of ``names``, named ``general_name`` inside (default:
+    ``stem``, made to say Phi-3); returns ({quant: path}, {quant: report row})."""
+    general_name = general_name or stem
     files, rows = {}, {}
     sixteen = "bf16" if config.get("torch_dtype", config.get("dtype")) == "bfloat16" else "f16"
     intermediate = None
@@ -725,12 +786,12 @@ def _write_all(llama_cpp, model_dir: Path, stage: Path, stem: str, names: list[s
         t = time.perf_counter()
         with console().status(f"writing {dest.name}..."):
             if QUANTS[q].by == "gguf":
-                types = write_gguf(model_dir, dest, q, stem)
+                types = write_gguf(model_dir, dest, q, general_name)
             else:
                 if intermediate is None:
                     intermediate = files.get(sixteen) or stage / f".{stem}-{sixteen}.gguf"
                     if not intermediate.exists():
-                        write_gguf(model_dir, intermediate, sixteen, stem)
+                        write_gguf(model_dir, intermediate, sixteen, general_name)
                 _llama_quantize(llama_cpp, intermediate, dest, q)
                 types = _tensor_types(dest)  # llama.cpp picks per tensor (and falls back where rows do not fit)
         files[q] = dest
@@ -745,7 +806,7 @@ def _run_checks(llama_cpp, src, model_dir: Path, files: dict, n: int):
     from qlora_phi3.model.load import auto_tokenizer
 
     tokenizer = auto_tokenizer(str(model_dir))
-    records, where = held_out_records(src, tokenizer, n)
+    records, where = held_out_records(src.recipe, src.run, tokenizer, src.max_seq_len, n)
     convs = _conversations(records, tokenizer)
     with console().status("reference: the merged model in transformers..."):
         how = _reference(model_dir, convs)

@@ -25,10 +25,12 @@ from qlora_phi3.data.packing import padding_advice
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
+from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
 from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device, read_model_config)
 from qlora_phi3.model.lora import attach_lora, check_lora_variant, coverage, initial_adapter_dir
+from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 from qlora_phi3.run.measure import MeasureSteps
@@ -39,7 +41,8 @@ from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
 from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers, trackers
 from qlora_phi3.run.trainer import build_trainer
-from qlora_phi3.ui import console, info, is_main_process, plural, warn
+from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
+from qlora_phi3.ui import console, info, plural, warn
 
 __all__ = ["RunInterrupted", "RunResult", "gather_state_dict", "train"]
 
@@ -208,6 +211,17 @@ def _choices(recipe: Recipe) -> tuple[Choice, Choice, Choice]:
     return device, dtype, attn
 
 
+def _cpu_threads(device: str) -> Choice | None:
+    """On a CPU, torch's thread count set to the cores free to this process (machine.pick_threads)."""
+    if device != "cpu":
+        return None
+    import torch
+
+    n, why = pick_threads()
+    torch.set_num_threads(n)
+    return Choice(str(n), why)
+
+
 def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: tuple[int, int] | None) -> RunResult:
     t_start = time.perf_counter()
     hide_load_progress_bars()
@@ -222,8 +236,10 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     check_lora_variant(recipe.lora, recipe.model)
     if not measure:
         check_trackers(recipe)
+    threads = _cpu_threads(device.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
-         f"attention [bold]{attn.value}[/] ({attn.reason})")
+         f"attention [bold]{attn.value}[/] ({attn.reason})"
+         + (f"; [bold]{threads.value}[/] threads ({threads.reason})" if threads else ""))
     if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
         info(f"train.optimizer={recipe.train.optimizer}: bitsandbytes has no paging on CPU and runs it unpaged "
              "(same math, same checkpoints).")
@@ -249,7 +265,7 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
     _print_coverage(coverage(model, recipe.lora.target_modules))
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch_world_size()
     effective_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     if world_size > 1:
         info(f"data parallel over {world_size} processes: effective batch = {recipe.train.micro_batch_size} "
@@ -277,8 +293,9 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
                                                           "saved)" if not force else ""))
         clear_run_dir(out)
     if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / RECIPE_FILE)
-    record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data))
+    record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data, threads))
     if plan.resume_from is not None:
         _carry_over(record, plan)
     elif not measure:
@@ -341,17 +358,20 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     state_dict = gather_state_dict(trainer)  # a collective under FSDP: every rank takes part
     if is_main_process():
         _save_adapter(trainer.model, tokenizer, recipe, adapter_dir, state_dict)
+        write_card(out, out, recipe.model.name_or_path)  # also when no checkpoint wrote one (save_steps=0)
         fields["adapter_dir"] = str(adapter_dir)
     record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
     _say_done(record.data, peak, adapter_dir, record.path)
     return RunResult(out, adapter_dir, record.data, trainer.model)
 
 
-def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: _Data) -> dict:
+def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: _Data, threads: Choice | None) -> dict:
     return {
         "versions": package_versions(),
         "device": device_info(device.value),
         "compute_dtype": dtype.value,
+        "compute_dtype_reason": dtype.reason,
+        "cpu_threads": None if threads is None else {"threads": int(threads.value), "reason": threads.reason},
         "attn_implementation": attn.value,
         "world_size": world_size,
         "recipe": recipe_to_dict(recipe),
@@ -388,6 +408,9 @@ def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path) -> None:
          f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.short()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
+    run_dir = adapter_dir.parent
+    info(f"next: `qlora-phi3 chat {run_dir}` to try it, `qlora-phi3 merge {run_dir} --out {run_dir}-merged` for one "
+         f"fp16 model, `qlora-phi3 export {run_dir} --out {run_dir}-gguf` for llama.cpp / Ollama")
 
 
 class EvalAtStart(TrainerCallback):
@@ -403,8 +426,7 @@ class EvalAtStart(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         info("evaluating the untrained adapter (step 0)...")
-        loss = self.trainer.evaluate()["eval_loss"]
-        info(f"eval loss at step 0: {loss:.4f}")
+        loss = self.trainer.evaluate()["eval_loss"]  # the progress display prints it ("step 0  eval loss ...")
         self.record.update(eval_loss_start=loss)
 
 
@@ -438,6 +460,7 @@ def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, stat
     peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
                                path_initial_model_for_weight_conversion=initial_adapter_dir(peft_model))
     tokenizer.save_pretrained(tmp)
+    write_card(tmp, adapter_dir.parent, recipe.model.name_or_path, kind="adapter")  # not PEFT's empty template
     base = peft_model.get_base_model().config
     atomic_write_json(tmp / ADAPTER_META, {
         "base_model": recipe.model.name_or_path,
