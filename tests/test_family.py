@@ -174,7 +174,7 @@ def test_phi3_labels_unchanged_on_its_own_tokens(tiny_tokenizer):
 
 
 def test_stops_are_each_familys_own_ids(phi4_tokenizer, tiny_tokenizer):
-    from qlora_phi3.run.samples import stop_token_ids
+    from qlora_phi3.model.generate import stop_token_ids
 
     assert stop_token_ids(phi4_tokenizer) == [200020, 199999]
     assert stop_token_ids(tiny_tokenizer) == [32007, 32000]
