@@ -18,6 +18,9 @@ before ``--budget-s`` are recorded as skipped):
 5. grid    ``qlora-phi3 profile``: seq 512/2048/8192 x r 8/16/64, reserved / allocated / device used vs estimate
 6. long    random Phi-3-mini-128k; a few steps of recipes/phi3_mini_128k_12gb.yaml at its length, beside the estimate
 7. merge   ``qlora-phi3 merge`` of the step-2 run into fp16, with a one-sample report
+8. phi4    random Phi-4-mini-instruct at full size (grouped KV 24/8, partial rotary 0.75, tied embeddings, 200,064
+           vocabulary, its o200k tokenizer), a few steps of recipes/phi4_mini_12gb.yaml at 2,048 tokens beside the
+           estimate for the same settings
 """
 
 from __future__ import annotations
@@ -246,8 +249,45 @@ def step_merge(ctx) -> str:
             f"{models['a']['eval_loss']:.4f} (b) {models['b']['eval_loss']:.4f} (c) {models['c']['eval_loss']:.4f}")
 
 
-STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("packing", step_packing, 60),
-         ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120), ("merge", step_merge, 150)]
+def step_phi4(ctx) -> str:
+    """Phi-4-mini's shape at full size: the estimate must hold for grouped KV, partial rotary, the tied 200,064-row
+    matrix and its 6x wider logits, which no Phi-3 step exercises."""
+    from qlora_phi3.config import ModelConfig, load_recipe
+    from qlora_phi3.data.synthetic import write_full_length_conversations
+    from qlora_phi3.memory.estimate import estimate
+    from qlora_phi3.model.load import load_tokenizer, read_model_config
+    from qlora_phi3.model.tiny import TINY_SHAPES, build_model_dir, mini_config
+
+    hub_id, tiny_sizes = TINY_SHAPES["phi4-mini"]
+    model_dir = ctx.work / ("tiny-phi4-mini" if ctx.dry else "phi4-mini-random")
+    if not (model_dir / "config.json").is_file():
+        build_model_dir(model_dir, mini_config(hub_id, **(tiny_sizes if ctx.dry else {})), device=ctx.device)
+    seq = 128 if ctx.dry else 2048
+    data = ctx.work / f"phi4-chats-{seq}.jsonl"
+    if not data.is_file():
+        write_full_length_conversations(data, load_tokenizer(ModelConfig(name_or_path=str(model_dir))), 48, seq)
+    steps = 1 if ctx.dry else 3
+    run_dir = ctx.work / "phi4"
+    overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
+    if ctx.dry:  # CPUs without native bf16 emulate it ~10x slower (PITFALLS 21); the dry run checks the path only
+        overrides += ["model.compute_dtype=float32"]
+    _checked(_qlora("train", "phi4_mini_12gb", f"model.name_or_path={model_dir}", "model.revision=null",
+                    f"data.path={data}", "data.eval_split=null", "data.max_eval_samples=2", f"data.max_seq_len={seq}",
+                    "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1", f"train.max_steps={steps}",
+                    f"train.output_dir={run_dir}", "--force", *overrides, timeout=ctx.remaining()))
+    run = json.loads((run_dir / "run.json").read_text())
+    ran = load_recipe(run_dir / "recipe.yaml")
+    est = estimate(ran, read_model_config(ran.model), ctx.device, run.get("attn_implementation"))
+    cfg = read_model_config(ran.model)
+    return (f"phi4_mini_12gb at {seq:,} tokens on random Phi-4-mini (hidden {cfg.hidden_size}, "
+            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocabulary {cfg.vocab_size:,}, tied "
+            f"{cfg.tie_word_embeddings}) ({steps} steps): {_run_summary(run_dir)}; estimated reserved "
+            f"{est.reserved_gib:.2f} GiB, total {est.total_gib:.2f} GiB")
+
+
+STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("phi4", step_phi4, 180),
+         ("packing", step_packing, 60), ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120),
+         ("merge", step_merge, 150)]
 
 
 class Context:

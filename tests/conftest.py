@@ -52,12 +52,30 @@ def tiny_tokenizer():
     return load_tokenizer(ModelConfig())
 
 
+@pytest.fixture(scope="session")
+def tiny_phi4_mini_dir(tmp_path_factory):
+    """A tiny Phi-4-mini (grouped KV 6/2, partial rotary 0.75, tied embeddings, the 200,064-row vocabulary and its
+    o200k tokenizer), built once per session, seeded (~20 s: most of it deriving the BPE merges)."""
+    from qlora_phi3.model.tiny import build_tiny_shape
+
+    return build_tiny_shape("phi4-mini", tmp_path_factory.mktemp("tiny-phi4-mini"))
+
+
+@pytest.fixture(scope="session")
+def phi4_tokenizer(tiny_phi4_mini_dir):
+    from qlora_phi3.config import ModelConfig
+    from qlora_phi3.model.load import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_phi4_mini_dir)))
+
+
 # The fast tier (`pytest -m "not slow"`, about a minute on 2 cores) leaves out whatever trains a model: tests that
 # use a fixture holding a trained run, and the files whose tests each start training runs.
-_TRAINED_FIXTURES = {"tiny_run", "merged_dir", "exported", "merged", "mini_dirs", "profiled", "tb_run"}
+_TRAINED_FIXTURES = {"tiny_run", "merged_dir", "exported", "merged", "mini_dirs", "profiled", "tb_run", "phi4_run",
+                     "phi4_merged", "phi4_gguf"}
 _TRAINING_FILES = {"test_robustness.py", "test_rundir.py", "test_distributed.py", "test_lora_variants.py",
                    "test_mini_phi3.py", "test_trainer.py", "test_tracking.py", "test_profile.py",
-                   "test_readme_workflow.py", "test_train_e2e.py"}
+                   "test_readme_workflow.py", "test_train_e2e.py", "test_phi4_mini_e2e.py"}
 
 
 def pytest_collection_modifyitems(config, items):

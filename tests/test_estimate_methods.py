@@ -15,7 +15,7 @@ DPO = recipes_dir() / "phi3_mini_4k_8gb_dpo.yaml"
 def _cfg():
     from transformers import Phi3Config
 
-    return Phi3Config(**KNOWN_SHAPES["microsoft/Phi-3-mini-4k-instruct"], tie_word_embeddings=False)
+    return Phi3Config(**{**KNOWN_SHAPES["microsoft/Phi-3-mini-4k-instruct"], "tie_word_embeddings": False})
 
 
 def _terms(recipe):

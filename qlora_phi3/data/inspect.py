@@ -114,7 +114,7 @@ def _write_png(lengths: list[int], max_seq_len: int, title: str, path: Path) -> 
     bins = _bins(lengths, 40)
     ax.hist(lengths, bins=[b[0] for b in bins] + [bins[-1][1]], color="#4c72b0")
     ax.axvline(max_seq_len, color="#c44e52", linestyle="--", label=f"data.max_seq_len = {max_seq_len:,}")
-    ax.set_xlabel("tokens per conversation (Phi-3 chat template)")
+    ax.set_xlabel("tokens per conversation (the model's chat template)")
     ax.set_ylabel("conversations")
     ax.set_title(title, fontsize=10)
     ax.legend()
@@ -123,6 +123,14 @@ def _write_png(lengths: list[int], max_seq_len: int, title: str, path: Path) -> 
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """GPT-2's printable character -> byte map, inverted (byte-level BPE vocabularies are written in it):
+    printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256), chr(257), ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
 def token_texts(tokenizer, text: str, ids: list[int]) -> list[str]:
@@ -137,8 +145,12 @@ def token_texts(tokenizer, text: str, ids: list[int]) -> list[str]:
     strings join back into ``text``."""
     import codecs
 
+    from qlora_phi3.family import family_for_tokenizer
+
     added = tokenizer.added_tokens_decoder
     pieces = tokenizer.convert_ids_to_tokens(ids)
+    # Byte-level BPE (Phi-4-mini): every piece is bytes written in GPT-2's printable map ('Ġ' is a space).
+    byte_map = _gpt2_unicode_to_byte() if family_for_tokenizer(tokenizer).tokenizer_kind == "byte_bpe" else None
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     out: list[str] = []
     segment: list[int] = []  # positions of the current run of ordinary tokens
@@ -149,7 +161,9 @@ def token_texts(tokenizer, text: str, ids: list[int]) -> list[str]:
         shown = []
         for pos in segment:
             piece = pieces[pos]
-            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            if byte_map is not None:
+                shown.append(utf8.decode(bytes(byte_map[c] for c in piece)))
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
                 shown.append(utf8.decode(bytes([int(piece[3:5], 16)])))
             else:
                 shown.append(utf8.decode(b"", final=True) + piece.replace("\u2581", " "))
@@ -334,7 +348,7 @@ def _share(part: int, whole: int) -> str:
 def _print_summary(res: DataInspection, recipe: Recipe) -> None:
     d, t = recipe.data, recipe.train
     pct = "  ".join(f"{k} {v:,}" for k, v in res.percentiles.items()).replace("p100", "max")
-    info(f"\n[bold]token lengths[/] (Phi-3 chat template, before truncation): {pct}")
+    info(f"\n[bold]token lengths[/] (the model's chat template, before truncation): {pct}")
     for row in text_histogram(res.token_lengths, d.max_seq_len):
         info(f"  {row}")
     info(f"\n[bold]data.max_seq_len={d.max_seq_len:,}[/] cuts {res.truncated:,} of {res.usable:,} conversations "

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.errors import UserError
+from qlora_phi3.family import PUBLISHED, published
 from qlora_phi3.units import GIB
 
-__all__ = ["Estimate", "METHOD_TERMS", "MethodTerms", "Term", "estimate", "format_breakdown", "lora_shapes", "resolve_attention",
+__all__ = ["Estimate", "METHOD_TERMS", "MethodTerms", "Term", "estimate", "format_breakdown", "lora_shapes",
+           "resolve_attention", "rotary_dims",
            "config_for_estimate", "KNOWN_SHAPES", "PHI3_MINI_4K_SIZES"]
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
@@ -41,12 +43,13 @@ CUBLAS_WORKSPACE_BYTES = 2 * 32 * 1024**2  # one cuBLAS workspace per handle (fo
 BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit block size (QLoRA paper, arXiv 2305.14314, section 2)
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes optimizers keep 32-bit state for tensors smaller than this (min_8bit_size)
 BNB_8BIT_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer: one fp32 absmax per 256 values per state
-# microsoft/Phi-3-mini-{4k,128k}-instruct shapes (their config.json), used when the config is not on this machine.
-PHI3_MINI_4K_SIZES = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-                          original_max_position_embeddings=4096)
-KNOWN_SHAPES = {"microsoft/Phi-3-mini-4k-instruct": PHI3_MINI_4K_SIZES,
-                "microsoft/Phi-3-mini-128k-instruct": {**PHI3_MINI_4K_SIZES, "max_position_embeddings": 131072}}
+# The config.json facts the estimate reads, for every published model (qlora_phi3/family.py), used when the config
+# is not on this machine: sizes, grouped-query KV heads, context, tied embeddings, partial rotary.
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "max_position_embeddings", "original_max_position_embeddings", "tie_word_embeddings",
+               "partial_rotary_factor")
+KNOWN_SHAPES = {hub: {k: m.config[k] for k in _SHAPE_KEYS if k in m.config} for hub, m in PUBLISHED.items()}
+PHI3_MINI_4K_SIZES = KNOWN_SHAPES["microsoft/Phi-3-mini-4k-instruct"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,15 @@ def lora_shapes(recipe: Recipe, cfg) -> list[tuple[int, int]]:
     return out
 
 
+def rotary_dims(cfg) -> int:
+    """Dims of each head that rotary embeddings rotate: head_dim x partial_rotary_factor (Phi-4-mini: 96 of 128),
+    as transformers' Phi-3 rotary embedding computes it."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0
+    return int(head_dim * factor)
+
+
 def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, int]]) -> tuple[float, str]:
     if optimizer in ("adamw_torch", "paged_adamw_32bit"):
         n = sum(a * b for a, b in shapes)
@@ -216,7 +228,6 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     tile = recipe.train.tile_tokens if 0 < recipe.train.tile_tokens < seq else 0  # a row within one tile runs whole
     shapes = _linear_shapes(cfg)
     heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or h // heads
     q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
     kv_size = (qkv_out - q_size) // 2
     p_quant = n_layers * sum(a * b for a, b in shapes.values())
@@ -253,11 +264,11 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     lora_fp32 = not autocast
     per_layer, layer_formula = _layer_activation_bytes_per_token(cfg, r, recipe.lora.dropout,
                                                                  recipe.lora.target_modules, lora_fp32)
-    rope = 2 * 2 * head_dim  # cos and sin (bf16), computed once per forward and shared by all layers
+    rope = 2 * 2 * rotary_dims(cfg)  # cos and sin (bf16) over the rotary dims, computed once per forward, shared
     if ckpt:
         saved = n_tokens * (n_layers * (0 if offload else 2 * h) + rope)
         add("saved activations (checkpointed)", saved,
-            "N x (L x 2h [layer inputs, 0 when offloaded to CPU] + 4 x head_dim [rope])")
+            "N x (L x 2h [layer inputs, 0 when offloaded to CPU] + 4 x rotary dims [rope])")
     else:
         kept = (_tiled_layer_bytes_per_token(cfg) + 2 * h) if tile else per_layer
         saved = n_tokens * (n_layers * kept + rope + 2 * h)
@@ -490,15 +501,20 @@ def config_for_estimate(model_cfg):
     from qlora_phi3.model.load import read_model_config, resolve_model_path
 
     name = model_cfg.name_or_path
-    if name in KNOWN_SHAPES and not Path(resolve_model_path(name)).expanduser().exists():
+    model = published(name)
+    if model and not Path(resolve_model_path(name)).expanduser().exists():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "config.json", revision=model_cfg.revision)
+        cached = try_to_load_from_cache(model.hub_id, "config.json", revision=model_cfg.revision)
         if not isinstance(cached, str):
             from transformers import Phi3Config
 
             from qlora_phi3.ui import info
 
-            info(f"{name}: config.json not on this machine; using its published shapes (hidden 3072, 32 layers).")
-            return Phi3Config(**KNOWN_SHAPES[name], tie_word_embeddings=False)
+            shape = KNOWN_SHAPES[model.hub_id]
+            info(f"{name}: config.json not on this machine; using its published shapes (hidden "
+                 f"{shape['hidden_size']}, {shape['num_hidden_layers']} layers, {shape['num_attention_heads']}/"
+                 f"{shape['num_key_value_heads']} heads, vocabulary {shape['vocab_size']:,}"
+                 f"{', tied embeddings' if shape['tie_word_embeddings'] else ''}).")
+            return Phi3Config(**shape)
     return read_model_config(model_cfg)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from qlora_phi3.phi3 import STOP_TOKENS
+from qlora_phi3.family import family_for_tokenizer
 
 __all__ = ["greedy_answer", "stop_token_ids"]
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Ids of ``<|end|>`` (closes every Phi-3 turn) and ``<|endoftext|>``: generation must stop at either."""
-    return [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    """The tokenizer's own ids of its family's stop tokens, ``<|end|>`` (closes every turn) and ``<|endoftext|>``
+    (Phi-3: 32007, 32000; Phi-4-mini: 200020, 199999): generation must stop at either."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in family_for_tokenizer(tokenizer).stop_tokens]
 
 
 def greedy_answer(model, tokenizer, messages: list[dict], max_new_tokens: int, streamer=None) -> tuple[str, bool]:

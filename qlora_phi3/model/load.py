@@ -13,12 +13,13 @@ from pathlib import Path
 
 from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig
 from qlora_phi3.errors import UserError
+from qlora_phi3.family import check_supported, family_for_tokenizer
 from qlora_phi3.hub import ensure_hub_access
 from qlora_phi3.machine import cpu_bf16
 from qlora_phi3.phi3 import END_TOKEN
 
-__all__ = ["Choice", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype", "pick_device",
-           "resolve_model_path", "read_model_config", "quantization_config", "has_native_bf16",
+__all__ = ["Choice", "auto_tokenizer", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype",
+           "pick_device", "resolve_model_path", "read_model_config", "quantization_config", "has_native_bf16",
            "hide_load_progress_bars"]
 
 
@@ -111,14 +112,29 @@ def read_model_config(cfg: ModelConfig):
     """The model's ``config.json`` only (no weights): for validation and estimates."""
     from transformers import AutoConfig
 
+    check_supported(cfg.name_or_path)  # by Hub id, before anything is fetched
     path = resolve_model_path(cfg.name_or_path)
     ensure_hub_access(path, cfg.revision, "model.name_or_path")
     try:
-        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise UserError(_not_found(cfg, e)) from None
     except ValueError as e:
+        check_supported(cfg.name_or_path, _raw_config(path))  # an architecture transformers does not know
         raise UserError(f"model.name_or_path={cfg.name_or_path!r}: cannot read its config: {e}") from None
+    check_supported(cfg.name_or_path, config)
+    return config
+
+
+def _raw_config(path: str):
+    """config.json of a local directory as a plain namespace (for the refusal message), or None."""
+    import json
+    from types import SimpleNamespace
+
+    try:
+        return SimpleNamespace(**json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _not_found(cfg: ModelConfig, err: Exception) -> str:
@@ -131,22 +147,38 @@ def _not_found(cfg: ModelConfig, err: Exception) -> str:
             f"model.name_or_path at a local directory. ({str(err).splitlines()[0]})")
 
 
-def load_tokenizer(cfg: ModelConfig, path: str | None = None):
-    """Phi-3 tokenizer set up for training: pad = unk (never eos), right padding."""
-    from transformers import AutoTokenizer
+def auto_tokenizer(path: str, **kwargs):
+    """``AutoTokenizer.from_pretrained``, except for byte-level BPE Phis (Phi-4-mini): their tokenizer_config.json
+    says ``GPT2Tokenizer``, and transformers 5's GPT2Tokenizer replaces the tokenizer.json pre-tokenizer (o200k's
+    split regex) with GPT-2's, which tokenizes whitespace and digits differently from the published tokenizer
+    (checked: llama.cpp's o200k probe hash, tests/test_family.py). The generic fast class keeps tokenizer.json."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if family_for_tokenizer(tok).tokenizer_kind == "byte_bpe" and not type(tok) is PreTrainedTokenizerFast:
+        tok = PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
+    return tok
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """The model's tokenizer set up for training: its family's pad token (never one that carries loss), right
+    padding."""
     path = path or resolve_model_path(cfg.name_or_path)
     ensure_hub_access(path, cfg.revision, "model.name_or_path")
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = auto_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise UserError(_not_found(cfg, e)) from None
     if tok.convert_tokens_to_ids(END_TOKEN) in (None, tok.unk_token_id):
-        raise UserError(f"{cfg.name_or_path}: tokenizer has no {END_TOKEN} token; this is not a Phi-3 chat tokenizer.")
-    if tok.unk_token is None:
-        raise UserError(f"{cfg.name_or_path}: tokenizer has no unk token to pad with (Phi-3 pads with <unk>).")
-    # pad == eos would mask the end token out of the loss and the model would never learn to stop.
-    tok.pad_token = tok.unk_token
+        raise UserError(f"{cfg.name_or_path}: tokenizer has no {END_TOKEN} token; this is not a Phi-3 / Phi-4-mini "
+                        "chat tokenizer.")
+    family = family_for_tokenizer(tok)
+    if tok.convert_tokens_to_ids(family.pad_token) in (None, tok.unk_token_id) and family.pad_token != tok.unk_token:
+        raise UserError(f"{cfg.name_or_path}: tokenizer has no {family.pad_token} token to pad with "
+                        f"({family.name} pads with it).")
+    # Phi-3: <unk>, never eos, which ends every rendered conversation. Phi-4-mini: <|endoftext|>, its own pad
+    # (family.py says why that is safe there).
+    tok.pad_token = family.pad_token
     tok.padding_side = "right"
     if not tok.chat_template:
         raise UserError(f"{cfg.name_or_path}: tokenizer has no chat template; Phi-3 tokenizers ship one.")
@@ -192,10 +224,7 @@ def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implement
         )
     except OSError as e:
         raise UserError(_not_found(cfg, e)) from None
-    if model.config.model_type != "phi3":
-        from qlora_phi3.ui import warn
-
-        warn(f"{cfg.name_or_path} is a '{model.config.model_type}' model; qlora-phi3 is built and tested for Phi-3.")
+    check_supported(cfg.name_or_path, model.config)
     _keep_cpu_4bit_format(model)
     # KV cache is useless in training and warns under checkpointing; set on the live config only.
     model.config.use_cache = False

@@ -25,8 +25,8 @@ from peft.tuners.lora import LoraLayer
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
 
-__all__ = ["Coverage", "adapter_dir", "attach_lora", "check_adapter_fits", "check_lora_variant", "check_targets",
-           "coverage", "initial_adapter_dir", "load_adapter_weights", "lora_config"]
+__all__ = ["Coverage", "adapter_dir", "attach_lora", "check_adapter_fits", "check_lora_variant", "check_still_tied",
+           "check_targets", "coverage", "initial_adapter_dir", "is_tied", "load_adapter_weights", "lora_config"]
 
 # Initialisations that change what the adapter means at step 0, so the saved adapter is converted (module doc).
 CONVERTED_INITS = ("olora", "loftq")
@@ -47,11 +47,32 @@ def _linear_leaf_names(model) -> dict[str, int]:
     return counts
 
 
+def is_tied(model) -> bool:
+    """Whether the model's output head is its input embedding (one matrix): Phi-4-mini's tie_word_embeddings."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _head_problem(model, target: str) -> str:
+    config = model.config
+    if is_tied(model):
+        return (f"'{target}': this model ties its input embeddings and output head (tie_word_embeddings: true, as "
+                f"Phi-4-mini): one {config.vocab_size:,} x {config.hidden_size:,} matrix is both, so an adapter on "
+                "either one changes the other too, and merging it would untie them into two matrices (a second "
+                f"{config.vocab_size * config.hidden_size * 2 / 1e9:.1f} GB copy in 16-bit). qlora-phi3 keeps the "
+                f"tied matrix frozen and adapts the decoder layers; remove '{target}'")
+    return (f"'{target}': qlora-phi3 adapts the decoder layers' linear projections only; the embeddings and output "
+            f"head stay frozen in 16-bit. Remove '{target}'")
+
+
 def check_targets(model, targets: list[str]) -> None:
     """Raise a UserError naming every target that matches no module, and what to use instead."""
     available = _linear_leaf_names(model)
     problems = []
     for target in targets:
+        if target in ("lm_head", "embed_tokens", "embed", "wte", "output"):
+            problems.append(_head_problem(model, target))
+            continue
         if target in available:
             continue
         if target in _FUSED and _FUSED[target] in available:
@@ -127,6 +148,7 @@ def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | None = N
     check_targets(model, settings.target_modules)
     # autocast_adapter_dtype keeps LoRA weights in fp32 even over a bf16/fp16 base (needed for fp16 loss scaling).
     peft_model = get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
+    check_still_tied(peft_model.get_base_model(), "attaching LoRA")
     if settings.init == "loftq":
         check_lora_variant(settings, model_cfg or ModelConfig())
         _loftq_replace(peft_model, _safetensors_path(model_cfg or ModelConfig()))
@@ -171,6 +193,16 @@ def _loftq_replace(peft_model, weights_path: str) -> None:
         root = sv[:r].sqrt()
         module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
         module.lora_B["default"].weight.data = (u[:, :r] * root[None] / scaling).to(module.lora_B["default"].weight.dtype)
+
+
+def check_still_tied(model, when: str) -> None:
+    """A tied model (Phi-4-mini) must keep one matrix for embeddings and head: never untied silently."""
+    if not is_tied(model):
+        return
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        raise UserError(f"{when} untied the model's embeddings and output head (tie_word_embeddings: true); this is "
+                        "a bug in qlora-phi3 or PEFT, please report it with the recipe.")
 
 
 def initial_adapter_dir(peft_model) -> str | None:

@@ -21,22 +21,17 @@ import sys
 from pathlib import Path
 
 from qlora_phi3.data.read import PHI3_TOKEN_TEXTS
+from qlora_phi3.family import PHI3_CHAT_TEMPLATE, PHI4_MINI, PUBLISHED, TokenizerFamily
 
 __all__ = ["PHI3_CHAT_TEMPLATE", "PHI3_MINI_4K", "PHI3_MINI_128K", "PHI3_SPECIAL_TOKENS", "TINY_MODEL_DIR",
-           "TINY_SIZES", "TOKENIZER_FILES", "build_tiny", "mini_phi3_config"]
+           "TINY_SHAPES", "TINY_SIZES", "TOKENIZER_FILES", "build_tiny", "build_tiny_shape", "mini_config",
+           "mini_phi3_config"]
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny-phi3"
 MODEL_MAX_LENGTH = 4096  # Phi-3-mini-4k-instruct's tokenizer_config.json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 
-# microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json chat template, verbatim.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
-    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 # Phi-3's chat tokens, ids 32000..32010.
 PHI3_SPECIAL_TOKENS = list(PHI3_TOKEN_TEXTS[3:])
 
@@ -135,7 +130,9 @@ def _init_weights(model, seed: int) -> None:
                 continue
             fan_in = param.shape[-1]
             if "embed_tokens" in name:
-                std = 1.0
+                # Tied (Phi-4-mini): also the output head (named_parameters lists the one matrix once), so scaled
+                # like lm_head: logits of std ~4 over the normed hidden state, not ~sqrt(hidden).
+                std = 0.4 if model.config.tie_word_embeddings else 1.0
             elif name == "lm_head.weight":
                 std = 0.5
             else:
@@ -143,11 +140,25 @@ def _init_weights(model, seed: int) -> None:
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def _generation_config(cls, family: TokenizerFamily):
+    """The published generation_config.json of the family: Phi-3-mini-4k-instruct's stops at <|endoftext|>,
+    <|assistant|> and <|end|>; Phi-4-mini-instruct's at <|endoftext|> and <|end|>."""
+    ids = family.special_ids
+    if family is PHI4_MINI:
+        return cls(bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
+                   pad_token_id=ids["<|endoftext|>"])
+    return cls(bos_token_id=1, eos_token_id=[32000, 32001, 32007], pad_token_id=32000)
+
+
 def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = TINY_MODEL_DIR,
                     device: str = "cpu") -> Path:
-    """A Phi-3 model directory: ``config`` with seeded random bf16 weights and the shipped Phi-3 tokenizer.
+    """A Phi model directory: ``config`` with seeded random bf16 weights and its family's tokenizer (the shipped
+    Phi-3 one, or Phi-4-mini's rebuilt from o200k when the config has its 200,064-row vocabulary).
 
     The model is built in bf16 on ``device`` (in fp32 full-size Phi-3-mini would need 15 GB before the cast)."""
+    from qlora_phi3.family import family_for_config
+
+    family = family_for_config(config)
     import torch
     from transformers import GenerationConfig, Phi3ForCausalLM
     from transformers.utils import logging
@@ -164,10 +175,13 @@ def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = 
     finally:
         torch.set_default_dtype(default_dtype)
     _init_weights(model, seed)
-    # Phi-3-mini-4k-instruct's generation_config.json: it stops at <|endoftext|>, <|assistant|> and <|end|>.
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[32000, 32001, 32007], pad_token_id=32000)
+    model.generation_config = _generation_config(GenerationConfig, family)
     model.save_pretrained(out_dir, safe_serialization=True)
-    if Path(tokenizer_dir).resolve() != out_dir.resolve():
+    if family is PHI4_MINI:
+        from qlora_phi3.model.o200k import write_phi4_mini_tokenizer
+
+        write_phi4_mini_tokenizer(out_dir, model_max_length=config.max_position_embeddings)
+    elif Path(tokenizer_dir).resolve() != out_dir.resolve():
         for name in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
         if config.max_position_embeddings != MODEL_MAX_LENGTH:  # the 128k tokenizer says 131072
@@ -175,6 +189,46 @@ def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = 
             path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length":
                                         config.max_position_embeddings}, indent=2) + "\n")
     return out_dir
+
+
+# Tiny versions of the other published shapes, each keeping what makes its shape different (built on the fly in
+# tests, never shipped: the Phi-4-mini one has a 200,064-row embedding, 38 MB in bf16).
+# phi4-mini: grouped-query attention 6 / 2 (Phi-4-mini's 24 / 8 ratio), head dim 16 so that partial rotary 0.75
+#   covers 12 dims (6 longrope pairs, its published factors resampled), tied embeddings, the 200,064 vocabulary.
+# phi3-medium: grouped-query attention 4 / 1 (Phi-3-medium's 40 / 10 ratio), head dim 16, untied, Phi-3's vocabulary.
+TINY_SHAPES = {
+    "phi4-mini": ("microsoft/Phi-4-mini-instruct",
+                  dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=6,
+                       num_key_value_heads=2)),
+    "phi3-medium": ("microsoft/Phi-3-medium-4k-instruct",
+                    dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1)),
+}
+
+
+def mini_config(hub_id: str, **sizes):
+    """A ``Phi3Config`` with the published fields of ``hub_id`` (family.PUBLISHED) and tiny ``sizes``; longrope
+    factors resampled to the tiny model's rotary pairs."""
+    from transformers import Phi3Config
+
+    fields = json.loads(json.dumps(PUBLISHED[hub_id].config))  # deep copy
+    fields.update(sizes)
+    rope_type = fields.pop("rope_type", None)
+    long_f, short_f = fields.pop("long_factor", None), fields.pop("short_factor", None)
+    if rope_type == "longrope":
+        if long_f is None:  # the Phi-3 128k models: Phi-3.5-mini's published curve (same architecture)
+            long_f, short_f = _LONG_FACTOR, _SHORT_FACTOR
+        head_dim = fields["hidden_size"] // fields["num_attention_heads"]
+        half = int(head_dim * fields.get("partial_rotary_factor", 1.0)) // 2
+        fields["rope_scaling"] = {"type": "longrope", "long_factor": _resample(long_f, half),
+                                  "short_factor": _resample(short_f, half)}
+    return Phi3Config(**fields)
+
+
+def build_tiny_shape(shape: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build the tiny model of ``shape`` (a key of TINY_SHAPES) into ``out_dir``, seeded, with its tokenizer."""
+    hub_id, sizes = TINY_SHAPES[shape]
+    return build_model_dir(out_dir, mini_config(hub_id, **sizes), seed)
 
 
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
@@ -191,4 +245,8 @@ def write_random_phi3(out_dir: Path, seed: int = 0, device: str = "cpu", kind: s
 
 
 if __name__ == "__main__":  # pragma: no cover - regeneration entry point
-    print(build_tiny(Path(sys.argv[1]) if len(sys.argv) > 1 else TINY_MODEL_DIR))
+    # python -m qlora_phi3.model.tiny [OUT]: the embedded tiny Phi-3; [--shape phi4-mini|phi3-medium OUT]: another.
+    if len(sys.argv) > 2 and sys.argv[1] == "--shape":
+        print(build_tiny_shape(sys.argv[2], Path(sys.argv[3])))
+    else:
+        print(build_tiny(Path(sys.argv[1]) if len(sys.argv) > 1 else TINY_MODEL_DIR))

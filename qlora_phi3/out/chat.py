@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoModelForCausalLM, TextStreamer
 
 from qlora_phi3.errors import UserError
-from qlora_phi3.model.load import (hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
+from qlora_phi3.model.load import (auto_tokenizer, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device)
 from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source
 from qlora_phi3.model.generate import greedy_answer, stop_token_ids
@@ -49,7 +49,7 @@ def load_chat_model(path: str, device: str = "auto", base: str | None = None, re
     attn = pick_attention("auto", dev).value
     if src.kind == "merged":
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(src.path))
+            tokenizer = auto_tokenizer(str(src.path))
             model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype="auto", device_map={"": dev},
                                                          attn_implementation=attn, use_safetensors=True)
         except (OSError, ValueError) as e:

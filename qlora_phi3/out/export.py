@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_phi3.errors import UserError
+from qlora_phi3.family import family_for_config
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.data.split import held_out_records
 from qlora_phi3.out.merge import merge, phi3_model_name
@@ -135,7 +136,12 @@ def check_phi3_dir(model_dir: Path) -> dict:
         raise UserError(f"{model_dir}: no tokenizer.json; export needs the model's fast tokenizer next to it "
                         "(qlora-phi3 merge saves it).")
     model = _read_json(model_dir / "tokenizer.json").get("model", {})
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+    if family_for_config(config).tokenizer_kind == "byte_bpe":
+        if model.get("type") != "BPE" or not model.get("merges"):
+            raise UserError(f"{model_dir / 'tokenizer.json'}: a {model.get('type')} tokenizer without merges; "
+                            "Phi-4-mini uses a byte-level BPE vocabulary (o200k), which is what llama.cpp's 'gpt2' "
+                            "tokenizer runs.")
+    elif model.get("type") != "BPE" or not model.get("byte_fallback"):
         raise UserError(f"{model_dir / 'tokenizer.json'}: a {model.get('type')} tokenizer without byte fallback; "
                         "Phi-3 uses a SentencePiece BPE vocabulary (byte_fallback), which is what llama.cpp's "
                         "'llama' tokenizer runs.")
@@ -210,6 +216,34 @@ def _vocab(model_dir: Path, n_vocab: int):
         tokens[i], scores[i] = added["content"], -1000.0
         types[i] = T.CONTROL if added.get("special") else T.USER_DEFINED
     return tokens, scores, types
+
+
+def _byte_bpe_vocab(model_dir: Path, n_vocab: int):
+    """Tokens and types for llama.cpp's byte-level BPE ('gpt2') tokenizer, as convert_hf_to_gguf.py's
+    ``_set_vocab_gpt2`` writes them: the vocabulary in id order, added tokens as control or user-defined,
+    and ``[PADn]`` (unused) for embedding rows no token maps to (o200k's gaps, and the rows past 200028)."""
+    import gguf
+
+    tj = _read_json(model_dir / "tokenizer.json")
+    T = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [T.UNUSED] * n_vocab
+    for piece, i in tj["model"]["vocab"].items():
+        if i >= n_vocab:
+            raise UserError(f"{model_dir / 'tokenizer.json'}: token {piece!r} has id {i}, beyond the model's "
+                            f"{n_vocab} embedding rows; the tokenizer does not belong to this model.")
+        tokens[i], types[i] = piece, T.NORMAL
+    for added in tj.get("added_tokens", []):
+        i = added["id"]
+        if i >= n_vocab:
+            raise UserError(f"{model_dir / 'tokenizer.json'}: added token {added['content']!r} has id {i}, beyond "
+                            f"the model's {n_vocab} embedding rows.")
+        tokens[i] = added["content"]
+        # The converter's rule (does_token_look_special): '<|...|>' is control even when not marked special, as
+        # Phi-4-mini's tool markup; llama.cpp then never prints it as text.
+        looks_special = added["content"].startswith("<|") and added["content"].endswith("|>")
+        types[i] = T.CONTROL if added.get("special") or looks_special else T.USER_DEFINED
+    return tokens, types
 
 
 def _config(model_dir: Path):
@@ -302,9 +336,10 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
     n_vocab = config.vocab_size
     rope, rope_dims, orig_ctx = _rope(config)
 
+    family = family_for_config(config)
     w = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(phi3_model_name(name))
+    w.add_name(phi3_model_name(name, family))
     w.add_context_length(config.max_position_embeddings)
     w.add_rope_scaling_orig_ctx_len(orig_ctx)
     w.add_embedding_length(config.hidden_size)
@@ -334,21 +369,33 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
         for key, factors in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long_f), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short_f)):
             extra.append((gguf.TENSOR_NAMES[key] + ".weight", np.asarray(factors, dtype=np.float32)))
 
-    from transformers import AutoTokenizer
+    from qlora_phi3.model.load import auto_tokenizer
 
-    tokens, scores, types = _vocab(model_dir, n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, n_vocab=n_vocab)  # bos/eos/unk/pad ids and the chat template
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if family.tokenizer_kind == "byte_bpe":
+        # As convert_hf_to_gguf.py for Phi-4-mini: the 'gpt2' tokenizer with the o200k split ('gpt-4o', which
+        # llama.cpp's converter detects from the ids of its probe text), merges from tokenizer.json.
+        tokens, types = _byte_bpe_vocab(model_dir, n_vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-4o")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    else:
+        tokens, scores, types = _vocab(model_dir, n_vocab)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(model_dir, n_vocab=n_vocab)  # bos/eos/unk/pad ids and the chat template
+    tokenizer = auto_tokenizer(str(model_dir))
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     eot_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if end_id in (None, tokenizer.unk_token_id) or eot_id in (None, tokenizer.unk_token_id):
+    # A missing token reads as unk's id; Phi-4-mini's unk *is* <|endoftext|>, so compare the text too.
+    missing = lambda i, text: i is None or (i == tokenizer.unk_token_id and tokenizer.unk_token != text)  # noqa: E731
+    if missing(end_id, "<|end|>") or missing(eot_id, "<|endoftext|>"):
         raise UserError(f"{model_dir}: the tokenizer has no <|end|> / <|endoftext|> token; not a Phi-3 chat model.")
-    special.special_token_ids["eos"] = eot_id  # <|endoftext|>, as Phi-3's config.json
+    special.special_token_ids["eos"] = eot_id  # <|endoftext|>, as both families' config.json
     special.special_token_ids["eot"] = end_id  # <|end|> closes every turn: llama.cpp stops generation on it
     if special.chat_template is None and tokenizer.chat_template:
         special.chat_template = tokenizer.chat_template
@@ -448,9 +495,16 @@ OLLAMA_TEMPLATE = (
 )
 
 
-def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = None, from_note: str = "") -> str:
+# Phi-4-mini's: the same turns without the newlines ('<|role|>' + content + '<|end|>').
+OLLAMA_TEMPLATE_NO_NEWLINE = (OLLAMA_TEMPLATE.replace("|>\n{{ .Content }}<|end|>\n", "|>{{ .Content }}<|end|>")
+                              .replace("<|assistant|>\n{{ end }}", "<|assistant|>{{ end }}"))
+
+
+def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = None, from_note: str = "",
+                   role_newline: bool = True) -> str:
     """An Ollama Modelfile: ``FROM ./gguf_name``, then ``ADAPTER ./adapter`` (a GGUF LoRA) when given, with
-    ``from_note`` (comment lines) above FROM; Phi-3's chat template, its stops and a context length."""
+    ``from_note`` (comment lines) above FROM; the family's chat template (Phi-3's, or Phi-4-mini's without the
+    newlines when ``role_newline`` is false), its stops and a context length."""
     num_ctx = min(context_length, MODELFILE_MAX_CTX)
     note = "" if num_ctx == context_length else (
         f"# The model supports {context_length} tokens; Ollama allocates the KV cache for all of num_ctx up front,\n"
@@ -458,7 +512,7 @@ def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = No
     return (f"# Ollama: ollama create NAME -f Modelfile   (written by qlora-phi3 export)\n"
             f"{from_note}FROM ./{gguf_name}\n"
             + (f"ADAPTER ./{adapter}\n" if adapter else "")
-            + f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+            + f'TEMPLATE """{OLLAMA_TEMPLATE if role_newline else OLLAMA_TEMPLATE_NO_NEWLINE}"""\n'
             'PARAMETER stop "<|end|>"\n'
             'PARAMETER stop "<|endoftext|>"\n'
             f"{note}PARAMETER num_ctx {num_ctx}\n")
@@ -672,8 +726,9 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
                                  report_samples=check_samples).report
         config = check_phi3_dir(model_dir)
         files, rows = _write_all(llama_cpp, model_dir, stage, stem, names, config)
-        (stage / MODELFILE_NAME).write_text(modelfile_text(files[names[0]].name, config["max_position_embeddings"]),
-                                            encoding="utf-8")
+        family = family_for_config(config)
+        (stage / MODELFILE_NAME).write_text(modelfile_text(files[names[0]].name, config["max_position_embeddings"],
+                                                           role_newline=family.role_newline), encoding="utf-8")
         checks, reference = {}, None
         if check:
             checks, reference = _run_checks(llama_cpp, src, model_dir, files, check_samples)
@@ -686,7 +741,7 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
             rows[q]["check"] = checks.get(q)
         report = {
             "source": str(src.path), "kind": src.kind, "out_dir": str(out_dir), "name": stem,
-            "general_name": phi3_model_name(stem), "modelfile_from": files[names[0]].name,
+            "general_name": phi3_model_name(stem, family), "modelfile_from": files[names[0]].name,
             "files": rows, "checked": bool(check), "reference": reference,
             "merge": {"merged_worse_than_trained": merge_report["merged_worse_than_trained"],
                       "explanation": merge_report["explanation"]} if merge_report else None,
@@ -748,9 +803,9 @@ def _write_all(llama_cpp, model_dir: Path, stage: Path, stem: str, names: list[s
 
 
 def _run_checks(llama_cpp, src, model_dir: Path, files: dict, n: int):
-    from transformers import AutoTokenizer
+    from qlora_phi3.model.load import auto_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = auto_tokenizer(str(model_dir))
     records, where = held_out_records(src.recipe, src.run, tokenizer, src.max_seq_len, n)
     convs = _conversations(records, tokenizer)
     with console().status("reference: the merged model in transformers..."):

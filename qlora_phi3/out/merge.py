@@ -32,8 +32,10 @@ from transformers import AutoModelForCausalLM
 from qlora_phi3.data.encode import encode_records
 from qlora_phi3.data.split import held_out_records
 from qlora_phi3.errors import UserError
+from qlora_phi3.family import PHI3, TokenizerFamily, family_for_tokenizer
 from qlora_phi3.files import atomic_write_json, atomic_write_text, partial_dir, publish_dir
 from qlora_phi3.model.load import hide_load_progress_bars, load_model, load_tokenizer, pick_compute_dtype, resolve_model_path
+from qlora_phi3.model.lora import check_still_tied
 from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
 from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.ui import console, info
@@ -160,7 +162,7 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
     # Training pads on the right; batched generation needs left padding so each prompt ends at the cut.
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(tmp)
-    _portable_tokenizer_config(tmp / "tokenizer_config.json")
+    _portable_tokenizer_config(tmp / "tokenizer_config.json", family_for_tokenizer(tokenizer))
 
 
 # Load-time arguments transformers writes back into tokenizer_config.json: they describe how this machine found
@@ -168,7 +170,7 @@ def _save(model, tokenizer, tmp: Path, shard_bytes: int) -> None:
 MACHINE_KEYS = ("is_local", "local_files_only", "cache_dir", "token", "revision", "trust_remote_code", "_commit_hash")
 
 
-def _portable_tokenizer_config(path: Path) -> None:
+def _portable_tokenizer_config(path: Path, family: TokenizerFamily = PHI3) -> None:
     """tokenizer_config.json as users of the merged model need it, written once: no machine keys, left padding,
     and ``add_bos_token`` / ``add_eos_token`` false (training fed no <s>, data/encode.py; without the keys
     llama.cpp's converter makes every prompt start with one)."""
@@ -176,17 +178,26 @@ def _portable_tokenizer_config(path: Path) -> None:
     for key in MACHINE_KEYS:
         config.pop(key, None)
     config.update(padding_side="left", add_bos_token=False, add_eos_token=False)
+    if family.tokenizer_kind == "byte_bpe":
+        # As Phi-4-mini publishes it: llama.cpp's converter reads a byte-level BPE Phi only when the class says
+        # GPT2Tokenizer (conversion/phi.py), else it asks for a SentencePiece tokenizer.model.
+        config["tokenizer_class"] = "GPT2Tokenizer"
     atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def phi3_model_name(name: str) -> str:
-    """``name``, made to say Phi-3 if it does not: llama.cpp applies Phi-3's rstrip after special tokens only
-    when a GGUF's general.name contains "phi3" or "phi-3" (llama-vocab.cpp); without it ``<|user|>\\nHi``
-    tokenizes differently from training."""
-    return name if re.search(r"phi-?3", name, re.IGNORECASE) else f"{name} (Phi-3 fine-tune)"
+def phi3_model_name(name: str, family: TokenizerFamily = PHI3) -> str:
+    """``name`` as a GGUF's general.name for a model of ``family``. llama.cpp applies Phi-3's rstrip after special
+    tokens exactly when general.name contains "phi3" or "phi-3" (llama-vocab.cpp). A Phi-3-family name must say it
+    (without rstrip ``<|user|>\\nHi`` tokenizes differently from training); a Phi-4-mini name must not (its role
+    tokens keep the whitespace after them, so rstrip would swallow a reply's leading newline)."""
+    says_phi3 = re.search(r"phi-?3", name, re.IGNORECASE)
+    if family.name == "phi3":
+        return name if says_phi3 else f"{name} (Phi-3 fine-tune)"
+    cleaned = re.sub(r"phi-?3(\.5)?", "phi", name, flags=re.IGNORECASE) if says_phi3 else name
+    return cleaned if re.search(r"phi-?4", cleaned, re.IGNORECASE) else f"{cleaned} (Phi-4-mini fine-tune)"
 
 
-def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
+def _save_for_llama_cpp(src, tmp: Path, out_dir: Path, family: TokenizerFamily = PHI3) -> None:
     """What llama.cpp's ``convert_hf_to_gguf.py`` needs to turn this directory into a GGUF that runs as trained:
 
     * ``tokenizer.model``: it reads Phi-3's vocabulary from the SentencePiece model and refuses a directory
@@ -205,7 +216,7 @@ def _save_for_llama_cpp(src, tmp: Path, out_dir: Path) -> None:
             _raise_exceptions_for_connection_errors=False)
         if found:
             shutil.copyfile(found, tmp / "tokenizer.model")
-    card = {"model_name": phi3_model_name(out_dir.name), "tags": ["phi3", "qlora-phi3"]}
+    card = {"model_name": phi3_model_name(out_dir.name, family), "tags": ["phi3", "qlora-phi3"]}
     if not Path(base).expanduser().exists() and not base.startswith(("/", ".", "~")):
         card["base_model"] = base  # a Hub id
     (tmp / "README.md").write_text(f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n\nMerged by `qlora-phi3 merge` "
@@ -260,11 +271,14 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
             merged = model.merge_and_unload()  # in place: the LoRA update is added to the 16-bit weights
             del model
             _check_finite(merged, dtype)
+            # Tied (Phi-4-mini): LoRA never touches the shared matrix, so the merged model keeps one; saved with
+            # tie_word_embeddings: true and no lm_head.weight, as published.
+            check_still_tied(merged, "merging")
         with console().status("(b) evaluating the merged model..."):
             b = _answer_logits(merged, samples)
         with console().status(f"saving to {out_dir} (via {tmp.name})..."):
             _save(merged, tokenizer, tmp, shard_bytes)
-            _save_for_llama_cpp(src, tmp, out_dir)
+            _save_for_llama_cpp(src, tmp, out_dir, family_for_tokenizer(tokenizer))
             del merged
             gc.collect()
         report = _report(src, dtype, where, samples, a, b, c)

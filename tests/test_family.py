@@ -1,0 +1,323 @@
+"""The Phi family as data: published facts, offline estimates, the tiny shapes, Phi-4-mini's real o200k tokenizer,
+labels and stops on each family's own tokens, and refusals that name what is supported."""
+
+import hashlib
+import json
+import lzma
+
+import pytest
+
+from qlora_phi3.config import ModelConfig, load_recipe
+from qlora_phi3.data.encode import encode_conversation
+from qlora_phi3.errors import UserError
+from qlora_phi3.family import PHI3, PHI4_MINI, PUBLISHED, check_supported, family_for_config, published
+from qlora_phi3.memory.estimate import config_for_estimate, estimate, lora_shapes, rotary_dims
+from qlora_phi3.phi3 import IGNORE_INDEX
+
+PHI4 = "microsoft/Phi-4-mini-instruct"
+RECIPE = "recipes/phi3_mini_4k_12gb.yaml"
+
+
+def _recipe(hub, *overrides):
+    return load_recipe(RECIPE, [f"model.name_or_path={hub}", "model.revision=null", *overrides])
+
+
+def _terms(est):
+    return {t.name.split(" (")[0]: t.n_bytes for t in est.terms}
+
+
+@pytest.mark.parametrize("hub", list(PUBLISHED))
+def test_every_published_model_estimates_offline_from_its_own_config(hub, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("no download"))
+    recipe = _recipe(hub)
+    cfg = config_for_estimate(recipe.model)
+    facts = PUBLISHED[hub].config
+    assert (cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (
+        facts["hidden_size"], facts["num_key_value_heads"], facts["vocab_size"])
+    est = estimate(recipe, cfg)
+    rows = 1 if facts["tie_word_embeddings"] else 2
+    assert _terms(est)["16-bit embeddings and lm_head"] == rows * facts["vocab_size"] * facts["hidden_size"] * 2
+    assert est.total_gib > 3
+
+
+def test_phi4_mini_shapes_come_from_its_config_not_phi3_mini():
+    recipe = _recipe(PHI4)
+    cfg = config_for_estimate(recipe.model)
+    # The fused qkv_proj is 24 x 128 + 2 x 8 x 128 = 5120 rows (the published tensor is [5120, 3072]), not 9216.
+    shapes = lora_shapes(recipe, cfg)
+    qkv_b = shapes[1]  # (out, r) of the first target, qkv_proj
+    assert qkv_b == (5120, 16)
+    assert rotary_dims(cfg) == 96  # partial_rotary_factor 0.75 of head dim 128
+    n = recipe.data.max_seq_len * recipe.train.micro_batch_size
+    assert _terms(estimate(recipe, cfg))["saved activations"] == n * (32 * 2 * 3072 + 4 * 96)
+    mini = config_for_estimate(_recipe("microsoft/Phi-3-mini-4k-instruct").model)
+    # Its 200,064-row vocabulary makes each chunk of logits ~6x Phi-3's, and the tied matrix is counted once.
+    e4, e3 = _terms(estimate(recipe, cfg)), _terms(estimate(_recipe("microsoft/Phi-3-mini-4k-instruct"), mini))
+    assert e4["logits and loss"] > 3 * e3["logits and loss"]
+    assert e4["16-bit embeddings and lm_head"] == 200064 * 3072 * 2
+
+
+def test_medium_has_grouped_kv_in_its_lora_widths():
+    recipe = _recipe("microsoft/Phi-3-medium-4k-instruct")
+    cfg = config_for_estimate(recipe.model)
+    assert lora_shapes(recipe, cfg)[1] == (5120 + 2 * 10 * 128, 16)  # 40 query heads, 10 KV heads, head dim 128
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("microsoft/Phi-3-small-8k-instruct", "another architecture"),
+    ("microsoft/Phi-3-small-128k-instruct", "another architecture"),
+    ("microsoft/phi-4", "another tokenizer family"),
+    ("microsoft/Phi-3-vision-128k-instruct", "vision"),
+    ("microsoft/Phi-3.5-vision-instruct", "vision"),
+    ("microsoft/Phi-4-multimodal-instruct", "vision/speech"),
+])
+def test_unsupported_models_are_refused_naming_what_is_supported(name, expect):
+    with pytest.raises(UserError) as err:
+        check_supported(name)
+    msg = str(err.value)
+    assert expect in msg and PHI4 in msg and "microsoft/Phi-3-medium-4k-instruct" in msg
+
+
+def test_refusal_by_config_for_local_directories(tmp_path):
+    from types import SimpleNamespace as NS
+
+    check_supported(str(tmp_path), NS(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=200064))
+    for cfg, expect in ((NS(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=100352), "Phi-4 (14B)"),
+                        (NS(model_type="phi3small", architectures=["Phi3SmallForCausalLM"], vocab_size=100352),
+                         "another architecture"),
+                        (NS(model_type="phi3_v", architectures=["Phi3VForCausalLM"], vocab_size=32064), "vision"),
+                        (NS(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000), "'llama'")):
+        with pytest.raises(UserError, match="not supported") as err:
+            check_supported(str(tmp_path), cfg)
+        assert expect in str(err.value)
+    assert published("MICROSOFT/phi-4-mini-instruct") is PUBLISHED[PHI4]
+
+
+def test_read_model_config_refuses_before_any_download():
+    from qlora_phi3.model.load import read_model_config
+
+    with pytest.raises(UserError, match="Phi-3-small is another architecture"):
+        read_model_config(ModelConfig(name_or_path="microsoft/Phi-3-small-8k-instruct"))
+
+
+# --------------------------------------------------------------------------------------------- o200k tokenizer
+
+
+def test_shipped_o200k_ranks_are_openais_file_byte_for_byte():
+    from qlora_phi3.model.o200k import ASSET, N_RANKS, O200K_SHA256, load_ranks
+
+    assert hashlib.sha256(lzma.decompress(ASSET.read_bytes())).hexdigest() == O200K_SHA256
+    ranks = load_ranks()
+    assert len(ranks) == N_RANKS and sorted(ranks.values()) == list(range(N_RANKS))
+
+
+def test_rebuilt_tokenizer_gives_llama_cpps_published_o200k_ids(phi4_tokenizer):
+    """llama.cpp records the sha256 of the ids the real o200k tokenizer gives its probe text; ours must match."""
+    from qlora_phi3.model.o200k import CHKTXT, LLAMA_CPP_CHKHSH
+
+    ids = phi4_tokenizer(CHKTXT, add_special_tokens=False)["input_ids"]
+    assert hashlib.sha256(str(ids).encode()).hexdigest() == LLAMA_CPP_CHKHSH
+    assert phi4_tokenizer("hello world", add_special_tokens=False)["input_ids"] == [24912, 2375]  # tiktoken's test
+
+
+def test_tokenizer_loads_with_o200k_split_even_where_transformers_would_not(tiny_phi4_mini_dir, tmp_path):
+    """A tokenizer-only directory (no config.json) makes transformers 5 build its GPT2Tokenizer class, which swaps
+    in GPT-2's pre-tokenizer and tokenizes whitespace differently from the published tokenizer; auto_tokenizer (used
+    by load_tokenizer, chat and export) keeps tokenizer.json's."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qlora_phi3.model.load import auto_tokenizer
+    from qlora_phi3.model.o200k import CHKTXT, LLAMA_CPP_CHKHSH
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(tiny_phi4_mini_dir / name, tmp_path / name)
+    def digest(tok):
+        return hashlib.sha256(str(tok(CHKTXT, add_special_tokens=False)["input_ids"]).encode()).hexdigest()
+
+    assert digest(AutoTokenizer.from_pretrained(str(tmp_path))) != LLAMA_CPP_CHKHSH
+    assert digest(auto_tokenizer(str(tmp_path))) == LLAMA_CPP_CHKHSH
+
+
+def test_phi4_mini_special_tokens_ids_and_pad(phi4_tokenizer):
+    for text, token_id in PHI4_MINI.special_ids.items():
+        assert phi4_tokenizer.convert_tokens_to_ids(text) == token_id, text
+    assert phi4_tokenizer.eos_token_id == phi4_tokenizer.pad_token_id == phi4_tokenizer.bos_token_id == 199999
+    assert phi4_tokenizer.chat_template == PHI4_MINI.chat_template
+
+
+def _labelled(tokenizer, ids, labels):
+    return tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+
+
+def test_phi4_mini_labels_are_exactly_the_replies_and_their_end(phi4_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "\nHello there"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": " 4"}]
+    text = phi4_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == ("<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>\nHello there<|end|><|user|>2+2?<|end|>"
+                    "<|assistant|> 4<|end|><|endoftext|>")  # no newline after role tokens
+    ids, labels = encode_conversation(phi4_tokenizer, messages)
+    assert _labelled(phi4_tokenizer, ids, labels) == "\nHello there<|end|> 4<|end|>"
+    end, assistant = 200020, 200019
+    assert sum(1 for i, lab in zip(ids, labels) if lab == end) == 2  # each reply's own <|end|> carries loss
+    assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i in (assistant, 199999, 200021, 200022))
+
+
+def test_phi3_labels_unchanged_on_its_own_tokens(tiny_tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids, labels = encode_conversation(tiny_tokenizer, messages)
+    assert [lab for lab in labels if lab != IGNORE_INDEX][-1] == PHI3.token_id("<|end|>") == 32007
+
+
+def test_stops_are_each_familys_own_ids(phi4_tokenizer, tiny_tokenizer):
+    from qlora_phi3.model.generate import stop_token_ids
+
+    assert stop_token_ids(phi4_tokenizer) == [200020, 199999]
+    assert stop_token_ids(tiny_tokenizer) == [32007, 32000]
+
+
+# --------------------------------------------------------------------------------------------- tiny shapes
+
+
+def test_tiny_phi4_mini_has_every_distinguishing_feature(tiny_phi4_mini_dir):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((tiny_phi4_mini_dir / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is True and cfg["vocab_size"] == 200064
+    assert cfg["num_attention_heads"] // cfg["num_key_value_heads"] == 24 // 8
+    rope = cfg["rope_parameters"]
+    assert rope["partial_rotary_factor"] == 0.75 and rope["rope_type"] == "longrope"
+    assert len(rope["long_factor"]) == len(rope["short_factor"]) == 16 * 3 // 4 // 2  # head dim 16, 12 rotary dims
+    with safe_open(str(tiny_phi4_mini_dir / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert "lm_head.weight" not in names  # tied: one matrix on disk
+        assert f.get_slice("model.layers.0.self_attn.qkv_proj.weight").get_shape() == [96 + 2 * 2 * 16, 96]
+    assert family_for_config(cfg) is PHI4_MINI
+    gen = json.loads((tiny_phi4_mini_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [199999, 200020]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi4_mini_dir))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model(torch.tensor([[200021, 12194, 200020, 200019]])).logits.shape == (1, 4, 200064)
+
+
+def test_tiny_shapes_are_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from qlora_phi3.model.tiny import build_tiny_shape
+
+    a, b = build_tiny_shape("phi3-medium", tmp_path / "a"), build_tiny_shape("phi3-medium", tmp_path / "b")
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
+    cfg = json.loads((a / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (4, 1, False)
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+FAMILY_RECIPES = ("phi35_mini_12gb", "phi4_mini_12gb", "phi4_mini_8gb", "phi3_medium_4k_12gb")
+
+
+@pytest.mark.parametrize("name", FAMILY_RECIPES)
+def test_family_recipes_fit_their_budget_as_their_header_says(name):
+    """Each recipe's header states the estimator's prediction for it, offline, and it fits the budget it is named
+    after with the 10% margin `fit` keeps."""
+    import re
+
+    from qlora_phi3.config import shipped_recipes
+
+    path = shipped_recipes()[name]
+    recipe = load_recipe(path)
+    model = published(recipe.model.name_or_path)
+    assert model is not None and recipe.model.revision in (None, model.revision)
+    said = float(re.search(r"Predicted peak: ([\d.]+) GiB", path.read_text()).group(1))
+    est = estimate(recipe, config_for_estimate(recipe.model))
+    assert est.total_gib == pytest.approx(said, abs=0.005)
+    budget = int(re.search(r"_(\d+)gb$", name).group(1))
+    assert est.total_gib <= 0.9 * budget
+    assert recipe.data.max_seq_len <= PUBLISHED[model.hub_id].config["max_position_embeddings"]
+
+
+def test_data_inspection_shows_phi4_mini_tokens_as_text(phi4_tokenizer):
+    """`qlora-phi3 data` renders each token as the text it stands for: byte-level pieces ('Ġ', split UTF-8) too."""
+    from qlora_phi3.data.inspect import token_texts
+
+    messages = [{"role": "user", "content": "Olá, 🚀 world\n  x"}, {"role": "assistant", "content": "ok 😶\u200d🌫️"}]
+    text = phi4_tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = phi4_tokenizer(text, add_special_tokens=False)["input_ids"]
+    shown = token_texts(phi4_tokenizer, text, ids)
+    assert len(shown) == len(ids) and "".join(shown) == text
+    assert "Ġ" not in "".join(shown)
+
+
+@pytest.mark.slow
+def test_tiling_and_chunked_loss_equal_plain_on_phi4_minis_shape(tiny_phi4_mini_dir):
+    """Grouped KV (6/2), rotary on 12 of 16 dims, the tied 200,064-row head: the tiled layers and the chunked loss
+    give transformers' own loss and the same LoRA gradients."""
+    import torch
+
+    from qlora_phi3.config import LoraSettings
+    from qlora_phi3.data.packing import PackingCollator, pack_columns, to_model_inputs
+    from qlora_phi3.model.load import load_model
+    from qlora_phi3.model.lora import attach_lora
+    from qlora_phi3.run.loss import model_loss
+    from qlora_phi3.run.tiling import enable_tiling
+
+    model = attach_lora(load_model(ModelConfig(name_or_path=str(tiny_phi4_mini_dir)), "cpu", "float32", "sdpa"),
+                        LoraSettings(r=8, dropout=0.0))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gen = torch.Generator().manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    model.train()
+    ids = [torch.randint(3, 199000, (n,), generator=gen).tolist() for n in (13, 21, 9, 30, 17)]
+    cols = pack_columns(ids, ids, 48)
+    batch = PackingCollator(pad_token_id=199999)([{k: cols[k][r] for k in cols} for r in range(len(cols["input_ids"]))])
+
+    def run(plain: bool):
+        model.zero_grad(set_to_none=True)
+        inputs = to_model_inputs(batch, "sdpa")
+        loss = model(**inputs).loss if plain else model_loss(model, inputs, chunk_tokens=16)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_ref, grads_ref = run(plain=True)
+    enable_tiling(model, 16)
+    loss, grads = run(plain=False)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    assert any("qkv_proj.lora_B" in n for n in grads)
+    for name in grads:
+        assert grads_ref[name].abs().max() > 0, name
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_phi3_medium_shape_trains_and_merges(tmp_path):
+    """Phi-3-medium's grouped KV (4:1 here, 40:10 published): the adapter's qkv_proj is as wide as the model's own
+    fused projection (q + 2 x kv heads), and merge gives base + adapter."""
+    from safetensors import safe_open
+
+    from qlora_phi3.model.tiny import build_tiny_shape
+    from qlora_phi3.out.merge import merge
+    from qlora_phi3.run.train import train
+
+    model_dir = build_tiny_shape("phi3-medium", tmp_path / "tiny-medium")
+    out = tmp_path / "run"
+    result = train(load_recipe("tiny_cpu", [f"model.name_or_path={model_dir}", f"train.output_dir={out}",
+                                            "model.compute_dtype=float32", "train.max_steps=3", "train.save_steps=3",
+                                            "train.eval_steps=0", "data.max_samples=40", "data.max_eval_samples=4",
+                                            "train.sample_prompts=1", "train.sample_max_new_tokens=2"]))
+    assert result.run["status"] == "completed"
+    with safe_open(str(result.adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if "qkv_proj.lora_B" in k)
+        assert f.get_slice(key).get_shape()[0] == 4 * 16 + 2 * 1 * 16  # 96, not 3 x 64
+    merged = merge(str(out), str(tmp_path / "merged"), report_samples=2)
+    assert merged.report["merge_rounding_b_vs_c"]["max_abs_logit_diff"] < 0.1
+    assert json.loads((merged.out_dir / "config.json").read_text())["num_key_value_heads"] == 1
