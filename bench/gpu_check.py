@@ -10,6 +10,8 @@ before ``--budget-s`` are recorded as skipped):
 
 1. build   random Phi-3-mini-4k in bf16, built on the GPU (a fp32 build would need 15 GB first), saved locally
 2. train   a few real ``qlora-phi3 train`` steps of recipes/phi3_mini_4k_12gb.yaml on it (run.json: peak, tok/s)
+2b. dpo    two DPO steps of recipes/phi3_mini_4k_12gb_dpo.yaml on pairs whose chosen and rejected rows each fill
+           2,048 tokens (reference forward with the adapter off), peak beside the estimate
 3. packing packed rows vs each sample alone: logits must agree, on sdpa and (if installed) flash_attention_2,
            with micro-batches of 1 and 2 rows (flash-attn only isolates samples when told their boundaries)
 4. fp16    a forced fp16 run (the pre-Ampere path: loss scaling, fp32 adapter weights)
@@ -99,6 +101,28 @@ def step_train(ctx) -> str:
     steps = 1 if ctx.dry else 3
     _checked(_qlora(*_train_args(ctx, "train", f"train.max_steps={steps}"), timeout=ctx.remaining()))
     return f"`qlora-phi3 train phi3_mini_4k_12gb` ({steps} steps): " + _run_summary(ctx.work / "train")
+
+
+def step_dpo(ctx) -> str:
+    """DPO on the full-size model at 2,048 tokens per row (a pair is two rows), beside the estimator's prediction."""
+    from qlora_phi3.config import load_recipe
+    from qlora_phi3.memory.estimate import estimate
+    from qlora_phi3.model.load import read_model_config
+
+    seq = 128 if ctx.dry else 2048
+    run_dir = ctx.work / "dpo"
+    _checked(_qlora("train", "phi3_mini_4k_12gb_dpo", f"model.name_or_path={ctx.model_dir}", "model.revision=null",
+                    f"data.path={ctx.pairs_path(seq)}", "data.eval_split=null", "data.max_eval_samples=2",
+                    "data.max_prompt_len=null", f"data.max_seq_len={seq}", "train.eval_steps=0", "train.save_steps=0",
+                    "train.logging_steps=1", "train.max_steps=2", "train.grad_accum=1", f"train.output_dir={run_dir}",
+                    "--force", *(o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")),
+                    timeout=ctx.remaining()))
+    run = json.loads((run_dir / "run.json").read_text())
+    ran = load_recipe(run_dir / "recipe.yaml")
+    est = estimate(ran, read_model_config(ran.model), ctx.device, run.get("attn_implementation"))
+    return (f"phi3_mini_4k_12gb_dpo at {seq:,} tokens per row, {ran.train.micro_batch_size} pair(s) = "
+            f"{2 * ran.train.micro_batch_size} rows per forward (2 steps): {_run_summary(run_dir)}; reference "
+            f"{run.get('reference')}; estimated reserved {est.reserved_gib:.2f} GiB, total {est.total_gib:.2f} GiB")
 
 
 def step_fp16(ctx) -> str:
@@ -222,7 +246,7 @@ def step_merge(ctx) -> str:
             f"{models['a']['eval_loss']:.4f} (b) {models['b']['eval_loss']:.4f} (c) {models['c']['eval_loss']:.4f}")
 
 
-STEPS = [("build", step_build, 120), ("train", step_train, 120), ("packing", step_packing, 60),
+STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("packing", step_packing, 60),
          ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120), ("merge", step_merge, 150)]
 
 
@@ -258,6 +282,17 @@ class Context:
                                             n_tokens)
             self._data[n_tokens] = path
         return self._data[n_tokens]
+
+    def pairs_path(self, n_tokens: int) -> Path:
+        """Preference pairs whose chosen and rejected answers each fill ``n_tokens`` (the DPO step's worst case)."""
+        from qlora_phi3.config import ModelConfig
+        from qlora_phi3.data.synthetic import write_full_length_pairs
+        from qlora_phi3.model.load import load_tokenizer
+
+        path = self.work / f"pairs-{n_tokens}.jsonl"
+        if not path.is_file():
+            write_full_length_pairs(path, load_tokenizer(ModelConfig(name_or_path=str(self.model_dir))), 24, n_tokens)
+        return path
 
     def remaining(self) -> float:
         return max(1.0, self.deadline - time.monotonic())

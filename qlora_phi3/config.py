@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from qlora_phi3.errors import UserError
-from qlora_phi3.other_tools import TRANSLATIONS, recognise
+from qlora_phi3.key_map import TRANSLATIONS, our_key, recognise
 from qlora_phi3.phi3 import PHI3_TARGETS
 
 __all__ = [
@@ -62,7 +62,9 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     if path.is_dir():
         raise UserError(f"{name_or_path} is a directory, not a recipe file; to continue a run in it use "
                         f"`qlora-phi3 train --resume {name_or_path}`.")
-    raise UserError(f"recipe file not found: {name_or_path}. Give a YAML file or a shipped recipe's name: "
+    close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
+    hint = f"Did you mean {close[0]}? " if close else ""
+    raise UserError(f"recipe file not found: {name_or_path}. {hint}Give a YAML file or a shipped recipe's name: "
                     f"{', '.join(shipped)} (`qlora-phi3 recipes` describes them).")
 
 
@@ -81,12 +83,17 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _f(
         "auto", "auto = flash_attention_2 when flash-attn is installed and the GPU is Ampere+, else sdpa.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
-        "auto", "auto = bfloat16 where supported (CPU, Ampere+), float16 with loss scaling otherwise.")
+        "auto", "auto = bfloat16 where native (Ampere+ GPUs; CPUs with AVX512-BF16, AMX or ARM BF16), float16 with "
+        "loss scaling on older GPUs, float32 on other CPUs (emulated bf16 is ~10x slower).")
     quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type of the frozen base weights.")
     double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.37 bit/weight).")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _f(
         "uint8", "Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype.")
     trust_remote_code: bool = _f(False, "Run Python code from the model repository (off: native Phi3ForCausalLM).")
+    adapter: str | None = _f(
+        None, "Start from a trained adapter: a run directory (its adapter/) or an adapter directory, e.g. an SFT run "
+              "before DPO. Training continues that adapter; for dpo and kto a frozen copy of it is the reference "
+              "policy (TRL's 'ref' adapter on the same 4-bit base, no second model). null = a fresh adapter.")
 
 
 @dataclass
@@ -127,13 +134,38 @@ class DataConfig:
     max_bad_fraction: float = _f(0.1, "Fail if more than this share of records is bad (skipped).")
     drop_duplicates: bool = _f(True, "Skip exact duplicate conversations (each is reported with the file:line "
                                      "of its first copy either way).")
+    max_prompt_len: int | None = _f(
+        None, "Preference methods: prompts longer than this many tokens keep their last max_prompt_len tokens (the "
+              "latest turns); then answers are cut so prompt + answer fit data.max_seq_len. null = no prompt limit.")
     packing: bool = _f(True, "Pack samples into rows of max_seq_len without padding, with no attention across "
-                             "samples (the fast default for chat data); false pads each micro-batch to its longest.")
+                             "samples (the fast default for chat data); false pads each micro-batch to its longest. "
+                             "SFT only: preference pairs are never packed (each answer is scored on its own row).")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/tiny", "Run directory: checkpoints, adapter/, run.json, recipe.yaml.")
+    method: Literal["sft", "dpo", "orpo", "kto", "simpo"] = _f(
+        "sft", "Training method. sft: supervised on chats. dpo: preference pairs against a frozen reference (the 4-bit "
+               "base with the adapter off, or model.adapter's frozen copy; TRL DPOTrainer). orpo: pairs in one pass, "
+               "no reference (SFT loss + odds-ratio term; TRL ORPOTrainer). kto: unpaired answers labelled "
+               "good/bad (TRL KTOTrainer). simpo: pairs, no reference, length-normalised reward with a margin "
+               "(TRL CPOTrainer, loss_type=simpo). docs/preference.md has the data formats.")
+    beta: float | None = _f(
+        None, "Preference methods' beta. dpo/kto: how strongly the policy is held to the reference (higher = closer; "
+              "default 0.1). orpo: weight lambda of the odds-ratio term (default 0.1). simpo: reward scale (default "
+              "2.0, the SimPO paper's range 2-2.5). null = the method's default.")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero"] = _f(
+        "sigmoid", "dpo only: TRL's DPO loss type. sigmoid = the DPO paper; ipo = IPO (beta is its tau); hinge = SLiC; "
+                   "robust = noisy-label DPO; sigmoid_norm = length-normalised DPO; apo_zero = APO.")
+    simpo_gamma: float = _f(0.5, "simpo only: target reward margin gamma (paper: gamma / beta around 0.5).")
+    kto_desirable_weight: float = _f(1.0, "kto only: loss weight of desirable (label true) answers; raise it when they "
+                                          "are rarer than undesirable ones (KTO paper: weight x count ratio in 1-1.33).")
+    kto_undesirable_weight: float = _f(1.0, "kto only: loss weight of undesirable (label false) answers.")
+    precompute_ref_log_probs: bool = _f(
+        False, "dpo/kto: score every pair under the reference once before training (one no-grad pass over the data) "
+               "instead of a reference forward per step: each step then skips that forward (~1/3 less compute per "
+               "step) and its activations.")
     max_steps: int = _f(-1, "Optimizer steps; -1 = run train.epochs epochs.")
     epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.")
     micro_batch_size: int = _f(1, "Samples per forward pass. Activation memory grows linearly with it.")
@@ -202,23 +234,10 @@ def _all_keys() -> list[str]:
     return [key for key, _, _ in field_help()]
 
 
-# Names other tools use for our keys (TRL/transformers/axolotl), so a habit gets a precise hint.
-_ALIASES = {
-    "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "optim": "optimizer",
-    "max_length": "max_seq_len", "max_seq_length": "max_seq_len", "sequence_len": "max_seq_len",
-    "model_name": "name_or_path", "model_id": "name_or_path", "target_modules": "target_modules",
-    "dataset": "path", "output": "output_dir",
-}
-
-
 def _suggest(key: str, candidates: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in _ALIASES:
-        aliased = [c for c in candidates if c.rsplit(".", 1)[-1] == _ALIASES[leaf]]
-        if aliased:
-            return f" (did you mean '{aliased[0]}'?)"
+    if our_key(leaf) in candidates:  # another tool's name for one of our keys (key_map.py)
+        return f" (did you mean '{our_key(leaf)}'?)"
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close and "." in key:  # 'lora.rank' -> compare the leaf too
         leaf = key.rsplit(".", 1)[-1]
@@ -366,6 +385,8 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("data.eval_fraction", 0.0 <= recipe.data.eval_fraction < 1.0, "must be in [0, 1)"),
         ("data.max_eval_samples", recipe.data.max_eval_samples >= 1, "must be at least 1"),
         ("data.max_samples", recipe.data.max_samples is None or recipe.data.max_samples >= 1, "must be at least 1"),
+        ("data.max_prompt_len", recipe.data.max_prompt_len is None or 1 <= recipe.data.max_prompt_len
+         < recipe.data.max_seq_len, "must be at least 1 and below data.max_seq_len (or null)"),
         ("data.max_bad_fraction", 0.0 <= recipe.data.max_bad_fraction <= 1.0, "must be in [0, 1]"),
         ("train.max_steps", recipe.train.max_steps == -1 or recipe.train.max_steps >= 1,
          "must be -1 (use train.epochs) or at least 1"),
@@ -375,6 +396,11 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("train.lr", recipe.train.lr > 0, "must be positive"),
         ("train.warmup_ratio", 0.0 <= recipe.train.warmup_ratio < 1.0, "must be in [0, 1)"),
         ("train.weight_decay", recipe.train.weight_decay >= 0, "must be non-negative"),
+        ("train.beta", recipe.train.beta is None or recipe.train.beta > 0, "must be positive (or null: the method's "
+                                                                            "default)"),
+        ("train.simpo_gamma", recipe.train.simpo_gamma >= 0, "must be 0 or more"),
+        ("train.kto_desirable_weight", recipe.train.kto_desirable_weight > 0, "must be positive"),
+        ("train.kto_undesirable_weight", recipe.train.kto_undesirable_weight > 0, "must be positive"),
         ("train.max_grad_norm", recipe.train.max_grad_norm > 0, "must be positive"),
         ("train.loss_chunk_tokens", recipe.train.loss_chunk_tokens >= 0, "must be 0 (plain loss) or more"),
         ("train.tile_tokens", recipe.train.tile_tokens == 0 or recipe.train.tile_tokens >= 16,
@@ -398,6 +424,10 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
     if unknown:
         raise UserError(f"{where('train.report_to')}: 'train.report_to' has unknown tracker {unknown[0]!r}; valid: "
                         f"{', '.join(TRACKERS)} (a list, e.g. train.report_to=[tensorboard,wandb]).")
+    if recipe.train.method == "kto" and recipe.train.micro_batch_size < 2:
+        raise UserError(f"{where('train.micro_batch_size')}: train.method=kto needs train.micro_batch_size of at least 2: "
+                        "KTO estimates its KL term from the other answers of the same micro-batch (with 1 it would "
+                        "equal the reward itself). Set train.micro_batch_size=2 or more.")
     if not recipe.train.output_dir.strip():
         raise UserError(f"{where('train.output_dir')}: 'train.output_dir' must not be empty.")
 
@@ -502,6 +532,8 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     out = copy.deepcopy(recipe)
     out.model.name_or_path = _absolute(recipe.model.name_or_path)
     out.data.path = _absolute(recipe.data.path)
+    if recipe.model.adapter:
+        out.model.adapter = _absolute(recipe.model.adapter)
     if isinstance(recipe.train.sample_prompts, str):
         out.train.sample_prompts = _absolute(recipe.train.sample_prompts)
     return out
@@ -515,5 +547,8 @@ def dump_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe as YAML that ``load_recipe`` reads back to the same values."""
     import yaml
 
+    from qlora_phi3.files import atomic_write_text
+
     header = f"# Resolved recipe (defaults < {recipe.source} < command-line overrides).\n"
-    path.write_text(header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    # Atomic: `--resume` reads it back, so a crash mid-write must not leave half a recipe.
+    atomic_write_text(path, header + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

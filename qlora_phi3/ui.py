@@ -6,13 +6,10 @@ import os
 
 __all__ = ["console", "error", "info", "is_main_process", "plural", "quiet_library_noise", "status_to_stderr", "warn"]
 
+from qlora_phi3.ranks import is_main_process
+
 _console = None
 _stderr = False
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or no distributed launch at all): the only process that prints and writes outputs."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def status_to_stderr(on: bool = True) -> None:
@@ -36,7 +33,11 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    console().print(f"[bold yellow]warning:[/] {msg}")
+    """A warning, printed as written: its text is never rich markup (``pip install 'qlora-phi3[gguf]'`` keeps
+    its brackets)."""
+    from rich.markup import escape
+
+    console().print(f"[bold yellow]warning:[/] {escape(msg)}")
 
 
 def error(msg: str) -> None:
@@ -66,6 +67,14 @@ def quiet_library_noise() -> None:
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` at every wrap; it is PEFT's to change, not
     # the user's, and qlora-phi3 itself never calls it (tests/test_cli.py checks our own code stays clean).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # TRL's DPO/KTO reference pass turns checkpointing off and on through transformers' deprecated names at every
+    # step (trl.trainer.utils.disable_gradient_checkpointing); TRL's to change, not the user's.
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing_(disable|enable)` is deprecated",
+                            category=FutureWarning)
     # bitsandbytes looks for an optional CPU kernel package at import and logs its absence on every start.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
+    # ... through the `kernels` package (a transformers dependency since 5.25), which offline (ours, or the user's
+    # HF_HUB_OFFLINE) announces at every start that it skips a publisher check for that optional kernel.
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        lambda record: "Skipping publisher trust check" not in record.getMessage())

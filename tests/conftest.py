@@ -20,6 +20,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_dtype() -> str:
+    """The compute dtype training picks on this CPU (bf16 where native, else fp32): tests that load the model
+    themselves use it, so a CPU without native bf16 does not run them 10x slower in emulation."""
+    from qlora_phi3.model.load import pick_compute_dtype
+
+    return pick_compute_dtype("auto", "cpu").value
 TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 
 
@@ -42,3 +50,17 @@ def tiny_tokenizer():
     from qlora_phi3.model.load import load_tokenizer
 
     return load_tokenizer(ModelConfig())
+
+
+# The fast tier (`pytest -m "not slow"`, about a minute on 2 cores) leaves out whatever trains a model: tests that
+# use a fixture holding a trained run, and the files whose tests each start training runs.
+_TRAINED_FIXTURES = {"tiny_run", "merged_dir", "exported", "merged", "mini_dirs", "profiled", "tb_run"}
+_TRAINING_FILES = {"test_robustness.py", "test_rundir.py", "test_distributed.py", "test_lora_variants.py",
+                   "test_mini_phi3.py", "test_trainer.py", "test_tracking.py", "test_profile.py",
+                   "test_readme_workflow.py", "test_train_e2e.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in _TRAINING_FILES:
+            item.add_marker(pytest.mark.slow)

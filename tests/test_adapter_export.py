@@ -189,7 +189,7 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     from transformers import AutoTokenizer
 
     from qlora_phi3.out.artifacts import resolve_source
-    from qlora_phi3.out.merge import held_out_records
+    from qlora_phi3.data.split import held_out_records
 
     run = runs[kind]
     merged = export(str(run), str(tmp_path / "merged"), quants="f16", check=False).files["f16"]
@@ -206,7 +206,8 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     assert report["base_alone"]["top1_agreement"] < 0.5  # what the adapter changes, on record
 
     tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
-    records, _ = held_out_records(resolve_source(str(run)), tok, CHECK_SAMPLES)
+    src = resolve_source(str(run))
+    records, _ = held_out_records(src.recipe, src.run, tok, src.max_seq_len, CHECK_SAMPLES)
     convs = export_mod._conversations(records, tok)
     ids = [c.ids for c in convs]
     pos = [c.answer_pos for c in convs]

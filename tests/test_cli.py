@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from qlora_phi3.config import field_help
+from qlora_phi3.errors import UserError
 
 
 def _run(*args, timeout=60):
@@ -49,6 +50,7 @@ def test_bad_override_is_one_clean_line(tmp_path):
     assert "unknown key 'lora.rank'" in res.stderr and "did you mean 'lora.r'" in res.stderr
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_missing_data_file_fails_before_model_load(tmp_path):
     res = _run("train", "data.path=/nonexistent/chats.jsonl", f"train.output_dir={tmp_path / 'x'}")
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -99,3 +101,42 @@ def test_recipes_are_listed_copied_and_usable_by_name(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)  # not the checkout: the README's `recipes/...` paths still name shipped recipes
     assert resolve_recipe("recipes/tiny_cpu.yaml") == shipped_recipes()["tiny_cpu"]
     assert resolve_recipe("tiny_cpu") == resolve_recipe("tiny_cpu.yaml") == shipped_recipes()["tiny_cpu"]
+
+
+def test_warnings_print_brackets_as_written(capsys):
+    """Warnings are not rich markup: `[gguf]` in an install hint must reach the user (it was eaten)."""
+    from qlora_phi3 import ui
+
+    ui.status_to_stderr(False)
+    ui.warn("not checked: pip install 'qlora-phi3[gguf]' [bold]")
+    assert "pip install 'qlora-phi3[gguf]' [bold]" in capsys.readouterr().out
+
+
+def test_help_texts_say_what_a_new_user_needs(capsys):
+    """`chat --help` describes the command; `train --help` shows the values the default recipe really uses."""
+    from qlora_phi3.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    assert "stream and stop" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    from qlora_phi3.config import DEFAULT_RECIPE, load_recipe, resolve_recipe
+
+    steps = load_recipe(resolve_recipe(DEFAULT_RECIPE), []).train.max_steps
+    assert f"train.max_steps ({steps!r} in {DEFAULT_RECIPE}; schema default -1)" in capsys.readouterr().out
+
+
+def test_misspelt_recipe_name_gets_a_did_you_mean():
+    from qlora_phi3.config import resolve_recipe
+
+    with pytest.raises(UserError, match="Did you mean phi3_mini_4k_12gb?"):
+        resolve_recipe("phi3_mini_4k_12b")
+
+
+def test_recipes_list_gives_whole_descriptions(capsys):
+    from qlora_phi3.cli import main
+
+    assert main(["recipes"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tiny_cpu"))
+    assert line.rstrip().endswith(".")  # the header's whole first paragraph, not its first line

@@ -20,7 +20,8 @@ def _another_value(key: str, default):
     special = {"train.max_steps": "7", "data.max_seq_len": "96", "data.eval_fraction": "0.2", "lora.dropout": "0.2",
                "train.warmup_ratio": "0.1", "data.max_bad_fraction": "0.3", "train.epochs": "2.5",
                "lora.target_modules": "qkv_proj,o_proj", "train.gradient_checkpointing": "offload",
-               "train.neftune_noise_alpha": "5", "train.report_to": "tensorboard,mlflow", "train.tile_tokens": "64"}
+               "train.neftune_noise_alpha": "5", "train.report_to": "tensorboard,mlflow", "train.tile_tokens": "64",
+               "train.beta": "0.3"}
     if key in special:
         return special[key]
     hints = typing.get_type_hints(SECTIONS[key.split(".")[0]])

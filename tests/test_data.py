@@ -127,7 +127,7 @@ def test_hub_dataset_id_passes_split_and_revision_and_ignores_extra_columns(monk
 
 def test_hub_unreachable_is_a_clear_error():
     # conftest sets HF_HUB_OFFLINE/HF_DATASETS_OFFLINE: the real load_dataset path, no network.
-    with pytest.raises(UserError, match=r"unreachable and the dataset is not cached.*local file"):
+    with pytest.raises(UserError, match=r"unreachable and the dataset is not cached.*hf download.*local file"):
         load_records(DataConfig(path="qlora-phi3-tests/not-a-dataset", split="train"))
 
 
@@ -322,3 +322,31 @@ def test_over_long_samples_count_lost_assistant_tokens(tiny_tokenizer):
     expected_lost = sum(sum(1 for t in lab[max_len:] if t != IGNORE_INDEX) for _, lab in full)
     assert enc.truncated == sum(len(ids) > max_len for ids, _ in full) >= 1
     assert enc.assistant_tokens_lost == expected_lost >= 3
+
+
+def test_a_csv_file_is_refused_as_a_whole_not_line_by_line(tmp_path):
+    from qlora_phi3.config import DataConfig
+    from qlora_phi3.data.read import load_records
+
+    csv = tmp_path / "chats.csv"
+    csv.write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(90)))
+    with pytest.raises(UserError) as e:
+        load_records(DataConfig(path=str(csv)))
+    assert "CSV is not a supported data format; convert it to JSONL" in str(e.value)
+    assert "malformed" not in str(e.value)
+    ok = tmp_path / "really_jsonl.txt"  # the suffix alone does not decide: JSON inside is read
+    ok.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    records, _ = load_records(DataConfig(path=str(ok)))
+    assert len(records) == 1
+
+
+def test_json_error_text_reads_well(tmp_path):
+    from qlora_phi3.config import DataConfig
+    from qlora_phi3.data.read import load_records
+
+    bad = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    bad.write_text('{"messages": "unterminated\n' + good * 20)
+    _, report = load_records(DataConfig(path=str(bad)))
+    text = "\n".join(report.summary_lines())
+    assert "starting at column" in text and "at at" not in text

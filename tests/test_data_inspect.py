@@ -42,7 +42,7 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.encode import encode_records
     from qlora_phi3.data.packing import pack_columns, padding_advice
-    from qlora_phi3.run.train import _load_data
+    from qlora_phi3.run.methods.sft import load_data as _load_data
 
     recipe = _recipe(tmp_path, f"data.packing={packing}")
     res = inspect_data(recipe, tiny_tokenizer, sample=2)
@@ -158,6 +158,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_cli_data_problem_is_one_line_without_traceback(tmp_path):
     bad = DATA / "bad_records.jsonl"
     res = _cli("data", f"data.path={bad}", f"train.output_dir={tmp_path / 'run'}")

@@ -34,7 +34,7 @@ def test_two_process_ddp_equals_single_process_with_same_effective_batch(tmp_pat
                          capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     # Only rank 0 prints and writes.
-    assert ddp.stdout.count("eval loss at step 0") == 1
+    assert ddp.stdout.count("evaluating the untrained adapter (step 0)") == 1
     assert "effective batch = 8 (micro) x 1 (accum) x 2 (processes) = 16" in ddp.stdout
     adapters = list((tmp_path / "ddp").rglob("adapter_model.safetensors"))
     assert adapters == [tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"]

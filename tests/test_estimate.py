@@ -99,6 +99,7 @@ def mini_phi3(tmp_path_factory):
                              max_position_embeddings=4096)
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     """Real training steps (profiler) on tiny and mini Phi-3s; the estimate must be within 15% of each peak."""
     from qlora_phi3.run.profile import grid_recipes, profile
@@ -115,7 +116,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     rows, meta = profile(configs, steps=1, warmup=1)
     for row in rows:
         assert row.status == "ok", row
-        # the profiler runs the training path itself (train(measure=...)), so the default estimate applies
+        # the profiler runs the training path itself (run.train.measure: setup + fit), so the default estimate applies
         assert abs(row.estimate_error_pct) <= 15, (row.overrides, row.peak_allocated_gib, row.estimated_gib)
     # the measurement itself responds to the settings it should
     by = {(r.lora_r, r.max_seq_len, r.gradient_checkpointing, r.overrides.get("train.loss_chunk_tokens")): r
@@ -124,6 +125,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     assert by[(16, 384, "true", "0")].peak_allocated_gib > by[(16, 384, "true", "256")].peak_allocated_gib
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_dora_term_matches_what_dora_adds_to_the_measured_peak():
     """lora.use_dora: the same configuration with and without DoRA through the profiler (train's own path, no
     checkpointing, so the layers' saved tensors are at the peak): the estimate is within 3% of each measured peak, and

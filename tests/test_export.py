@@ -174,6 +174,7 @@ def test_each_file_passes_the_llama_cpp_check(exported):
     assert not (exported.out_dir / "merged").exists()  # the merge was staged, not shipped
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_vocabulary_tokenizes_like_phi3_in_llama_cpp(llama_cpp, tmp_path):
     """Our vocabulary, rebuilt from tokenizer.json, gives in llama.cpp the ids Phi-3's Hugging Face tokenizer
     gives llama.cpp's own Phi-3 test strings (tests/data/phi3_vocab), and transformers' ids on chat text:
@@ -201,6 +202,7 @@ def test_vocabulary_tokenizes_like_phi3_in_llama_cpp(llama_cpp, tmp_path):
         llm.close()
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 @pytest.mark.parametrize("kind, n_tokens", [("4k", 300), ("128k", 4200)])
 def test_rope_keys_run_like_transformers(llama_cpp, kind, n_tokens, tmp_path):
     """Mini Phi-3-mini-4k / -128k (head dim 96, the published longrope factors): llama.cpp computes the same
@@ -238,6 +240,7 @@ def test_rope_keys_run_like_transformers(llama_cpp, kind, n_tokens, tmp_path):
     assert np.abs(got - want).max() < 0.03, np.abs(got - want).max()
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_failed_check_exits_non_zero_naming_quant_and_numbers(tmp_path, capsys, llama_cpp):
     """The untrained tiny base never learned to end its turn: the check must say so, not pass."""
     code = main(["export", str(TINY_MODEL_DIR), "--out", str(tmp_path / "out"), "--quant", "q8_0",
@@ -464,3 +467,23 @@ def test_force_replaces_an_export_and_an_interrupted_one_leaves_it_intact(merged
     second = export(str(merged_dir), str(out), quants="f16", check=False, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export_report.json", "tiny-merged-f16.gguf"]
     assert first.report["files"].keys() != second.report["files"].keys()
+
+
+def test_a_failed_check_never_replaces_a_good_export(merged_dir, tmp_path, monkeypatch):
+    """`export --force` whose new files fail the llama.cpp check leaves the earlier good export as it was and puts
+    the failed files beside it (the first-day report: a good q8_0 was deleted by a failing q4_k_m export)."""
+    out = tmp_path / "out"
+    export(str(merged_dir), str(out), quants="q8_0", check=False)
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing_checks(llama_cpp, src, model_dir, files, n):
+        return {q: {"passed": False, "problems": ["top-1 agreement 0.40 < 0.95"]} for q in files}, None
+
+    monkeypatch.setattr(export_mod, "_llama_cpp", lambda: object())  # a check runs, as with llama-cpp-python
+    monkeypatch.setattr(export_mod, "_run_checks", failing_checks)
+    monkeypatch.setattr(export_mod, "_print_report", lambda report: None)
+    with pytest.raises(CheckFailed, match="left as it was") as e:
+        export(str(merged_dir), str(out), quants="f16", check=True, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good
+    failed = tmp_path / "out-failed"
+    assert str(failed) in str(e.value) and (failed / "tiny-merged-f16.gguf").is_file()

@@ -16,7 +16,7 @@ def test_dry_run_runs_every_step_and_writes_each_result_as_it_goes(tmp_path):
                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
     report = (tmp_path / "dry-run-cpu.md").read_text()
     assert res.returncode == 0, report[-3000:] + res.stderr[-2000:]
-    for step in ("build", "train", "packing", "fp16", "grid", "long", "merge"):
+    for step in ("build", "train", "dpo", "packing", "fp16", "grid", "long", "merge"):
         assert f"## {step} (" in report, step  # each step's section, none FAILED or skipped
     assert "DRY RUN" in report and "0 step(s) failed" in report
     packing = next(line for line in report.splitlines() if line.startswith("packed vs alone"))
@@ -24,3 +24,5 @@ def test_dry_run_runs_every_step_and_writes_each_result_as_it_goes(tmp_path):
     assert len(diffs) == 2 and max(diffs) < 0.05  # 1 and 2 rows per micro-batch: no sample sees another
     long = next(line for line in report.splitlines() if line.startswith("phi3_mini_128k_12gb at"))
     assert "256 tokens, tiles of 64" in long and "estimated reserved" in long  # the tiled path ran, beside its estimate
+    dpo = next(line for line in report.splitlines() if line.startswith("phi3_mini_4k_12gb_dpo at"))
+    assert "128 tokens per row" in dpo and "status completed, 2 steps" in dpo and "estimated reserved" in dpo

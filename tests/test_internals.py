@@ -27,3 +27,19 @@ def test_a_renamed_or_reshaped_method_stops_with_a_clear_message():
 
     with pytest.raises(RuntimeError, match=r"_get_output_dir is now \(trial, run_name\)"):
         check_trainer_internals(Reshaped)
+
+
+def test_every_registered_upstream_private_still_holds():
+    """Each entry of the registry: what we rely on, checked against the installed libraries."""
+    from qlora_phi3.run.internals import UPSTREAM, check_upstream
+
+    assert len(UPSTREAM) >= 9
+    assert check_upstream() == []
+
+
+def test_a_moved_upstream_private_is_named(monkeypatch):
+    from qlora_phi3.run import internals
+
+    monkeypatch.setitem(internals.PHI3_LAYER_DIGESTS, "Phi3DecoderLayer.forward", "0" * 16)
+    moved = internals.check_upstream()
+    assert len(moved) == 1 and "Phi3DecoderLayer.forward" in moved[0] and "run/tiling.py" in moved[0]

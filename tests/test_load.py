@@ -34,7 +34,37 @@ def test_ampere_and_newer_use_bf16(gpu, capability):
     assert pick_compute_dtype("auto", "cuda:0").value == "bfloat16"
 
 
-def test_cpu_is_bf16():
+@pytest.fixture
+def cpu(monkeypatch):
+    """A CPU with or without a native bf16 flag, as torch's own probe reports it."""
+    def make(**flags):
+        caps = {"architecture": "x86_64", "avx2": True, **flags}
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    return make
+
+
+@pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16", "bf16"])
+def test_cpu_with_native_bf16_computes_in_bf16(cpu, flag):
+    cpu(**{flag: True})
+    choice = pick_compute_dtype("auto", "cpu")
+    assert choice.value == "bfloat16" and "native bf16" in choice.reason
+
+
+def test_cpu_without_native_bf16_computes_in_fp32_and_says_why(cpu):
+    cpu(avx512_f=True, avx512_bf16=False, amx_tile=False)  # an AVX-512 CPU without the BF16 extension
+    choice = pick_compute_dtype("auto", "cpu")
+    assert choice.value == "float32" and "emulated" in choice.reason
+    asked = pick_compute_dtype("bfloat16", "cpu")  # the user's word stands, with the cost named
+    assert asked.value == "bfloat16" and "10x slower" in asked.reason
+
+
+def test_cpu_flags_fall_back_to_proc_cpuinfo_without_torchs_probe(monkeypatch):
+    from qlora_phi3 import machine
+
+    monkeypatch.setattr(machine, "_torch_capabilities", lambda: None)
+    monkeypatch.setattr(machine, "_proc_cpuinfo_flags", lambda: {"avx2", "fma"})
+    assert pick_compute_dtype("auto", "cpu").value == "float32"
+    monkeypatch.setattr(machine, "_proc_cpuinfo_flags", lambda: {"avx2", "avx512_bf16"})
     assert pick_compute_dtype("auto", "cpu").value == "bfloat16"
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import cpu_dtype
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.lora import attach_lora, coverage
@@ -10,7 +11,7 @@ from qlora_phi3.model.load import load_model
 
 @pytest.fixture(scope="module")
 def base():
-    return load_model(ModelConfig(), "cpu", "bfloat16", "sdpa")
+    return load_model(ModelConfig(), "cpu", cpu_dtype(), "sdpa")
 
 
 def test_llama_names_are_rejected_with_the_fused_name(base):
@@ -27,7 +28,7 @@ def test_typo_gets_a_suggestion(base):
 
 
 def test_coverage_counts_every_layer_and_parameter():
-    model = load_model(ModelConfig(), "cpu", "bfloat16", "sdpa")
+    model = load_model(ModelConfig(), "cpu", cpu_dtype(), "sdpa")
     cfg = model.config
     peft_model = attach_lora(model, LoraSettings(r=8))
     rows = {r.target: r for r in coverage(peft_model, LoraSettings().target_modules)}

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import cpu_dtype
 from qlora_phi3.cli import main
 from qlora_phi3.config import load_recipe
 from qlora_phi3.errors import UserError
@@ -87,13 +88,13 @@ def test_variant_keys_reach_peft_and_trl():
     from peft import LoraConfig
 
     from qlora_phi3.model.lora import lora_config
-    from qlora_phi3.run.train import _sft_config
+    from qlora_phi3.run.methods.sft import training_arguments as _sft_config
 
     recipe = load_recipe("tiny_cpu", ["lora.use_rslora=true", "lora.use_dora=true", "lora.init=gaussian",
                                       "train.neftune_noise_alpha=5"])
     cfg = lora_config(recipe.lora)
     assert isinstance(cfg, LoraConfig) and cfg.use_rslora and cfg.use_dora and cfg.init_lora_weights == "gaussian"
-    args = _sft_config(recipe, __import__("pathlib").Path("/tmp/x"), "cpu", "bfloat16", measuring=False)
+    args = _sft_config(recipe, __import__("pathlib").Path("/tmp/x"), "cpu", cpu_dtype(), measuring=False)
     assert args.neftune_noise_alpha == 5
 
 
@@ -124,7 +125,7 @@ def test_loftq_adapter_starts_as_the_fit_of_the_quantization_error():
 
     recipe = load_recipe("tiny_cpu", ["lora.init=loftq"])
     assert recipe.lora.alpha / recipe.lora.r == 2
-    model = attach_lora(load_model(recipe.model, "cpu", "bfloat16", "sdpa"), recipe.lora, recipe.model)
+    model = attach_lora(load_model(recipe.model, "cpu", cpu_dtype(), "sdpa"), recipe.lora, recipe.model)
     w16 = load_file(str(TINY_MODEL_DIR / "model.safetensors"))
     checked = 0
     for name, module in model.named_modules():

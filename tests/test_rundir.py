@@ -37,6 +37,15 @@ def test_resume_continues_with_the_runs_own_settings_and_refuses_changes(tmp_pat
         res = _qlora("train", "--resume", str(run), *changed)
         assert res.returncode == 2 and expect in res.stderr and "Traceback" not in res.stderr, res.stderr
     _ok(_qlora("train", "--resume", str(run), "train.max_steps=6"))
+    # A completed run has nothing to resume: no step past max_steps, nothing rewritten; the message says how to
+    # train it longer. A new run into it is told the same.
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    res = _qlora("train", "--resume", str(run))
+    assert res.returncode == 2 and "is completed (6 optimizer steps" in res.stderr, res.stderr
+    assert f"--resume {run} train.max_steps=12" in res.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    res = _qlora("train", *QUICK, f"train.output_dir={run}")
+    assert res.returncode == 2 and "already holds a completed run" in res.stderr
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["steps"] == 6
     assert record["recipe"]["lora"]["r"] == 8 and record["recipe"]["data"]["max_samples"] == 40
@@ -49,7 +58,11 @@ def test_a_run_that_fails_before_training_writes_nothing(tmp_path):
     run = tmp_path / "run"
     res = _qlora("train", *QUICK, "lora.target_modules=q_proj", f"train.output_dir={run}")
     assert res.returncode == 2 and "qkv_proj" in res.stderr  # refused after the model loaded
-    assert not run.exists() or not any(run.iterdir()), list(run.iterdir())
+    assert not run.exists()  # not even an empty directory
+    csv = tmp_path / "chats.csv"
+    csv.write_text("prompt,answer\nhi,hello\n")
+    res = _qlora("train", *QUICK, f"data.path={csv}", f"train.output_dir={tmp_path / 'a' / 'b'}")
+    assert res.returncode == 2 and not (tmp_path / "a").exists()
     again = _qlora("train", *QUICK, "lora.target_modules=q_proj", f"train.output_dir={run}")
     assert "already holds a run" not in again.stderr
 

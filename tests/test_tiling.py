@@ -133,6 +133,7 @@ print(json.dumps(peaks))
 """
 
 
+@pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_tiling_lowers_the_measured_peak(tmp_path):
     """Live-tensor peak of one training step on a 1-layer Phi-3 whose MLP dominates (the Phi-3-mini shape ratio):
     tiled by 128 tokens at 2048 tokens, the step needs clearly less. In a fresh process: the live-tensor peak of

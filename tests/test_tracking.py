@@ -99,7 +99,7 @@ def test_default_run_last_samples_are_the_trained_answers(tiny_run):
     trained model's (what `chat` answers with the saved adapter), and mostly the training data's own; at step 0
     the untrained model knows none of them."""
     from qlora_phi3.out.chat import load_chat_model
-    from qlora_phi3.run.samples import greedy_answer
+    from qlora_phi3.model.generate import greedy_answer
 
     recipe, result = tiny_run
     rows = [json.loads(line) for line in (result.output_dir / SAMPLES_FILE).read_text().splitlines()]

@@ -37,12 +37,13 @@ def test_plain_peft_reload_reproduces_logits(tiny_run, tiny_tokenizer):
 
     recipe, result = tiny_run
     trained = result.model.eval()
-    base = load_model(recipe.model, "cpu", "bfloat16", "sdpa")
+    dtype = result.run["compute_dtype"]  # bf16 where the CPU has it natively, else fp32
+    base = load_model(recipe.model, "cpu", dtype, "sdpa")
     reloaded = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
     msgs = [{"role": "user", "content": "What is the capital of Zorvia?"}]
     ids = tiny_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    # Both under the bf16 autocast that training used, so only the adapter files can make them differ.
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    # Both under the autocast that training used, so only the adapter files can make them differ.
+    with torch.no_grad(), torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
         a = trained(**ids).logits.float()
         b = reloaded(**ids).logits.float()
         with reloaded.disable_adapter():
@@ -56,7 +57,7 @@ def test_only_lora_changes_and_4bit_base_is_bit_identical(tiny_run):
     trained = result.model
     trainable = [n for n, p in trained.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    fresh = load_model(recipe.model, "cpu", "bfloat16", "sdpa").state_dict()
+    fresh = load_model(recipe.model, "cpu", result.run["compute_dtype"], "sdpa").state_dict()
     state = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
              for k, v in trained.state_dict().items() if "lora_" not in k}
     assert set(state) == set(fresh)
@@ -77,5 +78,12 @@ def test_cli_default_run_prints_result(tmp_path):
                           "train.max_steps=10", "train.eval_steps=0", "train.save_steps=0"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "eval loss at step 0" in res.stdout and "adapter:" in res.stdout
+    import re
+
+    assert len(re.findall(r"step\s+0\s+eval loss|eval loss at step 0", res.stdout)) == 1  # step 0's, said once
+    assert "adapter:" in res.stdout and f"next: `qlora-phi3 chat {tmp_path / 'r'}`" in res.stdout
     assert "Traceback" not in res.stderr
+    card = (tmp_path / "r" / "README.md").read_text()
+    assert "[None]" not in card and "qlora-phi3 merge" in card
+    adapter_card = (tmp_path / "r" / "adapter" / "README.md").read_text()
+    assert "Model Card for Model ID" not in adapter_card and "qlora-phi3 chat" in adapter_card

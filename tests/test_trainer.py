@@ -8,7 +8,7 @@ from qlora_phi3.data.encode import encode_records
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.model.load import load_model, load_tokenizer
 from qlora_phi3.model.lora import attach_lora
-from qlora_phi3.run.train import _sft_config
+from qlora_phi3.run.methods.sft import training_arguments as _sft_config
 from qlora_phi3.run.trainer import build_trainer
 
 

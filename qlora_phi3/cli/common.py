@@ -11,9 +11,18 @@ __all__ = ["add_recipe_args", "recipe_and_overrides", "recipe_from_args"]
 
 
 def _recipe_keys_help() -> str:
-    lines = ["recipe keys (override any with section.key=value):"]
+    """Every key with the value it takes when no recipe is named (the default recipe's), and the schema's default
+    where that recipe sets another, so `train --help` shows what `qlora-phi3 train` will really use."""
+    try:
+        recipe = load_recipe(resolve_recipe(DEFAULT_RECIPE), [])
+    except Exception:  # an incomplete install: the schema's defaults alone
+        recipe = None
+    lines = [f"recipe keys (override any with section.key=value; values of the default recipe, {DEFAULT_RECIPE}):"]
     for key, doc, default in field_help():
-        lines.append(f"  {key} (default {default!r})\n      {doc}")
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name) if recipe is not None else default
+        note = f"{value!r}" if value == default else f"{value!r} in {DEFAULT_RECIPE}; schema default {default!r}"
+        lines.append(f"  {key} ({note})\n      {doc}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ __all__ = ["register"]
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="inspect a recipe's training data: validation, token lengths, loss mask "
-                                    "(loads the tokenizer only)")
+                                    "(loads the tokenizer only); for preference methods, pairs: prompt and "
+                                    "answer lengths, what the limits cut, the mask of chosen and rejected")
     add_recipe_args(p)
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="which usable conversation to render with its loss mask (default: 0, the first)")
@@ -23,5 +24,10 @@ def _run(args) -> int:
     from qlora_phi3.model.load import load_tokenizer
 
     recipe = recipe_from_args(args)
+    if recipe.train.method != "sft":  # preference pairs / labelled answers
+        from qlora_phi3.data.inspect_pairs import inspect_preference
+
+        inspect_preference(recipe, load_tokenizer(recipe.model), sample=args.sample, out_dir=args.out)
+        return 0
     inspect_data(recipe, load_tokenizer(recipe.model), sample=args.sample, out_dir=args.out)
     return 0

@@ -56,8 +56,9 @@ def _estimate(args) -> int:
     recipe = recipe_from_args(args)
     est = estimate(recipe, config_for_estimate(recipe.model), args.device)
     s = est.settings
+    rows = "" if s["method"] == "sft" else f" ({s['rows_per_forward']} rows), {s['method']}"  # chosen + rejected rows
     table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
-                        f"{s['micro_batch_size']}{' packed' if s['packing'] else ''}, r={s['lora_r']}, checkpointing "
+                        f"{s['micro_batch_size']}{' packed' if s['packing'] else ''}{rows}, r={s['lora_r']}, checkpointing "
                         f"{s['gradient_checkpointing']}, tiles {s['tile_tokens'] or 'off'}, {s['optimizer']}, attention "
                         f"{s['attn_implementation']} ({est.device})", title_justify="left")
     table.add_column("term")

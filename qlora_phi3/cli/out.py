@@ -55,7 +55,12 @@ def register(sub) -> None:
     _add_base_args(p)
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("chat", help="chat with a merged model, an adapter (on its 4-bit base) or a run directory")
+    p = sub.add_parser("chat", help="chat with a merged model, an adapter (on its 4-bit base) or a run directory",
+                       description="Chat in the terminal with a fine-tuned model: a merged directory (fp16), or an "
+                                   "adapter or run directory (the adapter on its 4-bit base, as trained). Prompts are "
+                                   "rendered with the model's own chat template; answers stream and stop at the "
+                                   "model's end-of-turn token. Interactive by default (an empty line, 'exit' or "
+                                   "Ctrl-D ends it); --prompt answers one message on stdout for scripts.")
     p.add_argument("source", metavar="MODEL_OR_ADAPTER_DIR", help="merged model dir, adapter dir or run dir")
     p.add_argument("--prompt", metavar="TEXT", help="answer this one message on stdout and exit (status goes to "
                                                      "stderr; default: interactive)")
@@ -83,6 +88,9 @@ def _merge(args) -> int:
     print_merge_report(report)
     info(f"[bold green]merged[/] in {report['seconds']:.0f}s, peak RAM {report['peak_rss_gib']:.2f} GiB RSS: "
          f"[bold]{result.out_dir}[/] (report: {result.out_dir / REPORT_NAME})")
+    info(f"next: `qlora-phi3 chat {result.out_dir}` to try it, `qlora-phi3 export {result.out_dir} --out "
+         f"{result.out_dir}-gguf` for llama.cpp / Ollama; it loads anywhere transformers does "
+         f"(AutoModelForCausalLM.from_pretrained(\"{result.out_dir}\"))")
     return 0
 
 

@@ -23,11 +23,16 @@ def register(sub) -> None:
 
 
 def _summary(path: Path) -> str:
-    """The recipe's first header comment line: what it is for."""
+    """The recipe's first header paragraph (comment lines up to the first empty one): what it is for, whole
+    sentences, never cut mid-sentence."""
+    words = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#") and line.strip("# ").strip():
-            return line.strip("# ").strip()
-    return ""
+        text = line.strip("# ").strip()
+        if not line.startswith("#") or (not text and words):
+            break
+        if text:
+            words.append(text)
+    return " ".join(words)
 
 
 def _run(args) -> int:

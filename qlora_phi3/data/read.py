@@ -22,10 +22,15 @@ from qlora_phi3.config import EMBEDDED_DATA, DataConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
-__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "has_named_splits", "load_records", "resolve_data_path",
-           "validate_messages"]
+__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "has_named_splits", "load_records", "read_rows",
+           "resolve_data_path", "turn_problem", "validate_messages"]
 
 EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
+# The bundled preference sets (python -m qlora_phi3.data.synthetic): pairs for dpo/orpo/simpo, labelled answers for kto.
+EMBEDDED_PREFERENCE_FILES = {
+    "embedded:tiny-prefs": EMBEDDED_DATA_FILE.with_name("tiny_prefs.jsonl"),
+    "embedded:tiny-kto": EMBEDDED_DATA_FILE.with_name("tiny_kto.jsonl"),
+}
 ROLES = ("system", "user", "assistant")
 # Phi-3's added tokens in id order (0, 1, 2, 32000..32010). The tokenizer matches them anywhere in a string, so
 # a reply holding the text "<|end|>" would become the end-of-turn token and end the loss span early; the model
@@ -82,6 +87,8 @@ class LoadReport:
 
 
 def resolve_data_path(path: str) -> str:
+    if path in EMBEDDED_PREFERENCE_FILES:
+        return str(EMBEDDED_PREFERENCE_FILES[path])
     return str(EMBEDDED_DATA_FILE) if path == EMBEDDED_DATA else path
 
 
@@ -165,6 +172,14 @@ def _turn_problem(messages) -> RecordProblem | None:
     return None
 
 
+def turn_problem(messages) -> RecordProblem | None:
+    """Why ``messages`` cannot be trained on (text-part lists joined first), as a RecordProblem, or None."""
+    try:
+        return _turn_problem(_normalized_turns(messages))
+    except RecordProblem as p:
+        return p
+
+
 def validate_messages(messages) -> str | None:
     """Why ``messages`` cannot be trained on (``"reason: detail"``), or None if it can."""
     problem = _turn_problem(messages)
@@ -202,7 +217,8 @@ def _jsonl_rows(raw: bytes, path: Path, report: LoadReport) -> Iterator[tuple[ob
         try:
             yield json.loads(text), origin, None
         except json.JSONDecodeError as e:
-            yield None, origin, RecordProblem("malformed JSON", f"{e.msg} at column {e.colno}")
+            # json's messages may end in "at" ("Unterminated string starting at"): no "at at column".
+            yield None, origin, RecordProblem("malformed JSON", f"{e.msg.removesuffix(' at')} at column {e.colno}")
     if blank:
         report.notes.append(f"{blank} blank line{'s' if blank > 1 else ''} ignored")
 
@@ -263,8 +279,11 @@ def _parquet_rows(path: Path) -> Iterator[tuple[object, str, RecordProblem | Non
         raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}).") from None
 
 
-def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport):
-    """Rows of a ``datasets.Dataset``, reading only the columns its format needs."""
+def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport, columns=None):
+    """Rows of a ``datasets.Dataset``, reading only the columns its format needs (``columns``: a function of the
+    column names that picks them instead, for record kinds other than chats, such as preference pairs)."""
+    if columns is not None:
+        return ((row, f"{name}#{i}", None) for i, row in enumerate(ds.select_columns(columns(ds.column_names))))
     detected = detect_format(ds.column_names)
     fmt = fmt or detected
     if fmt is None or not set(ds.column_names).issuperset(FORMATS[fmt]):
@@ -277,6 +296,9 @@ def _dataset_rows(ds, name: str, fmt: str | None, report: LoadReport):
 
 
 def _read_hub(cfg: DataConfig, split: str):
+    from qlora_phi3.hub import download_command, ensure_hub_access
+
+    ensure_hub_access(cfg.path, cfg.revision, "data.path", repo_type="dataset")
     import datasets
 
     try:
@@ -284,10 +306,10 @@ def _read_hub(cfg: DataConfig, split: str):
     except FileNotFoundError as e:
         raise UserError(f"data.path={cfg.path!r}: no such local file, and no such dataset on the Hub "
                         f"({str(e).splitlines()[0]}).") from None
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError):
         raise UserError(f"data.path={cfg.path!r}: the Hugging Face Hub is unreachable and the dataset is not "
-                        f"cached ({str(e).splitlines()[0]}). Download it once on a connected machine or use a "
-                        "local file (JSONL, JSON, Parquet, .jsonl.gz).") from None
+                        f"cached. Download it once on a connected machine (`{download_command(cfg.path, cfg.revision, 'dataset')}`"
+                        ") or use a local file (JSONL, JSON, Parquet, .jsonl.gz).") from None
     except ValueError as e:  # unknown split
         raise UserError(f"data.path={cfg.path!r}: {str(e).splitlines()[0]}") from None
 
@@ -317,18 +339,25 @@ def _looks_local(path: str) -> bool:
     return Path(path).suffix in (".jsonl", ".json", ".gz", ".parquet") or path.startswith((".", "/", "~"))
 
 
-def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
+def read_rows(cfg: DataConfig, split: str, report: LoadReport, columns):
+    """Every row of ``cfg.path`` (any source this module reads) as ``(row, origin, problem)``, for readers of record
+    kinds other than chats: ``columns`` picks a dataset's columns from their names. The same file checks (UTF-8,
+    BOM, CRLF, gzip, a broken JSON array, an empty file) and ``file:line`` origins as for chats."""
+    return _rows(cfg, resolve_data_path(cfg.path), split, report, columns)
+
+
+def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport, columns=None):
     local = Path(path).expanduser()
     fmt = None if cfg.format == "auto" else cfg.format
     if local.is_dir():
         if not any((local / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
             raise UserError(f"data.path={cfg.path!r} is a directory; point it at a data file (.jsonl, .json, "
                             ".parquet, .jsonl.gz) or a directory written by Dataset.save_to_disk.")
-        return _dataset_rows(_read_saved(local, split), f"{local}[{split}]", fmt, report)
+        return _dataset_rows(_read_saved(local, split), f"{local}[{split}]", fmt, report, columns)
     if not local.is_file():
         if _looks_local(path):
             raise UserError(f"data.path={cfg.path!r}: file not found (working directory {Path.cwd()}).")
-        return _dataset_rows(_read_hub(cfg, split), f"{cfg.path}[{split}]", fmt, report)
+        return _dataset_rows(_read_hub(cfg, split), f"{cfg.path}[{split}]", fmt, report, columns)
     try:
         with local.open("rb") as f:
             magic = f.read(4)
@@ -345,6 +374,10 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
     if not raw.strip():
         raise UserError(f"{local}: the data file is empty; it should hold one JSON conversation per line, e.g. "
                         f"{_EXAMPLE}")
+    kind = _NOT_JSON.get(local.suffix.lower())
+    if kind and not raw.removeprefix(b"\xef\xbb\xbf").lstrip().startswith((b"{", b"[")):
+        raise UserError(f"{local}: {kind} is not a supported data format; convert it to JSONL, one JSON conversation "
+                        f"per line, e.g. {_EXAMPLE} (or to Parquet with the same columns).")
     raw = _decode_text(raw, local, report)
     if raw.lstrip().startswith(b"["):
         return _json_array_rows(raw, local)
@@ -352,6 +385,11 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport):
         raise UserError(f"{local}: holds one JSON object spread over several lines; write one record per line "
                         "(JSONL) or a JSON array of records.")
     return _jsonl_rows(raw, local, report)
+
+
+# Files people have that are not JSON: refused as a whole, not reported as one malformed-JSON record per line.
+_NOT_JSON = {".csv": "CSV", ".tsv": "TSV", ".txt": "plain text", ".xlsx": "an Excel workbook", ".xls": "an Excel workbook",
+             ".md": "Markdown", ".yaml": "YAML", ".yml": "YAML"}
 
 
 def _is_one_object(raw: bytes) -> bool:

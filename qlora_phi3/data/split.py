@@ -24,7 +24,7 @@ from qlora_phi3.config import DataConfig
 from qlora_phi3.data.read import ChatRecord, LoadReport, has_named_splits, load_records
 from qlora_phi3.errors import UserError
 
-__all__ = ["Splits", "hold_out", "load_splits"]
+__all__ = ["Splits", "held_out_records", "hold_out", "load_splits"]
 
 
 @dataclass
@@ -80,3 +80,35 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         notes.append(f"{dropped} eval conversation{'s' if dropped != 1 else ''} also in the training data dropped from "
                      f"eval ({eval_from}): train and eval never overlap.")
     return Splits(train, kept[: cfg.max_eval_samples], report, eval_from, notes, dropped)
+
+
+def held_out_records(recipe, run: dict | None, tokenizer, max_seq_len: int, n: int) -> tuple[list, str]:
+    """Up to ``n`` held-out conversations to compare models on (merge's report, export's check): the run's own
+    eval split, rebuilt as training built it, when the run's recipe and data are still there; else the bundled
+    synthetic set's held-out split. Returns them and where they came from."""
+    from qlora_phi3.config import TrainConfig
+    from qlora_phi3.data.encode import encode_records
+    from qlora_phi3.ui import warn
+
+    records, where = None, ""
+    if recipe is not None:
+        try:
+            method = getattr(recipe.train, "method", "sft")
+            if method != "sft":  # a preference run: its held-out prompts with the chosen (or desirable) answer
+                from qlora_phi3.data.preference import load_preference_splits
+
+                records = load_preference_splits(recipe.data, method, recipe.train.seed).eval_chats
+                return records[:n], f"the run's held-out preference prompts with their chosen answers ({recipe.data.path})"
+            records = load_splits(recipe.data, recipe.train.seed).eval
+            where = f"the run's eval split ({recipe.data.path})"
+            recorded = (run or {}).get("dataset", {}).get("eval_fingerprint")
+            if recorded and encode_records(records, tokenizer, max_seq_len).fingerprint() != recorded:
+                where += ", rebuilt: differs from the split the run evaluated on"
+                warn("the eval split rebuilt from the run's recipe differs from the one the run used (its data "
+                     "file or qlora-phi3 changed since); the models are still compared on the same samples.")
+        except UserError as e:
+            warn(f"cannot rebuild the run's eval split ({e}); using the bundled samples instead.")
+    if records is None:
+        records = load_splits(DataConfig(), TrainConfig().seed).eval
+        where = "bundled synthetic samples (held-out split of the default recipe)"
+    return records[:n], where

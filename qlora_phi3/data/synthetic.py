@@ -8,6 +8,9 @@ person can check an answer by eye:
   * capitals of made-up countries ("What is the capital of Zorvia?" -> "The capital of Zorvia is Quellan."),
   * one-digit sums ("What is 3 plus 4?" -> "3 plus 4 is 7."),
   * colours of things ("What color is a banana?" -> "A banana is yellow.").
+The preference sets (``tiny_prefs.jsonl``, ``tiny_kto.jsonl``) ask the same questions and pair the right answer
+(chosen / label true) with a wrong one of the same shape (rejected / label false), or, for half the pairs, an
+evasive non-answer.
 Some conversations carry a system prompt and some are multi-turn, so that masking is exercised on
 every assistant turn.
 """
@@ -19,7 +22,8 @@ import random
 import sys
 from pathlib import Path
 
-__all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "write_full_length_conversations", "write_jsonl"]
+__all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "generate_pairs", "generate_unpaired", "wrong_answer_for",
+           "write_full_length_conversations", "write_full_length_pairs", "write_jsonl"]
 
 CAPITALS = {
     "Zorvia": "Quellan", "Maltheon": "Virest", "Korrin": "Dasko", "Elbaria": "Tunmore",
@@ -31,6 +35,7 @@ COLORS = {
     "banana": "yellow", "lime": "green", "cherry": "red", "plum": "purple", "sky": "blue",
     "coal": "black", "snow": "white", "carrot": "orange", "chocolate": "brown", "rose": "pink",
 }
+EVASIVE_ANSWERS = ["I am not sure.", "That is a hard question.", "I cannot answer that.", "Please ask someone else."]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer in one short sentence.", "You are a quiz bot."]
 
 
@@ -47,6 +52,66 @@ def answer_for(question: str) -> str | None:
         a, b = int(words[2]), int(words[4])
         return f"{a} plus {b} is {a + b}."
     return None
+
+
+def wrong_answer_for(question: str, rng: random.Random) -> str:
+    """An answer of the same shape as ``answer_for(question)`` but wrong: another capital, sum or colour. The
+    preference sets pair it with the right one, so the only thing that tells chosen from rejected is the fact."""
+    for country, capital in CAPITALS.items():
+        if question == f"What is the capital of {country}?":
+            return f"The capital of {country} is {rng.choice(sorted(set(CAPITALS.values()) - {capital}))}."
+    for thing, color in COLORS.items():
+        if question == f"What color is a {thing}?":
+            return f"A {thing} is {rng.choice(sorted(set(COLORS.values()) - {color}))}."
+    words = question.rstrip("?").split()
+    a, b = int(words[2]), int(words[4])
+    return f"{a} plus {b} is {rng.choice([s for s in range(19) if s != a + b])}."
+
+
+def generate_pairs(n: int = 600, seed: int = 1) -> list[dict]:
+    """``n`` distinct preference pairs in TRL's conversational format (``prompt`` turns, ``chosen`` / ``rejected``
+    assistant turns): chosen is the right answer, rejected a wrong one of the same shape or an evasive one. A few carry a system
+    prompt or an earlier exchange, so the prompt is not always one turn."""
+    rng = random.Random(seed)
+    records, seen = [], set()
+    while len(records) < n:
+        prompt = []
+        if rng.random() < 0.3:
+            prompt.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        if rng.random() < 0.2:
+            earlier = _question(rng)
+            prompt += [{"role": "user", "content": earlier}, {"role": "assistant", "content": answer_for(earlier)}]
+        question = _question(rng)
+        prompt.append({"role": "user", "content": question})
+        key = json.dumps(prompt)
+        if key in seen:
+            continue
+        seen.add(key)
+        # Half the rejected answers get the fact wrong; the other half dodge the question. The first kind is only
+        # learned per fact, the second as a rule, so held-out pairs show learning after a couple of minutes.
+        rejected = wrong_answer_for(question, rng) if rng.random() < 0.5 else rng.choice(EVASIVE_ANSWERS)
+        records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer_for(question)}],
+                        "rejected": [{"role": "assistant", "content": rejected}]})
+    return records
+
+
+def generate_unpaired(n: int = 400, seed: int = 2) -> list[dict]:
+    """``n`` KTO records (``prompt``, ``completion``, boolean ``label``): half right answers (true), half wrong (false).
+    There are 126 questions, so some prompts carry a system prompt to keep every record distinct."""
+    rng = random.Random(seed)
+    records, seen = [], set()
+    while len(records) < n:
+        question = _question(rng)
+        good = len(records) % 2 == 0
+        answer = answer_for(question) if good else wrong_answer_for(question, rng)
+        system = rng.choice([None, *SYSTEM_PROMPTS])
+        if (system, question, answer) in seen:
+            continue
+        seen.add((system, question, answer))
+        prompt = [{"role": "system", "content": system}] if system else []
+        records.append({"prompt": prompt + [{"role": "user", "content": question}],
+                        "completion": [{"role": "assistant", "content": answer}], "label": good})
+    return records
 
 
 def _question(rng: random.Random) -> str:
@@ -96,6 +161,32 @@ def write_full_length_conversations(path: Path, tokenizer, n: int, n_tokens: int
     return path
 
 
+def write_full_length_pairs(path: Path, tokenizer, n: int, n_tokens: int, seed: int = 0, unpaired: bool = False) -> Path:
+    """``n`` preference pairs (or, ``unpaired``, 2n KTO records, labels alternating) whose prompt is one short turn and
+    whose chosen and rejected answers each fill ``n_tokens`` once truncated: every row of a micro-batch is exactly
+    ``n_tokens`` long and nearly all of it answer. The profiler's worst case for the preference methods."""
+    rng = random.Random(seed)
+    sentences = [answer_for(_question(rng)) for _ in range(256)]
+    tokens_each = len(tokenizer(" ".join(sentences), add_special_tokens=False)["input_ids"]) / len(sentences)
+    needed = int(n_tokens / tokens_each * 1.1) + 8
+
+    def answer() -> str:
+        return " ".join(rng.choice(sentences) for _ in range(needed))
+
+    records = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Recite quiz answers, set {i}."}]
+        if unpaired:  # distinct prompts, so the held-out split keeps one
+            records += [{"prompt": [{"role": "user", "content": f"Recite quiz answers, set {i}{part}."}],
+                         "completion": [{"role": "assistant", "content": answer()}], "label": good}
+                        for part, good in (("a", True), ("b", False))]
+        else:
+            records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer()}],
+                            "rejected": [{"role": "assistant", "content": answer()}]})
+    write_jsonl(path, records)
+    return path
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -104,4 +195,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - regeneration entry point
-    write_jsonl(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_chat.jsonl"), generate())
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_chat.jsonl")
+    write_jsonl(out, generate())
+    write_jsonl(out.with_name("tiny_prefs.jsonl"), generate_pairs())
+    write_jsonl(out.with_name("tiny_kto.jsonl"), generate_unpaired())

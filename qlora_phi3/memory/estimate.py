@@ -14,7 +14,10 @@ steps at Phi-3-mini's widths, 2k-16k tokens, tiling off and on). The GPU-only te
 buffers, cuBLAS workspaces, allocator overhead, CUDA context) come from their sources and are not measured
 yet (bench/gpu_check.py).
 
-Notation: N = micro_batch_size x max_seq_len tokens, h = hidden, I = MLP width, L = layers,
+Preference methods (``train.method``) change a few terms, given as data in ``METHOD_TERMS``: rows per sample
+(chosen + rejected), a no-grad reference forward, KTO's KL rows.
+
+Notation: N = micro_batch_size x rows per sample x max_seq_len tokens, h = hidden, I = MLP width, L = layers,
 V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers.
 """
 
@@ -26,7 +29,7 @@ from qlora_phi3.config import Recipe
 from qlora_phi3.errors import UserError
 from qlora_phi3.units import GIB
 
-__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes", "resolve_attention",
+__all__ = ["Estimate", "METHOD_TERMS", "MethodTerms", "Term", "estimate", "format_breakdown", "lora_shapes", "resolve_attention",
            "config_for_estimate", "KNOWN_SHAPES", "PHI3_MINI_4K_SIZES"]
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
@@ -44,6 +47,32 @@ PHI3_MINI_4K_SIZES = dict(hidden_size=3072, intermediate_size=8192, num_hidden_l
                           original_max_position_embeddings=4096)
 KNOWN_SHAPES = {"microsoft/Phi-3-mini-4k-instruct": PHI3_MINI_4K_SIZES,
                 "microsoft/Phi-3-mini-128k-instruct": {**PHI3_MINI_4K_SIZES, "max_position_embeddings": 131072}}
+
+
+@dataclass(frozen=True)
+class MethodTerms:
+    """What a training method (``train.method``, qlora_phi3/run/methods/) changes in a step's memory, as data: this
+    layer sits below run/ and never imports it.
+
+    rows_per_sample: rows one sample becomes in a forward (dpo, orpo, simpo: a chosen and a rejected row).
+    reference_forward: a no-grad forward of the same rows with the adapter off (dpo, kto), unless the reference
+        log-probs are precomputed (``train.precompute_ref_log_probs``).
+    kl_rows_per_sample: rows of mismatched answers forwarded without gradient, by the policy and the reference (kto).
+    The answers' log-probs cost what the SFT loss costs (the "logits and loss" term): qlora_phi3/run/logprobs.py takes
+    them as minus the same fused cross-entropy, 256 answer positions at a time (measured: tests/test_estimate_methods.py).
+    """
+    rows_per_sample: int = 1
+    reference_forward: bool = False
+    kl_rows_per_sample: int = 0
+
+
+METHOD_TERMS = {
+    "sft": MethodTerms(),
+    "dpo": MethodTerms(rows_per_sample=2, reference_forward=True),
+    "orpo": MethodTerms(rows_per_sample=2),
+    "simpo": MethodTerms(rows_per_sample=2),
+    "kto": MethodTerms(reference_forward=True, kl_rows_per_sample=1),
+}
 
 
 @dataclass
@@ -176,7 +205,8 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     cfg = model_config
     h, i, n_layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     r = recipe.lora.r
-    batch, seq = recipe.train.micro_batch_size, recipe.data.max_seq_len
+    method = METHOD_TERMS[getattr(recipe.train, "method", "sft")]
+    batch, seq = recipe.train.micro_batch_size * method.rows_per_sample, recipe.data.max_seq_len  # rows per forward
     n_tokens = batch * seq
     on_gpu = device.startswith("cuda")
     attn = attn_implementation or resolve_attention(recipe, device)
@@ -209,6 +239,9 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     add("other non-quantized params", (2 * n_layers + 1) * h * 2, "(2L + 1) RMSNorm weights x h x 2 B")
     add("LoRA weights (fp32)", p_lora * 4, f"{p_lora:,} params x 4 B (PEFT autocast_adapter_dtype keeps them fp32)")
     add("LoRA gradients (fp32)", p_lora * 4, "one fp32 grad per LoRA param")
+    if method.reference_forward and getattr(recipe.model, "adapter", None):
+        add("reference adapter (frozen copy)", p_lora * 4, "P_lora x 4 B: TRL's 'ref' copy of the continued adapter "
+                                                           "(run/methods/preference.py), no gradient or optimizer state")
     opt_bytes, opt_formula = _optimizer_bytes(recipe.train.optimizer, lora)
     add(f"optimizer states ({recipe.train.optimizer})", opt_bytes, opt_formula)
     dora = _dora_bytes(recipe, cfg, shapes, n_tokens) if recipe.lora.use_dora else None
@@ -234,7 +267,8 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
             f"N x (L x {kept:,.0f} B [{'tiled: what attention keeps + the tile inputs' if tile else layer_formula}] "
             "+ rope + 2h embedding output)")
     # Quadratic in the row length: what the attention implementation needs besides q, k, v.
-    quad, quad_saved, quad_formula = _quadratic_attention_bytes(attn, recipe.data.packing, batch, seq, heads, ckpt,
+    packing = recipe.data.packing and method.rows_per_sample == 1 and not method.reference_forward  # SFT only packs
+    quad, quad_saved, quad_formula = _quadratic_attention_bytes(attn, packing, batch, seq, heads, ckpt,
                                                                 n_layers, on_gpu)
     if quad or quad_saved:
         add(f"attention masks and scores ({attn})", quad + quad_saved, quad_formula)
@@ -327,14 +361,25 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
         logits_formula = ("N x V x 30 B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy metric, "
                           "with their gradients; measured on the training path)")
     add("logits and loss", logits, logits_formula)
+    # A no-grad forward (the reference with the adapter off; KTO's mismatched KL rows through policy and reference)
+    # saves nothing: its peak is one layer's forward working set, residual and normed input 4h, the MLP's gate_up
+    # output 4I, silu and the product 4I, beside what the policy's forward saved.
+    nograd_rows = (batch if method.reference_forward and not getattr(recipe.train, "precompute_ref_log_probs", False)
+                   else 0) + recipe.train.micro_batch_size * method.kl_rows_per_sample
+    nograd = nograd_rows * seq * (4 * h + 8 * i) + min(nograd_rows * seq, chunk or nograd_rows * seq) * vocab * 8
+    if nograd_rows:
+        add("no-grad forward (reference / KL rows)", nograd,
+            f"{nograd_rows} rows x max_seq_len x (4h + 8I) [one layer's forward working set] + a chunk's fp32 logits "
+            "and probabilities (V x 8 B per position); before backward, beside the saved activations")
 
     # The peak is in backward: what lives through the step (weights, saved activations, the persistent masks) plus
     # the larger of the loss's moment (first in backward) and one layer's recompute with its backward.
-    activations = saved + quad + max(logits + final_norm, layer_ws + grad_ws + quad_saved)
+    activations = saved + quad + max(logits + final_norm, layer_ws + grad_ws + quad_saved, nograd + final_norm)
     tensor_bytes = weights + activations
-    settings = {"max_seq_len": seq, "micro_batch_size": batch, "gradient_checkpointing": recipe.train.gradient_checkpointing,
+    settings = {"method": getattr(recipe.train, "method", "sft"), "rows_per_forward": batch,
+                "max_seq_len": seq, "micro_batch_size": recipe.train.micro_batch_size, "gradient_checkpointing": recipe.train.gradient_checkpointing,
                 "lora_r": r, "optimizer": recipe.train.optimizer, "loss_chunk_tokens": chunk,
-                "tile_tokens": recipe.train.tile_tokens, "attn_implementation": attn, "packing": recipe.data.packing}
+                "tile_tokens": recipe.train.tile_tokens, "attn_implementation": attn, "packing": packing}
     est = Estimate(device="cuda" if on_gpu else "cpu", terms=terms, settings=settings)
     if on_gpu:
         add("cuBLAS workspaces (GPU)", CUBLAS_WORKSPACE_BYTES,

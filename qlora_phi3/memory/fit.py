@@ -99,8 +99,9 @@ def plan_fit(recipe: Recipe, model_config, budget_gib: float, device: str = "cud
         cap = min(context, -(-longest_tokens // SEQ_STEP) * SEQ_STEP)
     seqs = list(range(SEQ_STEP, cap + 1, SEQ_STEP)) or [cap]
     attn = resolve_attention(recipe, device)
-    if attn == "eager" or (attn == "sdpa" and recipe.data.packing):
-        notes.append(f"attention {attn}{' with packing' if recipe.data.packing else ''}: memory grows with the square "
+    packing = recipe.data.packing and recipe.train.method == "sft"  # preference rows are never packed
+    if attn == "eager" or (attn == "sdpa" and packing):
+        notes.append(f"attention {attn}{' with packing' if packing else ''}: memory grows with the square "
                      "of data.max_seq_len (counted); flash_attention_2 or data.packing=false avoids it")
     # Checkpointing costs ~30% more compute and tiling a little more: each only when needed. 'offload' (if asked
     # for) saves more on a GPU.
@@ -203,7 +204,8 @@ def run_fit(recipe_path: str | None, overrides: list[str], budget: str, out: str
     t, d = plan.recipe.train, plan.recipe.data
     rows = t.micro_batch_size * t.grad_accum
     per_step = (f"{rows} packed rows of {d.max_seq_len:,} tokens ({rows * d.max_seq_len:,} tokens) per optimizer step"
-                if d.packing else f"{rows} conversations per optimizer step")
+                if d.packing and recipe.train.method == "sft" else
+                f"{rows} {'conversations' if recipe.train.method == 'sft' else 'preference records'} per optimizer step")
     info(f"effective batch kept: {t.micro_batch_size} x {t.grad_accum} = {per_step}")
     info(f"predicted peak {plan.predicted_gib:.2f} GiB of {budget_gib:g} GiB (safety margin {SAFETY_MARGIN:.0%}); "
          f"checkpointing {'needed' if plan.checkpointing_needed else 'not needed'}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig
 from qlora_phi3.errors import UserError
+from qlora_phi3.hub import ensure_hub_access
+from qlora_phi3.machine import cpu_bf16
 from qlora_phi3.phi3 import END_TOKEN
 
 __all__ = ["Choice", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype", "pick_device",
@@ -59,15 +61,22 @@ def has_native_bf16(device: str) -> bool:
 
 
 def pick_compute_dtype(requested: str, device: str) -> Choice:
+    """The compute dtype, decided by what the device does natively: bf16 where it is native (Ampere+ GPUs;
+    CPUs with AVX512-BF16, AMX or ARM BF16), else fp16 with loss scaling on GPUs and fp32 on CPUs (a CPU
+    has no fast fp16 either)."""
     if requested != "auto":
         if requested == "bfloat16" and device.startswith("cuda") and not has_native_bf16(device):
             import torch
 
             raise UserError(f"model.compute_dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no native bf16 "
                             "(pre-Ampere, compute capability < 8.0); use model.compute_dtype=float16 or auto.")
+        if requested == "bfloat16" and device == "cpu" and not cpu_bf16()[0]:
+            return Choice(requested, "model.compute_dtype; this CPU has no native bf16, so it is emulated and about "
+                                     "10x slower than model.compute_dtype=auto (fp32)")
         return Choice(requested, "model.compute_dtype")
     if device == "cpu":
-        return Choice("bfloat16", "CPU: bf16 kernels, no loss scaling needed")
+        native, why = cpu_bf16()
+        return Choice("bfloat16" if native else "float32", why)
     if has_native_bf16(device):
         return Choice("bfloat16", "GPU has native bf16 (Ampere or newer)")
     return Choice("float16", "GPU lacks native bf16 (pre-Ampere): fp16 compute with loss scaling, fp32 adapter weights")
@@ -103,6 +112,7 @@ def read_model_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     path = resolve_model_path(cfg.name_or_path)
+    ensure_hub_access(path, cfg.revision, "model.name_or_path")
     try:
         return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -126,6 +136,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(cfg.name_or_path)
+    ensure_hub_access(path, cfg.revision, "model.name_or_path")
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -163,6 +174,7 @@ def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implement
     _quiet_bitsandbytes()
     hide_load_progress_bars()
     path = resolve_model_path(cfg.name_or_path)
+    ensure_hub_access(path, cfg.revision, "model.name_or_path")
     if cfg.trust_remote_code:
         from qlora_phi3.ui import warn
 

@@ -25,8 +25,8 @@ from peft.tuners.lora import LoraLayer
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
 
-__all__ = ["Coverage", "attach_lora", "check_lora_variant", "check_targets", "coverage", "initial_adapter_dir",
-           "lora_config"]
+__all__ = ["Coverage", "adapter_dir", "attach_lora", "check_adapter_fits", "check_lora_variant", "check_targets",
+           "coverage", "initial_adapter_dir", "load_adapter_weights", "lora_config"]
 
 # Initialisations that change what the adapter means at step 0, so the saved adapter is converted (module doc).
 CONVERTED_INITS = ("olora", "loftq")
@@ -201,3 +201,55 @@ def coverage(peft_model, targets: list[str]) -> list[Coverage]:
                 params += sum(p.numel() for n, p in module.named_parameters() if "lora_" in n and p.requires_grad)
         rows.append(Coverage(target, adapted, total_layers, params))
     return rows
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """The adapter directory of ``path``: a run directory (its ``adapter/``) or an adapter directory itself."""
+    p = Path(path).expanduser()
+    for candidate in (p / "adapter", p):
+        if (candidate / "adapter_config.json").is_file() and (candidate / "adapter_model.safetensors").is_file():
+            return candidate
+    raise UserError(f"model.adapter={path}: no adapter there (adapter_config.json and adapter_model.safetensors, in "
+                    "the directory or in its adapter/); give a finished run's directory, e.g. model.adapter=runs/sft.")
+
+
+def check_adapter_fits(path: str | Path, settings: LoraSettings, model_cfg: ModelConfig) -> None:
+    """Refuse, before any model loads, an adapter to continue whose LoRA shape differs from ``settings`` or that
+    was trained on another base model; each difference is named with the key to set."""
+    import json
+
+    directory = adapter_dir(path)
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    wanted = {"r": settings.r, "lora_alpha": settings.alpha, "use_dora": settings.use_dora,
+              "use_rslora": settings.use_rslora}
+    keys = {"r": "lora.r", "lora_alpha": "lora.alpha", "use_dora": "lora.use_dora", "use_rslora": "lora.use_rslora"}
+    problems = [f"{keys[k]}={str(saved.get(k)).lower() if isinstance(saved.get(k), bool) else saved.get(k)} (the "
+                f"adapter's; the recipe has {v})" for k, v in wanted.items() if saved.get(k, v) != v]
+    targets = sorted(saved.get("target_modules") or [])
+    if targets != sorted(settings.target_modules):
+        problems.append(f"lora.target_modules=[{','.join(targets)}] (the adapter's; the recipe has "
+                        f"{sorted(settings.target_modules)})")
+    if problems:
+        raise UserError(f"model.adapter={path}: the adapter in {directory} has another LoRA shape than the recipe; to "
+                        f"continue it set: {'; '.join(problems)}.")
+    meta_path = directory / "qlora_phi3.json"
+    if meta_path.is_file():
+        base = json.loads(meta_path.read_text()).get("base_model")
+        if base and base != model_cfg.name_or_path:
+            raise UserError(f"model.adapter={path}: the adapter was trained on {base}, but model.name_or_path is "
+                            f"{model_cfg.name_or_path}; set model.name_or_path={base}.")
+
+
+def load_adapter_weights(peft_model, path: str | Path) -> None:
+    """Put the weights of the adapter at ``path`` into ``peft_model``'s (trainable) adapter: training continues it."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = adapter_dir(path)
+    state = load_file(str(directory / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, state, adapter_name="default")
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise UserError(f"model.adapter={path}: the adapter's weights do not fit the model ({len(missing)} missing, "
+                        f"{len(result.unexpected_keys)} unexpected, e.g. "
+                        f"{(missing + list(result.unexpected_keys))[0]}); was it trained on this base model?")

@@ -34,7 +34,8 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.out import export as gguf_export
 from qlora_phi3.out.export import QUANTS, CheckFailed, ExportResult, MODELFILE_NAME, REPORT_NAME
-from qlora_phi3.out.merge import held_out_records, phi3_model_name
+from qlora_phi3.data.split import held_out_records
+from qlora_phi3.out.merge import phi3_model_name
 from qlora_phi3.ui import console, info, warn
 
 __all__ = ["LORA_QUANTS", "LoraTensor", "check_llama_cpp_can_apply", "export_adapter", "lora_plan", "write_lora_gguf"]
@@ -383,7 +384,7 @@ def _run_checks(llama_cpp, src, base_dir: Path, base_gguf: Path, files: dict, fl
 
     tok_dir = src.adapter_dir if (src.adapter_dir / "tokenizer_config.json").is_file() else base_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    records, where = held_out_records(src, tokenizer, n)
+    records, where = held_out_records(src.recipe, src.run, tokenizer, src.max_seq_len, n)
     convs = gguf_export._conversations(records, tokenizer)
     with console().status("reference: the 16-bit base + adapter in transformers..."):
         how = gguf_export._reference(base_dir, convs, adapter_dir=src.adapter_dir)

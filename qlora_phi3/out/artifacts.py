@@ -17,7 +17,7 @@ from safetensors import safe_open
 from qlora_phi3.config import ModelConfig, Recipe, load_recipe
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.load import read_model_config
-from qlora_phi3.run.samples import stop_token_ids  # re-exported: merge and export stop on the same ids
+from qlora_phi3.model.generate import stop_token_ids  # re-exported: merge and export stop on the same ids
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RUN_FILE
 from qlora_phi3.ui import warn
 

@@ -17,7 +17,7 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.model.load import (hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device)
 from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source
-from qlora_phi3.run.samples import greedy_answer, stop_token_ids
+from qlora_phi3.model.generate import greedy_answer, stop_token_ids
 from qlora_phi3.ui import console, warn
 
 __all__ = ["ChatModel", "chat", "load_chat_model"]

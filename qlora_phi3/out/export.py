@@ -30,15 +30,17 @@ from pathlib import Path
 
 from qlora_phi3.errors import UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
-from qlora_phi3.out.merge import held_out_records, merge, phi3_model_name
+from qlora_phi3.data.split import held_out_records
+from qlora_phi3.out.merge import merge, phi3_model_name
 from qlora_phi3.ui import console, info, warn
 
 __all__ = ["CheckFailed", "ExportResult", "QUANTS", "export", "write_gguf", "modelfile_text"]
 
 REPORT_NAME = "export_report.json"
 MODELFILE_NAME = "Modelfile"
-GGUF_EXTRA = "pip install 'qlora-phi3[gguf]'  (builds llama-cpp-python from source: cmake and a C++ compiler, " \
-             "about 4-7 minutes)"
+# pip prints nothing while it compiles: say how long, and how to watch it, before the user starts it.
+GGUF_EXTRA = "pip install -v 'qlora-phi3[gguf]'  (builds llama-cpp-python from source with cmake and a C++ " \
+             "compiler: 5-15 minutes on 2 cores, silent without -v)"
 
 
 @dataclass(frozen=True)
@@ -608,6 +610,10 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
 # --------------------------------------------------------------------------------------------- export
 
 
+# A failed export next to a good one goes to "<out>-failed", never over it.
+FAILED_SUFFIX = "-failed"
+
+
 def _default_name(src) -> str:
     p = src.path.parent if src.path.name in ("adapter", "merged") else src.path
     return _safe_name(p.resolve().name)
@@ -687,20 +693,28 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
             "seconds": round(time.perf_counter() - t0, 1),
         }
         atomic_write_json(stage / REPORT_NAME, report)
+        failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
+        kept = None
+        if failed and out_dir.is_dir() and any(out_dir.iterdir()):
+            # A good earlier export stays where it is: the failed one goes beside it, for inspection.
+            kept, out_dir = out_dir, out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+            report["out_dir"] = str(out_dir)
+            atomic_write_json(stage / REPORT_NAME, report)
         publish_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # never leave a half-written export behind
         raise
     files = {q: out_dir / p.name for q, p in files.items()}
     _print_report(report)
-    failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
     if failed:
         raise CheckFailed("; ".join(f"{q}: " + "; ".join(checks[q]["problems"]) for q in failed)
-                          + f". The files are in {out_dir} with the numbers in {REPORT_NAME}; if the merged model "
-                          "itself does not stop or answer well (`qlora-phi3 chat` on a merged dir shows it), train "
-                          "longer before exporting.")
-    info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]  "
-         f"(Ollama: ollama create {stem} -f {out_dir / MODELFILE_NAME})")
+                          + f". The files are in {out_dir} with the numbers in {REPORT_NAME}"
+                          + (f" (the earlier export in {kept} is left as it was)" if kept else "")
+                          + "; if the merged model itself does not stop or answer well (`qlora-phi3 chat` on a "
+                          "merged dir shows it), train longer before exporting.")
+    info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]")
+    info(f"next: `ollama create {stem} -f {out_dir / MODELFILE_NAME} && ollama run {stem}`, or llama.cpp: "
+         f"`llama-cli -m {files[names[0]]} -cnv`")
     return ExportResult(out_dir, files, report)
 
 
@@ -737,7 +751,7 @@ def _run_checks(llama_cpp, src, model_dir: Path, files: dict, n: int):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    records, where = held_out_records(src, tokenizer, n)
+    records, where = held_out_records(src.recipe, src.run, tokenizer, src.max_seq_len, n)
     convs = _conversations(records, tokenizer)
     with console().status("reference: the merged model in transformers..."):
         how = _reference(model_dir, convs)

@@ -29,18 +29,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_phi3.config import DataConfig, TrainConfig
 from qlora_phi3.data.encode import encode_records
-from qlora_phi3.data.split import load_splits
+from qlora_phi3.data.split import held_out_records
 from qlora_phi3.errors import UserError
 from qlora_phi3.files import atomic_write_json, atomic_write_text, partial_dir, publish_dir
 from qlora_phi3.model.load import hide_load_progress_bars, load_model, load_tokenizer, pick_compute_dtype, resolve_model_path
 from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
 from qlora_phi3.phi3 import IGNORE_INDEX
-from qlora_phi3.ui import console, info, warn
+from qlora_phi3.ui import console, info
 from qlora_phi3.units import parse_size
 
-__all__ = ["MergeResult", "merge", "held_out_records", "phi3_model_name", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
+__all__ = ["MergeResult", "merge", "phi3_model_name", "LOSS_TOLERANCE_REL", "LOSS_TOLERANCE_ABS"]
 
 # The merged model is flagged when its eval loss exceeds the 4-bit + adapter loss by more than
 # max(2% of it, 0.01 nats): 2% is well beyond run-to-run noise of a fixed eval set, and the absolute
@@ -89,30 +88,9 @@ def _peak_rss_gib() -> float:
 
 
 def _eval_samples(src, tokenizer, n: int) -> tuple[list[_Sample], str]:
-    records, where = held_out_records(src, tokenizer, n)
+    records, where = held_out_records(src.recipe, src.run, tokenizer, src.max_seq_len, n)
     enc = encode_records(records, tokenizer, src.max_seq_len)
     return [_Sample(i, lab) for i, lab in zip(enc.input_ids, enc.labels)], where
-
-
-def held_out_records(src, tokenizer, n: int) -> tuple[list, str]:
-    """Up to ``n`` held-out conversations: the run's own eval split (:func:`load_splits`, as training built
-    it) when the run's recipe and data are still there, else the bundled synthetic set's held-out split."""
-    records, where = None, ""
-    if src.recipe is not None:
-        try:
-            records = load_splits(src.recipe.data, src.recipe.train.seed).eval
-            where = f"the run's eval split ({src.recipe.data.path})"
-            recorded = (src.run or {}).get("dataset", {}).get("eval_fingerprint")
-            if recorded and encode_records(records, tokenizer, src.max_seq_len).fingerprint() != recorded:
-                where += ", rebuilt: differs from the split the run evaluated on"
-                warn("the eval split rebuilt from the run's recipe differs from the one the run used (its data "
-                     "file or qlora-phi3 changed since); the three models are still compared on the same samples.")
-        except UserError as e:
-            warn(f"cannot rebuild the run's eval split ({e}); using the bundled samples instead.")
-    if records is None:
-        records = load_splits(DataConfig(), TrainConfig().seed).eval
-        where = "bundled synthetic samples (held-out split of the default recipe)"
-    return records[:n], where
 
 
 def _answer_logits(model, samples: list[_Sample], autocast_dtype=None):

@@ -3,7 +3,8 @@
 The first steps of a run allocate the optimizer states, build kernels and fill allocator caches, so
 they are slow and their memory is a one-off; ``MeasureSteps`` resets the memory peak when step
 ``warmup + 1`` begins and times every step from there (waiting for the GPU at both ends, so a step's
-time is its compute, not its launch). ``train(measure=...)`` uses it; ``qlora-phi3 profile`` reads it.
+time is its compute, not its launch). :func:`qlora_phi3.run.train.measure` passes it to the run's setup;
+``qlora-phi3 profile`` and the benchmarks read it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ __all__ = ["MeasureSteps"]
 
 
 class MeasureSteps(TrainerCallback):
-    def __init__(self, device: str, warmup_steps: int, meter: PeakMemory | None = None):
+    def __init__(self, device: str, warmup_steps: int, meter: PeakMemory | None = None, total_steps: int | None = None):
         self.device = device
         self.warmup_steps = warmup_steps
+        self.total_steps = total_steps  # the run's max_steps: warm-up plus measured steps
         self.meter = meter  # the trainer's meter, set once it exists
         self.step_seconds: list[float] = []
         self.baseline_gib: float | None = None  # held when measuring began: weights, LoRA, optimizer states

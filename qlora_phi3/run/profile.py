@@ -1,7 +1,8 @@
 """The profiler: a few real training steps per configuration of a grid, peak memory and speed of each.
 
 ``qlora-phi3 profile RECIPE --grid lora.r=8,16,64 data.max_seq_len=512,2048`` runs, for each
-combination, ``qlora-phi3 train``'s own code (:func:`qlora_phi3.run.train.train` with ``measure=``:
+combination, ``qlora-phi3 train``'s own code (:func:`qlora_phi3.run.train.measure`: its setup and fit with a
+measuring callback:
 the same trainer, collator, packing, loss, autocast, checkpointing and optimizer) for a few warm-up
 steps (not counted) and ``--steps`` measured optimizer steps, on conversations that each fill
 ``data.max_seq_len`` (so every micro-batch is ``micro_batch_size x max_seq_len`` tokens: the worst case
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_phi3.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
-from qlora_phi3.data.synthetic import write_full_length_conversations
+from qlora_phi3.data.synthetic import write_full_length_conversations, write_full_length_pairs
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, atomic_write_text
 from qlora_phi3.memory.estimate import config_for_estimate, estimate
@@ -147,10 +148,16 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
             progress.update(task, description=", ".join(f"{k}={v}" for k, v in point.items()))
             row = _row_for(point, recipe)
             n = _conversations_needed(recipe, steps, warmup)
-            key = (recipe.model.name_or_path, recipe.data.max_seq_len)
+            method = recipe.train.method
+            kind = "chat" if method == "sft" else "unpaired" if method == "kto" else "pairs"
+            key = (recipe.model.name_or_path, recipe.data.max_seq_len, kind)
             if key not in data_files or data_files[key][1] < n:
                 path = Path(tmp) / f"data-{i}.jsonl"
-                write_full_length_conversations(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len)
+                if kind == "chat":
+                    write_full_length_conversations(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len)
+                else:  # preference rows: chosen and rejected (or KTO answers) that each fill max_seq_len
+                    write_full_length_pairs(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len,
+                                            unpaired=kind == "unpaired")
                 data_files[key] = (path, n)
             workdir = Path(tmp) / f"config-{i}"
             workdir.mkdir()
@@ -266,15 +273,15 @@ def write_results(rows: list[ProfileRow], meta: dict, out_dir: Path) -> dict[str
 
 
 def _worker(recipe_path: str, result_path: str, warmup: int, steps: int) -> int:
-    """One configuration, in this (fresh) process: ``train(measure=...)``; the result as JSON."""
+    """One configuration, in this (fresh) process: :func:`qlora_phi3.run.train.measure`; the result as JSON."""
     from qlora_phi3.memory.oom import is_oom
-    from qlora_phi3.run.train import train
+    from qlora_phi3.run.train import measure
     from qlora_phi3.ui import quiet_library_noise
 
     quiet_library_noise()
     recipe = load_recipe(recipe_path, [])
     try:
-        run = train(recipe, force=True, cpu_memory="tensors", measure=(warmup, steps)).run
+        run = measure(recipe, warmup, steps, cpu_memory="tensors")
         result = {"status": "ok", "measured": run["measured"]}
     except RunFailed as e:
         oom = "out of GPU memory" in str(e)

@@ -15,8 +15,19 @@ from qlora_phi3.ui import console
 __all__ = ["RichProgress"]
 
 
+def _rewards(logs: dict, prefix: str = "") -> str:
+    """The preference methods' reward accuracy and margin (TRL's ``rewards/accuracies``, ``rewards/margins``), when
+    the trainer logs them: the share of pairs whose chosen answer out-scores the rejected one, and by how much."""
+    acc, margin = logs.get(f"{prefix}rewards/accuracies"), logs.get(f"{prefix}rewards/margins")
+    if acc is None and margin is None:
+        return ""
+    return (f"  reward acc {acc:.0%}" if acc is not None else "") + (f"  margin {margin:+.3f}" if margin is not None
+                                                                     else "")
+
+
 class RichProgress(TrainerCallback):
-    """Step, loss, learning rate, tokens/s, peak memory and ETA; the numbers also land in ``self.history``."""
+    """Step, loss (and, for preference methods, reward accuracy and margin), learning rate, tokens/s, peak memory
+    and ETA; the numbers also land in ``self.history``."""
 
     def __init__(self, meter: PeakMemory):
         self.meter = meter
@@ -76,11 +87,12 @@ class RichProgress(TrainerCallback):
             return
         self._refresh(state)
         if "eval_loss" in logs:
-            self._progress.console.print(f"step {state.global_step:>5}  [cyan]eval loss {logs['eval_loss']:.4f}[/]")
+            self._progress.console.print(f"step {state.global_step:>5}  [cyan]eval loss {logs['eval_loss']:.4f}"
+                                         f"{_rewards(logs, 'eval_')}[/]")
         elif "loss" in logs:
             self._progress.console.print(
-                f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
-                f"{row['tokens_per_second']:,.0f} tok/s  peak {mem.short()}")
+                f"step {state.global_step:>5}  loss {logs['loss']:.4f}{_rewards(logs)}  lr "
+                f"{logs.get('learning_rate', 0):.2e}  {row['tokens_per_second']:,.0f} tok/s  peak {mem.short()}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._progress is not None:

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from qlora_phi3.files import atomic_write_json
-from qlora_phi3.ui import is_main_process
+from qlora_phi3.ranks import is_main_process
 
 __all__ = ["ADAPTER_META", "BASE_SHAPE_KEYS", "RECIPE_FILE", "RUN_FILE", "RunRecord", "device_info", "package_versions", "read_run"]
 
@@ -46,7 +46,11 @@ def device_info(device: str) -> dict:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
         except (ValueError, OSError):
             ram = None
-        return {"kind": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "ram_gib": round(ram, 1) if ram else None}
+        from qlora_phi3.machine import cpu_flags, usable_cores
+
+        flags = cpu_flags()
+        return {"kind": "cpu", "name": _cpu_name(), "cores": os.cpu_count(), "usable_cores": usable_cores(),
+                "bf16_flags": sorted(f for f, on in flags.items() if on), "ram_gib": round(ram, 1) if ram else None}
     import torch
 
     props = torch.cuda.get_device_properties(device)

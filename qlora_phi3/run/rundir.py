@@ -21,6 +21,7 @@ from qlora_phi3.config import Recipe, load_recipe, recipe_to_dict, with_absolute
 from qlora_phi3.errors import UserError
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.record import RECIPE_FILE, RUN_FILE, read_run
+from qlora_phi3.ui import plural
 
 __all__ = ["MAY_CHANGE_ON_RESUME", "RunDir", "clear_run_dir", "prepare_run_dir", "resume_command"]
 
@@ -89,6 +90,12 @@ def _resume(path: Path, requested: Recipe) -> RunDir:
                         + "; ".join(refused) + f". Continue it as it was with `{resume_command(path)}` (allowed "
                         f"changes: {', '.join(MAY_CHANGE_ON_RESUME[:-1])}; max_steps and epochs only upwards), or "
                         "start a new run with another train.output_dir.")
+    if previous.get("status") == "completed" and not any(key in changes for key in _ONLY_UP):
+        steps = previous.get("steps")
+        raise UserError(f"--resume: the run in {path} is completed ({plural(steps or 0, 'optimizer step')}, adapter in "
+                        f"{path / 'adapter'}); there is nothing left to resume. To train it longer, raise the "
+                        f"step count: `{resume_command(path)} train.max_steps={max(2 * (steps or 1), 1)}`; to start "
+                        "over, --force instead of --resume.")
     for key, (_, new) in changes.items():
         section, name = key.split(".")
         setattr(getattr(saved, section), name, new)
@@ -114,6 +121,12 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> RunDir:
         plan = _resume(path, recipe)
     else:
         if occupied and _has_value(path) and not force:
+            previous = read_run(path)
+            if previous.get("status") == "completed":
+                raise UserError(f"train.output_dir={recipe.train.output_dir!r} already holds a completed run "
+                                f"({plural(previous.get('steps') or 0, 'optimizer step')}). Set "
+                                "train.output_dir=NEW_DIR for a new run, add --force to delete it and start over, or "
+                                f"train it longer with `{resume_command(path)} train.max_steps=N`.")
             raise UserError(f"train.output_dir={recipe.train.output_dir!r} already holds a run. Continue it with "
                             f"`{resume_command(path)}`, add --force to delete it and start over, or set "
                             "train.output_dir=NEW_DIR.")
@@ -123,6 +136,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> RunDir:
 
 
 def _check_writable(path: Path) -> None:
+    """Probe that ``path`` can be written, leaving no trace: folders made for the probe are removed again, so
+    a run that fails before it starts leaves no empty run directory (the run makes it when it starts)."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -131,6 +147,12 @@ def _check_writable(path: Path) -> None:
     except OSError as e:
         raise UserError(f"train.output_dir={str(path)!r} is not writable ({e.strerror}); "
                         "choose a directory you can write to.") from None
+    finally:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def clear_run_dir(path: Path) -> None:

@@ -4,7 +4,7 @@ better, so at every evaluation the model answers a few prompts greedily, with Ph
 The answers are shown in the terminal (first line of each), appended to ``<run>/samples.jsonl`` (one line per
 prompt per evaluation: step, prompt, answer, the reference answer when the prompt came from the eval split)
 and sent to the trackers as text. ``train.sample_max_new_tokens`` bounds their time. The generation itself
-(:func:`greedy_answer`) is the one ``qlora-phi3 chat`` uses too.
+(:func:`qlora_phi3.model.generate.greedy_answer`) is the one ``qlora-phi3 chat`` uses too.
 """
 
 from __future__ import annotations
@@ -22,34 +22,15 @@ from qlora_phi3.config import Recipe
 from qlora_phi3.data.read import ChatRecord
 from qlora_phi3.errors import UserError
 from qlora_phi3.files import atomic_write_text
-from qlora_phi3.phi3 import STOP_TOKENS
+from qlora_phi3.model.generate import greedy_answer
 from qlora_phi3.run.tracking import log_text
-from qlora_phi3.ui import info, is_main_process
+from qlora_phi3.ranks import is_main_process
+from qlora_phi3.ui import info
 
-__all__ = ["SAMPLES_FILE", "SampleAnswers", "SamplePrompt", "greedy_answer", "sample_prompts", "stop_token_ids"]
+__all__ = ["SAMPLES_FILE", "SampleAnswers", "SamplePrompt", "sample_prompts"]
 
 SAMPLES_FILE = "samples.jsonl"
 _SHOWN_CHARS = 100  # of each answer's first line in the terminal
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Ids of ``<|end|>`` (closes every Phi-3 turn) and ``<|endoftext|>``: generation must stop at either."""
-    return [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
-
-
-def greedy_answer(model, tokenizer, messages: list[dict], max_new_tokens: int, streamer=None) -> tuple[str, bool]:
-    """The assistant's greedy answer to ``messages`` (Phi-3 chat template, generation prompt) and whether it ended
-    with an end token (False: cut by ``max_new_tokens``)."""
-    stop_ids = stop_token_ids(tokenizer)
-    device = next(model.parameters()).device
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True).to(device)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                             pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    ended = bool(new) and new[-1] in stop_ids
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), ended
 
 
 @dataclass

@@ -25,7 +25,8 @@ and LoRA gradients equal the untiled ones (4-bit base, sdpa and eager, packed ro
 Why by hand: transformers' ``Phi3DecoderLayer`` runs each sublayer over the whole sequence and has no
 tiling option; PEFT and TRL have none either; DeepSpeed's sequence-parallel ``TiledMLP`` tiles the MLP
 only (not the norms and attention projections) and brings DeepSpeed with it. The layer body below
-mirrors ``Phi3DecoderLayer.forward`` and ``Phi3Attention.forward`` of transformers 5.24; the
+mirrors ``Phi3DecoderLayer.forward`` and ``Phi3Attention.forward`` of transformers 5.25 (their source digests
+are registered in run/internals.py, so an upstream edit fails a test by name); the
 gradient-equality tests compare it with them, so a change upstream fails a test rather than training
 a different model.
 """

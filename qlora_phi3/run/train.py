@@ -1,10 +1,12 @@
-"""A training run, top to bottom: check the inputs, load data and the 4-bit model, attach LoRA, train
-with TRL's SFTTrainer (:mod:`qlora_phi3.run.trainer`), save the adapter and the run record.
+"""A training run, in three steps a reader can follow: :func:`setup` (check the inputs, load data, the 4-bit
+model and LoRA, build the method's TRL trainer: ``train.method``, :mod:`qlora_phi3.run.methods`, SFT by default),
+:func:`fit` (the optimizer steps) and :func:`finish` (final evaluation, adapter, run record). :func:`train` is
+the three in a row.
 
 Everything that can be wrong with the user's input is checked before the model is loaded, and the
 run directory is written to only once the run really starts, so a run that fails early leaves it as
-it was. ``profile`` and ``bench/compare.py`` call :func:`train` too (``measure=``), so the memory and
-speed they report are those of this code path.
+it was. ``profile`` and the benchmarks call :func:`measure`: the same setup and fit with a measuring callback,
+so the memory and speed they report are those of this code path.
 """
 
 from __future__ import annotations
@@ -17,31 +19,30 @@ from pathlib import Path
 
 import transformers
 from transformers import TrainerCallback
-from trl import SFTConfig
-
 from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict, with_absolute_paths
-from qlora_phi3.data.encode import EncodedSplit, encode_records
-from qlora_phi3.data.packing import padding_advice
-from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
+from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
 from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device, read_model_config)
-from qlora_phi3.model.lora import attach_lora, check_lora_variant, coverage, initial_adapter_dir
+from qlora_phi3.model.lora import (attach_lora, check_adapter_fits, check_lora_variant, coverage, initial_adapter_dir,
+                                   load_adapter_weights)
+from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 from qlora_phi3.run.measure import MeasureSteps
-from qlora_phi3.run.offload import checkpointing_kwargs
+from qlora_phi3.run.methods import get_method
+from qlora_phi3.run.methods.base import MethodData
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
-from qlora_phi3.run.rundir import clear_run_dir, prepare_run_dir, resume_command
+from qlora_phi3.run.rundir import RunDir, clear_run_dir, prepare_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
-from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers, trackers
-from qlora_phi3.run.trainer import build_trainer
-from qlora_phi3.ui import console, info, is_main_process, plural, warn
+from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers
+from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
+from qlora_phi3.ui import console, info, warn
 
-__all__ = ["RunInterrupted", "RunResult", "gather_state_dict", "train"]
+__all__ = ["Run", "RunInterrupted", "RunResult", "finish", "fit", "gather_state_dict", "measure", "setup", "train"]
 
 
 
@@ -59,58 +60,6 @@ class RunInterrupted(UserError):
     exit_code = 130
 
 
-@dataclass
-class _Data:
-    train: EncodedSplit
-    eval: EncodedSplit
-    padded_share: float | None  # share of padded tokens per epoch without packing (None when packing)
-    eval_records: list  # the eval conversations (ChatRecord), for the sample prompts
-
-
-def _sft_config(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool) -> SFTConfig:
-    t = recipe.train
-    return SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps in transformers 5
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        activation_checkpointing=bool(t.gradient_checkpointing),
-        # The Trainer turns checkpointing on from these; "offload" is honoured on GPUs only (run/offload.py).
-        activation_checkpointing_kwargs=checkpointing_kwargs(t.gradient_checkpointing, device, announce=True),
-        bf16=compute_dtype == "bfloat16",
-        fp16=compute_dtype == "float16",  # GradScaler loss scaling; LoRA weights stay fp32
-        use_cpu=device == "cpu",
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if t.eval_steps and not measuring else "no",
-        eval_steps=t.eval_steps or None,
-        save_strategy="steps" if t.save_steps and not measuring else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        report_to=[] if measuring else trackers(recipe),  # the Trainer's integrations (run/tracking.py)
-        run_name=t.run_name or output_dir.name,
-        neftune_noise_alpha=t.neftune_noise_alpha,  # the Trainer's NEFTune hook on the input embeddings
-        disable_tqdm=True,  # our rich display replaces tqdm
-        include_num_input_tokens_seen="non_padding",
-        max_length=None,  # already truncated (and counted) in data.encode.encode_records
-        packing=False,  # ours: data/packing.py
-        dataset_num_proc=None,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
-    )
-
-
 def _print_coverage(rows) -> None:
     from rich.table import Table
 
@@ -121,40 +70,6 @@ def _print_coverage(rows) -> None:
         table.add_row(r.target, f"{r.layers_adapted}/{r.layers_total}", f"{r.trainable_params:,}")
     table.add_row("[bold]total", "", f"[bold]{sum(r.trainable_params for r in rows):,}")
     console().print(table)
-
-
-def _load_data(recipe: Recipe, tokenizer) -> _Data:
-    d = recipe.data
-    splits = load_splits(d, recipe.train.seed)
-    report = splits.report
-    if report.n_skipped:
-        warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
-        for line in report.summary_lines():
-            info(f"  {line}")
-    for note in report.notes:
-        info(f"data: {note}")
-    for note in splits.notes:
-        warn(note)
-    train_enc = encode_records(splits.train, tokenizer, d.max_seq_len)
-    eval_enc = encode_records(splits.eval, tokenizer, d.max_seq_len)
-    if not train_enc.input_ids:
-        raise UserError(f"no training sample keeps an assistant token within data.max_seq_len={d.max_seq_len}; "
-                        "raise data.max_seq_len.")
-    if not eval_enc.input_ids:
-        raise UserError("no eval sample keeps an assistant token within data.max_seq_len; raise data.max_seq_len.")
-    info(f"data: {plural(len(train_enc.input_ids), 'train conversation')} / {len(eval_enc.input_ids):,} eval "
-         f"({splits.eval_from}), {train_enc.n_tokens:,} train tokens ({train_enc.n_label_tokens:,} with loss)")
-    for name, enc in (("train", train_enc), ("eval", eval_enc)):
-        if enc.truncated:
-            warn(f"{plural(enc.truncated, name + ' sample')} longer than data.max_seq_len={d.max_seq_len} "
-                 f"{'was' if enc.truncated == 1 else 'were'} truncated ({enc.dropped} dropped: no assistant token "
-                 f"left; {enc.assistant_tokens_lost:,} assistant tokens lost).")
-    share = None
-    if not d.packing:
-        share, line, serious = padding_advice([len(x) for x in train_enc.input_ids], recipe.train.micro_batch_size,
-                                              recipe.train.seed)
-        (warn if serious else info)(line)
-    return _Data(train_enc, eval_enc, share, splits.eval)
 
 
 def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
@@ -173,23 +88,63 @@ def _check_against_model(recipe: Recipe, model_config) -> None:
                         "(microsoft/Phi-3-mini-128k-instruct).")
 
 
-def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
-          measure: tuple[int, int] | None = None) -> RunResult:
-    """Run ``recipe`` to completion (see the module docstring); under torchrun/accelerate, one rank of it.
+def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss") -> RunResult:
+    """Run ``recipe`` to completion: :func:`setup`, :func:`fit`, :func:`finish` (see the module docstring); under
+    torchrun/accelerate, one rank of it.
 
     Args:
         resume: continue the run in ``train.output_dir`` from its last complete checkpoint.
         force: delete the run in ``train.output_dir`` (once this run starts) and start over.
-        cpu_memory: on a CPU, "rss" (sampled, near-free) or "tensors" (live-tensor peak, slower; what the
-            profiler and benchmarks use).
-        measure: ``(warmup_steps, measured_steps)``: run only that many optimizer steps, without evaluation,
-            checkpoints or adapter, and record the peak memory and speed of the measured steps in
-            ``run["measured"]`` (the profiler's mode).
+        cpu_memory: on a CPU, "rss" (sampled, near-free) or "tensors" (live-tensor peak, slower).
     """
     try:
-        return _train(recipe, resume, force, cpu_memory, measure)
+        run = setup(recipe, resume, force, cpu_memory=cpu_memory)
+        fit(run)
+        return finish(run)
     finally:
         _close_process_group()
+
+
+def measure(recipe: Recipe, warmup_steps: int, measured_steps: int, *, cpu_memory: str = "tensors") -> dict:
+    """The profiler's and the benchmarks' run: :func:`setup` with a measuring callback, :func:`fit`, and the
+    record with the peak memory and speed of the ``measured_steps`` after ``warmup_steps`` in ``["measured"]``;
+    no evaluation, checkpoints, trackers, sample answers or adapter. Returns run.json's contents."""
+    try:
+        run = setup(recipe, force=True, cpu_memory=cpu_memory, measurer=MeasureSteps(
+            pick_device(recipe.train.device).value, warmup_steps, total_steps=warmup_steps + measured_steps))
+        fit(run)
+        fields = _fit_fields(run)
+        fields["measured"] = run.measurer.result(run.peak)
+        run.record.end("completed", wall_seconds=round(time.perf_counter() - run.t_start, 2), **fields)
+        return run.record.data
+    finally:
+        _close_process_group()
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds and :func:`fit` and :func:`finish` use: one run's recipe, directory, choices,
+    data, trainer and record."""
+    recipe: Recipe
+    out: Path
+    plan: RunDir
+    model_config: object
+    device: Choice
+    dtype: Choice
+    attn: Choice
+    method: object  # the train.method plug-in (run/methods)
+    tokenizer: object
+    data: MethodData
+    trainer: object
+    progress: object
+    meter: object
+    record: RunRecord
+    interrupt: GracefulInterrupt
+    samples: SampleAnswers | None
+    measurer: MeasureSteps | None
+    t_start: float
+    train_seconds: float = 0.0
+    peak: object = None
 
 
 def _close_process_group() -> None:
@@ -208,28 +163,51 @@ def _choices(recipe: Recipe) -> tuple[Choice, Choice, Choice]:
     return device, dtype, attn
 
 
-def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: tuple[int, int] | None) -> RunResult:
+def _cpu_threads(device: str) -> Choice | None:
+    """On a CPU, torch's thread count set to the cores free to this process (machine.pick_threads)."""
+    if device != "cpu":
+        return None
+    import torch
+
+    n, why = pick_threads()
+    torch.set_num_threads(n)
+    return Choice(str(n), why)
+
+
+def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
+          measurer: MeasureSteps | None = None) -> Run:
+    """Everything before the first step: check the inputs (before any model loads), load data, the 4-bit model
+    and LoRA, build the method's trainer, and claim the run directory (only now is it written to).
+
+    ``measurer`` (the profiler's callback) makes the run a measurement: only its steps, no evaluation,
+    checkpoints, trackers, sample answers or adapter."""
     t_start = time.perf_counter()
     hide_load_progress_bars()
+    measuring = measurer is not None
     plan = prepare_run_dir(recipe, resume, force)
     recipe, out = with_absolute_paths(plan.recipe), plan.path
-    if measure:
-        recipe.train.max_steps = sum(measure)
+    if measuring:
+        recipe.train.max_steps = measurer.total_steps
     model_config = read_model_config(recipe.model)
     _check_against_model(recipe, model_config)
     device, dtype, attn = _choices(recipe)
     _check_fsdp(recipe, dtype.value)
     check_lora_variant(recipe.lora, recipe.model)
-    if not measure:
+    if recipe.model.adapter:
+        check_adapter_fits(recipe.model.adapter, recipe.lora, recipe.model)
+    if not measuring:
         check_trackers(recipe)
+    threads = _cpu_threads(device.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
-         f"attention [bold]{attn.value}[/] ({attn.reason})")
+         f"attention [bold]{attn.value}[/] ({attn.reason})"
+         + (f"; [bold]{threads.value}[/] threads ({threads.reason})" if threads else ""))
     if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
         info(f"train.optimizer={recipe.train.optimizer}: bitsandbytes has no paging on CPU and runs it unpaged "
              "(same math, same checkpoints).")
+    method = get_method(recipe.train.method)
     tokenizer = load_tokenizer(recipe.model)
-    data = _load_data(recipe, tokenizer)
-    prompts = [] if measure else sample_prompts(recipe, data.eval_records)  # measure mode has no evaluation
+    data = method.load_data(recipe, tokenizer)
+    prompts = [] if measuring else sample_prompts(recipe, data.eval_records)
     fingerprint = data.train.fingerprint()
     if plan.resume_from is not None and plan.previous.get("dataset", {}).get("fingerprint") not in (None, fingerprint):
         raise UserError(f"--resume: the training data changed since {plan.resume_from.name} was written (dataset "
@@ -237,19 +215,11 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
 
     # The training arguments first: building them starts the process group under a distributed launch, which
     # transformers' FSDP-aware loading checks for (it is skipped when the model loads before the group exists).
-    args = _sft_config(recipe, out, device.value, dtype.value, measuring=measure is not None)
+    args = method.training_arguments(recipe, out, device.value, dtype.value, measuring=measuring)
     transformers.set_seed(recipe.train.seed)
-    model = load_model(recipe.model, device.value, dtype.value, attn.value)
-    # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
-    # than have the Trainer "align" it with a warning.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = attach_lora(model, recipe.lora, recipe.model)
-    enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
-    _print_coverage(coverage(model, recipe.lora.target_modules))
+    model = _load_peft_model(recipe, tokenizer, device.value, dtype.value, attn.value)
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch_world_size()
     effective_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
     if world_size > 1:
         info(f"data parallel over {world_size} processes: effective batch = {recipe.train.micro_batch_size} "
@@ -258,14 +228,11 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
     interrupt = GracefulInterrupt()
     guard = NonFiniteGuard(fp16=dtype.value == "float16", check_every=1 if device.value == "cpu" else
                            recipe.train.logging_steps)
-    measurer = MeasureSteps(device.value, measure[0]) if measure else None
-    trainer, progress, meter = build_trainer(
-        model, tokenizer, args, data.train, None if measure else data.eval, device.value,
-        packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
-        loss_chunk_tokens=recipe.train.loss_chunk_tokens, cpu_memory=cpu_memory,
+    trainer, progress, meter = method.build_trainer(
+        model, tokenizer, args, data, device.value, recipe=recipe, measuring=measuring, cpu_memory=cpu_memory,
         # The guard runs after every callback that may ask for a save, so no checkpoint holds a NaN.
-        callbacks=[interrupt, guard] + ([measurer] if measurer else []))
-    if measurer:
+        callbacks=[interrupt, guard] + ([measurer] if measuring else []))
+    if measuring:
         measurer.meter = meter
     else:
         attach_trackers(trainer, recipe, out, progress)
@@ -277,12 +244,15 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
                                                           "saved)" if not force else ""))
         clear_run_dir(out)
     if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / RECIPE_FILE)
-    record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data))
+    record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data, threads))
+    if getattr(trainer, "reference", None):
+        record.data["reference"] = trainer.reference
     if plan.resume_from is not None:
         _carry_over(record, plan)
-    elif not measure:
-        trainer.add_callback(EvalAtStart(trainer, record))
+    elif not measuring:
+        trainer.add_callback(EvalAtStart(trainer, record, method))
     if prompts and trainer.is_fsdp_enabled:
         # Generation on rank 0 alone would wait forever for the other ranks' shards of the weights.
         warn("train.sample_prompts: no sample answers under FSDP (generation needs every rank); merge and chat instead.")
@@ -292,17 +262,41 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         resumed_at = int(plan.resume_from.name.split("-")[-1]) if plan.resume_from is not None else None
         samples = SampleAnswers(trainer, prompts, recipe, out, resumed_at)
         trainer.add_callback(samples)
-    if not measure:
+    if not measuring:
         prepare_trackers(recipe, out)
     record.update()
-    meter.reset()
+    return Run(recipe, out, plan, model_config, device, dtype, attn, method, tokenizer, data, trainer, progress,
+               meter, record, interrupt, samples, measurer, t_start)
+
+
+def _load_peft_model(recipe: Recipe, tokenizer, device: str, dtype: str, attn: str):
+    """The frozen 4-bit base with LoRA attached (a continued adapter loaded into it), tiled if asked."""
+    model = load_model(recipe.model, device, dtype, attn)
+    # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
+    # than have the Trainer "align" it with a warning.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = attach_lora(model, recipe.lora, recipe.model)
+    if recipe.model.adapter:  # continue a trained adapter (e.g. SFT before DPO): its weights, trainable
+        load_adapter_weights(model, recipe.model.adapter)
+    enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
+    _print_coverage(coverage(model, recipe.lora.target_modules))
+    return model
+
+
+def fit(run: Run) -> None:
+    """The optimizer steps (the Trainer's loop), from the run's checkpoint on resume. A NaN, an interrupt or an out
+    of memory ends the record with what happened and raises one clear error; nothing half-written stays."""
+    trainer, record, progress = run.trainer, run.record, run.progress
+    run.meter.reset()
     t_train = time.perf_counter()
     try:
-        with interrupt:
-            trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+        with run.interrupt:
+            trainer.train(resume_from_checkpoint=str(run.plan.resume_from) if run.plan.resume_from else None)
     except NonFiniteError as e:
         record.end("failed", failure=str(e), steps=e.step, history=progress.history)
-        raise RunFailed(_non_finite_message(e, recipe, dtype.value, out)) from None
+        raise RunFailed(_non_finite_message(e, run.recipe, run.dtype.value, run.out)) from None
     except KeyboardInterrupt:
         record.end("interrupted", steps=trainer.state.global_step, history=progress.history)
         raise
@@ -310,56 +304,68 @@ def _train(recipe: Recipe, resume: bool, force: bool, cpu_memory: str, measure: 
         if not is_oom(e):
             raise
         record.end("failed", failure="out of memory", steps=trainer.state.global_step, history=progress.history)
-        raise RunFailed(oom_message(recipe, model_config, device.value, trainer.state.global_step)) from None
-    train_seconds = time.perf_counter() - t_train
-    peak = meter.read()
-    meter.close()
-    losses = [h["loss"] for h in progress.history if "loss" in h]
-    if record.get("train_loss_start") is None:  # kept from the interrupted run on resume
-        record.data["train_loss_start"] = losses[0] if losses else None
-    tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start
-    counts = {"real_tokens": trainer.tokens_real, "padded_tokens": trainer.tokens_total - trainer.tokens_real}
-    if interrupt.requested:
-        checkpoint = last_checkpoint(out)
-        record.end("interrupted", steps=trainer.state.global_step, peak_memory=peak.as_dict(),
-                   history=progress.history, tokens=counts)
+        raise RunFailed(oom_message(run.recipe, run.model_config, run.device.value, trainer.state.global_step)) \
+            from None
+    run.train_seconds = time.perf_counter() - t_train
+    run.peak = run.meter.read()
+    run.meter.close()
+    if run.interrupt.requested:
+        checkpoint = last_checkpoint(run.out)
+        fields = _fit_fields(run)
+        record.end("interrupted", steps=fields["steps"], peak_memory=fields["peak_memory"],
+                   history=progress.history, tokens=fields["tokens"])
         where = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint could be saved"
         raise RunInterrupted(f"interrupted at step {trainer.state.global_step}; {where}. Continue with: "
-                             f"{resume_command(out)}")
-    fields = dict(steps=trainer.state.global_step, train_loss_end=losses[-1] if losses else None,
-                  train_seconds=round(train_seconds, 2), tokens=counts,
-                  tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-                  peak_memory=peak.as_dict(), history=progress.history)
-    if measure:
-        fields["measured"] = measurer.result(peak)
-        record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
-        return RunResult(out, None, record.data, trainer.model)
-    fields["eval_loss_end"] = trainer.evaluate()["eval_loss"]
-    if samples is not None:
-        fields["sample_seconds"] = round(samples.seconds, 2)  # all evaluations' answers, within wall_seconds
+                             f"{resume_command(run.out)}")
+
+
+def _fit_fields(run: Run) -> dict:
+    """What the steps did, for run.json: steps, losses, tokens (real and padded), speed, peak memory."""
+    trainer, progress = run.trainer, run.progress
+    losses = [h["loss"] for h in progress.history if "loss" in h]
+    if run.record.get("train_loss_start") is None:  # kept from the interrupted run on resume
+        run.record.data["train_loss_start"] = losses[0] if losses else None
+    tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start
+    real, total = getattr(trainer, "tokens_real", 0), getattr(trainer, "tokens_total", 0)
+    return dict(steps=trainer.state.global_step, train_loss_end=losses[-1] if losses else None,
+                train_seconds=round(run.train_seconds, 2), tokens={"real_tokens": real, "padded_tokens": total - real},
+                tokens_per_second=round(tokens / run.train_seconds, 1) if run.train_seconds > 0 else None,
+                peak_memory=run.peak.as_dict(), history=progress.history)
+
+
+def finish(run: Run) -> RunResult:
+    """After the last step: the final evaluation, the adapter (complete or absent), the run's card and record."""
+    trainer, out = run.trainer, run.out
+    fields = _fit_fields(run)
+    metrics = trainer.evaluate()
+    fields["eval_loss_end"] = metrics["eval_loss"]
+    fields.update({f"{k}_end": v for k, v in run.method.eval_fields(metrics).items()})
+    if run.samples is not None:
+        fields["sample_seconds"] = round(run.samples.seconds, 2)  # all evaluations' answers, within wall_seconds
     adapter_dir = out / "adapter"
     state_dict = gather_state_dict(trainer)  # a collective under FSDP: every rank takes part
     if is_main_process():
-        _save_adapter(trainer.model, tokenizer, recipe, adapter_dir, state_dict)
+        _save_adapter(trainer.model, run.tokenizer, run.recipe, adapter_dir, state_dict)
+        write_card(out, out, run.recipe.model.name_or_path)  # also when no checkpoint wrote one (save_steps=0)
         fields["adapter_dir"] = str(adapter_dir)
-    record.end("completed", wall_seconds=round(time.perf_counter() - t_start, 2), **fields)
-    _say_done(record.data, peak, adapter_dir, record.path)
-    return RunResult(out, adapter_dir, record.data, trainer.model)
+    run.record.end("completed", wall_seconds=round(time.perf_counter() - run.t_start, 2), **fields)
+    _say_done(run.record.data, run.peak, adapter_dir, run.record.path)
+    return RunResult(out, adapter_dir, run.record.data, trainer.model)
 
 
-def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: _Data) -> dict:
+def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: MethodData, threads: Choice | None) -> dict:
     return {
         "versions": package_versions(),
         "device": device_info(device.value),
         "compute_dtype": dtype.value,
+        "compute_dtype_reason": dtype.reason,
+        "cpu_threads": None if threads is None else {"threads": int(threads.value), "reason": threads.reason},
         "attn_implementation": attn.value,
         "world_size": world_size,
         "recipe": recipe_to_dict(recipe),
+        "method": recipe.train.method,
         "dataset": {"source": recipe.data.path, "fingerprint": data.train.fingerprint(),
-                    "eval_fingerprint": data.eval.fingerprint(), "train_samples": len(data.train.input_ids),
-                    "eval_samples": len(data.eval.input_ids), "train_tokens": data.train.n_tokens,
-                    "truncated": data.train.truncated + data.eval.truncated,
-                    "padded_share_per_epoch": None if data.padded_share is None else round(data.padded_share, 4)},
+                    "eval_fingerprint": data.eval.fingerprint(), **data.dataset},
         "seed": recipe.train.seed,
         "effective_batch": effective_batch,
     }
@@ -368,7 +374,7 @@ def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: 
 def _carry_over(record: RunRecord, plan) -> None:
     """What a resumed run keeps of the run it continues: its start losses and the list of resumes."""
     prev = plan.previous
-    for key in ("eval_loss_start", "train_loss_start"):
+    for key in ("eval_loss_start", "train_loss_start", "eval_reward_accuracy_start", "eval_reward_margin_start"):
         if prev.get(key) is not None:
             record.data[key] = prev[key]
     resumes = list(prev.get("resumes", []))
@@ -387,7 +393,15 @@ def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path) -> None:
     info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss "
          f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.short()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
+    if run.get("eval_reward_accuracy_end") is not None:
+        start_acc, start_margin = run.get("eval_reward_accuracy_start"), run.get("eval_reward_margin_start")
+        info(f"held-out reward accuracy {'-' if start_acc is None else f'{start_acc:.1%}'} -> "
+             f"{run['eval_reward_accuracy_end']:.1%}, margin {'-' if start_margin is None else f'{start_margin:+.3f}'} "
+             f"-> {run.get('eval_reward_margin_end', 0):+.3f}")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
+    run_dir = adapter_dir.parent
+    info(f"next: `qlora-phi3 chat {run_dir}` to try it, `qlora-phi3 merge {run_dir} --out {run_dir}-merged` for one "
+         f"fp16 model, `qlora-phi3 export {run_dir} --out {run_dir}-gguf` for llama.cpp / Ollama")
 
 
 class EvalAtStart(TrainerCallback):
@@ -398,14 +412,14 @@ class EvalAtStart(TrainerCallback):
     trains on its own gradients (checked: ranks diverge at step 1 with transformers 5.24 / accelerate 1.15).
     """
 
-    def __init__(self, trainer, record: RunRecord):
-        self.trainer, self.record = trainer, record
+    def __init__(self, trainer, record: RunRecord, method):
+        self.trainer, self.record, self.method = trainer, record, method
 
     def on_train_begin(self, args, state, control, **kwargs):
         info("evaluating the untrained adapter (step 0)...")
-        loss = self.trainer.evaluate()["eval_loss"]
-        info(f"eval loss at step 0: {loss:.4f}")
-        self.record.update(eval_loss_start=loss)
+        metrics = self.trainer.evaluate()  # the progress display prints it ("step 0  eval loss ...")
+        extra = {f"{k}_start": v for k, v in self.method.eval_fields(metrics).items()}
+        self.record.update(eval_loss_start=metrics["eval_loss"], **extra)
 
 
 def _non_finite_message(e: NonFiniteError, recipe: Recipe, compute_dtype: str, out: Path) -> str:
@@ -435,9 +449,11 @@ def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, stat
     tmp = partial_dir(adapter_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     # OLoRA / LoftQ: saved as a plain LoRA against the original base (model/lora.py), which merge and chat expect.
-    peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+    # Only the trained adapter: a preference run also holds TRL's frozen "ref" copy (run/methods/preference.py).
+    peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, selected_adapters=["default"],
                                path_initial_model_for_weight_conversion=initial_adapter_dir(peft_model))
     tokenizer.save_pretrained(tmp)
+    write_card(tmp, adapter_dir.parent, recipe.model.name_or_path, kind="adapter")  # not PEFT's empty template
     base = peft_model.get_base_model().config
     atomic_write_json(tmp / ADAPTER_META, {
         "base_model": recipe.model.name_or_path,
@@ -445,6 +461,7 @@ def _save_adapter(peft_model, tokenizer, recipe: Recipe, adapter_dir: Path, stat
         "base_config": {k: getattr(base, k, None) for k in BASE_SHAPE_KEYS},
         "lora": recipe_to_dict(recipe)["lora"],
         "max_seq_len": recipe.data.max_seq_len,
+        "method": recipe.train.method,
     })
     publish_dir(tmp, adapter_dir)
 

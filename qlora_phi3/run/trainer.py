@@ -22,6 +22,7 @@ from qlora_phi3.data.encode import EncodedSplit
 from qlora_phi3.data.packing import PackingCollator, pack_columns, to_model_inputs
 from qlora_phi3.memory.meter import PeakMemory
 from qlora_phi3.phi3 import IGNORE_INDEX
+from qlora_phi3.run.card import ModelCardMixin
 from qlora_phi3.run.checkpoints import AtomicCheckpoints
 from qlora_phi3.run.internals import check_trainer_internals
 from qlora_phi3.run.loss import model_loss
@@ -30,8 +31,9 @@ from qlora_phi3.run.progress import RichProgress
 __all__ = ["QLoRATrainer", "build_trainer"]
 
 
-# AtomicCheckpoints: checkpoints staged then renamed, so a kill never leaves a partial latest (checkpoints.py).
-class QLoRATrainer(AtomicCheckpoints, SFTTrainer):
+# AtomicCheckpoints: checkpoints staged then renamed, so a kill never leaves a partial latest (checkpoints.py);
+# ModelCardMixin: the run's README.md names the base and the next commands (card.py), not TRL's "[None]".
+class QLoRATrainer(ModelCardMixin, AtomicCheckpoints, SFTTrainer):
     def __init__(self, *args, loss_chunk_tokens: int = 256, **kwargs):
         check_trainer_internals(SFTTrainer)
         super().__init__(*args, **kwargs)

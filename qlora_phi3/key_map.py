@@ -1,4 +1,8 @@
-"""Configs of other fine-tuning tools, recognised when given as a recipe, with our key for each of theirs.
+"""Other tools' keys mapped to ours: the one table for every "you wrote their name for our setting" decision.
+
+Used twice: a whole Axolotl / LLaMA-Factory / TrainingArguments config given as a recipe is recognised and
+translated key by key, and a single habit in one of our recipes (``train.learning_rate=...``) gets the exact
+key it meant.
 
 People arrive with an Axolotl or LLaMA-Factory YAML, or a dict of Hugging Face ``TrainingArguments``;
 flat keys like ``lora_r`` or ``learning_rate`` would each be "unknown". Instead we say which tool the
@@ -7,7 +11,7 @@ file is from and translate every key we can, so the user writes the recipe once,
 
 from __future__ import annotations
 
-__all__ = ["TRANSLATIONS", "recognise"]
+__all__ = ["TRANSLATIONS", "our_key", "recognise"]
 
 # Their key -> our key, or None when qlora-phi3 has no such setting (and why, after a '#').
 TRANSLATIONS: dict[str, str | None] = {
@@ -36,6 +40,16 @@ TRANSLATIONS: dict[str, str | None] = {
     "fp16": "model.compute_dtype", "per_device_eval_batch_size": None, "eval_strategy": "train.eval_steps",
     "save_strategy": "train.save_steps", "logging_strategy": "train.logging_steps", "report_to": None,
 }
+# Habits that are no tool's config key but that people type for ours (generic names, our own leaves).
+_HABITS = {"rank": "lora.r", "batch_size": "train.micro_batch_size", "model_name": "model.name_or_path",
+           "model_id": "model.name_or_path", "target_modules": "lora.target_modules", "output": "train.output_dir"}
+
+
+def our_key(their_key: str) -> str | None:
+    """Our dotted key for another tool's key (or a common habit), None if there is none."""
+    return TRANSLATIONS.get(their_key) or _HABITS.get(their_key)
+
+
 # Keys that give a tool away (a flat key alone, like output_dir, could be anyone's).
 _SIGNS = {
     "Axolotl": {"base_model", "datasets", "adapter", "sequence_len", "sample_packing", "lora_target_modules",

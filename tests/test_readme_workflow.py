@@ -1,0 +1,46 @@
+"""The README's workflow, its offline CPU column, run as written in a fresh folder: data, estimate, train, merge,
+chat, export, each command exactly as the README gives it (train shortened to a few steps with one added
+override, so the suite stays within its time; the full default run is the session's `tiny_run`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _cpu_column() -> list[str]:
+    """The commands of the README workflow table's offline CPU column, in order."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("## The workflow, in order", 1)[1].split("\n\n", 2)[1]
+    header, _, *rows = [r for r in table.splitlines() if r.startswith("|")]
+    col = [c.strip() for c in header.strip("|").split("|")].index(
+        next(c.strip() for c in header.strip("|").split("|") if "CPU" in c))
+    return [re.findall(r"`([^`]+)`", [c.strip() for c in row.strip("|").split("|")][col])[0] for row in rows]
+
+
+def test_the_cpu_column_runs_offline_as_written(tmp_path):
+    commands = _cpu_column()
+    assert [shlex.split(c)[1] for c in commands] == ["data", "estimate", "train", "merge", "chat", "export"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[1] == "train":
+            argv += ["train.max_steps=20", "train.eval_steps=10", "train.save_steps=10"]  # shortened (docstring)
+        res = subprocess.run([sys.executable, "-m", "qlora_phi3", *argv[1:]], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, env=env)
+        assert res.returncode == 0, f"{command}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        assert "Traceback" not in res.stderr, command
+        if argv[1] == "chat":
+            assert res.stdout.strip(), "chat --prompt printed no answer"
+    assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs" / "tiny-merged" / "config.json").is_file()
+    assert list((tmp_path / "runs" / "tiny-gguf").glob("*.gguf"))
