@@ -35,6 +35,7 @@ from qlora_phi3.out.export import CheckFailed, export
 REPO = Path(__file__).resolve().parent.parent
 CHECK_SAMPLES = 4  # held-out conversations: enough answer positions, quick on 2 cores
 RSLORA_STEPS = 40  # the rsLoRA run must move the base's predictions a lot, nothing more (eval loss 18.2 -> ~3)
+DPO_STEPS = 20  # enough to move the DPO policy off its reference (eval loss 0.69 -> 0.48)
 SDIST_ENV = "QLORA_PHI3_SDIST"
 REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
 
@@ -226,6 +227,53 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     # The merged file rounds base + update to f16 once; the LoRA path adds the update in f32: logits differ by
     # rounding (measured ~0.01-0.05 at logits of |10-20|), while the base alone misses by whole units.
     assert measured["f16"][1] < 0.25 * measured["base alone"][1], measured
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory) -> Path:
+    """A short DPO run of the tiny DPO recipe (from the random base, so it never learned to stop: the export's
+    own check would fail on that, not on the LoRA; this test compares with the merged file only)."""
+    from qlora_phi3.config import load_recipe
+    from qlora_phi3.run.train import train
+
+    out = tmp_path_factory.mktemp("dpo") / "dpo"
+    recipe = load_recipe(REPO / "recipes" / "tiny_cpu_dpo.yaml", [
+        f"train.output_dir={out}", f"train.max_steps={DPO_STEPS}", f"train.eval_steps={DPO_STEPS}",
+        f"train.save_steps={DPO_STEPS}"])
+    return train(recipe).output_dir
+
+
+@pytest.mark.slow
+def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path):
+    """A DPO-trained adapter is a LoRA like any other: base f16 + our LoRA in llama.cpp gives the merged f16 GGUF's
+    top-1 at >= 99% of the answer positions of the run's held-out preference prompts (with their chosen answers),
+    the base alone does not."""
+    from transformers import AutoTokenizer
+
+    from qlora_phi3.data.split import held_out_records
+    from qlora_phi3.out.artifacts import resolve_source
+
+    merged = export(str(dpo_run), str(tmp_path / "merged"), quants="f16", check=False).files["f16"]
+    result = export_adapter(str(dpo_run), str(tmp_path / "adapter"), quants="f16,q8_0", base_quant="f16",
+                            check=False)
+    tok = AutoTokenizer.from_pretrained(str(dpo_run / "adapter"))
+    src = resolve_source(str(dpo_run))
+    records, where = held_out_records(src.recipe, src.run, tok, src.max_seq_len, 8)
+    assert "preference" in where
+    convs = export_mod._conversations(records, tok)
+    ids, pos = [c.ids for c in convs], [c.answer_pos for c in convs]
+    answer = lambda logits: np.concatenate([lg[p] for lg, p in zip(logits, pos)])  # noqa: E731
+    want = answer(_logits(llama_cpp, merged, ids))
+    base = result.out_dir / f"{dpo_run.name}-base-f16.gguf"
+    measured = {}
+    for label, lora in [*result.files.items(), ("base alone", None)]:
+        got = answer(_logits(llama_cpp, base, ids, lora))
+        measured[label] = ((got.argmax(-1) == want.argmax(-1)).mean(), np.abs(got - want).max())
+    print(f"\ndpo: {len(want)} answer positions; top-1 agreement with the merged f16 GGUF, max |logit diff|: "
+          + ", ".join(f"{k} {a:.4f} {d:.4f}" for k, (a, d) in measured.items()))
+    assert measured["f16"][0] >= 0.99 and measured["q8_0"][0] >= 0.99, measured
+    assert measured["base alone"][0] < 0.9, measured  # DPO moves less than SFT from a random base (beta 0.1)
+    assert measured["f16"][1] < 0.1 * measured["base alone"][1], measured
 
 
 def test_lora_is_applied_at_its_scale(runs, llama_cpp, tmp_path):
