@@ -73,3 +73,7 @@ def quiet_library_noise() -> None:
     # bitsandbytes looks for an optional CPU kernel package at import and logs its absence on every start.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage())
+    # It asks the `kernels` package, which in offline mode (HF_HUB_OFFLINE, the tests) also logs that it skips a
+    # trust check for that same optional kernel: the same absence, said twice.
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        lambda record: "Skipping publisher trust check" not in record.getMessage())
