@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_phi3.errors import UserError
+from qlora_phi3.family import family_for_config
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.out import export as gguf_export
 from qlora_phi3.out.export import QUANTS, CheckFailed, ExportResult, MODELFILE_NAME, REPORT_NAME
@@ -326,7 +327,8 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
             "# or point FROM at your own GGUF of that exact model.\n")
         base_name = base_file.name if base_file else f"{stem}-base-f16.gguf"
         (stage / MODELFILE_NAME).write_text(
-            gguf_export.modelfile_text(base_name, ctx, adapter=files[names[0]].name, from_note=from_note),
+            gguf_export.modelfile_text(base_name, ctx, adapter=files[names[0]].name, from_note=from_note,
+                                       role_newline=family_for_config(base_config).role_newline),  # Phi-4-mini: none
             encoding="utf-8")
         checks, reference, base_alone = {}, None, None
         if check:
