@@ -205,9 +205,8 @@ def check_supported(name: str, config=None) -> None:
             why = f"its config.json says architecture {arch!r}, not Phi3ForCausalLM"
         elif vocab == 100352:
             why = _REFUSED_IDS["phi-4"]
-        elif vocab not in {f.vocab_size for f in FAMILIES}:
-            why = (f"its vocabulary has {vocab} rows, neither Phi-3's {PHI3.vocab_size} nor Phi-4-mini's "
-                   f"{PHI4_MINI.vocab_size}")
+        # Another vocabulary size is not refused: a Phi-3 with added tokens (resized embeddings) is still a Phi-3;
+        # its tokenizer must carry the chat tokens, which load_tokenizer checks.
     if why:
         raise UserError(f"model.name_or_path={name!r}: not supported: {why}. {supported_summary()}.")
 

@@ -1,6 +1,8 @@
 """The README's workflow, its offline CPU column, run as written in a fresh folder: data, estimate, train, merge,
-chat, export, each command exactly as the README gives it (train shortened to a few steps with one added
-override, so the suite stays within its time; the full default run is the session's `tiny_run`)."""
+chat, export, each command exactly as the README gives it. One liberty, for the suite's time: `train` runs as
+written but for 10 steps into another folder, and the commands after it use the session's `tiny_run`, which is
+the same default run (`train(load_recipe("tiny_cpu"))`, 300 steps) copied to `runs/tiny`: a 10-step model does
+not yet stop at <|end|> reliably, and export's llama.cpp check rightly fails it."""
 
 from __future__ import annotations
 
@@ -27,18 +29,23 @@ def _cpu_column() -> list[str]:
     return [re.findall(r"`([^`]+)`", [c.strip() for c in row.strip("|").split("|")][col])[0] for row in rows]
 
 
-def test_the_cpu_column_runs_offline_as_written(tmp_path):
+def test_the_cpu_column_runs_offline_as_written(tmp_path, tiny_run):
+    import shutil
+
     commands = _cpu_column()
     assert [shlex.split(c)[1] for c in commands] == ["data", "estimate", "train", "merge", "chat", "export"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for command in commands:
         argv = shlex.split(command)
-        if argv[1] == "train":
-            argv += ["train.max_steps=20", "train.eval_steps=10", "train.save_steps=10"]  # shortened (docstring)
+        if argv[1] == "train":  # shortened, and the full default run put where the README's next commands look
+            argv += ["train.max_steps=10", "train.eval_steps=5", "train.save_steps=5", "train.output_dir=runs/short"]
         res = subprocess.run([sys.executable, "-m", "qlora_phi3", *argv[1:]], cwd=tmp_path, capture_output=True,
                              text=True, timeout=600, env=env)
         assert res.returncode == 0, f"{command}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
         assert "Traceback" not in res.stderr, command
+        if argv[1] == "train":
+            assert (tmp_path / "runs" / "short" / "adapter" / "adapter_model.safetensors").is_file()
+            shutil.copytree(tiny_run[1].output_dir, tmp_path / "runs" / "tiny")
         if argv[1] == "chat":
             assert res.stdout.strip(), "chat --prompt printed no answer"
     assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
