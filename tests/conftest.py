@@ -20,6 +20,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+# llama.cpp for the export tests: llama-cpp-python (the [gguf] extra) and its sdist (llama.cpp's converters). Both
+# skip with the reason when absent, and fail instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, which CI sets.
+SDIST_ENV = "QLORA_PHI3_SDIST"
+REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
+
+
+def unavailable(reason: str):
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason}, but {REQUIRE_ENV}=1 (CI installs it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        unavailable("llama-cpp-python is not installed (pip install 'qlora-phi3[gguf]')")
+    import llama_cpp
+
+    return llama_cpp
 
 
 def cpu_dtype() -> str:

@@ -11,7 +11,6 @@ instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/test_export.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SDIST_ENV, unavailable  # the llama_cpp fixture is conftest's too
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.out import adapter_export as adapter_mod
@@ -36,23 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 CHECK_SAMPLES = 4  # held-out conversations: enough answer positions, quick on 2 cores
 RSLORA_STEPS = 40  # the rsLoRA run must move the base's predictions a lot, nothing more (eval loss 18.2 -> ~3)
 DPO_STEPS = 20  # enough to move the DPO policy off its reference (eval loss 0.69 -> 0.48)
-SDIST_ENV = "QLORA_PHI3_SDIST"
-REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
-
-
-def _unavailable(reason: str):
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason}, but {REQUIRE_ENV}=1 (CI installs it)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    if importlib.util.find_spec("llama_cpp") is None:
-        _unavailable("llama-cpp-python is not installed (pip install 'qlora-phi3[gguf]')")
-    import llama_cpp
-
-    return llama_cpp
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +43,7 @@ def converter(tmp_path_factory) -> Path:
     """llama.cpp's convert_lora_to_gguf.py with the conversion/ and gguf-py/ it imports, from the sdist."""
     sdist = os.environ.get(SDIST_ENV)
     if not sdist or not Path(sdist).is_file():
-        _unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
+        unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
     out = tmp_path_factory.mktemp("llama_cpp_src")
     with tarfile.open(sdist) as tar:
         root = tar.getnames()[0].split("/")[0]

@@ -10,7 +10,6 @@ fail instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, which CI sets after installing
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SDIST_ENV, unavailable  # the llama_cpp fixture is conftest's too
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
@@ -32,23 +32,6 @@ from qlora_phi3.out.export import CheckFailed, export, modelfile_text, write_ggu
 
 PHI3_VOCAB = Path(__file__).resolve().parent / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
 CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, quick on 2 cores
-SDIST_ENV = "QLORA_PHI3_SDIST"
-REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
-
-
-def _unavailable(reason: str):
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason}, but {REQUIRE_ENV}=1 (CI installs it)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    if importlib.util.find_spec("llama_cpp") is None:
-        _unavailable("llama-cpp-python is not installed (pip install 'qlora-phi3[gguf]')")
-    import llama_cpp
-
-    return llama_cpp
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +39,7 @@ def llama_cpp_src(tmp_path_factory) -> Path:
     """llama.cpp's converter and its gguf-py, from the llama-cpp-python sdist."""
     sdist = os.environ.get(SDIST_ENV)
     if not sdist or not Path(sdist).is_file():
-        _unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
+        unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
     out = tmp_path_factory.mktemp("llama_cpp_src")
     with tarfile.open(sdist) as tar:
         root = tar.getnames()[0].split("/")[0]
