@@ -14,7 +14,7 @@ from qlora_phi3.config import Recipe
 from qlora_phi3.run.offload import checkpointing_kwargs
 from qlora_phi3.run.tracking import trackers
 
-__all__ = ["MethodData", "TokenCounting", "common_arguments", "keep_lora_fp32"]
+__all__ = ["MethodData", "TokenCounting", "build_preference_trainer", "common_arguments", "keep_lora_fp32"]
 
 
 @dataclass
@@ -99,3 +99,26 @@ class TokenCounting:
         self.tokens_real = getattr(self, "tokens_real", 0) + real
         self.tokens_total = getattr(self, "tokens_total", 0) + total
         self.state.num_input_tokens_seen += real
+
+
+def build_preference_trainer(trainer_cls, model, tokenizer, args, data: MethodData, device: str, *, recipe: Recipe,
+                             measuring: bool, cpu_memory: str, callbacks: list, reference, **trainer_kwargs):
+    """A preference method's trainer (``trainer_cls``: our subclass of TRL's), with our progress display and memory
+    meter in place of TRL's printers, fp32 LoRA weights, and ``trainer.reference`` (what the run's reference
+    policy is, for run.json) set by ``reference(model)``: the one build every preference method shares."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    from qlora_phi3.memory.meter import PeakMemory
+    from qlora_phi3.run.progress import RichProgress
+
+    meter = PeakMemory(device, cpu_measure=cpu_memory)
+    progress = RichProgress(meter)
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=data.train.to_dataset(),
+        eval_dataset=None if measuring else data.eval.to_dataset(), processing_class=tokenizer,
+        callbacks=[progress, *callbacks], loss_chunk_tokens=recipe.train.loss_chunk_tokens, **trainer_kwargs)
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.reference = reference(trainer.model)
+    keep_lora_fp32(trainer.model)
+    return trainer, progress, meter

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_phi3.config import Recipe
-from qlora_phi3.run.methods.base import MethodData, TokenCounting, common_arguments, keep_lora_fp32
+from qlora_phi3.run.methods.base import MethodData, TokenCounting, build_preference_trainer, common_arguments
 from qlora_phi3.run.methods.preference import (drop_redundant_reference, eval_fields, load_preference_data,
                                                preference_arguments)
 
@@ -65,21 +65,6 @@ def _trainer_class():
     return PreferenceKTOTrainer
 
 
-def build_trainer(model, tokenizer, args, data: MethodData, device: str, *, recipe: Recipe, measuring: bool,
-                  cpu_memory: str, callbacks: list):
-    from transformers import PrinterCallback, ProgressCallback
-
-    from qlora_phi3.memory.meter import PeakMemory
-    from qlora_phi3.run.progress import RichProgress
-
-    meter = PeakMemory(device, cpu_measure=cpu_memory)
-    progress = RichProgress(meter)
-    trainer = _trainer_class()(
-        model=model, args=args, train_dataset=data.train.to_dataset(),
-        eval_dataset=None if measuring else data.eval.to_dataset(), processing_class=tokenizer,
-        callbacks=[progress, *callbacks], loss_chunk_tokens=recipe.train.loss_chunk_tokens)
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    trainer.reference = drop_redundant_reference(trainer.model, recipe)
-    keep_lora_fp32(trainer.model)
-    return trainer, progress, meter
+def build_trainer(model, tokenizer, args, data: MethodData, device: str, **kwargs):
+    return build_preference_trainer(_trainer_class(), model, tokenizer, args, data, device, **kwargs,
+                                    reference=lambda m: drop_redundant_reference(m, kwargs["recipe"]))

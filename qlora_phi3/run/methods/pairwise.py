@@ -13,7 +13,7 @@ not use) and score answers from the model's full logits. Two overrides, each for
 from __future__ import annotations
 
 from qlora_phi3.phi3 import IGNORE_INDEX
-from qlora_phi3.run.methods.base import MethodData, TokenCounting, keep_lora_fp32
+from qlora_phi3.run.methods.base import MethodData, TokenCounting, build_preference_trainer
 
 __all__ = ["build_pairwise_trainer", "pairwise_trainer_class"]
 
@@ -72,22 +72,8 @@ def pairwise_trainer_class(base):
     return PairwiseTrainer
 
 
-def build_pairwise_trainer(base, model, tokenizer, args, data: MethodData, device: str, *, recipe, measuring: bool,
-                           cpu_memory: str, callbacks: list, average_log_prob: bool = True):
-    from transformers import PrinterCallback, ProgressCallback
-
-    from qlora_phi3.memory.meter import PeakMemory
-    from qlora_phi3.run.progress import RichProgress
-
-    meter = PeakMemory(device, cpu_measure=cpu_memory)
-    progress = RichProgress(meter)
-    trainer = pairwise_trainer_class(base)(
-        model=model, args=args, train_dataset=data.train.to_dataset(),
-        eval_dataset=None if measuring else data.eval.to_dataset(), processing_class=tokenizer,
-        callbacks=[progress, *callbacks], loss_chunk_tokens=recipe.train.loss_chunk_tokens,
-        average_log_prob=average_log_prob)
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    trainer.reference = "none (reference-free method)"
-    keep_lora_fp32(trainer.model)
-    return trainer, progress, meter
+def build_pairwise_trainer(base, model, tokenizer, args, data: MethodData, device: str, *,
+                           average_log_prob: bool = True, **kwargs):
+    return build_preference_trainer(pairwise_trainer_class(base), model, tokenizer, args, data, device, **kwargs,
+                                    reference=lambda m: "none (reference-free method)",
+                                    average_log_prob=average_log_prob)
