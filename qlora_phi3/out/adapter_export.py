@@ -271,14 +271,7 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
         raise UserError(f"--base-quant {base_quant}: unknown; choose from {', '.join(QUANTS)}.")
     if check_samples < 1:
         raise UserError(f"--check-samples {check_samples}: the check needs at least 1 conversation.")
-    llama_cpp = gguf_export._llama_cpp()
-    if base_quant and QUANTS[base_quant].by == "llama.cpp" and llama_cpp is None:
-        raise UserError(f"--base-quant {base_quant} needs llama.cpp's quantizer (llama-cpp-python), which is not "
-                        f"installed: {gguf_export.GGUF_EXTRA}. f16, bf16 and q8_0 need nothing extra.")
-    if check and llama_cpp is None:
-        raise UserError(f"--check runs the LoRA in llama.cpp, which needs llama-cpp-python: {gguf_export.GGUF_EXTRA}. "
-                        "Or pass --no-check.")
-    check = llama_cpp is not None if check is None else check
+    llama_cpp, check = gguf_export.llama_cpp_for("--base-quant", [base_quant] if base_quant else [], check, "the LoRA")
     hide_load_progress_bars()
     src = resolve_source(path, base, revision)
     if src.kind == "merged":

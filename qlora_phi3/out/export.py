@@ -664,6 +664,20 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
 # --------------------------------------------------------------------------------------------- export
 
 
+def llama_cpp_for(flag: str, quants, check: bool | None, checked: str):
+    """llama-cpp-python if installed, and whether to run the check (``None``: when it is installed); refuses, before
+    any work, K-quants in ``quants`` (given with ``flag``) or a ``--check`` of ``checked`` without it."""
+    llama_cpp = _llama_cpp()
+    need = [q for q in quants if QUANTS[q].by == "llama.cpp"]
+    if need and llama_cpp is None:
+        raise UserError(f"{flag} {','.join(need)} needs llama.cpp's quantizer (llama-cpp-python), which is not "
+                        f"installed: {GGUF_EXTRA}. f16, bf16 and q8_0 need nothing extra.")
+    if check and llama_cpp is None:
+        raise UserError(f"--check runs {checked} in llama.cpp, which needs llama-cpp-python: {GGUF_EXTRA}. "
+                        "Or pass --no-check.")
+    return llama_cpp, llama_cpp is not None if check is None else check
+
+
 # A failed export next to a good one goes to "<out>-failed", never over it.
 FAILED_SUFFIX = "-failed"
 
@@ -691,15 +705,7 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
     names = _parse_quants(quants)
     if check_samples < 1:
         raise UserError(f"--check-samples {check_samples}: the check needs at least 1 conversation.")
-    llama_cpp = _llama_cpp()
-    need = [q for q in names if QUANTS[q].by == "llama.cpp"]
-    if need and llama_cpp is None:
-        raise UserError(f"--quant {','.join(need)} needs llama.cpp's quantizer (llama-cpp-python), which is not "
-                        f"installed: {GGUF_EXTRA}. f16, bf16 and q8_0 need nothing extra.")
-    if check and llama_cpp is None:
-        raise UserError(f"--check runs each file in llama.cpp, which needs llama-cpp-python: {GGUF_EXTRA}. "
-                        "Or pass --no-check.")
-    check = llama_cpp is not None if check is None else check
+    llama_cpp, check = llama_cpp_for("--quant", names, check, "each file")
     hide_load_progress_bars()
     src = resolve_source(path, base, revision)
     if src.kind == "merged":
