@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from qlora_phi3.config import DataConfig
 from qlora_phi3.data.encode import encode_conversation, reply_markers
 from qlora_phi3.data.formats import RecordProblem
-from qlora_phi3.data.read import ChatRecord, LoadReport, has_named_splits, read_rows, resolve_data_path, turn_problem
+from qlora_phi3.data.read import (ChatRecord, LoadReport, apply_bad_record_policy, has_named_splits, read_rows,
+                                  resolve_data_path, turn_problem)
 from qlora_phi3.errors import UserError
 
 __all__ = ["PAIRED_METHODS", "EncodedPairs", "EncodedUnpaired", "PairRecord", "PreferenceSplits", "UnpairedRecord",
@@ -207,14 +208,8 @@ def load_preference_records(cfg: DataConfig, method: str, split: str | None = No
         else:
             first_seen[digest] = origin
         records.append(record)
-    summary = "; ".join(report.summary_lines())
-    if not records:
-        raise UserError(f"{report.source}: no usable preference records ({summary or 'no records'}). "
-                        f"train.method={method} expects e.g. {_PAIR_EXAMPLE if want == 'pairs' else _UNPAIRED_EXAMPLE}")
-    if report.total and report.n_bad / report.total > cfg.max_bad_fraction:
-        raise UserError(f"{report.source}: {report.n_bad} of {report.total} records are bad "
-                        f"({report.n_bad / report.total:.0%}, more than data.max_bad_fraction={cfg.max_bad_fraction}): "
-                        f"{summary}. Fix them, or raise data.max_bad_fraction to train on the rest.")
+    apply_bad_record_policy(cfg, report, records, "preference records", f"train.method={method} expects e.g. "
+                            f"{_PAIR_EXAMPLE if want == 'pairs' else _UNPAIRED_EXAMPLE}")
     if want == "unpaired" and len({r.label for r in records}) < 2:
         only = records[0].label
         raise UserError(f"{report.source}: every KTO record has label {str(only).lower()}; KTO needs desirable (true) "

@@ -400,10 +400,16 @@ def _is_one_object(raw: bytes) -> bool:
 
 
 def _apply_policy(cfg: DataConfig, report: LoadReport, records: list[ChatRecord]) -> None:
+    apply_bad_record_policy(cfg, report, records, "conversations", f"Expected one of {describe_formats()}, e.g. "
+                                                                   f"{_EXAMPLE}")
+
+
+def apply_bad_record_policy(cfg: DataConfig, report: LoadReport, records: list, kind: str, expected: str) -> None:
+    """Refuse data with no usable ``kind`` of record (saying what was ``expected``), or with more bad records than
+    ``data.max_bad_fraction``, each with the report's summary of what was wrong and where."""
     summary = "; ".join(report.summary_lines())
     if not records:
-        raise UserError(f"{report.source}: no usable conversations ({summary or 'no records'}). Expected one of "
-                        f"{describe_formats()}, e.g. {_EXAMPLE}")
+        raise UserError(f"{report.source}: no usable {kind} ({summary or 'no records'}). {expected}")
     if report.total and report.n_bad / report.total > cfg.max_bad_fraction:
         raise UserError(f"{report.source}: {report.n_bad} of {report.total} records are bad "
                         f"({report.n_bad / report.total:.0%}, more than data.max_bad_fraction="
