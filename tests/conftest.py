@@ -32,6 +32,25 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def llama_cpp_src(tmp_path_factory) -> Path:
+    """llama.cpp's converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py) with the conversion/ and gguf-py/ they
+    import, extracted once from the llama-cpp-python sdist (QLORA_PHI3_SDIST)."""
+    import tarfile
+
+    sdist = os.environ.get(SDIST_ENV)
+    if not sdist or not Path(sdist).is_file():
+        unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
+    out = tmp_path_factory.mktemp("llama_cpp_src")
+    wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdist) as tar:
+        root = tar.getnames()[0].split("/")[0]
+        prefix = f"{root}/vendor/llama.cpp/"
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+        tar.extractall(out, members=members, filter="data")
+    return out / root / "vendor" / "llama.cpp"
+
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     import importlib.util

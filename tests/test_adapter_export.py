@@ -18,13 +18,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SDIST_ENV, unavailable  # the llama_cpp fixture is conftest's too
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.out import adapter_export as adapter_mod
@@ -39,19 +37,9 @@ DPO_STEPS = 20  # enough to move the DPO policy off its reference (eval loss 0.6
 
 
 @pytest.fixture(scope="module")
-def converter(tmp_path_factory) -> Path:
-    """llama.cpp's convert_lora_to_gguf.py with the conversion/ and gguf-py/ it imports, from the sdist."""
-    sdist = os.environ.get(SDIST_ENV)
-    if not sdist or not Path(sdist).is_file():
-        unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
-    out = tmp_path_factory.mktemp("llama_cpp_src")
-    with tarfile.open(sdist) as tar:
-        root = tar.getnames()[0].split("/")[0]
-        prefix = f"{root}/vendor/llama.cpp/"
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(
-            ("convert_lora_to_gguf.py", "conversion/", "gguf-py/"))]
-        tar.extractall(out, members=members, filter="data")
-    return out / root / "vendor" / "llama.cpp" / "convert_lora_to_gguf.py"
+def converter(llama_cpp_src) -> Path:
+    """llama.cpp's convert_lora_to_gguf.py (the conftest fixture extracts it with what it imports)."""
+    return llama_cpp_src / "convert_lora_to_gguf.py"
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SDIST_ENV, unavailable  # the llama_cpp fixture is conftest's too
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
@@ -32,23 +30,6 @@ from qlora_phi3.out.export import CheckFailed, export, modelfile_text, write_ggu
 
 PHI3_VOCAB = Path(__file__).resolve().parent / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
 CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, quick on 2 cores
-
-
-@pytest.fixture(scope="module")
-def llama_cpp_src(tmp_path_factory) -> Path:
-    """llama.cpp's converter and its gguf-py, from the llama-cpp-python sdist."""
-    sdist = os.environ.get(SDIST_ENV)
-    if not sdist or not Path(sdist).is_file():
-        unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
-    out = tmp_path_factory.mktemp("llama_cpp_src")
-    with tarfile.open(sdist) as tar:
-        root = tar.getnames()[0].split("/")[0]
-        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-        members = [m for m in tar.getmembers()
-                   if m.name.startswith(f"{root}/vendor/llama.cpp/") and
-                   m.name[len(f"{root}/vendor/llama.cpp/"):].startswith(wanted)]
-        tar.extractall(out, members=members, filter="data")
-    return out / root / "vendor" / "llama.cpp"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -170,21 +169,6 @@ def test_gguf_has_partial_rotary_tied_head_and_the_o200k_vocabulary(phi4_gguf, p
         t = tensors["token_embd.weight"]
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
         assert np.abs(got - want).max() <= tol * np.abs(want).max() + 1e-7
-
-
-@pytest.fixture(scope="module")
-def llama_cpp_src(tmp_path_factory) -> Path:
-    sdist = os.environ.get("QLORA_PHI3_SDIST")
-    if not sdist or not Path(sdist).is_file():
-        pytest.skip("QLORA_PHI3_SDIST does not name the llama-cpp-python sdist holding llama.cpp's converter")
-    out = tmp_path_factory.mktemp("llama_cpp_src")
-    with tarfile.open(sdist) as tar:
-        root = tar.getnames()[0].split("/")[0]
-        members = [m for m in tar.getmembers() if m.name.startswith(f"{root}/vendor/llama.cpp/") and
-                   m.name[len(f"{root}/vendor/llama.cpp/"):].startswith(("convert_hf_to_gguf.py", "conversion/",
-                                                                          "gguf-py/"))]
-        tar.extractall(out, members=members, filter="data")
-    return out / root / "vendor" / "llama.cpp"
 
 
 def test_our_gguf_equals_llama_cpps_converter(phi4_gguf, phi4_merged, llama_cpp_src, tmp_path):
