@@ -183,3 +183,19 @@ def test_long_context_terms_and_attention():
     assert _terms(estimate(unpacked, cfg, attn_implementation="eager"))["attention masks and scores"] > 32 * 65536**2
     cpu = _terms(estimate(recipe, cfg, "cpu"))
     assert "attention backward buffers" not in cpu and "cuBLAS workspaces" not in cpu
+
+
+def test_breakdown_lists_the_phases_in_order(tmp_path):
+    """The breakdown `qlora-phi3 estimate` prints: weights, adapter and optimizer, then the activations phase by
+    phase (saved, attention masks, one layer's backward, logits and loss, a no-grad forward), then the GPU's own."""
+    dpo = load_recipe(recipes_dir() / "phi3_mini_4k_8gb_dpo.yaml", [f"model.adapter={tmp_path}", "lora.use_dora=true"])
+    names = [t.name.split(" (")[0] for t in estimate(dpo, config_for_estimate(dpo.model), "cuda", "sdpa").terms]
+    assert names == ["4-bit base weights", "quantization constants", "16-bit embeddings and lm_head",
+                     "other non-quantized params", "LoRA weights", "LoRA gradients", "reference adapter",
+                     "optimizer states", "DoRA magnitude vectors", "saved activations",
+                     "one layer's recompute working set", "backward transients", "DoRA activations",
+                     "attention backward buffers", "final norm", "logits and loss", "no-grad forward",
+                     "cuBLAS workspaces", "allocator overhead", "CUDA context"]
+    recipe, cfg = _phi3(["data.packing=true"])
+    names = [t.name.split(" (")[0] for t in estimate(recipe, cfg, "cpu", "sdpa").terms]
+    assert names[names.index("saved activations") + 1] == "attention masks and scores"  # sdpa copies the packed mask

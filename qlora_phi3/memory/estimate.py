@@ -17,6 +17,12 @@ yet (bench/gpu_check.py).
 Preference methods (``train.method``) change a few terms, given as data in ``METHOD_TERMS``: rows per sample
 (chosen + rejected), a no-grad reference forward, KTO's KL rows.
 
+``estimate()`` lists the step's phases: the weights, the adapter with its optimizer, then the activations (saved
+through the step, attention's masks and scores, one layer's recompute and backward, whole or tiled, the logits and
+loss, a no-grad forward), then a GPU's own overheads. Each phase is a small builder that returns its terms, the
+lines of the breakdown; an activation phase also says what it adds to the peak, which is in backward: what lives
+through the step plus the largest of the moments that transient memory comes and goes in.
+
 Notation: N = micro_batch_size x rows per sample x max_seq_len tokens, h = hidden, I = MLP width, L = layers,
 V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers.
 """
@@ -24,6 +30,7 @@ V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.errors import UserError
@@ -147,55 +154,6 @@ def rotary_dims(cfg) -> int:
     return int(head_dim * factor)
 
 
-def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, int]]) -> tuple[float, str]:
-    if optimizer in ("adamw_torch", "paged_adamw_32bit"):
-        n = sum(a * b for a, b in shapes)
-        return 8.0 * n, "2 fp32 Adam moments = 8 B/param (torch.optim.AdamW; paged: same size, pageable)"
-    total = 0.0
-    for a, b in shapes:
-        n = a * b
-        if n < BNB_8BIT_MIN_SIZE:
-            total += 8.0 * n
-        else:
-            total += 2.0 * n + 2 * 4 * -(-n // BNB_8BIT_BLOCK)
-    return total, ("2 uint8 moments = 2 B/param + 2 fp32 absmax per 256 values (bitsandbytes blockwise 8-bit "
-                   f"Adam; tensors under {BNB_8BIT_MIN_SIZE} values keep 8 B/param)")
-
-
-def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list[str],
-                                      lora_fp32: bool = True) -> tuple[float, str]:
-    """Bytes autograd saves per token in one decoder layer run whole (no tiling), traced with
-    ``torch.autograd.graph.saved_tensors_hooks`` on a Phi-3-mini-width layer (see the module doc).
-
-    bitsandbytes' ``MatMul4Bit`` keeps no activation (the frozen weight needs no input to backpropagate), and the
-    RMSNorm's last multiply by its frozen weight saves only the weight, so the bf16 inputs of the projections
-    are not saved; the LoRA inputs are: bf16 under autocast, fp32 copies without it (PEFT casts every LoRA input
-    to the adapter's dtype, peft/tuners/lora/bnb.py ``requires_conversion``).
-    """
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    heads = cfg.num_attention_heads
-    shapes = _linear_shapes(cfg)
-    q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
-    kv_size = (qkv_out - q_size) // 2
-    # Two RMSNorms: fp32 upcast of the input (4h) and 1/rms (4) each. Attention: the fused qkv output (2 x qkv_out,
-    # q/k/v are views of it), rotated q and k, the attention output and its fp32 logsumexp (4 per head).
-    # MLP: the fused gate_up output (2 x 2I) and silu(gate) (2I).
-    base = 2 * (4 * h + 4) + 2 * qkv_out + 2 * (q_size + kv_size) + 2 * q_size + 4 * heads + 2 * 2 * i + 2 * i
-    # Each LoRA target: its fp32 input (4 x in) kept by lora_A, or with dropout the fp32 dropout mask and the
-    # dropped input (8 x in); and lora_A's fp32 output (4r).
-    # Under autocast (lora_fp32=False) the adapter runs in bf16 on the bf16 input: 2 x in (4 x in with dropout) + 2r.
-    per_in = _lora_bytes_per_input(dropout, lora_fp32)
-    lora = sum(per_in * shapes[t][0] + (4 if lora_fp32 else 2) * r for t in targets if t in shapes)
-    return float(base + lora), (f"8h+8 (norms) + 2*{qkv_out} (qkv) + 2*(q+k) + 2q + 4*heads (attention) + 6I (MLP) "
-                                f"+ LoRA {per_in}*in + {4 if lora_fp32 else 2}r per target")
-
-
-def _lora_bytes_per_input(dropout: float, lora_fp32: bool) -> int:
-    if lora_fp32:
-        return 8 if dropout > 0 else 4
-    return 4 if dropout > 0 else 2
-
-
 def resolve_attention(recipe: Recipe, device: str) -> str:
     """The attention implementation training will use, as ``model.load.pick_attention`` decides it, without
     asking a GPU: 'auto' is flash_attention_2 for a CUDA estimate where flash-attn is installed, else sdpa."""
@@ -214,200 +172,192 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     """Peak memory of one training step. ``device``: 'cuda' (adds context and allocator overhead) or 'cpu'.
     ``attn_implementation``: the attention the step runs (default: :func:`resolve_attention`).
     ``autocast``: whether the forward runs under autocast (then PEFT runs the adapters in bf16, not fp32)."""
-    cfg = model_config
-    h, i, n_layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    r = recipe.lora.r
+    step = _resolve_step(recipe, model_config, device, attn_implementation, autocast)
+    weights = _weight_terms(step) + _adapter_terms(step)  # allocated once, before the first step
+    activations = [_saved_activations(step),  # alive for the whole step
+                   _attention_scores(step),  # masks and scores, quadratic in the row length
+                   _layer_backward(step),  # one layer's recompute and backward, whole or tiled
+                   _logits_and_loss(step),  # the first thing backward runs
+                   _no_grad_forward(step)]  # a preference method's reference forward and KL rows
+    terms = weights + [term for phase in activations for term in phase.terms]
+    activation_bytes = _peak_activation_bytes(activations)
+    tensor_bytes = reserved_bytes = total_bytes = sum(t.n_bytes for t in weights) + activation_bytes
+    if step.on_gpu:
+        workspaces, allocator, context = _gpu_overhead_terms(activation_bytes)
+        terms += [workspaces, allocator, context]
+        tensor_bytes += workspaces.n_bytes  # taken from the caching allocator, so in max_memory_allocated
+        reserved_bytes = tensor_bytes + allocator.n_bytes
+        total_bytes = reserved_bytes + context.n_bytes  # outside the allocator: not in max_memory_reserved
+    return Estimate(device="cuda" if step.on_gpu else "cpu", terms=terms, tensor_bytes=tensor_bytes,
+                    reserved_bytes=reserved_bytes, total_bytes=total_bytes, settings=_settings(step))
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The facts of one training step that the phases share, resolved once from the recipe, the model's config and
+    the device. Short names follow the module doc's notation (N, h, I, L, V)."""
+    recipe: Recipe
+    cfg: object  # the model's config (config.json, or the published shapes)
+    method: MethodTerms
+    rows_per_forward: int  # micro_batch_size x the method's rows per sample
+    seq_len: int
+    n_tokens: int  # N
+    on_gpu: bool
+    attn: str  # the attention implementation the step runs
+    ckpt: bool
+    offload: bool  # checkpointed layer inputs offloaded to CPU (only on a GPU)
+    loss_chunk_tokens: int  # 0: the plain loss
+    tile_tokens: int  # 0 when the rows run whole: tiling off, or a row within one tile
+    packing: bool  # SFT only packs
+    lora_fp32: bool  # PEFT runs the adapters in fp32 (no autocast)
+    shapes: dict[str, tuple[int, int]]  # (in, out) of each linear layer in one decoder layer
+    lora_targets: list[str]  # the recipe's LoRA targets (all of them Phi-3 linear layers)
+    lora_shapes: list[tuple[int, int]]  # every LoRA matrix over all layers
+    h: int
+    i: int  # MLP width
+    n_layers: int
+    vocab: int
+    heads: int
+    q_size: int  # heads x head_dim
+    kv_size: int  # key-value heads x head_dim
+    layer_bytes_per_token: float  # what one decoder layer run whole saves, per token
+    layer_formula: str
+    dora: _Dora | None  # None without lora.use_dora
+
+    @property
+    def adapter_dtype_bytes(self) -> int:
+        """Bytes per value of what the adapters compute: fp32, or bf16 under autocast."""
+        return 4 if self.lora_fp32 else 2
+
+    def lora_saved_bytes_per_token(self, target: str) -> int:
+        """What one LoRA target saves per token: its input (:func:`_lora_bytes_per_input`) and lora_A's output."""
+        per_in = _lora_bytes_per_input(self.recipe.lora.dropout, self.lora_fp32)
+        return per_in * self.shapes[target][0] + self.adapter_dtype_bytes * self.recipe.lora.r
+
+    @property
+    def final_norm_bytes(self) -> int:
+        """model.norm's saved tensors, 4h fp32 input + 4 B 1/rms per token: it runs outside checkpointing, so they
+        live from the forward's end until backward reaches them, right after the loss."""
+        return self.n_tokens * (4 * self.h + 4)
+
+
+def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | None, autocast: bool) -> _Step:
     method = METHOD_TERMS[getattr(recipe.train, "method", "sft")]
-    batch, seq = recipe.train.micro_batch_size * method.rows_per_sample, recipe.data.max_seq_len  # rows per forward
-    n_tokens = batch * seq
+    rows = recipe.train.micro_batch_size * method.rows_per_sample  # rows per forward
+    seq = recipe.data.max_seq_len
+    n_tokens = rows * seq
     on_gpu = device.startswith("cuda")
     attn = attn_implementation or resolve_attention(recipe, device)
-    ckpt = bool(recipe.train.gradient_checkpointing)
-    offload = recipe.train.gradient_checkpointing == "offload" and on_gpu
-    chunk = recipe.train.loss_chunk_tokens
-    tile = recipe.train.tile_tokens if 0 < recipe.train.tile_tokens < seq else 0  # a row within one tile runs whole
     shapes = _linear_shapes(cfg)
-    heads = cfg.num_attention_heads
     q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
-    kv_size = (qkv_out - q_size) // 2
-    p_quant = n_layers * sum(a * b for a, b in shapes.values())
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    lora = lora_shapes(recipe, cfg)
-    p_lora = sum(a * b for a, b in lora)
-    terms: list[Term] = []
-
-    def add(name, n_bytes, formula):
-        terms.append(Term(name, float(n_bytes), formula))
-
-    # --- weights: allocated once, before the first step ---
-    add("4-bit base weights", p_quant / 2, f"P_q x 4 bit = {p_quant:,} x 0.5 B (NF4, QLoRA paper)")
-    bits = 0.127 if recipe.model.double_quant else 0.5
-    add("quantization constants", p_quant * (1 / BNB_BLOCKSIZE + 4 / (BNB_BLOCKSIZE * 256)) if recipe.model.double_quant
-        else p_quant * 4 / BNB_BLOCKSIZE,
-        f"P_q x {bits} bit: fp32 absmax per 64 weights, or with double quant uint8 absmax + fp32 per 256 blocks "
-        "(QLoRA paper, section 2)")
-    add("16-bit embeddings and lm_head", (1 if tied else 2) * vocab * h * 2, f"{'1' if tied else '2'} x V x h x 2 B")
-    add("other non-quantized params", (2 * n_layers + 1) * h * 2, "(2L + 1) RMSNorm weights x h x 2 B")
-    add("LoRA weights (fp32)", p_lora * 4, f"{p_lora:,} params x 4 B (PEFT autocast_adapter_dtype keeps them fp32)")
-    add("LoRA gradients (fp32)", p_lora * 4, "one fp32 grad per LoRA param")
-    if method.reference_forward and getattr(recipe.model, "adapter", None):
-        add("reference adapter (frozen copy)", p_lora * 4, "P_lora x 4 B: TRL's 'ref' copy of the continued adapter "
-                                                           "(run/methods/preference.py), no gradient or optimizer state")
-    opt_bytes, opt_formula = _optimizer_bytes(recipe.train.optimizer, lora)
-    add(f"optimizer states ({recipe.train.optimizer})", opt_bytes, opt_formula)
-    dora = _dora_bytes(recipe, cfg, shapes, n_tokens) if recipe.lora.use_dora else None
-    if dora:
-        add("DoRA magnitude vectors", dora.weights, dora.weights_formula)
-    weights = sum(t.n_bytes for t in terms)
-
-    # --- activations alive for the whole step ---
+    lora = lora_shapes(recipe, cfg)  # refuses a target that is not a Phi-3 linear layer
     lora_fp32 = not autocast
-    per_layer, layer_formula = _layer_activation_bytes_per_token(cfg, r, recipe.lora.dropout,
+    per_layer, layer_formula = _layer_activation_bytes_per_token(cfg, recipe.lora.r, recipe.lora.dropout,
                                                                  recipe.lora.target_modules, lora_fp32)
-    rope = 2 * 2 * rotary_dims(cfg)  # cos and sin (bf16) over the rotary dims, computed once per forward, shared
-    if ckpt:
-        saved = n_tokens * (n_layers * (0 if offload else 2 * h) + rope)
-        add("saved activations (checkpointed)", saved,
-            "N x (L x 2h [layer inputs, 0 when offloaded to CPU] + 4 x rotary dims [rope])")
-    else:
-        kept = (_tiled_layer_bytes_per_token(cfg) + 2 * h) if tile else per_layer
-        saved = n_tokens * (n_layers * kept + rope + 2 * h)
-        if dora:
-            saved += n_layers * dora.saved
-        add("saved activations (no checkpointing)", saved,
-            f"N x (L x {kept:,.0f} B [{'tiled: what attention keeps + the tile inputs' if tile else layer_formula}] "
-            "+ rope + 2h embedding output)")
-    # Quadratic in the row length: what the attention implementation needs besides q, k, v.
-    packing = recipe.data.packing and method.rows_per_sample == 1 and not method.reference_forward  # SFT only packs
-    quad, quad_saved, quad_formula = _quadratic_attention_bytes(attn, packing, batch, seq, heads, ckpt,
-                                                                n_layers, on_gpu)
-    if quad or quad_saved:
-        add(f"attention masks and scores ({attn})", quad + quad_saved, quad_formula)
+    return _Step(
+        recipe=recipe, cfg=cfg, method=method, rows_per_forward=rows, seq_len=seq, n_tokens=n_tokens, on_gpu=on_gpu,
+        attn=attn, ckpt=bool(recipe.train.gradient_checkpointing),
+        offload=recipe.train.gradient_checkpointing == "offload" and on_gpu,
+        loss_chunk_tokens=recipe.train.loss_chunk_tokens,
+        tile_tokens=recipe.train.tile_tokens if 0 < recipe.train.tile_tokens < seq else 0,
+        packing=recipe.data.packing and method.rows_per_sample == 1 and not method.reference_forward,
+        lora_fp32=lora_fp32, shapes=shapes, lora_targets=[t for t in recipe.lora.target_modules if t in shapes],
+        lora_shapes=lora, h=cfg.hidden_size, i=cfg.intermediate_size, n_layers=cfg.num_hidden_layers,
+        vocab=cfg.vocab_size, heads=cfg.num_attention_heads, q_size=q_size, kv_size=(qkv_out - q_size) // 2,
+        layer_bytes_per_token=per_layer, layer_formula=layer_formula,
+        dora=_dora_bytes(recipe, cfg, shapes, n_tokens) if recipe.lora.use_dora else None)
 
-    # --- one layer's backward (the layers' part of the peak) ---
-    # Traced with the live-tensor meter (qlora_phi3/memory/meter.py) on a Phi-3-mini-width layer, two moments:
-    # (a) its recompute reaching gate_up's LoRA: everything saved up to there, gate_up's output, the fp32 LoRA
-    #     output and its scaled copy (PEFT computes the adapter in fp32 here), PEFT's fp32 copy of the input, the
-    #     residual and normed input that transformers' forward holds, the gradient arriving from above, and one more
-    #     fp32 h-wide buffer the trace shows alive (owner not pinned down; counted, not guessed away);
-    # (b) backward reaching gate_up: the MLP's own saved tensors (gate_up output, silu, down_proj's LoRA inputs)
-    #     are freed; gate_up's output gradient, the residual gradient and the dequantized weight are alive.
-    # (a) wins from ~1k tokens on; a tiled layer reaches both inside one tile, and over the whole sequence holds
-    # what attention needs, with its own peak in attention's backward (dq, dk, dv).
-    widest = max(a * b for a, b in shapes.values())
-    dequant = 2 * widest  # MatMul4Bit.backward dequantizes the frozen weight (bf16) to multiply the gradient
-    targets = [t for t in recipe.lora.target_modules if t in shapes]
-    per_in = _lora_bytes_per_input(recipe.lora.dropout, lora_fp32)
-    down_lora = (per_in * i + (4 if lora_fp32 else 2) * r) if "down_proj" in targets else 0
-    at_gate_up = per_layer - 6 * i - down_lora  # saved tensors alive when the recompute / backward is at gate_up
-    lora_out = 2 * (4 if lora_fp32 else 2) * 2 * i if "gate_up_proj" in targets else 0
-    held = (4 * h if lora_fp32 else 0) + 2 * 2 * h + 4 * h  # (a): PEFT's fp32 input copy, residual + normed input,
-    # and the unpinned buffer
-    in_recompute = at_gate_up + 2 * 2 * i + lora_out + held + 2 * h
-    in_backward = at_gate_up + 2 * 2 * i + 2 * h
-    moment_formula = (f"max({in_recompute:,.0f} B [(a) saved up to gate_up + 4I output + {lora_out:,} fp32 LoRA "
-                      f"output and scaled copy + 14h held], {in_backward:,.0f} B + dequantized weight [(b)])")
-    # A tile of segment B (o_proj + MLP) has saved only its own part: o_proj's LoRA input, the second norm and
-    # gate_up's LoRA input; the attention's tensors are whole-sequence (below) and the layer output grad too.
-    seg_b = (4 * h + 4) + sum(per_in * shapes[t][0] + (4 if lora_fp32 else 2) * r
-                              for t in ("o_proj", "gate_up_proj") if t in targets)
-    tile_recompute = seg_b + 2 * 2 * i + lora_out + held
-    tile_backward = seg_b + 2 * 2 * i
-    layer_input_back = 2 * h if offload else 0  # an offloaded layer input comes back for its own recompute
-    if tile:
-        whole = _tiled_layer_bytes_per_token(cfg)
-        attn_grads = 2 * q_size + 2 * h + 2 * (q_size + 2 * kv_size)  # attention output, residual; dq, dk, dv
-        rows = batch * tile
-        # the layer output's gradient, and the gradients of the tiles already done (split's backward gathers them)
-        in_tile = (2 * h + 2 * q_size + 2 * h) * n_tokens + max(rows * tile_recompute, rows * tile_backward + dequant)
-        # sdpa: transformers returns its output transposed and made contiguous, so the gradient reaches sdpa's
-        # backward as a transposed view that it copies (2q); flash-attn takes (batch, seq, heads, dim) as it comes.
-        attn_grads += 2 * q_size if attn == "sdpa" else 0
-        in_attention = attn_grads * n_tokens
-        layer_ws = n_tokens * (whole + layer_input_back)
-        add("one layer's recompute working set", layer_ws,
-            f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v 2(q+2k), its output and the contiguous copy "
-            f"o_proj reads 4q, logsumexp 4*heads]{' + N x 2h [offloaded input back]' if offload else ''}")
-        grad_ws = max(in_tile, in_attention)
-        grad_formula = (f"max(N x (2h + 2q + 2h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
-                        f"{tile} x micro-batch x max({tile_recompute:,} B "
-                        f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
-                        f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv"
-                        f"{', the output grad made contiguous (sdpa)' if attn == 'sdpa' else ''}])")
-    else:
-        layer_ws = n_tokens * (at_gate_up + layer_input_back) if ckpt else 0.0
-        if dora and ckpt:
-            layer_ws += dora.saved
-        if ckpt:
-            add("one layer's recompute working set", layer_ws,
-                f"N x {at_gate_up:,.0f} B [{layer_formula}, less the MLP's own 6I and down_proj's LoRA inputs]")
-        grad_ws = max(n_tokens * (in_recompute - at_gate_up), n_tokens * (in_backward - at_gate_up) + dequant)
-        grad_formula = f"N x {moment_formula} less the recompute working set"
-    add("backward transients", grad_ws, grad_formula)
-    if dora:
-        add("DoRA activations", dora.saved * (1 if ckpt else n_layers) + dora.transient, dora.formula)
-        grad_ws += dora.transient
-    if on_gpu and attn in ("flash_attention_2", "sdpa"):
-        attn_bwd = n_tokens * (4 * q_size + 4 * heads)
-        add("attention backward buffers (GPU)", attn_bwd,
-            "N x (4 x heads x head_dim [fp32 dq accumulator] + 4 x heads [softmax_d]): flash-attn 2's backward "
-            "(flash_api.cpp mha_bwd), the same for sdpa's flash / efficient kernels")
-        grad_ws = max(grad_ws, attn_bwd + (in_attention if tile else n_tokens * (2 * q_size + 2 * (q_size + 2 * kv_size))))
 
-    # --- logits and loss (the first thing backward runs), with the final norm's saved tensors ---
-    final_norm = n_tokens * (4 * h + 4)
-    add("final norm (saved)", final_norm, "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; "
-                                          "freed when backward reaches it, right after the loss")
-    if chunk:
-        rows = min(n_tokens, chunk)
-        logits = rows * vocab * 12 + n_tokens * 2 * h * 2
-        logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
-                          "grad, recomputed in backward: qlora_phi3/run/loss.py) + N x 2 x 2h (final hidden states "
-                          "and the labelled rows gathered from them; their gradient)")
-    else:
-        # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
-        # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
-        # measured through the training path (tests/test_estimate.py), not the 12 of a bare cross-entropy.
-        logits = n_tokens * vocab * 30
-        logits_formula = ("N x V x 30 B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy metric, "
-                          "with their gradients; measured on the training path)")
-    add("logits and loss", logits, logits_formula)
-    # A no-grad forward (the reference with the adapter off; KTO's mismatched KL rows through policy and reference)
-    # saves nothing: its peak is one layer's forward working set, residual and normed input 4h, the MLP's gate_up
-    # output 4I, silu and the product 4I, beside what the policy's forward saved.
-    nograd_rows = (batch if method.reference_forward and not getattr(recipe.train, "precompute_ref_log_probs", False)
-                   else 0) + recipe.train.micro_batch_size * method.kl_rows_per_sample
-    nograd = nograd_rows * seq * (4 * h + 8 * i) + min(nograd_rows * seq, chunk or nograd_rows * seq) * vocab * 8
-    if nograd_rows:
-        add("no-grad forward (reference / KL rows)", nograd,
-            f"{nograd_rows} rows x max_seq_len x (4h + 8I) [one layer's forward working set] + a chunk's fp32 logits "
-            "and probabilities (V x 8 B per position); before backward, beside the saved activations")
+def _settings(step: _Step) -> dict:
+    train = step.recipe.train
+    return {"method": getattr(train, "method", "sft"), "rows_per_forward": step.rows_per_forward,
+            "max_seq_len": step.seq_len, "micro_batch_size": train.micro_batch_size,
+            "gradient_checkpointing": train.gradient_checkpointing, "lora_r": step.recipe.lora.r,
+            "optimizer": train.optimizer, "loss_chunk_tokens": step.loss_chunk_tokens,
+            "tile_tokens": train.tile_tokens, "attn_implementation": step.attn, "packing": step.packing}
 
-    # The peak is in backward: what lives through the step (weights, saved activations, the persistent masks) plus
-    # the larger of the loss's moment (first in backward) and one layer's recompute with its backward.
-    activations = saved + quad + max(logits + final_norm, layer_ws + grad_ws + quad_saved, nograd + final_norm)
-    tensor_bytes = weights + activations
-    settings = {"method": getattr(recipe.train, "method", "sft"), "rows_per_forward": batch,
-                "max_seq_len": seq, "micro_batch_size": recipe.train.micro_batch_size, "gradient_checkpointing": recipe.train.gradient_checkpointing,
-                "lora_r": r, "optimizer": recipe.train.optimizer, "loss_chunk_tokens": chunk,
-                "tile_tokens": recipe.train.tile_tokens, "attn_implementation": attn, "packing": packing}
-    est = Estimate(device="cuda" if on_gpu else "cpu", terms=terms, settings=settings)
-    if on_gpu:
-        add("cuBLAS workspaces (GPU)", CUBLAS_WORKSPACE_BYTES,
-            "2 x 32 MiB: one workspace per cuBLAS handle (forward thread and autograd's backward thread), taken "
-            "from the caching allocator (torch CublasHandlePool.cpp; 32 MiB on Hopper, ~8 MiB before)")
-        tensor_bytes += CUBLAS_WORKSPACE_BYTES
-        overhead = ALLOCATOR_OVERHEAD * activations
-        add("allocator overhead (GPU)", overhead, f"{ALLOCATOR_OVERHEAD:.0%} of the activation memory (allocated and "
-            "freed every step: block rounding and fragmentation); weights are allocated once and do not fragment")
-        add("CUDA context (GPU)", CUDA_CONTEXT_BYTES, "~0.5 GB per process: CUDA runtime and kernels; "
-            "not in max_memory_reserved")
-        est.tensor_bytes = tensor_bytes
-        est.reserved_bytes = tensor_bytes + overhead
-        est.total_bytes = est.reserved_bytes + CUDA_CONTEXT_BYTES
-    else:
-        est.tensor_bytes = est.reserved_bytes = est.total_bytes = tensor_bytes
-    return est
+
+# The moments of the step that transient memory comes and goes in; the peak is at the largest.
+_AT_LOSS = "the loss"  # first in backward
+_AT_LAYER = "one layer's recompute and backward"
+_AT_NO_GRAD = "a no-grad forward"  # before backward
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One phase of the step's activation memory: its lines in the breakdown, and what it adds to the peak. The lines
+    do not simply add up: they overlap in time, and some show more than the peak holds of them (DoRA's saved tensors
+    are counted again in the saved activations or the recompute working set)."""
+    terms: list[Term]
+    step_bytes: float = 0.0  # alive through the whole step
+    moment_bytes: dict[str, float] = field(default_factory=dict)  # alive at one moment only, by moment
+
+
+def _peak_activation_bytes(phases: list[_Phase]) -> float:
+    """The peak is in backward: what lives through the step (the saved activations, the persistent masks) plus the
+    largest moment: the loss's, one layer's recompute with its backward, or a no-grad forward's."""
+    moments: dict[str, float] = {}
+    for phase in phases:
+        for moment, n_bytes in phase.moment_bytes.items():
+            moments[moment] = moments.get(moment, 0) + n_bytes
+    return sum(phase.step_bytes for phase in phases) + max(moments.values())
+
+
+def _term(name: str, n_bytes: float, formula: str) -> Term:
+    return Term(name, float(n_bytes), formula)
+
+
+def _weight_terms(step: _Step) -> list[Term]:
+    """The frozen model: the quantized linear layers (P_q parameters) with their quantization constants, and the
+    16-bit embeddings and norms."""
+    p_quant = step.n_layers * sum(a * b for a, b in step.shapes.values())
+    double_quant = step.recipe.model.double_quant
+    bits = 0.127 if double_quant else 0.5
+    tied = bool(getattr(step.cfg, "tie_word_embeddings", False))
+    return [
+        _term("4-bit base weights", p_quant / 2, f"P_q x 4 bit = {p_quant:,} x 0.5 B (NF4, QLoRA paper)"),
+        _term("quantization constants", p_quant * (1 / BNB_BLOCKSIZE + 4 / (BNB_BLOCKSIZE * 256)) if double_quant
+              else p_quant * 4 / BNB_BLOCKSIZE,
+              f"P_q x {bits} bit: fp32 absmax per 64 weights, or with double quant uint8 absmax + fp32 per 256 blocks "
+              "(QLoRA paper, section 2)"),
+        _term("16-bit embeddings and lm_head", (1 if tied else 2) * step.vocab * step.h * 2,
+              f"{'1' if tied else '2'} x V x h x 2 B"),
+        _term("other non-quantized params", (2 * step.n_layers + 1) * step.h * 2, "(2L + 1) RMSNorm weights x h x 2 B"),
+    ]
+
+
+def _adapter_terms(step: _Step) -> list[Term]:
+    """What training adds to the frozen model: the LoRA matrices (fp32) with their gradients and optimizer states,
+    a preference method's frozen copy of a continued adapter, and DoRA's magnitudes."""
+    p_lora = sum(a * b for a, b in step.lora_shapes)
+    terms = [_term("LoRA weights (fp32)", p_lora * 4,
+                   f"{p_lora:,} params x 4 B (PEFT autocast_adapter_dtype keeps them fp32)"),
+             _term("LoRA gradients (fp32)", p_lora * 4, "one fp32 grad per LoRA param")]
+    if step.method.reference_forward and getattr(step.recipe.model, "adapter", None):
+        terms.append(_term("reference adapter (frozen copy)", p_lora * 4,
+                           "P_lora x 4 B: TRL's 'ref' copy of the continued adapter (run/methods/preference.py), no "
+                           "gradient or optimizer state"))
+    optimizer = step.recipe.train.optimizer
+    opt_bytes, opt_formula = _optimizer_bytes(optimizer, step.lora_shapes)
+    terms.append(_term(f"optimizer states ({optimizer})", opt_bytes, opt_formula))
+    if step.dora:
+        terms.append(_term("DoRA magnitude vectors", step.dora.weights, step.dora.weights_formula))
+    return terms
+
+
+def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, int]]) -> tuple[float, str]:
+    if optimizer in ("adamw_torch", "paged_adamw_32bit"):
+        n = sum(a * b for a, b in shapes)
+        return 8.0 * n, "2 fp32 Adam moments = 8 B/param (torch.optim.AdamW; paged: same size, pageable)"
+    total = 0.0
+    for a, b in shapes:
+        n = a * b
+        if n < BNB_8BIT_MIN_SIZE:
+            total += 8.0 * n
+        else:
+            total += 2.0 * n + 2 * 4 * -(-n // BNB_8BIT_BLOCK)
+    return total, ("2 uint8 moments = 2 B/param + 2 fp32 absmax per 256 values (bitsandbytes blockwise 8-bit "
+                   f"Adam; tensors under {BNB_8BIT_MIN_SIZE} values keep 8 B/param)")
 
 
 @dataclass
@@ -445,6 +395,59 @@ def _dora_bytes(recipe: Recipe, cfg, shapes: dict[str, tuple[int, int]], n_token
                  "[the weight-norm computation, PEFT dora.py]")
 
 
+def _saved_activations(step: _Step) -> _Phase:
+    """What the forward saves for backward, alive through the whole step: with checkpointing each layer's input,
+    without it all that each layer saves (run whole or tiled), DoRA's tensors included."""
+    n, h, n_layers = step.n_tokens, step.h, step.n_layers
+    rope = 2 * 2 * rotary_dims(step.cfg)  # cos and sin (bf16) over the rotary dims, computed once per forward, shared
+    if step.ckpt:
+        saved = n * (n_layers * (0 if step.offload else 2 * h) + rope)
+        return _Phase([_term("saved activations (checkpointed)", saved,
+                             "N x (L x 2h [layer inputs, 0 when offloaded to CPU] + 4 x rotary dims [rope])")],
+                      step_bytes=saved)
+    kept = (_tiled_layer_bytes_per_token(step.cfg) + 2 * h) if step.tile_tokens else step.layer_bytes_per_token
+    saved = n * (n_layers * kept + rope + 2 * h)
+    if step.dora:
+        saved += n_layers * step.dora.saved
+    kept_formula = "tiled: what attention keeps + the tile inputs" if step.tile_tokens else step.layer_formula
+    return _Phase([_term("saved activations (no checkpointing)", saved,
+                         f"N x (L x {kept:,.0f} B [{kept_formula}] + rope + 2h embedding output)")], step_bytes=saved)
+
+
+def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list[str],
+                                      lora_fp32: bool = True) -> tuple[float, str]:
+    """Bytes autograd saves per token in one decoder layer run whole (no tiling), traced with
+    ``torch.autograd.graph.saved_tensors_hooks`` on a Phi-3-mini-width layer (see the module doc).
+
+    bitsandbytes' ``MatMul4Bit`` keeps no activation (the frozen weight needs no input to backpropagate), and the
+    RMSNorm's last multiply by its frozen weight saves only the weight, so the bf16 inputs of the projections
+    are not saved; the LoRA inputs are: bf16 under autocast, fp32 copies without it (PEFT casts every LoRA input
+    to the adapter's dtype, peft/tuners/lora/bnb.py ``requires_conversion``).
+    """
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    shapes = _linear_shapes(cfg)
+    q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
+    kv_size = (qkv_out - q_size) // 2
+    # Two RMSNorms: fp32 upcast of the input (4h) and 1/rms (4) each. Attention: the fused qkv output (2 x qkv_out,
+    # q/k/v are views of it), rotated q and k, the attention output and its fp32 logsumexp (4 per head).
+    # MLP: the fused gate_up output (2 x 2I) and silu(gate) (2I).
+    base = 2 * (4 * h + 4) + 2 * qkv_out + 2 * (q_size + kv_size) + 2 * q_size + 4 * heads + 2 * 2 * i + 2 * i
+    # Each LoRA target: its fp32 input (4 x in) kept by lora_A, or with dropout the fp32 dropout mask and the
+    # dropped input (8 x in); and lora_A's fp32 output (4r).
+    # Under autocast (lora_fp32=False) the adapter runs in bf16 on the bf16 input: 2 x in (4 x in with dropout) + 2r.
+    per_in = _lora_bytes_per_input(dropout, lora_fp32)
+    lora = sum(per_in * shapes[t][0] + (4 if lora_fp32 else 2) * r for t in targets if t in shapes)
+    return float(base + lora), (f"8h+8 (norms) + 2*{qkv_out} (qkv) + 2*(q+k) + 2q + 4*heads (attention) + 6I (MLP) "
+                                f"+ LoRA {per_in}*in + {4 if lora_fp32 else 2}r per target")
+
+
+def _lora_bytes_per_input(dropout: float, lora_fp32: bool) -> int:
+    if lora_fp32:
+        return 8 if dropout > 0 else 4
+    return 4 if dropout > 0 else 2
+
+
 def _tiled_layer_bytes_per_token(cfg) -> float:
     """What a tiled layer keeps for the whole sequence (traced like the untiled one, qlora_phi3/run/tiling.py):
     rotated q and k and a contiguous v (2 x (q + 2k)), the attention output and the contiguous copy o_proj reads
@@ -455,10 +458,9 @@ def _tiled_layer_bytes_per_token(cfg) -> float:
     return float(2 * (q_size + 2 * kv_size) + 4 * q_size + 4 * cfg.num_attention_heads)
 
 
-def _quadratic_attention_bytes(attn: str, packing: bool, batch: int, seq: int, heads: int, ckpt: bool, n_layers: int,
-                               on_gpu: bool) -> tuple[float, float, str]:
-    """(bytes alive through the step, bytes alive during one layer's backward, formula) of what grows with the
-    square of the row length: masks and, on eager, the attention probabilities.
+def _attention_scores(step: _Step) -> _Phase:
+    """What grows with the square of the row length, besides q, k, v: masks and, on eager, the attention
+    probabilities; some alive through the step, some only while one layer's backward runs.
 
     sdpa with packing: our block-diagonal mask is B x L^2 bool (data/packing.py), passed to every layer; sdpa
     turns a bool mask into a compute-dtype copy (2 B per entry, torch's ``convert_boolean_attn_mask``) that the
@@ -466,23 +468,191 @@ def _quadratic_attention_bytes(attn: str, packing: bool, batch: int, seq: int, h
     eager: transformers' causal mask (B x L^2 x 2 B, or our packed fp32 mask: 4 B) and per layer the softmax
     probabilities (heads x L^2 x 2 B) saved for backward, plus the fp32 softmax transient (4 B per entry).
     flash_attention_2: nothing (varlen from position ids, no mask)."""
-    sq = batch * seq * seq
-    if attn == "sdpa" and packing:
-        if ckpt:
-            return sq, 2 * sq, ("B x L^2 x (1 [bool mask, through the step] + 2 [its compute-dtype copy, saved by the "
-                                "attention of the layer being recomputed])")
-        return sq * (1 + 2 * n_layers), 0.0, "B x L^2 x (1 [bool mask] + L x 2 [its compute-dtype copy, every layer])"
-    if attn == "eager":
-        mask = 4 if packing else 2
+    sq = step.rows_per_forward * step.seq_len * step.seq_len
+    heads, n_layers = step.heads, step.n_layers
+    if step.attn == "sdpa" and step.packing:
+        if step.ckpt:
+            in_step, in_layer, formula = sq, 2 * sq, (
+                "B x L^2 x (1 [bool mask, through the step] + 2 [its compute-dtype copy, saved by the attention of the "
+                "layer being recomputed])")
+        else:
+            in_step, in_layer, formula = (sq * (1 + 2 * n_layers), 0.0,
+                                          "B x L^2 x (1 [bool mask] + L x 2 [its compute-dtype copy, every layer])")
+    elif step.attn == "eager":
+        mask = 4 if step.packing else 2
         probs = heads * sq * 2
-        if ckpt:
-            return sq * mask, probs + heads * sq * 4, (
+        if step.ckpt:
+            in_step, in_layer, formula = sq * mask, probs + heads * sq * 4, (
                 f"B x L^2 x {mask} [mask] + heads x B x L^2 x (2 [softmax output saved by the recomputed layer] "
                 "+ 4 [fp32 softmax transient])")
-        return sq * mask + n_layers * probs, heads * sq * 4, (
-            f"B x L^2 x {mask} [mask] + L x heads x B x L^2 x 2 [softmax outputs of every layer] + heads x B x L^2 "
-            "x 4 [fp32 softmax transient]")
-    return 0.0, 0.0, ""
+        else:
+            in_step, in_layer, formula = sq * mask + n_layers * probs, heads * sq * 4, (
+                f"B x L^2 x {mask} [mask] + L x heads x B x L^2 x 2 [softmax outputs of every layer] + heads x B x L^2 "
+                "x 4 [fp32 softmax transient]")
+    else:
+        return _Phase([])
+    return _Phase([_term(f"attention masks and scores ({step.attn})", in_step + in_layer, formula)],
+                  step_bytes=in_step, moment_bytes={_AT_LAYER: in_layer})
+
+
+def _layer_backward(step: _Step) -> _Phase:
+    """One layer's recompute and backward: the layers' part of the peak.
+
+    Traced with the live-tensor meter (qlora_phi3/memory/meter.py) on a Phi-3-mini-width layer, two moments:
+    (a) its recompute reaching gate_up's LoRA: everything saved up to there, gate_up's output, the fp32 LoRA
+        output and its scaled copy (PEFT computes the adapter in fp32 here), PEFT's fp32 copy of the input, the
+        residual and normed input that transformers' forward holds, the gradient arriving from above, and one more
+        fp32 h-wide buffer the trace shows alive (owner not pinned down; counted, not guessed away);
+    (b) backward reaching gate_up: the MLP's own saved tensors (gate_up output, silu, down_proj's LoRA inputs)
+        are freed; gate_up's output gradient, the residual gradient and the dequantized weight are alive.
+    (a) wins from ~1k tokens on; a tiled layer reaches both inside one tile, and over the whole sequence holds
+    what attention needs, with its own peak in attention's backward (dq, dk, dv).
+    DoRA's weight-norm computation adds to that moment; on a GPU, attention's backward buffers may outgrow it."""
+    h, i = step.h, step.i
+    # MatMul4Bit.backward dequantizes the widest frozen weight (bf16) to multiply the gradient
+    dequant_bytes = 2 * max(a * b for a, b in step.shapes.values())
+    # (a): gate_up's LoRA output and its scaled copy (2I wide each), in the adapters' dtype
+    lora_out = 2 * step.adapter_dtype_bytes * 2 * i if "gate_up_proj" in step.lora_targets else 0
+    held = (4 * h if step.lora_fp32 else 0) + 2 * 2 * h + 4 * h  # (a): PEFT's fp32 input copy, residual + normed input,
+    # and the unpinned buffer
+    input_back = 2 * h if step.offload else 0  # an offloaded layer input comes back for its own recompute
+    layer = (_tiled_layer if step.tile_tokens else _whole_layer)(step, dequant_bytes, lora_out, held, input_back)
+    terms, transient_bytes = list(layer.terms), layer.transient_bytes
+    if step.dora:
+        terms.append(_term("DoRA activations", step.dora.saved * (1 if step.ckpt else step.n_layers)
+                           + step.dora.transient, step.dora.formula))
+        transient_bytes += step.dora.transient  # its saved tensors are in the saved activations or the working set
+    if step.on_gpu and step.attn in ("flash_attention_2", "sdpa"):
+        attn_bwd = step.n_tokens * (4 * step.q_size + 4 * step.heads)
+        terms.append(_term("attention backward buffers (GPU)", attn_bwd,
+                           "N x (4 x heads x head_dim [fp32 dq accumulator] + 4 x heads [softmax_d]): flash-attn 2's "
+                           "backward (flash_api.cpp mha_bwd), the same for sdpa's flash / efficient kernels"))
+        transient_bytes = max(transient_bytes, attn_bwd + layer.attention_bytes)
+    return _Phase(terms, moment_bytes={_AT_LAYER: layer.working_set_bytes + transient_bytes})
+
+
+class _LayerMoment(NamedTuple):
+    terms: list[Term]
+    working_set_bytes: float  # what the recomputed layer has saved, over the whole sequence
+    transient_bytes: float  # the larger moment beyond the working set, (a) or (b) (or attention's, tiled)
+    attention_bytes: float  # what attention's backward holds besides the GPU kernels' own buffers
+
+
+def _whole_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
+    """A layer run whole: (a) and (b) over all N tokens. ``lora_out``, ``held``, ``input_back``: per token, from
+    :func:`_layer_backward`."""
+    h, i, n, q_size = step.h, step.i, step.n_tokens, step.q_size
+    down_lora = step.lora_saved_bytes_per_token("down_proj") if "down_proj" in step.lora_targets else 0
+    at_gate_up = step.layer_bytes_per_token - 6 * i - down_lora  # saved tensors alive when the recompute / backward
+    # is at gate_up
+    in_recompute = at_gate_up + 2 * 2 * i + lora_out + held + 2 * h
+    in_backward = at_gate_up + 2 * 2 * i + 2 * h
+    moment_formula = (f"max({in_recompute:,.0f} B [(a) saved up to gate_up + 4I output + {lora_out:,} fp32 LoRA "
+                      f"output and scaled copy + 14h held], {in_backward:,.0f} B + dequantized weight [(b)])")
+    terms = []
+    working_set = 0.0
+    if step.ckpt:
+        working_set = n * (at_gate_up + input_back)
+        if step.dora:
+            working_set += step.dora.saved
+        terms.append(_term("one layer's recompute working set", working_set,
+                           f"N x {at_gate_up:,.0f} B [{step.layer_formula}, less the MLP's own 6I and down_proj's "
+                           "LoRA inputs]"))
+    transients = max(n * (in_recompute - at_gate_up), n * (in_backward - at_gate_up) + dequant_bytes)
+    terms.append(_term("backward transients", transients, f"N x {moment_formula} less the recompute working set"))
+    # attention's backward: its output's gradient, dq, dk, dv
+    return _LayerMoment(terms, working_set, transients, n * (2 * q_size + 2 * (q_size + 2 * step.kv_size)))
+
+
+def _tiled_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
+    """A tiled layer (``train.tile_tokens``, qlora_phi3/run/tiling.py): what attention keeps over the whole
+    sequence, and (a) or (b) inside one tile of segment B (o_proj + MLP), or attention's own backward."""
+    h, i, n, q_size, tile = step.h, step.i, step.n_tokens, step.q_size, step.tile_tokens
+    whole = _tiled_layer_bytes_per_token(step.cfg)
+    # A tile of segment B (o_proj + MLP) has saved only its own part: o_proj's LoRA input, the second norm and
+    # gate_up's LoRA input; the attention's tensors are whole-sequence (below) and the layer output grad too.
+    seg_b = (4 * h + 4) + sum(step.lora_saved_bytes_per_token(t) for t in ("o_proj", "gate_up_proj")
+                              if t in step.lora_targets)
+    tile_recompute = seg_b + 2 * 2 * i + lora_out + held
+    tile_backward = seg_b + 2 * 2 * i
+    attn_grads = 2 * q_size + 2 * h + 2 * (q_size + 2 * step.kv_size)  # attention output, residual; dq, dk, dv
+    rows = step.rows_per_forward * tile
+    # the layer output's gradient, and the gradients of the tiles already done (split's backward gathers them)
+    in_tile = (2 * h + 2 * q_size + 2 * h) * n + max(rows * tile_recompute, rows * tile_backward + dequant_bytes)
+    # sdpa: transformers returns its output transposed and made contiguous, so the gradient reaches sdpa's
+    # backward as a transposed view that it copies (2q); flash-attn takes (batch, seq, heads, dim) as it comes.
+    attn_grads += 2 * q_size if step.attn == "sdpa" else 0
+    in_attention = attn_grads * n
+    working_set = n * (whole + input_back)
+    transients = max(in_tile, in_attention)
+    terms = [
+        _term("one layer's recompute working set", working_set,
+              f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v 2(q+2k), its output and the contiguous copy "
+              f"o_proj reads 4q, logsumexp 4*heads]{' + N x 2h [offloaded input back]' if step.offload else ''}"),
+        _term("backward transients", transients,
+              f"max(N x (2h + 2q + 2h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
+              f"{tile} x micro-batch x max({tile_recompute:,} B "
+              f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
+              f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv"
+              f"{', the output grad made contiguous (sdpa)' if step.attn == 'sdpa' else ''}])"),
+    ]
+    return _LayerMoment(terms, working_set, transients, in_attention)
+
+
+def _logits_and_loss(step: _Step) -> _Phase:
+    """The loss, the first thing backward runs, with the final norm's saved tensors."""
+    n, chunk = step.n_tokens, step.loss_chunk_tokens
+    terms = [_term("final norm (saved)", step.final_norm_bytes,
+                   "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; freed when backward "
+                   "reaches it, right after the loss")]
+    if chunk:
+        logits = min(n, chunk) * step.vocab * 12 + n * 2 * step.h * 2
+        logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
+                          "grad, recomputed in backward: qlora_phi3/run/loss.py) + N x 2 x 2h (final hidden states "
+                          "and the labelled rows gathered from them; their gradient)")
+    else:
+        # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
+        # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
+        # measured through the training path (tests/test_estimate.py), not the 12 of a bare cross-entropy.
+        logits = n * step.vocab * 30
+        logits_formula = ("N x V x 30 B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy metric, "
+                          "with their gradients; measured on the training path)")
+    terms.append(_term("logits and loss", logits, logits_formula))
+    return _Phase(terms, moment_bytes={_AT_LOSS: logits + step.final_norm_bytes})
+
+
+def _no_grad_forward(step: _Step) -> _Phase:
+    """A no-grad forward (the reference with the adapter off; KTO's mismatched KL rows through policy and reference)
+    saves nothing: its peak is one layer's forward working set, residual and normed input 4h, the MLP's gate_up
+    output 4I, silu and the product 4I, beside what the policy's forward saved (the final norm's tensors too)."""
+    train, seq = step.recipe.train, step.seq_len
+    reference_rows = (step.rows_per_forward if step.method.reference_forward
+                      and not getattr(train, "precompute_ref_log_probs", False) else 0)
+    rows = reference_rows + train.micro_batch_size * step.method.kl_rows_per_sample
+    if not rows:
+        return _Phase([])
+    nograd = (rows * seq * (4 * step.h + 8 * step.i)
+              + min(rows * seq, step.loss_chunk_tokens or rows * seq) * step.vocab * 8)
+    return _Phase([_term("no-grad forward (reference / KL rows)", nograd,
+                         f"{rows} rows x max_seq_len x (4h + 8I) [one layer's forward working set] + a chunk's fp32 "
+                         "logits and probabilities (V x 8 B per position); before backward, beside the saved "
+                         "activations")],
+                  moment_bytes={_AT_NO_GRAD: nograd + step.final_norm_bytes})
+
+
+def _gpu_overhead_terms(activation_bytes: float) -> list[Term]:
+    """What a CUDA process holds besides the step's tensors: the cuBLAS workspaces (from the caching allocator), the
+    allocator's overhead on what is allocated and freed every step, and the CUDA context (outside the allocator)."""
+    return [
+        _term("cuBLAS workspaces (GPU)", CUBLAS_WORKSPACE_BYTES,
+              "2 x 32 MiB: one workspace per cuBLAS handle (forward thread and autograd's backward thread), taken "
+              "from the caching allocator (torch CublasHandlePool.cpp; 32 MiB on Hopper, ~8 MiB before)"),
+        _term("allocator overhead (GPU)", ALLOCATOR_OVERHEAD * activation_bytes,
+              f"{ALLOCATOR_OVERHEAD:.0%} of the activation memory (allocated and freed every step: block rounding and "
+              "fragmentation); weights are allocated once and do not fragment"),
+        _term("CUDA context (GPU)", CUDA_CONTEXT_BYTES, "~0.5 GB per process: CUDA runtime and kernels; "
+              "not in max_memory_reserved"),
+    ]
 
 
 def format_breakdown(est: Estimate) -> str:
