@@ -92,8 +92,9 @@ def _encode_all(records, tokenizer) -> list[tuple[list[int], list[int]]]:
 
     markers = reply_markers(tokenizer)
     out = []
+    # Off where it cannot show (a file or a pipe), where rich's transient bar would still leave an empty line.
     with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console(), transient=True) as bar:
+                  console=console(), transient=True, disable=not console().is_terminal) as bar:
         task = bar.add_task("tokenize", total=len(records))
         for rec in records:
             try:
