@@ -275,7 +275,7 @@ def test_lora_is_applied_at_its_scale(runs, llama_cpp, tmp_path):
 # ------------------------------------------------------------------------------- the Modelfile
 
 
-def test_modelfile_names_base_and_adapter(runs, tmp_path):
+def test_modelfile_names_base_and_adapter(runs, tmp_path, capsys):
     run = runs["lora"]
     with_base = export_adapter(str(run), str(tmp_path / "a"), base_quant="q8_0", check=False, name="bot")
     assert sorted(p.name for p in with_base.out_dir.iterdir()) == [
@@ -288,9 +288,15 @@ def test_modelfile_names_base_and_adapter(runs, tmp_path):
     _, kv = _kv(with_base.out_dir / "bot-base-q8_0.gguf")
     assert kv["general.type"] == "model" and re.search(r"phi-?3", kv["general.name"], re.I)  # PITFALLS #20
 
-    alone = export_adapter(str(run), str(tmp_path / "b"), check=False, name="bot")
-    assert sorted(p.name for p in alone.out_dir.iterdir()) == ["Modelfile", "bot-lora-f16.gguf", "export_report.json"]
-    text = (alone.out_dir / "Modelfile").read_text()
+    assert "exported" not in capsys.readouterr().out  # export_adapter returns its result; the command shows it
+    alone = tmp_path / "b"
+    assert main(["export", str(run), "--adapter", "--no-check", "--name", "bot", "--out", str(alone)]) == 0
+    shown = capsys.readouterr().out
+    assert "export --adapter: " in shown and "│ bot-lora-f16.gguf" in shown and "not checked in llama.cpp" in shown
+    assert ("exported the adapter as bot-lora-f16.gguf in " in shown
+            and f"(Ollama: put a GGUF of embedded:tiny-phi3 at FROM in {alone / 'Modelfile'}, then" in shown)
+    assert sorted(p.name for p in alone.iterdir()) == ["Modelfile", "bot-lora-f16.gguf", "export_report.json"]
+    text = (alone / "Modelfile").read_text()
     assert "FROM ./bot-base-f16.gguf\nADAPTER ./bot-lora-f16.gguf\n" in text
     assert "# FROM: the base model as GGUF: embedded:tiny-phi3" in text  # says what FROM must be
 

@@ -12,7 +12,8 @@ import pytest
 from qlora_phi3.config import load_recipe
 from qlora_phi3.data.read import ChatRecord
 from qlora_phi3.errors import UserError
-from qlora_phi3.data.inspect import inspect_data, percentile, render_sample, text_histogram
+from qlora_phi3.cli.render_data import print_data_inspection, render_sample, text_histogram
+from qlora_phi3.data.inspect import inspect_data, percentile, sample_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -46,7 +47,7 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
 
     recipe = _recipe(tmp_path, f"data.packing={packing}")
     res = inspect_data(recipe, tiny_tokenizer, sample=2)
-    out = capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # the numbers are returned; the command prints them
 
     records, _ = load_records(recipe.data)
     everything = encode_records(records, tiny_tokenizer, 60)
@@ -57,16 +58,15 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
     if packing == "true":  # the rows the trainer is given (run/trainer.py packs with pack_columns)
         rows = len(pack_columns(train_enc.input_ids, train_enc.labels, 60)["input_ids"])
         assert res.packed_rows == rows < len(train_enc.input_ids) and res.padded_share is None
-        assert f"packing: {rows} rows" in out
     else:  # the padding share is the one train prints, for the recipe's micro-batch of 3
         rows = len(train_enc.input_ids)
         share, line, _ = padding_advice([len(x) for x in train_enc.input_ids], 3, recipe.train.seed)
-        assert res.padded_share == share > 0 and res.packed_rows is None
-        assert line.split(" (")[0] in " ".join(out.split())
+        assert res.padded_share == share > 0 and res.packed_rows is None and res.padding_note == line
     assert res.steps_per_epoch == math.ceil(math.ceil(rows / 3) / 2)
     assert res.train_samples == 18 and res.eval_samples == 2
     assert res.percentiles["p100"] == max(res.token_lengths) > 60 and res.percentiles["p50"] < res.percentiles["p100"]
     assert res.end_unlabelled == []  # Phi-3's template: every assistant <|end|> carries a label
+    assert res.sample.index == 2 and res.sample.origin.endswith("chats.jsonl:3")
 
     # Beside the run directory, never inside it (training refuses a non-empty non-run output_dir).
     png, report = tmp_path / "run-data" / "token_lengths.png", tmp_path / "run-data" / "data_report.json"
@@ -74,10 +74,18 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(report.read_text())
     assert saved["truncated"] == res.truncated and saved["steps_per_epoch"] == res.steps_per_epoch
+    assert res.png_path == str(png) and res.json_path == str(report)
+
+    print_data_inspection(res, recipe)  # what `qlora-phi3 data` shows of it
+    out = capsys.readouterr().out
     assert "sample 2 (" in out and "chats.jsonl:3)" in out
     assert f"cuts {res.truncated} of 20 conversations" in out and str(png) in out
     assert "every assistant turn's <|end|> carries a label" in out
     assert f"{res.steps_per_epoch} optimizer steps at micro_batch_size 3 x grad_accum 2" in out
+    if packing == "true":
+        assert f"packing: {res.packed_rows} rows" in out
+    else:
+        assert res.padding_note.split(" (")[0] in " ".join(out.split())
 
 
 def test_render_highlights_exactly_the_replies_and_their_end(tiny_tokenizer):
@@ -87,7 +95,8 @@ def test_render_highlights_exactly_the_replies_and_their_end(tiny_tokenizer):
                       {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 4 plus 4?"},
                       {"role": "assistant", "content": "8."}], "x.jsonl:1")
     ids, labels = encode_conversation(tiny_tokenizer, rec.messages)
-    text = render_sample(tiny_tokenizer, rec, ids, labels, max_seq_len=len(ids) - 2, index=0, plain=False)
+    sample = sample_tokens(tiny_tokenizer, rec, ids, labels, index=0)
+    text = render_sample(sample, max_seq_len=len(ids) - 2, plain=False)
 
     def styled(pred):
         return "".join(text.plain[s.start:s.end] for s in text.spans if pred(str(s.style)))
@@ -96,7 +105,7 @@ def test_render_highlights_exactly_the_replies_and_their_end(tiny_tokenizer):
     # <|end|> swallows the newline after it (Phi-3's rstrip), so the newline is part of that loss token.
     assert styled(lambda st: "on green3" in st or "on dark_sea_green2" in st) == "5.<|end|>\n8."
     assert styled(lambda st: st == "strike red") == "<|end|>\n<|endoftext|>"  # the last end is past max_seq_len
-    plain = render_sample(tiny_tokenizer, rec, ids, labels, max_seq_len=len(ids) - 2, index=0, plain=True)
+    plain = render_sample(sample, max_seq_len=len(ids) - 2, plain=True)
     assert plain == ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 plus 3?<|end|>\n<|assistant|>\n"
                      "⟦5.<|end|>⟧\n<|user|>\nAnd 4 plus 4?<|end|>\n<|assistant|>\n⟦8.⟧✂<|end|>\n<|endoftext|>")
 
@@ -118,7 +127,7 @@ def test_render_shows_each_token_once_on_the_real_tokenizer(tiny_tokenizer):
     assert shown[pieces.index("<|assistant|>")] == "<|assistant|>\n\n"  # rstrip swallowed the reply's newline
     llama = [k for k, p in enumerate(pieces) if p == "<0xF0>"][0]  # 🦙 = F0 9F A6 99: shown once, on its last byte
     assert shown[llama:llama + 4] == ["", "", "", "🦙"] and text.count("🦙") == "".join(shown).count("🦙") == 1
-    plain = render_sample(tiny_tokenizer, ChatRecord(msgs, "x:1"), ids, labels, 4096, 0, plain=True)
+    plain = render_sample(sample_tokens(tiny_tokenizer, ChatRecord(msgs, "x:1"), ids, labels, 0), 4096, plain=True)
     assert plain == text.replace("\n\n0 plus", "\n\n⟦0 plus").replace("\t <|end|>", "\t <|end|>⟧")
 
 
@@ -133,8 +142,10 @@ def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch,
         return ids, [formatting.IGNORE_INDEX if i == end else lab for i, lab in zip(ids, labels)]
 
     monkeypatch.setattr(formatting, "encode_conversation", no_end_labels)
-    res = inspect_data(_recipe(tmp_path), tiny_tokenizer, out_dir=tmp_path / "rep")
+    recipe = _recipe(tmp_path)
+    res = inspect_data(recipe, tiny_tokenizer, out_dir=tmp_path / "rep")
     assert len(res.end_unlabelled) == 20
+    print_data_inspection(res, recipe)
     assert "carries no label" in capsys.readouterr().out
 
 

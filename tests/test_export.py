@@ -209,9 +209,11 @@ def test_failed_check_exits_non_zero_naming_quant_and_numbers(tmp_path, capsys, 
     """The untrained tiny base never learned to end its turn: the check must say so, not pass."""
     code = main(["export", str(TINY_MODEL_DIR), "--out", str(tmp_path / "out"), "--quant", "q8_0",
                  "--check-samples", "2"])
-    err = capsys.readouterr().err
+    shown = capsys.readouterr()
+    err = shown.err
     assert code == CheckFailed.exit_code == 3
     assert "q8_0" in err and re.search(r"stopped at <\|end\|> on 0/2", err), err
+    assert "FAIL" in shown.out and "exported" not in shown.out  # the table with the numbers, no success line
     report = json.loads((tmp_path / "out" / "export_report.json").read_text())
     assert report["files"]["q8_0"]["check"]["passed"] is False
 
@@ -395,6 +397,20 @@ def test_refuses_an_adapter_without_its_base(tiny_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_shows_the_files_and_what_to_run_next(tmp_path, capsys):
+    """export returns what it wrote and prints no summary; the command shows it: the table, then the next step."""
+    out = tmp_path / "out"
+    result = export(str(TINY_MODEL_DIR), str(out), quants="q8_0", check=False, name="bot")
+    assert result.files == {"q8_0": out / "bot-q8_0.gguf"} and result.report["files"]["q8_0"]["check"] is None
+    assert "exported" not in capsys.readouterr().out
+    assert main(["export", str(TINY_MODEL_DIR), "--out", str(out), "--force", "--quant", "q8_0", "--no-check",
+                 "--name", "bot"]) == 0
+    shown = capsys.readouterr().out
+    assert "export: " in shown and "not checked in llama.cpp" in shown and "│ q8_0" in shown
+    assert "exported q8_0 in " in shown and f"ollama create bot -f {out / 'Modelfile'} && ollama run bot" in shown
+    assert f"`llama-cli -m {out / 'bot-q8_0.gguf'} -cnv`" in shown
+
+
 def test_refuses_unknown_quant_and_existing_out(merged_dir, tmp_path, capsys):
     assert main(["export", str(merged_dir), "--out", str(tmp_path / "o"), "--quant", "q8_0,q3_xs"]) == 2
     assert "--quant q3_xs: unknown; choose from f16, bf16, q8_0" in capsys.readouterr().err
@@ -445,9 +461,9 @@ def test_a_failed_check_never_replaces_a_good_export(merged_dir, tmp_path, monke
 
     monkeypatch.setattr(export_mod, "_llama_cpp", lambda: object())  # a check runs, as with llama-cpp-python
     monkeypatch.setattr(export_mod, "_run_checks", failing_checks)
-    monkeypatch.setattr(export_mod, "_print_report", lambda report: None)
     with pytest.raises(CheckFailed, match="left as it was") as e:
         export(str(merged_dir), str(out), quants="f16", check=True, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == good
     failed = tmp_path / "out-failed"
     assert str(failed) in str(e.value) and (failed / "tiny-merged-f16.gguf").is_file()
+    assert e.value.result.out_dir == failed and e.value.result.files == {"f16": failed / "tiny-merged-f16.gguf"}

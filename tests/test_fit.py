@@ -71,12 +71,16 @@ def test_fit_writes_a_ready_self_documenting_recipe(tmp_path, capsys):
     assert lines[0].startswith("# Fitted by qlora-phi3 for a 8 GiB budget")
     assert any("qlora-phi3 fit" in line and "--budget 8GiB" in line for line in lines[:5])
     assert "Predicted peak:" in text and "# fit:" in text
-    plan, _ = run_fit(str(PHI3), [], "8GB", str(tmp_path / "again.yaml"))
+    shown = capsys.readouterr().out  # the command prints the report run_fit returns
+    assert f"recipe written: {out}" in shown and "effective batch kept: 2 x 4 = 8 packed rows" in shown
+    assert "data.max_seq_len: 2048 -> " in shown and "GiB of 8 GiB (safety margin 10%)" in shown
+    report = run_fit(str(PHI3), [], "8GB", str(tmp_path / "again.yaml"))
+    plan = report.plan
+    assert report.recipe_path == tmp_path / "again.yaml" and report.recipe_path.is_file()
     loaded = load_recipe(out, [])  # the written recipe is valid and carries the planned values
     assert loaded.data.max_seq_len == plan.recipe.data.max_seq_len
     assert loaded.train.micro_batch_size == plan.recipe.train.micro_batch_size
     assert loaded.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct"
-    assert str(out) in capsys.readouterr().out
 
 
 def test_fit_never_plans_past_the_longest_conversation(tmp_path):

@@ -20,14 +20,18 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from qlora_phi3.data.inspect import inspect_data
+    from qlora_phi3.cli import render_data
     from qlora_phi3.model.load import load_tokenizer
 
     recipe = recipe_from_args(args)
+    tokenizer = load_tokenizer(recipe.model)
     if recipe.train.method != "sft":  # preference pairs / labelled answers
         from qlora_phi3.data.inspect_pairs import inspect_preference
 
-        inspect_preference(recipe, load_tokenizer(recipe.model), sample=args.sample, out_dir=args.out)
-        return 0
-    inspect_data(recipe, load_tokenizer(recipe.model), sample=args.sample, out_dir=args.out)
+        res = inspect_preference(recipe, tokenizer, sample=args.sample, out_dir=args.out)
+        render_data.print_pair_inspection(res, recipe)
+    else:
+        from qlora_phi3.data.inspect import inspect_data
+
+        render_data.print_data_inspection(inspect_data(recipe, tokenizer, sample=args.sample, out_dir=args.out), recipe)
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qlora_phi3.cli.common import add_recipe_args, recipe_and_overrides, recipe_from_args
 
-__all__ = ["register"]
+__all__ = ["print_fit_report", "register"]
 
 
 def register(sub) -> None:
@@ -83,8 +83,29 @@ def _fit(args) -> int:
     from qlora_phi3.memory.fit import run_fit
 
     path, overrides = recipe_and_overrides(args)
-    run_fit(str(path), overrides, args.budget, args.out)
+    print_fit_report(run_fit(str(path), overrides, args.budget, args.out))
     return 0
+
+
+def print_fit_report(report) -> None:
+    """Each planned key old -> new, the plan's notes, the effective batch it kept and the predicted peak."""
+    from qlora_phi3.memory.fit import SAFETY_MARGIN
+    from qlora_phi3.ui import info
+
+    plan, out_path = report.plan, report.recipe_path
+    for key, (old, new) in plan.changes.items():
+        info(f"  {key}: {old} -> [bold]{new}[/]" if old != new else f"  {key}: {new} (unchanged)")
+    for note in plan.notes:
+        info(f"  note: {note}")
+    t, d = plan.recipe.train, plan.recipe.data
+    rows = t.micro_batch_size * t.grad_accum
+    per_step = (f"{rows} packed rows of {d.max_seq_len:,} tokens ({rows * d.max_seq_len:,} tokens) per optimizer step"
+                if d.packing and t.method == "sft" else
+                f"{rows} {'conversations' if t.method == 'sft' else 'preference records'} per optimizer step")
+    info(f"effective batch kept: {t.micro_batch_size} x {t.grad_accum} = {per_step}")
+    info(f"predicted peak {plan.predicted_gib:.2f} GiB of {plan.budget_gib:g} GiB (safety margin {SAFETY_MARGIN:.0%}); "
+         f"checkpointing {'needed' if plan.checkpointing_needed else 'not needed'}")
+    info(f"recipe written: [bold]{out_path}[/]   train with: qlora-phi3 train {out_path}")
 
 
 def _profile(args) -> int:

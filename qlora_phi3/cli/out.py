@@ -95,22 +95,36 @@ def _merge(args) -> int:
 
 
 def _export(args) -> int:
+    from functools import partial
+
+    from qlora_phi3.cli import render_export
     from qlora_phi3.errors import UserError
+    from qlora_phi3.out.export import CheckFailed
 
     if args.adapter:
         from qlora_phi3.out.adapter_export import DEFAULT_LORA_QUANTS, export_adapter
 
-        export_adapter(args.source, args.out, quants=args.quant or DEFAULT_LORA_QUANTS, base_quant=args.base_quant,
-                       force=args.force, check=args.check, name=args.name, base=args.base, revision=args.revision,
-                       check_samples=args.check_samples)
-        return 0
-    if args.base_quant:
+        run = partial(export_adapter, args.source, args.out, quants=args.quant or DEFAULT_LORA_QUANTS,
+                      base_quant=args.base_quant, force=args.force, check=args.check, name=args.name, base=args.base,
+                      revision=args.revision, check_samples=args.check_samples)
+        table, done = render_export.print_adapter_export_table, render_export.print_adapter_export_done
+    elif args.base_quant:
         raise UserError("--base-quant writes the base model beside a GGUF LoRA: add --adapter, or drop it (a merged "
                         "export already contains the base).")
-    from qlora_phi3.out.export import DEFAULT_QUANTS, export
+    else:
+        from qlora_phi3.out.export import DEFAULT_QUANTS, export
 
-    export(args.source, args.out, quants=args.quant or DEFAULT_QUANTS, force=args.force, check=args.check,
-           name=args.name, base=args.base, revision=args.revision, check_samples=args.check_samples)
+        run = partial(export, args.source, args.out, quants=args.quant or DEFAULT_QUANTS, force=args.force,
+                      check=args.check, name=args.name, base=args.base, revision=args.revision,
+                      check_samples=args.check_samples)
+        table, done = render_export.print_export_table, render_export.print_export_done
+    try:
+        result = run()
+    except CheckFailed as e:  # the files are written: their numbers go above the error that names the failure
+        table(e.result.report)
+        raise
+    table(result.report)
+    done(result)
     return 0
 
 

@@ -2,25 +2,37 @@
 
 Loads the recipe's data with the same validation and policy as training, and the tokenizer (never the
 model); tokenizes every conversation exactly as training does (``data.encode.encode_conversation``) and
-reports: counts and skipped records, token-length percentiles and a histogram (text and PNG), what
+measures: counts and skipped records, token-length percentiles and a histogram (the PNG here), what
 ``data.max_seq_len`` cuts (samples, assistant tokens, closing ``<|end|>`` labels), tokens and steps per
-epoch for the recipe's batch settings, and one conversation rendered with its loss mask.
+epoch for the recipe's batch settings, and one conversation token by token with its labels. It returns them as
+a :class:`DataInspection`, which ``cli/render_data.py`` shows.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from qlora_phi3.config import Recipe, recipe_to_dict
+from qlora_phi3.data.read import LoadReport
 from qlora_phi3.errors import UserError
-from qlora_phi3.ui import console, info, warn
+from qlora_phi3.ui import console
 
-__all__ = ["DataInspection", "inspect_data", "percentile", "render_sample", "text_histogram", "token_texts"]
+__all__ = ["DataInspection", "SampleTokens", "histogram_bins", "inspect_data", "percentile", "sample_tokens",
+           "token_texts"]
 
 PERCENTILES = (50, 90, 95, 99, 100)
+
+
+@dataclass
+class SampleTokens:
+    """One conversation as the model sees it, token by token: what each token stands for, and its label."""
+    index: int  # among the usable records (--sample)
+    origin: str  # file:line
+    pieces: list[str]  # one per token (token_texts); they join back into the chat-template text
+    labels: list[int]  # IGNORE_INDEX where the token carries no loss
 
 
 @dataclass
@@ -28,13 +40,16 @@ class DataInspection:
     source: str
     format: str
     records_read: int
-    usable: int
+    usable: int  # inspected: after data.max_samples
     skipped: int
     duplicates: int
     train_samples: int  # after the eval hold-out and data.max_samples, before truncation drops
     eval_samples: int
     max_seq_len: int
     token_lengths: list[int] = field(repr=False)  # every usable conversation, before truncation
+    usable_in_file: int  # before data.max_samples
+    read: LoadReport = field(repr=False)  # how the file was read: format origin, notes, skipped records (file:line)
+    sample: SampleTokens = field(repr=False)  # the --sample conversation
     percentiles: dict[str, int] = field(default_factory=dict)
     truncated: int = 0  # samples longer than max_seq_len (all usable conversations)
     dropped: int = 0  # truncated so far that no assistant token is left: training drops them
@@ -53,13 +68,17 @@ class DataInspection:
     json_path: str = ""
 
 
+# Inputs behind the numbers, not numbers: left out of data_report.json (it has its own skipped_reasons and notes).
+_NOT_IN_JSON = ("token_lengths", "usable_in_file", "read", "sample")
+
+
 def percentile(sorted_values: list[int], p: float) -> int:
     """Nearest-rank percentile of an ascending list (p=100 is the maximum)."""
     rank = max(1, math.ceil(p / 100 * len(sorted_values)))
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def _bins(lengths: list[int], n_bins: int) -> list[tuple[int, int, int]]:
+def histogram_bins(lengths: list[int], n_bins: int) -> list[tuple[int, int, int]]:
     """(low, high, count) bins of one round width (1, 2 or 5 x 10^k) covering min..max(lengths)."""
     raw = max(lengths) / n_bins
     magnitude = 10 ** math.floor(math.log10(raw)) if raw >= 1 else 1
@@ -71,20 +90,6 @@ def _bins(lengths: list[int], n_bins: int) -> list[tuple[int, int, int]]:
     return [((first + i) * width, (first + i + 1) * width, c) for i, c in enumerate(counts)]
 
 
-def text_histogram(lengths: list[int], max_seq_len: int, n_bins: int = 12, bar_chars: int = 40) -> list[str]:
-    """Rows like ``  256-  512 ████████ 31``; a bin whose samples are all longer than max_seq_len is marked
-    ``(cut)``, one where only some are ``(N cut)``."""
-    bins = _bins(lengths, n_bins)
-    peak = max(c for _, _, c in bins) or 1
-    rows = []
-    for lo, hi, count in bins:
-        bar = "█" * round(bar_chars * count / peak) or ("▏" if count else "")
-        cut = sum(1 for n in lengths if lo <= n < hi and n > max_seq_len)  # truncated: longer than max_seq_len
-        mark = "" if not cut else "  (cut)" if cut == count else f"  ({cut:,} cut)"
-        rows.append(f"{lo:>7,}-{hi:<7,} {bar:<{bar_chars}} {count:>6,}{mark}")
-    return rows
-
-
 def _encode_all(records, tokenizer) -> list[tuple[list[int], list[int]]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -92,8 +97,9 @@ def _encode_all(records, tokenizer) -> list[tuple[list[int], list[int]]]:
 
     markers = reply_markers(tokenizer)
     out = []
+    # Off where it cannot show (a file or a pipe), where rich's transient bar would still leave an empty line.
     with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console(), transient=True) as bar:
+                  console=console(), transient=True, disable=not console().is_terminal) as bar:
         task = bar.add_task("tokenize", total=len(records))
         for rec in records:
             try:
@@ -111,7 +117,7 @@ def _write_png(lengths: list[int], max_seq_len: int, title: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    bins = _bins(lengths, 40)
+    bins = histogram_bins(lengths, 40)
     ax.hist(lengths, bins=[b[0] for b in bins] + [bins[-1][1]], color="#4c72b0")
     ax.axvline(max_seq_len, color="#c44e52", linestyle="--", label=f"data.max_seq_len = {max_seq_len:,}")
     ax.set_xlabel("tokens per conversation (the model's chat template)")
@@ -189,60 +195,12 @@ def token_texts(tokenizer, text: str, ids: list[int]) -> list[str]:
     return out
 
 
-def render_sample(tokenizer, record, ids: list[int], labels: list[int], max_seq_len: int, index: int,
-                  plain: bool | None = None):
-    """The conversation as the model sees it, token by token: loss tokens highlighted (alternating shades
-    show token boundaries), prompt tokens dim, tokens past max_seq_len struck out in red. ``plain`` (default:
-    when stdout is not a terminal) marks them in text instead: ``⟦loss⟧``, and ``✂`` where the cut starts.
-    Returns the rich ``Text`` or the plain string that was printed."""
-    from rich.markup import escape
-    from rich.text import Text
-
-    from qlora_phi3.phi3 import IGNORE_INDEX
-
+def sample_tokens(tokenizer, record, ids: list[int], labels: list[int], index: int) -> SampleTokens:
+    """Record number ``index`` as the model sees it; ``ids`` and ``labels`` are its ``encode_conversation``."""
     text = tokenizer.apply_chat_template(record.messages, tokenize=False)
-    if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:  # cannot happen; guard the rendering
+    if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:  # cannot happen; guard what is shown
         raise RuntimeError("re-tokenizing the sample gave different ids than encode_conversation")
-    shown = token_texts(tokenizer, text, ids)
-    plain = not console().is_terminal if plain is None else plain
-    n_loss = sum(1 for lab in labels[:max_seq_len] if lab != IGNORE_INDEX)
-    head = f"\n[bold]sample {index}[/] ({escape(record.origin)}): {len(ids)} tokens, {n_loss} carry loss  "
-    if plain:
-        parts, in_loss = [], False
-
-        def close() -> None:  # before the whitespace an <|end|> swallowed, so the mark stays on its line
-            last = parts.pop() if parts else ""
-            parts.extend([last.rstrip(), "⟧", last[len(last.rstrip()):]])
-
-        for pos, (piece, label) in enumerate(zip(shown, labels)):
-            loss = label != IGNORE_INDEX and pos < max_seq_len
-            if in_loss and (not loss or pos == max_seq_len):
-                close()
-            if pos == max_seq_len:
-                parts.append("✂")
-            elif loss and not in_loss:
-                parts.append("⟦")
-            in_loss = loss
-            parts.append(piece)
-        if in_loss:
-            close()
-        out = "".join(parts)
-        info(head + f"(plain text: loss on ⟦...⟧, no loss elsewhere; ✂ = cut by data.max_seq_len={max_seq_len})")
-        console().print(out, markup=False, highlight=False)
-        return out
-    out, shade = Text(), 0
-    for pos, (piece, label) in enumerate(zip(shown, labels)):
-        if pos >= max_seq_len:
-            style = "strike red"
-        elif label != IGNORE_INDEX:
-            style = ("bold black on green3", "bold black on dark_sea_green2")[shade]
-            shade ^= 1
-        else:
-            style = "grey50"
-        out.append(piece, style=style)
-    info(head + "[bold black on green3] loss [/] [grey50]no loss[/] [strike red]cut by max_seq_len[/]")
-    console().print(out)
-    return out
+    return SampleTokens(index, record.origin, token_texts(tokenizer, text, ids), labels)
 
 
 def _default_out_dir(recipe: Recipe) -> Path:
@@ -252,8 +210,8 @@ def _default_out_dir(recipe: Recipe) -> Path:
 
 
 def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path | None = None) -> DataInspection:
-    """Validate, tokenize (with ``tokenizer``, the recipe model's) and report on ``recipe``'s training data; write
-    a PNG histogram and a JSON summary."""
+    """Validate, tokenize (with ``tokenizer``, the recipe model's) and measure ``recipe``'s training data, with
+    conversation number ``sample`` token by token; write a PNG histogram and a JSON summary."""
     from qlora_phi3.data.packing import pack_rows, padding_advice
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.split import hold_out
@@ -262,18 +220,9 @@ def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path
 
     d, t = recipe.data, recipe.train
     records, report = load_records(d)
-    info(f"[bold]{report.source}[/]: {report.total:,} records read as [bold]{report.format}[/] "
-         f"({report.format_origin}); {len(records):,} usable")
-    for note in report.notes:
-        info(f"  note: {note}")
-    if report.n_bad or report.duplicates:
-        warn(f"{report.n_bad:,} bad records skipped (data.max_bad_fraction={d.max_bad_fraction} allows "
-             f"{d.max_bad_fraction:.0%}); {len(report.duplicates):,} exact duplicates:")
-        for line in report.summary_lines():
-            info(f"  {line}")
+    usable_in_file = len(records)
     if d.max_samples:
         records = records[: d.max_samples]
-        info(f"  data.max_samples={d.max_samples}: inspecting the first {len(records):,}")
     if not 0 <= sample < len(records):
         raise UserError(f"--sample {sample}: there are {len(records)} usable conversations; pick 0 to "
                         f"{len(records) - 1}.")
@@ -292,6 +241,8 @@ def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path
         source=report.source, format=report.format, records_read=report.total, usable=len(records),
         skipped=report.n_skipped, duplicates=len(report.duplicates), train_samples=len(train_recs),
         eval_samples=n_eval if n_eval is not None else 0, max_seq_len=d.max_seq_len, token_lengths=lengths,
+        usable_in_file=usable_in_file, read=report,
+        sample=sample_tokens(tokenizer, records[sample], *encoded[sample], sample),
         percentiles={f"p{p}": percentile(ordered, p) for p in PERCENTILES})
     train_lengths = []  # after truncation, of the train conversations training keeps
     for rec, (ids, labels) in zip(records, encoded):
@@ -322,9 +273,6 @@ def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path
     # transformers' Trainer: ceil(rows / micro_batch) batches, ceil(batches / grad_accum) steps
     res.steps_per_epoch = max(1, math.ceil(math.ceil(rows / t.micro_batch_size) / t.grad_accum))
 
-    _print_summary(res, recipe)
-    render_sample(tokenizer, records[sample], *encoded[sample], d.max_seq_len, sample)
-
     out = Path(out_dir).expanduser() if out_dir else _default_out_dir(recipe)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -333,50 +281,8 @@ def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path
     png = out / "token_lengths.png"
     _write_png(lengths, d.max_seq_len, f"{report.source} ({len(records):,} conversations)", png)
     res.png_path, res.json_path = str(png), str(out / "data_report.json")
-    summary = {k: v for k, v in asdict(res).items() if k != "token_lengths"}
+    summary = {f.name: getattr(res, f.name) for f in fields(res) if f.name not in _NOT_IN_JSON}
     atomic_write_json(Path(res.json_path), {**summary, "recipe": recipe_to_dict(recipe),
                                             "skipped_reasons": report.summary_lines(examples=5),
                                             "notes": report.notes})
-    info(f"\nhistogram: [bold]{png}[/]   numbers: {res.json_path}   (choose the folder with --out DIR)")
     return res
-
-
-def _share(part: int, whole: int) -> str:
-    return f"{part / whole:.1%}" if whole else "0%"
-
-
-def _print_summary(res: DataInspection, recipe: Recipe) -> None:
-    d, t = recipe.data, recipe.train
-    pct = "  ".join(f"{k} {v:,}" for k, v in res.percentiles.items()).replace("p100", "max")
-    info(f"\n[bold]token lengths[/] (the model's chat template, before truncation): {pct}")
-    for row in text_histogram(res.token_lengths, d.max_seq_len):
-        info(f"  {row}")
-    info(f"\n[bold]data.max_seq_len={d.max_seq_len:,}[/] cuts {res.truncated:,} of {res.usable:,} conversations "
-         f"({_share(res.truncated, res.usable)}) and {res.assistant_tokens_lost:,} of {res.assistant_tokens:,} "
-         f"assistant tokens ({_share(res.assistant_tokens_lost, res.assistant_tokens)}); {res.dropped:,} keep no "
-         "assistant token and are dropped.")
-    if res.end_unlabelled:
-        warn(f"{len(res.end_unlabelled)} conversations have an assistant turn whose {'<|end|>'} carries no label "
-             f"(e.g. {', '.join(res.end_unlabelled[:3])}): the model would not learn to stop. Check the chat template.")
-    else:
-        info("every assistant turn's <|end|> carries a label (the model learns to stop).")
-    if res.end_cut:
-        warn(f"in {len(res.end_cut)} truncated conversations an assistant turn's <|end|> lies beyond "
-             f"data.max_seq_len (e.g. {', '.join(res.end_cut[:3])}): those replies are trained without their end.")
-    effective = t.micro_batch_size * t.grad_accum
-    eval_part = f"{res.eval_samples:,} held out for eval" if not d.eval_split else f"eval from split {d.eval_split!r}"
-    unit = f"packed rows of {d.max_seq_len:,} tokens" if d.packing else "conversations"
-    info(f"\n[bold]per epoch[/]: {res.train_samples:,} train conversations ({eval_part}), "
-         f"{res.tokens_per_epoch:,} tokens, {res.loss_tokens_per_epoch:,} with loss; "
-         f"{res.steps_per_epoch:,} optimizer steps at micro_batch_size {t.micro_batch_size} x grad_accum "
-         f"{t.grad_accum} = {effective} {unit} per step (one process).")
-    if d.packing:
-        fill = res.tokens_per_epoch / (res.packed_rows * d.max_seq_len) if res.packed_rows else 0.0
-        info(f"packing: {res.packed_rows:,} rows, {fill:.0%} real tokens (no padding inside a row; the last row of "
-             "each micro-batch may be short); data.packing=false pads each micro-batch instead.")
-    else:
-        (warn if res.padding_warns else info)(res.padding_note)
-    if t.max_steps > 0:
-        info(f"train.max_steps={t.max_steps:,} is {t.max_steps / res.steps_per_epoch:.2f} epochs.")
-    else:
-        info(f"train.epochs={t.epochs:g} is {math.ceil(t.epochs * res.steps_per_epoch):,} steps.")

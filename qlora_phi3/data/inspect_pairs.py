@@ -1,19 +1,48 @@
 """``qlora-phi3 data`` for preference data: validation, prompt / answer / row lengths, what ``data.max_seq_len`` and
-``data.max_prompt_len`` cut, and the loss mask of one pair (chosen and rejected), as the trainer will see them."""
+``data.max_prompt_len`` cut, and the labels of one pair (chosen and rejected), as the trainer will see them. It
+returns them as a :class:`PairInspection`, which ``cli/render_data.py`` shows."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.data.encode import encode_conversation, reply_markers
-from qlora_phi3.data.inspect import PERCENTILES, percentile, render_sample
+from qlora_phi3.data.inspect import PERCENTILES, SampleTokens, percentile, sample_tokens
 from qlora_phi3.data.preference import PairRecord, encode_pairs, encode_unpaired, load_preference_splits
-from qlora_phi3.data.read import ChatRecord
+from qlora_phi3.data.read import ChatRecord, LoadReport
 from qlora_phi3.errors import UserError
-from qlora_phi3.ui import info, warn
 
-__all__ = ["inspect_preference"]
+__all__ = ["PairInspection", "inspect_preference"]
+
+
+@dataclass
+class PairInspection:
+    source: str
+    method: str
+    records_read: int
+    usable: int
+    skipped: int  # bad records
+    train: int
+    eval: int
+    max_seq_len: int
+    max_prompt_len: int | None
+    token_lengths: dict[str, dict[str, int]]  # prompt, chosen and rejected (or completion), row -> percentiles
+    prompts_cut: int
+    answers_cut: int
+    dropped: int
+    answer_tokens_lost: int
+    paired: bool  # chosen and rejected; False: one labelled answer (kto)
+    eval_from: str  # where the eval records came from, in words
+    notes: list[str]  # the reader's and the split's
+    read: LoadReport = field(repr=False)  # skipped records (file:line)
+    samples: dict[str, SampleTokens] = field(repr=False)  # the --sample record's answers, by name
+    json_path: str = ""
+
+
+# What data_report.json holds: the numbers, not what they were computed from.
+_NOT_IN_JSON = ("paired", "eval_from", "notes", "read", "samples", "json_path")
 
 
 def _percentiles(values: list[int]) -> dict[str, int]:
@@ -21,24 +50,16 @@ def _percentiles(values: list[int]) -> dict[str, int]:
     return {f"p{p}": percentile(ordered, p) for p in PERCENTILES} if ordered else {}
 
 
-def inspect_preference(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path | None = None) -> dict:
-    """Report on ``recipe``'s preference data (``train.method`` dpo, orpo, simpo or kto); write data_report.json."""
+def inspect_preference(recipe: Recipe, tokenizer, sample: int = 0,
+                       out_dir: str | Path | None = None) -> PairInspection:
+    """Measure ``recipe``'s preference data (``train.method`` dpo, orpo, simpo or kto), with record number
+    ``sample``'s answers token by token; write data_report.json."""
     from qlora_phi3.files import atomic_write_json
 
     d, method = recipe.data, recipe.train.method
     splits = load_preference_splits(d, method, recipe.train.seed)
     report = splits.report
     records = splits.train + splits.eval
-    info(f"[bold]{report.source}[/]: {report.total:,} records read as [bold]{report.format}[/] for "
-         f"train.method={method}; {len(records):,} usable ({len(splits.train):,} train / {len(splits.eval):,} eval: "
-         f"{splits.eval_from})")
-    for note in report.notes + splits.notes:
-        info(f"  note: {note}")
-    if report.n_bad or report.duplicates:
-        warn(f"{report.n_bad:,} bad records skipped (data.max_bad_fraction={d.max_bad_fraction}); "
-             f"{len(report.duplicates):,} exact duplicates:")
-        for line in report.summary_lines():
-            info(f"  {line}")
     paired = method != "kto"
     # Lengths before any cut (no limit), then what the recipe's limits cut.
     uncut = (encode_pairs if paired else encode_unpaired)(records, tokenizer, 10**9)
@@ -48,19 +69,6 @@ def inspect_preference(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str 
     lengths = {"prompt": [len(p) for p in uncut.prompt_ids]}
     lengths |= {name: [len(a) for a in ids] for name, ids in answers.items()}
     lengths["row"] = [len(p) + max(len(ids[i]) for ids in answers.values()) for i, p in enumerate(uncut.prompt_ids)]
-    result = {"source": report.source, "method": method, "records_read": report.total, "usable": len(records),
-              "skipped": report.n_bad, "train": len(splits.train), "eval": len(splits.eval),
-              "max_seq_len": d.max_seq_len, "max_prompt_len": d.max_prompt_len,
-              "token_lengths": {k: _percentiles(v) for k, v in lengths.items()},
-              "prompts_cut": cut.prompt_cut, "answers_cut": cut.truncated, "dropped": cut.dropped,
-              "answer_tokens_lost": cut.answer_tokens_lost}
-    info("tokens (percentiles " + "/".join(f"p{p}" for p in PERCENTILES) + "): " + "; ".join(
-        f"{name} {'/'.join(str(v) for v in result['token_lengths'][name].values())}" for name in lengths))
-    what = "pair" if paired else "record"
-    line = (f"data.max_seq_len={d.max_seq_len} per row, data.max_prompt_len={d.max_prompt_len}: {cut.prompt_cut} "
-            f"prompts cut (their last turns kept), {cut.truncated} {what}s with an answer cut "
-            f"({cut.answer_tokens_lost:,} answer tokens lost), {cut.dropped} {what}s dropped (the prompt fills a row)")
-    (warn if cut.truncated or cut.dropped else info)(line)
     if not records:
         raise UserError("no usable records to render.")
     if not 0 <= sample < len(records):
@@ -68,6 +76,7 @@ def inspect_preference(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str 
     rec, markers = records[sample], reply_markers(tokenizer)
     sides = [("chosen", rec.chosen), ("rejected", rec.rejected)] if isinstance(rec, PairRecord) else \
         [(f"completion, label {str(rec.label).lower()}", rec.completion)]
+    samples = {}
     for name, answer in sides:
         messages = rec.prompt + [{"role": "assistant", "content": answer}]
         ids, labels = encode_conversation(tokenizer, messages, markers)
@@ -77,11 +86,17 @@ def inspect_preference(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str 
             start -= 1
         # Only the last answer carries the preference loss (an earlier assistant turn is prompt here).
         labels = [t if start <= i <= last else -100 for i, t in enumerate(labels)]
-        info(f"[bold]{name}[/] answer:")
-        render_sample(tokenizer, ChatRecord(messages, rec.origin), ids, labels, d.max_seq_len, sample)
+        samples[name] = sample_tokens(tokenizer, ChatRecord(messages, rec.origin), ids, labels, sample)
+    res = PairInspection(
+        source=report.source, method=method, records_read=report.total, usable=len(records), skipped=report.n_bad,
+        train=len(splits.train), eval=len(splits.eval), max_seq_len=d.max_seq_len, max_prompt_len=d.max_prompt_len,
+        token_lengths={k: _percentiles(v) for k, v in lengths.items()}, prompts_cut=cut.prompt_cut,
+        answers_cut=cut.truncated, dropped=cut.dropped, answer_tokens_lost=cut.answer_tokens_lost, paired=paired,
+        eval_from=splits.eval_from, notes=report.notes + splits.notes, read=report, samples=samples)
     out = Path(out_dir) if out_dir else Path(recipe.train.output_dir).expanduser().with_name(
         Path(recipe.train.output_dir).name + "-data")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "data_report.json", result)
-    info(f"report: {out / 'data_report.json'}")
-    return result
+    res.json_path = str(out / "data_report.json")
+    atomic_write_json(Path(res.json_path), {f.name: getattr(res, f.name) for f in fields(res)
+                                            if f.name not in _NOT_IN_JSON})
+    return res

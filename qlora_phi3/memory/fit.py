@@ -22,7 +22,7 @@ import yaml
 from qlora_phi3.config import Recipe, recipe_to_dict
 from qlora_phi3.errors import UserError
 
-__all__ = ["FitPlan", "SAFETY_MARGIN", "data_longest_tokens", "plan_fit", "run_fit", "write_fit_recipe"]
+__all__ = ["FitPlan", "FitReport", "SAFETY_MARGIN", "data_longest_tokens", "plan_fit", "run_fit", "write_fit_recipe"]
 
 SAFETY_MARGIN = 0.10  # keep 10% of the budget free: estimator error (see tests) and allocator spikes
 SEQ_STEP = 256
@@ -39,6 +39,13 @@ class FitPlan:
     checkpointing_needed: bool
     changes: dict
     notes: list[str] = field(default_factory=list)  # what the plan assumed or could not keep, said to the user
+
+
+@dataclass
+class FitReport:
+    """What ``qlora-phi3 fit`` planned, and the recipe file it wrote."""
+    plan: FitPlan
+    recipe_path: Path
 
 
 def _predict(recipe: Recipe, model_config, device: str) -> float:
@@ -181,8 +188,9 @@ def write_fit_recipe(plan: FitPlan, source: str, out_path: Path, command: str) -
     return out_path
 
 
-def run_fit(recipe_path: str | None, overrides: list[str], budget: str, out: str | None) -> tuple[FitPlan, Path]:
-    """The ``qlora-phi3 fit`` command."""
+def run_fit(recipe_path: str | None, overrides: list[str], budget: str, out: str | None) -> FitReport:
+    """The ``qlora-phi3 fit`` command: plan the recipe for ``budget`` (e.g. "12GiB") and write the fitted recipe
+    to ``out`` (default: ./<recipe>_fit_<budget>gib.yaml)."""
     from qlora_phi3.config import load_recipe
     from qlora_phi3.memory.estimate import config_for_estimate
     from qlora_phi3.ui import info
@@ -191,23 +199,11 @@ def run_fit(recipe_path: str | None, overrides: list[str], budget: str, out: str
     budget_gib = gib(parse_size(budget, "--budget"))
     recipe = load_recipe(recipe_path, overrides)
     longest, data_note = data_longest_tokens(recipe)
+    # Said as soon as it is measured: reading the model's config (next) may have its own line to say.
     info(f"data: {data_note}")
     plan = plan_fit(recipe, config_for_estimate(recipe.model), budget_gib, longest_tokens=longest)
     stem = Path(recipe_path).stem if recipe_path else "tiny_cpu"
     out_path = Path(out) if out else Path(f"{stem}_fit_{budget_gib:g}gib.yaml")
     command = " ".join(["qlora-phi3 fit", recipe_path or "", *overrides, f"--budget {budget}"]).replace("  ", " ")
     write_fit_recipe(plan, recipe_path or "the default recipe", out_path, command)
-    for key, (old, new) in plan.changes.items():
-        info(f"  {key}: {old} -> [bold]{new}[/]" if old != new else f"  {key}: {new} (unchanged)")
-    for note in plan.notes:
-        info(f"  note: {note}")
-    t, d = plan.recipe.train, plan.recipe.data
-    rows = t.micro_batch_size * t.grad_accum
-    per_step = (f"{rows} packed rows of {d.max_seq_len:,} tokens ({rows * d.max_seq_len:,} tokens) per optimizer step"
-                if d.packing and recipe.train.method == "sft" else
-                f"{rows} {'conversations' if recipe.train.method == 'sft' else 'preference records'} per optimizer step")
-    info(f"effective batch kept: {t.micro_batch_size} x {t.grad_accum} = {per_step}")
-    info(f"predicted peak {plan.predicted_gib:.2f} GiB of {budget_gib:g} GiB (safety margin {SAFETY_MARGIN:.0%}); "
-         f"checkpointing {'needed' if plan.checkpointing_needed else 'not needed'}")
-    info(f"recipe written: [bold]{out_path}[/]   train with: qlora-phi3 train {out_path}")
-    return plan, out_path
+    return FitReport(plan, out_path)

@@ -37,9 +37,10 @@ from qlora_phi3.out import export as gguf_export
 from qlora_phi3.out.export import QUANTS, CheckFailed, ExportResult, MODELFILE_NAME, REPORT_NAME
 from qlora_phi3.data.split import held_out_records
 from qlora_phi3.out.merge import phi3_model_name
-from qlora_phi3.ui import console, info, warn
+from qlora_phi3.ui import console, warn
 
-__all__ = ["LORA_QUANTS", "LoraTensor", "check_llama_cpp_can_apply", "export_adapter", "lora_plan", "write_lora_gguf"]
+__all__ = ["LORA_QUANTS", "LoraTensor", "base_label", "check_llama_cpp_can_apply", "export_adapter", "lora_plan",
+           "write_lora_gguf"]
 
 # What the LoRA file can be: f16 (PEFT's fp32 weights rounded once), or q8_0 for the A matrices, whose rows (the
 # layer's input width) split into 32-value blocks; B's rows are r values long, which do not split at r=16, so B
@@ -238,14 +239,13 @@ def _base_dir(src) -> Path:
         return Path(snapshot_download(cfg.name_or_path, revision=cfg.revision,
                                       allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; all mean "not available here"
-        raise UserError(f"cannot get the base model {cfg.name_or_path}"
-                        f"{' @ ' + cfg.revision if cfg.revision else ''} ({str(e).splitlines()[0]}); download it "
-                        "(hf download ...) or pass --base DIR.") from None
+        raise UserError(f"cannot get the base model {base_label(cfg.name_or_path, cfg.revision)} "
+                        f"({str(e).splitlines()[0]}); download it (hf download ...) or pass --base DIR.") from None
 
 
-def _base_label(src) -> str:
-    cfg = src.model_cfg
-    return f"{cfg.name_or_path}{' @ ' + cfg.revision if cfg.revision else ''}"
+def base_label(name_or_path: str, revision: str | None) -> str:
+    """The base model as people name it: ``microsoft/Phi-3-mini-4k-instruct @ <revision>`` (no revision: the name)."""
+    return f"{name_or_path}{' @ ' + revision if revision else ''}"
 
 
 def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: str | None = None,
@@ -315,7 +315,8 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
         base_file = base_files.get(base_quant) if base_quant else None
         ctx = (base_config_json or {}).get("max_position_embeddings") or base_config.max_position_embeddings
         from_note = "" if base_file else (
-            f"# FROM: the base model as GGUF: {_base_label(src)}, the weights the adapter was trained on.\n"
+            f"# FROM: the base model as GGUF: {base_label(src.model_cfg.name_or_path, src.model_cfg.revision)}, "
+            "the weights the adapter was trained on.\n"
             f"# `qlora-phi3 export {src.path} --adapter --base-quant q8_0 --out ...` writes it here;\n"
             "# or point FROM at your own GGUF of that exact model.\n")
         base_name = base_file.name if base_file else f"{stem}-base-f16.gguf"
@@ -353,18 +354,13 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # never leave a half-written export behind
         raise
-    files = {q: out_dir / p.name for q, p in files.items()}
-    _print_report(report)
+    result = ExportResult(out_dir, {q: out_dir / p.name for q, p in files.items()}, report)
     failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
     if failed:
         raise CheckFailed("; ".join(f"{q}: " + "; ".join(checks[q]["problems"]) for q in failed)
                           + f". The files are in {out_dir} with the numbers in {REPORT_NAME}; the merged export "
-                          f"(qlora-phi3 export {src.path} --out DIR) is the way out if the LoRA does not apply.")
-    how = (f"ollama create {stem} -f {out_dir / MODELFILE_NAME}" if base_file else
-           f"put a GGUF of {_base_label(src)} at FROM in {out_dir / MODELFILE_NAME}, then ollama create {stem} -f ...")
-    info(f"[bold green]exported[/] the adapter as {', '.join(p.name for p in files.values())} in "
-         f"{report['seconds']:.0f}s: [bold]{out_dir}[/]  (Ollama: {how})")
-    return ExportResult(out_dir, files, report)
+                          f"(qlora-phi3 export {src.path} --out DIR) is the way out if the LoRA does not apply.", result)
+    return result
 
 
 def _lora_params(adapter_dir: Path, plan: list[LoraTensor]) -> int:
@@ -394,28 +390,3 @@ def _run_checks(llama_cpp, src, base_dir: Path, base_gguf: Path, files: dict, fl
     return checks, base_alone, {"conversations": len(convs), "source": where, "model": how,
                                 "answer_positions": sum(len(c.answer_pos) for c in convs),
                                 "base_gguf": base_gguf.name}
-
-
-def _print_report(report: dict) -> None:
-    from rich.table import Table
-
-    checked = report["checked"]
-    table = Table(title=f"export --adapter: {report['out_dir']}", title_justify="left", caption_justify="left",
-                  caption=(f"{report['reference']['base_gguf']} + LoRA in llama.cpp against the 16-bit base + adapter "
-                           f"in transformers on {report['reference']['conversations']} held-out conversations; the "
-                           f"base alone agrees on {report['base_alone']['top1_agreement']:.1%}"
-                           if checked else "not checked in llama.cpp"))
-    for col in ("file", "MiB", "alpha"):
-        table.add_column(col, justify="left" if col == "file" else "right")
-    if checked:
-        for col in ("token ids =", "top-1 =", "max |Δlogit|", "stops at <|end|>", "check"):
-            table.add_column(col, justify="right")
-    for row in report["files"].values():
-        cells = [row["file"], f"{row['bytes'] / 2**20:.2f}", f"{row['lora_alpha']:g}"]
-        c = row.get("check")
-        if c:
-            cells += [f"{c['token_ids_equal']}/{c['conversations']}", f"{c['top1_agreement']:.1%}",
-                      f"{c['max_abs_logit_diff']:.4f}", f"{c['stopped_at_end']}/{c['conversations']}",
-                      "[green]pass[/]" if c["passed"] else "[bold red]FAIL[/]"]
-        table.add_row(*cells)
-    console().print(table)

@@ -33,7 +33,7 @@ from qlora_phi3.family import family_for_config
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.data.split import held_out_records
 from qlora_phi3.out.merge import merge, phi3_model_name
-from qlora_phi3.ui import console, info, warn
+from qlora_phi3.ui import console, warn
 
 __all__ = ["CheckFailed", "ExportResult", "QUANTS", "export", "write_gguf", "modelfile_text"]
 
@@ -73,17 +73,22 @@ DEFAULT_CHECK_SAMPLES = 8
 MODELFILE_MAX_CTX = 4096
 
 
-class CheckFailed(UserError):
-    """A GGUF was written but did not behave like the merged model in llama.cpp (numbers in the message)."""
-
-    exit_code = 3
-
-
 @dataclass
 class ExportResult:
     out_dir: Path
-    files: dict[str, Path]  # quant -> GGUF path
-    report: dict
+    files: dict[str, Path]  # quant -> GGUF path, in the order asked for
+    report: dict  # export_report.json: per file its size, seconds and check
+
+
+class CheckFailed(UserError):
+    """A GGUF was written but did not behave like the merged model in llama.cpp (numbers in the message); the files
+    are published all the same, and ``result`` is that export, for the caller to show."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, result: ExportResult):
+        super().__init__(message)
+        self.result = result
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -765,18 +770,14 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # never leave a half-written export behind
         raise
-    files = {q: out_dir / p.name for q, p in files.items()}
-    _print_report(report)
+    result = ExportResult(out_dir, {q: out_dir / p.name for q, p in files.items()}, report)
     if failed:
         raise CheckFailed("; ".join(f"{q}: " + "; ".join(checks[q]["problems"]) for q in failed)
                           + f". The files are in {out_dir} with the numbers in {REPORT_NAME}"
                           + (f" (the earlier export in {kept} is left as it was)" if kept else "")
                           + "; if the merged model itself does not stop or answer well (`qlora-phi3 chat` on a "
-                          "merged dir shows it), train longer before exporting.")
-    info(f"[bold green]exported[/] {', '.join(names)} in {report['seconds']:.0f}s: [bold]{out_dir}[/]")
-    info(f"next: `ollama create {stem} -f {out_dir / MODELFILE_NAME} && ollama run {stem}`, or llama.cpp: "
-         f"`llama-cli -m {files[names[0]]} -cnv`")
-    return ExportResult(out_dir, files, report)
+                          "merged dir shows it), train longer before exporting.", result)
+    return result
 
 
 def _write_all(llama_cpp, model_dir: Path, stage: Path, stem: str, names: list[str], config: dict,
@@ -822,26 +823,3 @@ def _run_checks(llama_cpp, src, model_dir: Path, files: dict, n: int):
             checks[q] = _check_gguf(llama_cpp, path, convs, tokenizer, QUANTS[q].top1_min)
     return checks, {"conversations": len(convs), "source": where, "model": how,
                     "answer_positions": sum(len(c.answer_pos) for c in convs)}
-
-
-def _print_report(report: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"export: {report['out_dir']}", title_justify="left",
-                  caption=("checked in llama.cpp against the merged model in transformers on "
-                           f"{report['reference']['conversations']} held-out conversations"
-                           if report["checked"] else "not checked in llama.cpp"), caption_justify="left")
-    for col in ("quant", "MiB", "s"):
-        table.add_column(col, justify="left" if col == "quant" else "right")
-    if report["checked"]:
-        for col in ("token ids =", "top-1 =", "stops at <|end|>", "check"):
-            table.add_column(col, justify="right")
-    for q, row in report["files"].items():
-        cells = [q, f"{row['bytes'] / 2**20:.2f}", f"{row['seconds']:.1f}"]
-        c = row.get("check")
-        if c:
-            cells += [f"{c['token_ids_equal']}/{c['conversations']}", f"{c['top1_agreement']:.1%}",
-                      f"{c['stopped_at_end']}/{c['conversations']}",
-                      "[green]pass[/]" if c["passed"] else "[bold red]FAIL[/]"]
-        table.add_row(*cells)
-    console().print(table)
