@@ -62,6 +62,31 @@ def llama_cpp():
     return llama_cpp
 
 
+@pytest.fixture
+def qlora(capsys, monkeypatch):
+    """``qlora-phi3 ARGS`` run in this process, returned as a subprocess would return it (exit code, stdout, stderr).
+    A subprocess costs ~8 s of interpreter, torch and transformers start per call on 2 cores; tests that need a real
+    process (a kill, a signal, a fresh interpreter's imports) start one themselves."""
+    import subprocess
+
+    from qlora_phi3.cli import main
+
+    def run(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        capsys.readouterr()  # only this command's output
+        with monkeypatch.context() as m:
+            if cwd is not None:
+                m.chdir(cwd)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's own errors exit
+                code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["qlora-phi3", *argv], code, out, err)
+
+    return run
+
+
 def cpu_dtype() -> str:
     """The compute dtype training picks on this CPU (bf16 where native, else fp32): tests that load the model
     themselves use it, so a CPU without native bf16 does not run them 10x slower in emulation."""

@@ -67,9 +67,14 @@ def _adapter(path: Path) -> dict:
     return load_file(path / "adapter" / "adapter_model.safetensors")
 
 
-def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, request):
+def _train(qlora, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The same command as ``_run``, in this process (the ``qlora`` fixture): only the kills need a process."""
+    return qlora("train", f"train.output_dir={out}", *QUICK, *extra)
+
+
+def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, request, qlora):
     steps = ["train.max_steps=16", "train.save_steps=4"]
-    ref = _run(tmp_path / "ref", *steps)
+    ref = _train(qlora, tmp_path / "ref", *steps)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
 
     out = tmp_path / "killed"
@@ -81,10 +86,10 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, request):
     proc.wait()
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # died without a word
 
-    again = _run(out, *steps)  # neither --resume nor --force: refuse to mix runs
+    again = _train(qlora, out, *steps)  # neither --resume nor --force: refuse to mix runs
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
 
-    resumed = _run(out, *steps, "--resume")
+    resumed = _train(qlora, out, *steps, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     a, b = _adapter(tmp_path / "ref"), _adapter(out)
     assert a.keys() == b.keys()
@@ -94,14 +99,21 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, request):
     assert run["status"] == "completed" and run["steps"] == 16
 
 
-def test_kill_during_saves_never_leaves_a_corrupt_latest(tmp_path, request):
+def test_kill_during_saves_never_leaves_a_corrupt_latest(tmp_path, request, qlora):
     out = tmp_path / "run"
     rng = _rng(request)
     args = ["train.max_steps=40", "train.save_steps=1", "train.save_total_limit=2"]
+    def latest_step() -> int:
+        latest = last_checkpoint(out)
+        return int(latest.name.split("-")[1]) if latest else 0
+
     for attempt in range(3):
+        before = latest_step()
         proc = _start(out, *args, *(["--resume"] if attempt else []))
-        # Saving every step keeps the run inside a save most of the time; kill at a random moment in it.
-        _wait_for(lambda: (out / ".staging").exists() or len(list(out.glob("checkpoint-*"))) > attempt, proc)
+        # Wait for this attempt's first new checkpoint (so there is always one to resume from; a kill inside the
+        # very first save leaves nothing to resume, which --resume rightly refuses). Saving every step keeps the
+        # run inside a save most of the time after it: kill at a random moment there.
+        _wait_for(lambda: latest_step() > before, proc)
         time.sleep(rng.uniform(0.0, 0.5))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -112,15 +124,15 @@ def test_kill_during_saves_never_leaves_a_corrupt_latest(tmp_path, request):
             state = json.loads((latest / "trainer_state.json").read_text())
             assert state["global_step"] == int(latest.name.split("-")[1])
         assert all(is_complete(p) for p in out.glob("checkpoint-*")), "a partial checkpoint is visible"
-    done = _run(out, *args, "--resume")
+    done = _train(qlora, out, *args, "--resume")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(list(out.glob("checkpoint-*"))) <= 2 and not (out / ".staging").exists()
 
 
-def test_nan_guard_stops_at_once_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_guard_stops_at_once_and_keeps_last_good_checkpoint(tmp_path, qlora):
     out = tmp_path / "run"
     # lr=1e30 blows the LoRA weights up after the first update; the next gradients are NaN/inf.
-    res = _run(out, "train.max_steps=20", "train.save_steps=1", "train.lr=1e30", "train.warmup_ratio=0")
+    res = _train(qlora, out, "train.max_steps=20", "train.save_steps=1", "train.lr=1e30", "train.warmup_ratio=0")
     assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert "non-finite" in res.stderr and "at step" in res.stderr and "learning rate" in res.stderr
@@ -134,7 +146,7 @@ def test_nan_guard_stops_at_once_and_keeps_last_good_checkpoint(tmp_path):
     assert not (out / "adapter").exists()
 
 
-def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path):
+def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path, qlora):
     out = tmp_path / "run"
     proc, lines = _start_and_reach_step(out, 3, "train.max_steps=40", "train.save_steps=0")
     proc.send_signal(signal.SIGINT)
@@ -146,7 +158,7 @@ def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path):
     assert latest is not None and is_complete(latest)
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     step = int(latest.name.split("-")[1])
-    resumed = _run(out, "train.max_steps=40", "train.save_steps=0", "--resume", timeout=600)
+    resumed = _train(qlora, out, "train.max_steps=40", "train.save_steps=0", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["steps"] == 40 > step
 
@@ -196,27 +208,30 @@ def test_oom_prints_advice_and_saves_nothing(tmp_path, monkeypatch):
     (["lora.rnak=3"], "unknown key 'lora.rnak'"),
     (["train.micro_batch_size=two"], "must be an integer"),
 ])
-def test_recipe_and_flag_errors_are_one_line_before_model_load(tmp_path, extra, expect):
-    res = _run(tmp_path / "run", *extra, timeout=120)
+def test_recipe_and_flag_errors_are_one_line_before_model_load(tmp_path, extra, expect, qlora, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recipe error")
+
+    monkeypatch.setattr("qlora_phi3.run.train.load_model", no_model)
+    res = _train(qlora, tmp_path / "run", *extra)
     assert res.returncode == 2
-    assert expect in res.stderr and "Traceback" not in res.stderr
-    assert "Loading weights" not in res.stdout + res.stderr  # failed before any model was loaded
+    assert expect in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-def test_output_dir_errors(tmp_path):
+def test_output_dir_errors(tmp_path, qlora):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = _run(blocker / "sub", timeout=120)
+    res = _run(blocker / "sub", timeout=120)  # one as a real process: exit code 2 and no traceback
     assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
-    res = _run(tmp_path / "new", "--resume", timeout=120)
+    res = _train(qlora, tmp_path / "new", "--resume")
     assert res.returncode == 2 and "nothing to resume" in res.stderr
-    res = _run(tmp_path / "new", "--resume", "--force", timeout=120)
+    res = _train(qlora, tmp_path / "new", "--resume", "--force")
     assert res.returncode == 2 and "contradict" in res.stderr
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    res = _run(other, "--force", timeout=120)
+    res = _train(qlora, other, "--force")
     assert res.returncode == 2 and (other / "notes.txt").exists()  # --force never deletes a non-run directory
 
 
@@ -245,8 +260,7 @@ def test_pickle_only_model_is_refused(tmp_path):
         load_model(ModelConfig(name_or_path=str(d)), "cpu", cpu_dtype(), "sdpa")
 
 
-def test_trust_remote_code_warns(tmp_path):
-    res = _run(tmp_path / "run", "model.trust_remote_code=true", "train.max_steps=1", "train.save_steps=0",
-               timeout=300)
+def test_trust_remote_code_warns(tmp_path, qlora):
+    res = _train(qlora, tmp_path / "run", "model.trust_remote_code=true", "train.max_steps=1", "train.save_steps=0")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "trust_remote_code=true" in res.stdout and "will run on this machine" in res.stdout

@@ -4,7 +4,6 @@ leaves nothing behind, and saved paths work from any folder."""
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -17,34 +16,29 @@ QUICK = ["data.max_samples=40", "data.max_eval_samples=4", "train.eval_steps=0",
          "train.micro_batch_size=8"]
 
 
-def _qlora(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
-
-
 def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return res
 
 
-def test_resume_continues_with_the_runs_own_settings_and_refuses_changes(tmp_path):
+def test_resume_continues_with_the_runs_own_settings_and_refuses_changes(tmp_path, qlora):
     run = tmp_path / "run"
-    _ok(_qlora("train", *QUICK, "train.max_steps=4", "train.save_steps=2", "lora.r=8", f"train.output_dir={run}"))
+    _ok(qlora("train", *QUICK, "train.max_steps=4", "train.save_steps=2", "lora.r=8", f"train.output_dir={run}"))
     # The resume command carries none of the original overrides: they come from the run's recipe.yaml.
     for changed, expect in ((["lora.r=4"], "lora.r: run has 8, asked 4"),
                             (["data.max_seq_len=64"], "data.max_seq_len: run has 128, asked 64"),
                             (["train.max_steps=3"], "train.max_steps: run has 4, asked 3")):
-        res = _qlora("train", "--resume", str(run), *changed)
+        res = qlora("train", "--resume", str(run), *changed)
         assert res.returncode == 2 and expect in res.stderr and "Traceback" not in res.stderr, res.stderr
-    _ok(_qlora("train", "--resume", str(run), "train.max_steps=6"))
+    _ok(qlora("train", "--resume", str(run), "train.max_steps=6"))
     # A completed run has nothing to resume: no step past max_steps, nothing rewritten; the message says how to
     # train it longer. A new run into it is told the same.
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
-    res = _qlora("train", "--resume", str(run))
+    res = qlora("train", "--resume", str(run))
     assert res.returncode == 2 and "is completed (6 optimizer steps" in res.stderr, res.stderr
     assert f"--resume {run} train.max_steps=12" in res.stderr
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
-    res = _qlora("train", *QUICK, f"train.output_dir={run}")
+    res = qlora("train", *QUICK, f"train.output_dir={run}")
     assert res.returncode == 2 and "already holds a completed run" in res.stderr
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["steps"] == 6
@@ -54,50 +48,50 @@ def test_resume_continues_with_the_runs_own_settings_and_refuses_changes(tmp_pat
     assert saved.train.max_steps == 6 and saved.lora.r == 8
 
 
-def test_a_run_that_fails_before_training_writes_nothing(tmp_path):
+def test_a_run_that_fails_before_training_writes_nothing(tmp_path, qlora):
     run = tmp_path / "run"
-    res = _qlora("train", *QUICK, "lora.target_modules=q_proj", f"train.output_dir={run}")
+    res = qlora("train", *QUICK, "lora.target_modules=q_proj", f"train.output_dir={run}")
     assert res.returncode == 2 and "qkv_proj" in res.stderr  # refused after the model loaded
     assert not run.exists()  # not even an empty directory
     csv = tmp_path / "chats.csv"
     csv.write_text("prompt,answer\nhi,hello\n")
-    res = _qlora("train", *QUICK, f"data.path={csv}", f"train.output_dir={tmp_path / 'a' / 'b'}")
+    res = qlora("train", *QUICK, f"data.path={csv}", f"train.output_dir={tmp_path / 'a' / 'b'}")
     assert res.returncode == 2 and not (tmp_path / "a").exists()
-    again = _qlora("train", *QUICK, "lora.target_modules=q_proj", f"train.output_dir={run}")
+    again = qlora("train", *QUICK, "lora.target_modules=q_proj", f"train.output_dir={run}")
     assert "already holds a run" not in again.stderr
 
 
-def test_resume_without_a_checkpoint_says_so_and_a_new_run_takes_the_directory(tmp_path):
+def test_resume_without_a_checkpoint_says_so_and_a_new_run_takes_the_directory(tmp_path, qlora):
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump({"train": {"output_dir": str(run)}}))
     (run / "run.json").write_text(json.dumps({"status": "interrupted", "steps": 3}))
-    res = _qlora("train", "--resume", str(run))
+    res = qlora("train", "--resume", str(run))
     assert res.returncode == 2 and "nothing to resume" in res.stderr and "no complete checkpoint" in res.stderr
     assert "'interrupted' at step 3" in res.stderr
-    res = _ok(_qlora("train", *QUICK, "train.max_steps=1", "train.save_steps=0", f"train.output_dir={run}"))
+    res = _ok(qlora("train", *QUICK, "train.max_steps=1", "train.save_steps=0", f"train.output_dir={run}"))
     assert "replacing the earlier run" in res.stdout
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
 
 
-def test_relative_paths_are_saved_absolute_so_chat_works_from_another_folder(tmp_path):
+def test_relative_paths_are_saved_absolute_so_chat_works_from_another_folder(tmp_path, qlora):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(), elsewhere.mkdir()
     shutil.copytree(TINY_MODEL_DIR, work / "my-phi3")
-    _ok(_qlora("train", *QUICK, "train.max_steps=1", "train.save_steps=0", "model.name_or_path=my-phi3",
+    _ok(qlora("train", *QUICK, "train.max_steps=1", "train.save_steps=0", "model.name_or_path=my-phi3",
                "train.output_dir=run", cwd=work))
     saved = load_recipe(work / "run" / "recipe.yaml", [])
     assert saved.model.name_or_path == str(work / "my-phi3")
     meta = json.loads((work / "run" / "adapter" / ADAPTER_META).read_text())
     assert meta["base_model"] == str(work / "my-phi3")
-    res = _ok(_qlora("chat", str(work / "run"), "--prompt", "What is 1 plus 1?", "--max-new-tokens", "4",
+    res = _ok(qlora("chat", str(work / "run"), "--prompt", "What is 1 plus 1?", "--max-new-tokens", "4",
                      cwd=elsewhere))
     assert res.stdout.strip()
     # --base: the same model from another place is accepted; a different one is refused by its shapes.
     moved = tmp_path / "moved-phi3"
     shutil.move(str(work / "my-phi3"), moved)
-    res = _qlora("chat", str(work / "run"), "--prompt", "hi", "--max-new-tokens", "2", cwd=elsewhere)
+    res = qlora("chat", str(work / "run"), "--prompt", "hi", "--max-new-tokens", "2", cwd=elsewhere)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    _ok(_qlora("chat", str(work / "run"), "--base", str(moved), "--prompt", "hi", "--max-new-tokens", "2",
+    _ok(qlora("chat", str(work / "run"), "--base", str(moved), "--prompt", "hi", "--max-new-tokens", "2",
                cwd=elsewhere))
     assert Path(moved).is_dir()
