@@ -147,3 +147,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in _TRAINING_FILES:
             item.add_marker(pytest.mark.slow)
+
+
+# The session's tiny run (300 steps, ~2 minutes of one core) is trained once per worker that needs it. xdist hands out
+# whole files (pyproject: --dist loadfile); this scheduler hands out every file that uses the run as one unit, so it is
+# trained once, not once per worker. (xdist's own --dist loadgroup marks do not work with pytest 9: it renames
+# item._nodeid, which pytest 9 no longer reads.)
+_SHARED_RUN_FILES = frozenset(p.name for p in Path(__file__).parent.rglob("test_*.py") if "tiny_run" in p.read_text())
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "tiny_run" if Path(file).name in _SHARED_RUN_FILES else file
+
+    return SharedRunScheduling(config, log)
