@@ -218,6 +218,24 @@ def test_tiny_shapes_are_deterministic(tmp_path):
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (4, 1, False)
 
 
+def test_tiny_phi35_mini_keeps_its_published_longrope_factors():
+    """Phi-3.5-mini's tiny shape has its head dim (96), so its config carries the published factors unresampled; the
+    other 128k Phi-3 models' tiny configs fall back to the same curves (their own lists are not offline)."""
+    from qlora_phi3.family import PHI35_MINI_LONG_FACTOR, PHI35_MINI_SHORT_FACTOR
+    from qlora_phi3.model.tiny import TINY_SHAPES, mini_config
+
+    hub, sizes = TINY_SHAPES["phi3.5-mini"]
+    facts = PUBLISHED[hub].config
+    rope = mini_config(hub, **sizes).rope_parameters
+    assert rope["rope_type"] == "longrope" and len(PHI35_MINI_LONG_FACTOR) == facts["hidden_size"] // 32 // 2 == 48
+    assert rope["long_factor"] == facts["long_factor"] == PHI35_MINI_LONG_FACTOR
+    assert rope["short_factor"] == facts["short_factor"] == PHI35_MINI_SHORT_FACTOR
+    mini_128k = mini_config("microsoft/Phi-3-mini-128k-instruct", hidden_size=64, num_attention_heads=4,
+                            num_key_value_heads=4)
+    assert len(mini_128k.rope_parameters["long_factor"]) == 8  # resampled to head dim 16's pairs
+    assert mini_128k.rope_parameters["long_factor"][0] == PHI35_MINI_LONG_FACTOR[0]
+
+
 # --------------------------------------------------------------------------------------------- recipes
 
 
