@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from qlora_phi3.data.read import PHI3_TOKEN_TEXTS
-from qlora_phi3.family import PHI3_CHAT_TEMPLATE, PHI4_MINI, PUBLISHED, TokenizerFamily
+from qlora_phi3.family import (PHI3_CHAT_TEMPLATE, PHI35_MINI_LONG_FACTOR, PHI35_MINI_SHORT_FACTOR, PHI4_MINI,
+                               PUBLISHED, TokenizerFamily)
 
 __all__ = ["PHI3_CHAT_TEMPLATE", "PHI3_MINI_4K", "PHI3_MINI_128K", "PHI3_SPECIAL_TOKENS", "TINY_MODEL_DIR",
            "TINY_SHAPES", "TINY_SIZES", "TOKENIZER_FILES", "build_tiny", "build_tiny_shape", "mini_config",
@@ -43,38 +44,12 @@ PHI3_MINI_4K = dict(
     rope_scaling=None, rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False, use_cache=True,
     vocab_size=32064,
 )
-# The published longrope factors (head_dim 96, so 48 each) of microsoft/Phi-3.5-mini-instruct's config.json, the
-# same architecture, vocabulary and longrope layout as Phi-3-mini-128k-instruct (whose own lists we could not
-# reach offline); verbatim from two independent copies of that config.json. A mini config with another head
-# dim cannot use them and gets the same curve resampled to head_dim / 2 points.
-_LONG_FACTOR = [
-    1.0800000429153442, 1.1100000143051147, 1.1399999856948853, 1.340000033378601, 1.5899999141693115,
-    1.600000023841858, 1.6200000047683716, 2.620000123977661, 3.2300000190734863, 3.2300000190734863,
-    4.789999961853027, 7.400000095367432, 7.700000286102295, 9.09000015258789, 12.199999809265137,
-    17.670000076293945, 24.46000099182129, 28.57000160217285, 30.420001983642578, 30.840002059936523,
-    32.590003967285156, 32.93000411987305, 42.320003509521484, 44.96000289916992, 50.340003967285156,
-    50.45000457763672, 57.55000305175781, 57.93000411987305, 58.21000289916992, 60.1400032043457,
-    62.61000442504883, 62.62000274658203, 62.71000289916992, 63.1400032043457, 63.1400032043457,
-    63.77000427246094, 63.93000411987305, 63.96000289916992, 63.970001220703125, 64.02999877929688,
-    64.06999969482422, 64.08000183105469, 64.12000274658203, 64.41000366210938, 64.4800033569336,
-    64.51000213623047, 64.52999877929688, 64.83999633789062,
-]
-_SHORT_FACTOR = [
-    1.0, 1.0199999809265137, 1.0299999713897705, 1.0299999713897705, 1.0499999523162842, 1.0499999523162842,
-    1.0499999523162842, 1.0499999523162842, 1.0499999523162842, 1.0699999332427979, 1.0999999046325684,
-    1.1099998950958252, 1.1599998474121094, 1.1599998474121094, 1.1699998378753662, 1.2899998426437378,
-    1.339999794960022, 1.679999828338623, 1.7899998426437378, 1.8199998140335083, 1.8499997854232788,
-    1.8799997568130493, 1.9099997282028198, 1.9399996995925903, 1.9899996519088745, 2.0199997425079346,
-    2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346,
-    2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914,
-    2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0799996852874756,
-    2.0899996757507324, 2.189999580383301, 2.2199995517730713, 2.5899994373321533, 2.729999542236328,
-    2.749999523162842, 2.8399994373321533,
-]
-# microsoft/Phi-3-mini-128k-instruct config.json: the 4k fields with longrope to 131072 positions.
+# microsoft/Phi-3-mini-128k-instruct config.json: the 4k fields with longrope to 131072 positions (with Phi-3.5-mini's
+# published factors, the same layout: family.py). A mini config with another head dim than 96 cannot use them and
+# gets the same curves resampled to head_dim / 2 points.
 PHI3_MINI_128K = dict(
     PHI3_MINI_4K, max_position_embeddings=131072, sliding_window=262144,
-    rope_scaling={"type": "longrope", "long_factor": _LONG_FACTOR, "short_factor": _SHORT_FACTOR},
+    rope_scaling={"type": "longrope", "long_factor": PHI35_MINI_LONG_FACTOR, "short_factor": PHI35_MINI_SHORT_FACTOR},
 )
 
 # The embedded model's sizes (the only fields that differ from Phi-3-mini-4k-instruct's config.json).
@@ -196,6 +171,8 @@ def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = 
 # phi4-mini: grouped-query attention 6 / 2 (Phi-4-mini's 24 / 8 ratio), head dim 16 so that partial rotary 0.75
 #   covers 12 dims (6 longrope pairs, its published factors resampled), tied embeddings, the 200,064 vocabulary.
 # phi3-medium: grouped-query attention 4 / 1 (Phi-3-medium's 40 / 10 ratio), head dim 16, untied, Phi-3's vocabulary.
+# phi3.5-mini: longrope to 131072 positions with Phi-3.5-mini's own factors verbatim: head dim 96 as published (2 heads
+#   of 96), so its 48 long and 48 short factors need no resampling; full rotary, untied, Phi-3's vocabulary.
 TINY_SHAPES = {
     "phi4-mini": ("microsoft/Phi-4-mini-instruct",
                   dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=6,
@@ -203,6 +180,9 @@ TINY_SHAPES = {
     "phi3-medium": ("microsoft/Phi-3-medium-4k-instruct",
                     dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=1)),
+    "phi3.5-mini": ("microsoft/Phi-3.5-mini-instruct",
+                    dict(hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2)),
 }
 
 
@@ -217,7 +197,7 @@ def mini_config(hub_id: str, **sizes):
     long_f, short_f = fields.pop("long_factor", None), fields.pop("short_factor", None)
     if rope_type == "longrope":
         if long_f is None:  # the Phi-3 128k models: Phi-3.5-mini's published curve (same architecture)
-            long_f, short_f = _LONG_FACTOR, _SHORT_FACTOR
+            long_f, short_f = PHI35_MINI_LONG_FACTOR, PHI35_MINI_SHORT_FACTOR
         head_dim = fields["hidden_size"] // fields["num_attention_heads"]
         half = int(head_dim * fields.get("partial_rotary_factor", 1.0)) // 2
         fields["rope_scaling"] = {"type": "longrope", "long_factor": _resample(long_f, half),
@@ -245,7 +225,7 @@ def write_random_phi3(out_dir: Path, seed: int = 0, device: str = "cpu", kind: s
 
 
 if __name__ == "__main__":  # pragma: no cover - regeneration entry point
-    # python -m qlora_phi3.model.tiny [OUT]: the embedded tiny Phi-3; [--shape phi4-mini|phi3-medium OUT]: another.
+    # python -m qlora_phi3.model.tiny [OUT]: the embedded tiny Phi-3; [--shape SHAPE OUT]: another (TINY_SHAPES).
     if len(sys.argv) > 2 and sys.argv[1] == "--shape":
         print(build_tiny_shape(sys.argv[2], Path(sys.argv[3])))
     else:
