@@ -63,7 +63,23 @@ class Report:
         print(text, flush=True)
 
 
+# --dry-run runs each command in this process: the dry run checks the script's steps and the commands' arguments,
+# and a new interpreter per command (~7 s of torch and transformers imports on 2 cores) only made it slower. On a GPU
+# each command gets its own process, so that no step's memory figures include an earlier step's leftovers.
+IN_PROCESS = False
+
+
 def _qlora(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    if IN_PROCESS:
+        import contextlib
+        import io
+
+        from qlora_phi3.cli import main as cli_main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli_main(list(args))
+        return subprocess.CompletedProcess(["qlora-phi3", *args], code, out.getvalue(), err.getvalue())
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
@@ -356,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA GPU visible: run this on a GPU, or use --dry-run on the CPU.", file=sys.stderr)
         return 2
+    global IN_PROCESS
+    IN_PROCESS = args.dry_run
     ctx = Context(args)
     dev = device_info("cuda:0" if not args.dry_run else "cpu")
     name = "dry-run-cpu" if args.dry_run else dev["name"].replace(" ", "_").replace("/", "_")
