@@ -3,7 +3,7 @@
 ``bench/results/<gpu>.md`` the moment it is measured, so a run cut short keeps what it got.
 
     python bench/gpu_check.py                 # on one CUDA GPU, about 8 minutes; no network needed
-    python bench/gpu_check.py --dry-run       # every step on the CPU with the tiny model (tests/test_gpu_check.py)
+    python bench/gpu_check.py --dry-run       # every step on the CPU with the tiny model (tests/project/test_gpu_check.py)
 
 Steps, most important first (each records its error and the script goes on; steps that would not end
 before ``--budget-s`` are recorded as skipped):

@@ -18,7 +18,7 @@ step of one full-width layer takes minutes; the LoRA optimizer states the first 
 and ``peak_memory`` is read from its run.json (the peak of live tensor storage from the start of training,
 the step-0 eval of one short conversation included). Step seconds come from the run's logged tokens/s.
 ``--write`` saves ``bench/results/cpu_long_context.md`` (the table) and ``.json`` (the rows, which
-tests/test_estimate.py checks the estimator against).
+tests/unit/memory/test_estimate.py checks the estimator against).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m qlora_phi3.schema_doc > docs/schema.md
 
-``tests/test_docs.py`` fails when the committed page differs from what this prints.
+``tests/project/test_docs.py`` fails when the committed page differs from what this prints.
 """
 
 from __future__ import annotations

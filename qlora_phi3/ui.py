@@ -65,7 +65,7 @@ def quiet_library_noise() -> None:
     # run/train.py says this itself, once, in words that name our setting.
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` at every wrap; it is PEFT's to change, not
-    # the user's, and qlora-phi3 itself never calls it (tests/test_cli.py checks our own code stays clean).
+    # the user's, and qlora-phi3 itself never calls it (tests/unit/cli/test_cli.py checks our own code stays clean).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # TRL's DPO/KTO reference pass turns checkpointing off and on through transformers' deprecated names at every
     # step (trl.trainer.utils.disable_gradient_checkpointing); TRL's to change, not the user's.

@@ -3,7 +3,7 @@
 A micro-batch padded to its longest sample wastes compute on padding (on a mixed-length chat set,
 most of it). Packing fills each row with whole samples (best-fit decreasing), so a step does real
 tokens only. The catch is attention: with transformers 5 on the CPU, sdpa and eager attention let a
-packed sample attend to the ones before it when only ``position_ids`` restart (tests/test_packing.py
+packed sample attend to the ones before it when only ``position_ids`` restart (tests/unit/data/test_packing.py
 shows it), so for them we pass an explicit block-diagonal causal 4-D mask. For
 flash_attention_2 we flatten the micro-batch into one row and pass the sample boundaries
 (``cu_seq_lens``): flash-attn's varlen kernel then isolates samples without an L x L mask.

@@ -8,7 +8,7 @@ code path of ``qlora-phi3 train``: what autograd saves (``saved_tensors_hooks``)
 peak (the live-tensor meter, qlora_phi3/memory/meter.py). That forward runs under autocast, so PEFT runs the
 adapters in bf16 (``TRAIN_FORWARD_AUTOCAST``; ``autocast=False`` estimates the fp32-adapter path the long-context
 table was measured on).
-Checked: ``tests/test_estimate.py`` against measured CPU peaks (within 15% on tiny and mini Phi-3s through
+Checked: ``tests/unit/memory/test_estimate.py`` against measured CPU peaks (within 15% on tiny and mini Phi-3s through
 the profiler, eager included; within 10% on every row of bench/results/cpu_long_context.md, real training
 steps at Phi-3-mini's widths, 2k-16k tokens, tiling off and on). The GPU-only terms (attention backward
 buffers, cuBLAS workspaces, allocator overhead, CUDA context) come from their sources and are not measured
@@ -69,7 +69,7 @@ class MethodTerms:
         log-probs are precomputed (``train.precompute_ref_log_probs``).
     kl_rows_per_sample: rows of mismatched answers forwarded without gradient, by the policy and the reference (kto).
     The answers' log-probs cost what the SFT loss costs (the "logits and loss" term): qlora_phi3/run/logprobs.py takes
-    them as minus the same fused cross-entropy, 256 answer positions at a time (measured: tests/test_estimate_methods.py).
+    them as minus the same fused cross-entropy, 256 answer positions at a time (measured: tests/unit/memory/test_estimate_methods.py).
     """
     rows_per_sample: int = 1
     reference_forward: bool = False
@@ -613,7 +613,7 @@ def _logits_and_loss(step: _Step) -> _Phase:
     else:
         # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
         # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
-        # measured through the training path (tests/test_estimate.py), not the 12 of a bare cross-entropy.
+        # measured through the training path (tests/unit/memory/test_estimate.py), not the 12 of a bare cross-entropy.
         logits = n * step.vocab * 30
         logits_formula = ("N x V x 30 B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy metric, "
                           "with their gradients; measured on the training path)")

@@ -21,7 +21,7 @@ bitsandbytes' CPU ``gemm_4bit`` kernel unpacks inside the forward op, attention 
 are small next to the counted terms and the same for every configuration, so CPU figures from
 different configurations compare fairly; they are not RSS. ``process_rss_gib`` is reported beside
 them for reference. The dispatch mode costs a few microseconds per operator (measured: see
-tests/test_profile.py), negligible next to real CPU training steps.
+tests/unit/run/test_profile.py), negligible next to real CPU training steps.
 """
 
 from __future__ import annotations

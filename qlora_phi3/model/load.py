@@ -151,7 +151,7 @@ def auto_tokenizer(path: str, **kwargs):
     """``AutoTokenizer.from_pretrained``, except for byte-level BPE Phis (Phi-4-mini): their tokenizer_config.json
     says ``GPT2Tokenizer``, and transformers 5's GPT2Tokenizer replaces the tokenizer.json pre-tokenizer (o200k's
     split regex) with GPT-2's, which tokenizes whitespace and digits differently from the published tokenizer
-    (checked: llama.cpp's o200k probe hash, tests/test_family.py). The generic fast class keeps tokenizer.json."""
+    (checked: llama.cpp's o200k probe hash, tests/unit/core/test_family.py). The generic fast class keeps tokenizer.json."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tok = AutoTokenizer.from_pretrained(path, **kwargs)

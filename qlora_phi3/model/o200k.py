@@ -10,7 +10,7 @@ from it on demand (o200k's split regex, GPT-2 byte mapping, merges derived from 
 tiktoken converter does). The result is checked against a published token sequence: llama.cpp identifies a
 BPE pre-tokenizer by the sha256 of the ids the real tokenizer gives its ``chktxt`` probe, and records
 ``ccc2ef01...352e`` for o200k (``Xenova/gpt-4o``, ``conversion/base.py`` in the llama-cpp-python 0.3.36 sdist);
-``tests/test_family.py`` checks our rebuild gives that hash.
+``tests/unit/core/test_family.py`` checks our rebuild gives that hash.
 
 What is from memory rather than from a file we could read offline: Phi-4-mini's added-token ids (PITFALLS point
 24 and the issue's table agree), its chat template (family.py) and which added tokens are "special". Rebuild

@@ -10,7 +10,7 @@ base that LoRA can teach the bundled synthetic tasks shows the whole pipeline wo
 
 The tokenizer files are rebuilt by ``python -m qlora_phi3.model.tokenizer`` (from llama.cpp's copy of the
 Phi-3 vocabulary); the weights by ``python -m qlora_phi3.model.tiny [OUT]`` (seeded, bit for bit:
-``tests/test_tiny.py`` checks the rebuild matches what ships).
+``tests/unit/model/test_tiny.py`` checks the rebuild matches what ships).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Upstream private APIs and undocumented behaviours that qlora-phi3 relies on, each registered in one place.
 
 Every entry names what we lean on, where, why there is no public way, the version it was checked against,
-and a check that fails when it moves. ``tests/test_internals.py`` runs every check, so a release of
+and a check that fails when it moves. ``tests/unit/run/test_internals.py`` runs every check, so a release of
 transformers, TRL, PEFT, accelerate, bitsandbytes or torch that renames or reshapes one of them fails a test
 naming it, instead of training a different model in silence. :func:`check_trainer_internals` also runs
 whenever a trainer is built, because atomic checkpoints would otherwise silently stop being atomic.

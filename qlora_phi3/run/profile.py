@@ -12,7 +12,7 @@ Each configuration runs in a fresh process. On a GPU that is what makes the figu
 that ran an earlier configuration still holds cuBLAS workspaces, the caching allocator's blocks and
 bitsandbytes' paged optimizer buffers (its page manager keeps them after the optimizer is gone), so
 a second configuration in the same process would be measured on top of the first one's leftovers. On
-the CPU (live-tensor measure) the fresh process changes nothing: tests/test_profile.py checks that the
+the CPU (live-tensor measure) the fresh process changes nothing: tests/unit/run/test_profile.py checks that the
 profiled peak equals the peak ``train`` records for the same configuration. The price is loading the
 model once per configuration (seconds for Phi-3-mini from a local disk). On the CPU each configuration's process
 is forked from a server process that has already imported torch, transformers, PEFT, TRL and bitsandbytes (about

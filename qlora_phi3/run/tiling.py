@@ -19,7 +19,7 @@ in the tile's own recompute in backward. What stays whole-sequence is what atten
 step (three forwards instead of two under checkpointing); see bench/results/cpu_long_context.md.
 
 Sequences of at most ``tile_tokens`` tokens, and calls with a KV cache (generation), take
-transformers' own forward unchanged. Tiling changes no result: tests/test_tiling.py checks that losses
+transformers' own forward unchanged. Tiling changes no result: tests/unit/run/test_tiling.py checks that losses
 and LoRA gradients equal the untiled ones (4-bit base, sdpa and eager, packed rows).
 
 Why by hand: transformers' ``Phi3DecoderLayer`` runs each sublayer over the whole sequence and has no

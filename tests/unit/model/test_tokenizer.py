@@ -16,7 +16,7 @@ from qlora_phi3.model.tokenizer import (
     PHI3_ADDED_TOKENS, SOURCE_SHA256, VOCAB_NAME, build_tokenizer, check_against_reference, extract_sources,
     read_reference_cases)
 
-REFERENCE = Path(__file__).parent / "data" / "phi3_vocab"
+REFERENCE = Path(__file__).resolve().parents[2] / "data" / "phi3_vocab"
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,7 @@ def _fields(path: Path):
     return reader, {k: f.contents() for k, f in reader.fields.items()}
 
 
-CHECK_SAMPLES = 4  # held-out conversations per llama.cpp check, as tests/test_export.py
+CHECK_SAMPLES = 4  # held-out conversations per llama.cpp check, as tests/unit/out/test_export.py
 
 
 def _export(merged_dir: Path, out: Path, quants: str = "f16,q8_0"):
@@ -295,7 +295,7 @@ def test_each_shapes_gguf_carries_its_attention_and_rope(shape_merged, shape_ggu
             (1 + np.log(scale) / np.log(rope["original_max_position_embeddings"])) ** 0.5)
 
 
-# The bar of tests/test_export.py's Phi-3-mini check (token ids equal on every conversation, both turn ends end
+# The bar of tests/unit/out/test_export.py's Phi-3-mini check (token ids equal on every conversation, both turn ends end
 # generation, top-1 agreement >= the export's 99% floor) on models trained a few steps, whose answer positions hold
 # near-ties (the merged model's top-1 leads by under 0.05 logit at about 5% of them) that rounding alone swaps: top-1
 # counts those apart (export.NEAR_TIE_LOGITS). The logits prove more: f16 within 0.05 of the merged model's at every

@@ -6,7 +6,7 @@ Modelfile names base and adapter; adapters llama.cpp cannot apply are refused be
 The session's tiny run (conftest ``tiny_run``, the README's default: plain LoRA, shared with the other export
 tests) and one short rsLoRA run serve the module. Tests that run llama.cpp need llama-cpp-python, the
 converter test the llama-cpp-python sdist (QLORA_PHI3_SDIST): they skip with the reason when absent and fail
-instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/test_export.py.
+instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/unit/out/test_export.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from qlora_phi3.out import export as export_mod
 from qlora_phi3.out.adapter_export import export_adapter
 from qlora_phi3.out.export import CheckFailed, export
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 CHECK_SAMPLES = 4  # held-out conversations: enough answer positions, quick on 2 cores
 RSLORA_STEPS = 40  # the rsLoRA run must move the base's predictions a lot, nothing more (eval loss 18.2 -> ~3)
 DPO_STEPS = 20  # enough to move the DPO policy off its reference (eval loss 0.69 -> 0.48)

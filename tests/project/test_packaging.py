@@ -7,7 +7,7 @@ from pathlib import Path
 
 import qlora_phi3
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import cpu_dtype
 from qlora_phi3.run.checkpoints import is_complete, last_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Small and quick, but with checkpoints, a paged 8-bit optimizer and RNG in play (dropout > 0).
 QUICK = ["data.max_samples=160", "train.eval_steps=0", "train.logging_steps=1", "lora.dropout=0.1",
          "train.optimizer=paged_adamw_8bit", "train.micro_batch_size=8"]
@@ -56,7 +56,7 @@ def _start_and_reach_step(out: Path, step: int, *extra: str) -> tuple[subprocess
 
 def _rng(request) -> random.Random:
     """A random source seeded per test and printed, so a failing kill point reproduces:
-    QLORA_PHI3_TEST_SEED=<printed seed> pytest tests/test_robustness.py -k <test>."""
+    QLORA_PHI3_TEST_SEED=<printed seed> pytest tests/e2e/test_robustness.py -k <test>."""
     seed = int(os.environ.get("QLORA_PHI3_TEST_SEED") or random.SystemRandom().randrange(2**31))
     print(f"{request.node.name}: QLORA_PHI3_TEST_SEED={seed}")
     request.node.user_properties.append(("seed", seed))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:  # bench/ (the long-context table and the GPU check) is not an installed package
     sys.path.insert(0, str(REPO))
 

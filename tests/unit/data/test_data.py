@@ -10,7 +10,7 @@ from qlora_phi3.config import DataConfig
 from qlora_phi3.data.read import load_records, validate_messages
 from qlora_phi3.errors import UserError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 GOOD = {"messages": [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2."}]}
 EXPECTED_PAIR = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 plus 3 is 5."}]
 

@@ -15,8 +15,8 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.cli.render_data import print_data_inspection, render_sample, text_histogram
 from qlora_phi3.data.inspect import inspect_data, percentile, sample_tokens
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[3]
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def _chat_file(path: Path) -> Path:

@@ -15,7 +15,7 @@ from qlora_phi3.config import load_recipe
 from qlora_phi3.cli.common import recipe_and_overrides
 from qlora_phi3.schema_doc import schema_markdown
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DPO_RECIPE = REPO / "recipes" / "tiny_cpu_dpo.yaml"
 QUICK = ["train.sample_prompts=0", "train.logging_steps=1", "train.save_steps=0"]
 
@@ -139,7 +139,7 @@ def test_each_method_trains_on_the_tiny_model(tmp_path, method, extra):
 
 @pytest.mark.slow
 def test_dpo_kill9_then_resume_equals_uninterrupted_run(tmp_path):
-    """As tests/test_robustness.py does for SFT: kill -9 after a checkpoint, --resume, same adapter as a run never
+    """As tests/e2e/test_robustness.py does for SFT: kill -9 after a checkpoint, --resume, same adapter as a run never
     interrupted (dropout on, so the RNG state must be restored too; the reference is the same base either way)."""
     import os
     import signal

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # No dropout, no warmup, no clipping: every difference left would be a difference in the gradients.
 # Packed rows (the default). Two steps of 16 rows stay inside the first epoch (160 conversations pack into ~50

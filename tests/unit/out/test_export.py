@@ -28,7 +28,7 @@ from qlora_phi3.model.tiny import TINY_MODEL_DIR
 from qlora_phi3.out import export as export_mod
 from qlora_phi3.out.export import CheckFailed, export, modelfile_text, write_gguf
 
-PHI3_VOCAB = Path(__file__).resolve().parent / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
+PHI3_VOCAB = Path(__file__).resolve().parents[2] / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
 CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, quick on 2 cores
 
 
