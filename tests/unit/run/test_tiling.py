@@ -108,7 +108,7 @@ PEAK_SCRIPT = r"""
 import json, sys
 import torch
 sys.path.insert(0, sys.argv[2])
-from tests.test_tiling import _lora_model
+from tests.unit.run.test_tiling import _lora_model
 from qlora_phi3.memory.meter import PeakMemory
 from qlora_phi3.model.tiny import write_random_phi3
 from qlora_phi3.run.loss import model_loss
