@@ -112,9 +112,43 @@ def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(m[3], m[4]) for m in merges]
 
 
-@lru_cache(maxsize=1)  # ~10 s of merge derivation: once per process
+def _cache_file() -> Path:
+    """Where the derived ``tokenizer.json`` is kept between processes. Its name is a digest of everything the
+    derivation reads (this module, the family facts, the vocabulary asset, the tokenizers version), so a change to
+    any of them derives it afresh instead of reading a stale file."""
+    import os
+
+    import tokenizers
+
+    from qlora_phi3 import family
+
+    digest = hashlib.sha256()
+    for part in (Path(__file__).read_bytes(), Path(family.__file__).read_bytes(), ASSET.read_bytes(),
+                 tokenizers.__version__.encode()):
+        digest.update(hashlib.sha256(part).digest())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-phi3" / "o200k"
+    return cache / f"phi4-mini-tokenizer-{digest.hexdigest()[:16]}.json"
+
+
+@lru_cache(maxsize=1)
 def tokenizer_json() -> str:
-    """Phi-4-mini's ``tokenizer.json``: o200k_base with Phi-4-mini's added tokens."""
+    """Phi-4-mini's ``tokenizer.json``: o200k_base with Phi-4-mini's added tokens. Deriving the merges takes ~10 s
+    (2 cores), so the result is kept in the user's cache (:func:`_cache_file`) and in this process."""
+    from qlora_phi3.files import atomic_write_text
+
+    cached = _cache_file()
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    text = _derive_tokenizer_json()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, text)
+    except OSError:  # a read-only home: derived again next time, nothing else lost
+        pass
+    return text
+
+
+def _derive_tokenizer_json() -> str:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     ranks = load_ranks()

@@ -138,7 +138,7 @@ def test_each_method_trains_on_the_tiny_model(tmp_path, method, extra):
 
 
 @pytest.mark.slow
-def test_dpo_kill9_then_resume_equals_uninterrupted_run(tmp_path):
+def test_dpo_kill9_then_resume_equals_uninterrupted_run(tmp_path, qlora):
     """As tests/e2e/test_robustness.py does for SFT: kill -9 after a checkpoint, --resume, same adapter as a run never
     interrupted (dropout on, so the RNG state must be restored too; the reference is the same base either way)."""
     import os
@@ -157,7 +157,7 @@ def test_dpo_kill9_then_resume_equals_uninterrupted_run(tmp_path):
     def cmd(out, *extra):
         return [sys.executable, "-m", "qlora_phi3", "train", str(DPO_RECIPE), f"train.output_dir={out}", *args, *extra]
 
-    ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, timeout=600, cwd=REPO)
+    ref = qlora(*cmd(tmp_path / "ref")[3:])  # the kill needs a process of its own; the other two run in this one
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
@@ -169,7 +169,7 @@ def test_dpo_kill9_then_resume_equals_uninterrupted_run(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads((out / "run.json").read_text())["status"] == "running"
-    resumed = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=600, cwd=REPO)
+    resumed = qlora(*cmd(out, "--resume")[3:])
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "adapter" / "adapter_model.safetensors")

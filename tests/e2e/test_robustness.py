@@ -102,7 +102,7 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, request, qlora):
 def test_kill_during_saves_never_leaves_a_corrupt_latest(tmp_path, request, qlora):
     out = tmp_path / "run"
     rng = _rng(request)
-    args = ["train.max_steps=40", "train.save_steps=1", "train.save_total_limit=2"]
+    args = ["train.max_steps=24", "train.save_steps=1", "train.save_total_limit=2"]
     def latest_step() -> int:
         latest = last_checkpoint(out)
         return int(latest.name.split("-")[1]) if latest else 0
@@ -148,7 +148,7 @@ def test_nan_guard_stops_at_once_and_keeps_last_good_checkpoint(tmp_path, qlora)
 
 def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path, qlora):
     out = tmp_path / "run"
-    proc, lines = _start_and_reach_step(out, 3, "train.max_steps=40", "train.save_steps=0")
+    proc, lines = _start_and_reach_step(out, 3, "train.max_steps=16", "train.save_steps=0")
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     text = "".join(lines) + output
@@ -158,9 +158,9 @@ def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path, qlora):
     assert latest is not None and is_complete(latest)
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     step = int(latest.name.split("-")[1])
-    resumed = _train(qlora, out, "train.max_steps=40", "train.save_steps=0", "--resume")
+    resumed = _train(qlora, out, "train.max_steps=16", "train.save_steps=0", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert json.loads((out / "run.json").read_text())["steps"] == 40 > step
+    assert json.loads((out / "run.json").read_text())["steps"] == 16 > step
 
 
 def test_ctrl_c_twice_exits_at_once(tmp_path):

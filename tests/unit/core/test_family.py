@@ -113,6 +113,24 @@ def test_shipped_o200k_ranks_are_openais_file_byte_for_byte():
     assert len(ranks) == N_RANKS and sorted(ranks.values()) == list(range(N_RANKS))
 
 
+def test_derived_tokenizer_is_kept_in_the_users_cache_and_derived_again_when_an_input_changes(tmp_path, monkeypatch):
+    """The ~10 s merge derivation runs once per machine, not once per process; a change to what it reads (here the
+    tokenizers version) names another cache file, so a stale one is never read."""
+    import tokenizers
+
+    from qlora_phi3.model import o200k
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    derived = []
+    monkeypatch.setattr(o200k, "_derive_tokenizer_json", lambda: derived.append(1) or f'{{"n": {len(derived)}}}')
+    fresh = o200k.tokenizer_json.__wrapped__  # past the per-process lru_cache: what a new process does
+    assert fresh() == '{"n": 1}' and fresh() == '{"n": 1}' and len(derived) == 1
+    cached = list((tmp_path / "qlora-phi3" / "o200k").iterdir())
+    assert len(cached) == 1 and cached[0].read_text() == '{"n": 1}'
+    monkeypatch.setattr(tokenizers, "__version__", tokenizers.__version__ + ".other")
+    assert fresh() == '{"n": 2}' and len(list(cached[0].parent.iterdir())) == 2
+
+
 def test_rebuilt_tokenizer_gives_llama_cpps_published_o200k_ids(phi4_tokenizer):
     """llama.cpp records the sha256 of the ids the real o200k tokenizer gives its probe text; ours must match."""
     from qlora_phi3.model.o200k import CHKTXT, LLAMA_CPP_CHKHSH
