@@ -70,19 +70,14 @@ def test_only_lora_changes_and_4bit_base_is_bit_identical(tiny_run):
 
 
 @pytest.mark.slow
-def test_cli_default_run_prints_result(tmp_path):
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, "-m", "qlora_phi3", "train", f"train.output_dir={tmp_path / 'r'}",
-                          "train.max_steps=10", "train.eval_steps=0", "train.save_steps=0"],
-                         capture_output=True, text=True, timeout=300)
+def test_cli_default_run_prints_result(tmp_path, qlora):
+    res = qlora("train", f"train.output_dir={tmp_path / 'r'}", "train.max_steps=10", "train.eval_steps=0",
+                "train.save_steps=0")
     assert res.returncode == 0, res.stderr[-2000:]
     import re
 
     assert len(re.findall(r"step\s+0\s+eval loss|eval loss at step 0", res.stdout)) == 1  # step 0's, said once
     assert "adapter:" in res.stdout and f"next: `qlora-phi3 chat {tmp_path / 'r'}`" in res.stdout
-    assert "Traceback" not in res.stderr
     card = (tmp_path / "r" / "README.md").read_text()
     assert "[None]" not in card and "qlora-phi3 merge" in card
     adapter_card = (tmp_path / "r" / "adapter" / "README.md").read_text()

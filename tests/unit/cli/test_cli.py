@@ -50,10 +50,13 @@ def test_bad_override_is_one_clean_line(tmp_path):
     assert "unknown key 'lora.rank'" in res.stderr and "did you mean 'lora.r'" in res.stderr
 
 
-@pytest.mark.slow  # a subprocess or a measured training run: the full tier
-def test_missing_data_file_fails_before_model_load(tmp_path):
-    res = _run("train", "data.path=/nonexistent/chats.jsonl", f"train.output_dir={tmp_path / 'x'}")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+def test_missing_data_file_fails_before_model_load(tmp_path, qlora, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data error")
+
+    monkeypatch.setattr("qlora_phi3.run.train.load_model", no_model)
+    res = qlora("train", "data.path=/nonexistent/chats.jsonl", f"train.output_dir={tmp_path / 'x'}")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "file not found" in res.stderr
 
 

@@ -3,8 +3,6 @@ and a data problem is one clean line, never a traceback."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -165,18 +163,13 @@ def test_text_histogram_and_percentiles():
     assert [percentile(sorted(lengths), p) for p in (50, 100)] == [18, 70]
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.slow  # a subprocess or a measured training run: the full tier
-def test_cli_data_problem_is_one_line_without_traceback(tmp_path):
+def test_cli_data_problem_is_one_line(tmp_path, qlora):
     bad = DATA / "bad_records.jsonl"
-    res = _cli("data", f"data.path={bad}", f"train.output_dir={tmp_path / 'run'}")
-    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+    res = qlora("data", f"data.path={bad}", f"train.output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "13 of 15 records are bad" in res.stderr and "bad_records.jsonl:2" in res.stderr
-    res = _cli("train", f"data.path={bad}", "data.strict=true", f"train.output_dir={tmp_path / 'run'}")
-    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+    res = qlora("train", f"data.path={bad}", "data.strict=true", f"train.output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "bad_records.jsonl:2: malformed JSON" in res.stderr
 
 

@@ -11,7 +11,6 @@ if str(REPO) not in sys.path:  # bench/ (the long-context table and the GPU chec
     sys.path.insert(0, str(REPO))
 
 from qlora_phi3.config import load_recipe, recipes_dir
-from qlora_phi3.errors import UserError
 from qlora_phi3.memory.estimate import KNOWN_SHAPES, config_for_estimate, estimate, lora_shapes
 
 PHI3_RECIPE = recipes_dir() / "phi3_mini_4k_12gb.yaml"
