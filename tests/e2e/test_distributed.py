@@ -23,10 +23,16 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_two_process_ddp_equals_single_process_with_same_effective_batch(tmp_path):
-    single = subprocess.run([sys.executable, "-m", "qlora_phi3", "train", f"train.output_dir={tmp_path / 'single'}",
-                             *COMMON, "train.micro_batch_size=8", "train.grad_accum=2"],
-                            capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+def test_two_process_ddp_equals_single_process_with_same_effective_batch(tmp_path, qlora, monkeypatch):
+    # The single process is this one (one thread, as each DDP rank: OMP_NUM_THREADS=1 in _env).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = qlora("train", f"train.output_dir={tmp_path / 'single'}", *COMMON, "train.micro_batch_size=8",
+                       "train.grad_accum=2")
+    finally:
+        torch.set_num_threads(threads)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "qlora_phi3", "train",
                           f"train.output_dir={tmp_path / 'ddp'}", *COMMON, "train.micro_batch_size=8",

@@ -27,7 +27,8 @@ def _train(out: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("dpo") / "run", "train.eval_steps=0")
+    # 80 of the recipe's 120 steps: held-out reward accuracy 75% (120 steps: 78%), mean margin 35 (Xeon-BF16)
+    return _train(tmp_path_factory.mktemp("dpo") / "run", "train.eval_steps=0", "train.max_steps=80")
 
 
 def _answer_logps(model, prompt_ids, answer_ids) -> float:
