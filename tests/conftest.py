@@ -65,7 +65,7 @@ def llama_cpp():
 @pytest.fixture
 def qlora(capsys, monkeypatch):
     """``qlora-phi3 ARGS`` run in this process, returned as a subprocess would return it (exit code, stdout, stderr).
-    A subprocess costs ~8 s of interpreter, torch and transformers start per call on 2 cores; tests that need a real
+    A subprocess costs ~8 s of interpreter, torch and transformers start per call on a 2-core Xeon with avx512_bf16; tests that need a real
     process (a kill, a signal, a fresh interpreter's imports) start one themselves."""
     import subprocess
 

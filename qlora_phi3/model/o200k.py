@@ -133,7 +133,7 @@ def _cache_file() -> Path:
 @lru_cache(maxsize=1)
 def tokenizer_json() -> str:
     """Phi-4-mini's ``tokenizer.json``: o200k_base with Phi-4-mini's added tokens. Deriving the merges takes ~10 s
-    (2 cores), so the result is kept in the user's cache (:func:`_cache_file`) and in this process."""
+    (a 2-core Xeon with avx512_bf16), so the result is kept in the user's cache (:func:`_cache_file`) and in this process."""
     from qlora_phi3.files import atomic_write_text
 
     cached = _cache_file()

@@ -16,7 +16,7 @@ the CPU (live-tensor measure) the fresh process changes nothing: tests/unit/run/
 profiled peak equals the peak ``train`` records for the same configuration. The price is loading the
 model once per configuration (seconds for Phi-3-mini from a local disk). On the CPU each configuration's process
 is forked from a server process that has already imported torch, transformers, PEFT, TRL and bitsandbytes (about
-5 s per configuration on 2 cores, half of a tiny configuration's time); on a GPU it is a new interpreter, because
+5 s per configuration on a 2-core Xeon with avx512_bf16, half of a tiny configuration's time); on a GPU it is a new interpreter, because
 a process forked after CUDA was asked about cannot use it.
 """
 

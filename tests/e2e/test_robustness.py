@@ -69,7 +69,7 @@ def _adapter(path: Path) -> dict:
 
 def _train(qlora, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The same command as ``_run``, in this process (the ``qlora`` fixture): only the kills need a process."""
-    return qlora("train", f"train.output_dir={out}", *QUICK, *extra)
+    return qlora(*_cmd(out, *extra)[3:])  # _cmd's argv past `python -m qlora_phi3`
 
 
 def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, request, qlora):
