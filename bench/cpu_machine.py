@@ -9,7 +9,8 @@ steps without evaluation, checkpoints or sample answers, in its own process, sid
 * ``native``: this CPU as it is; compute dtype forced to bf16, then fp32.
 * ``avx2 kernels``: the same CPU limited to AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``),
   which is what a CPU without AVX512-BF16 or AMX runs: bf16 matmuls are emulated there. A stand-in for an
-  AVX2-only machine measured on this one; the rows say so.
+  AVX2-only machine measured on this one; the rows say so. bf16, fp32, then auto (which must pick fp32 there:
+  ``machine.cpu_bf16`` reads the oneDNN cap).
 * ``threads``: alone with the thread count qlora-phi3 picks, then beside one busy process (``yes > /dev/null``)
   with the pick (which sees the busy core) and with torch's own default (every core).
 
@@ -75,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                     spin.kill()
                     spin.wait()
             rows.append({"name": name, **r})
-            print(f"{name:<52} {r['tokens_per_second']:>8,.0f} tokens/s  {r['threads']} threads  "
-                  f"loss {r['train_loss_end']:.4f}", flush=True)
+            print(f"{name:<52} {r['compute_dtype']:<9} {r['tokens_per_second']:>8,.0f} tokens/s  "
+                  f"{r['threads']} threads  loss {r['train_loss_end']:.4f}", flush=True)
 
         row("native: bf16", ["model.compute_dtype=bfloat16"])
         row("native: fp32", ["model.compute_dtype=float32"])
         row("avx2 kernels (no native bf16): bf16", ["model.compute_dtype=bfloat16"], AVX2_ONLY)
         row("avx2 kernels (no native bf16): fp32", ["model.compute_dtype=float32"], AVX2_ONLY)
+        row("avx2 kernels (no native bf16): auto", [], AVX2_ONLY)  # what a user gets there: fp32, by the oneDNN cap
         row("threads: alone, qlora-phi3's pick")
         row("threads: beside `yes`, qlora-phi3's pick", busy=True)
         row("threads: beside `yes`, torch default (all cores)", env={"OMP_NUM_THREADS": str(os.cpu_count())},
@@ -111,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                  "each row its own process. 'avx2 kernels' rows limit torch and oneDNN to AVX2 on this CPU "
                  "(ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): a stand-in for a CPU without native bf16, "
                  "not such a machine.", "",
-                 "| run | tokens/s | threads | train s | final train loss |", "|---|---:|---:|---:|---:|"]
+                 "| run | compute dtype | tokens/s | threads | train s | final train loss |",
+                 "|---|---|---:|---:|---:|---:|"]
         for r in rows:
-            lines.append(f"| {r['name']} | {r['tokens_per_second']:,.0f} | {r['threads']} | {r['train_seconds']:.1f} "
-                         f"| {r['train_loss_end']:.4f} |")
+            lines.append(f"| {r['name']} | {r['compute_dtype']} | {r['tokens_per_second']:,.0f} | {r['threads']} "
+                         f"| {r['train_seconds']:.1f} | {r['train_loss_end']:.4f} |")
         lines += ["", *(f"- {k}: **{v:.2f}x**" for k, v in ratios.items()), ""]
         (RESULTS / "cpu_machine.md").write_text("\n".join(lines))
         print(f"wrote {RESULTS / 'cpu_machine.md'}")

@@ -14,7 +14,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["busy_cores", "cpu_bf16", "cpu_flags", "pick_threads", "usable_cores"]
+__all__ = ["busy_cores", "cpu_bf16", "cpu_flags", "onednn_isa_cap", "pick_threads", "usable_cores"]
 
 # Flags that mean bf16 matmuls run in hardware. x86: AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4+) or AMX
 # (Sapphire Rapids+); ARM: the BF16 extension (ARMv8.6: Graviton 3, Apple M2+, Neoverse V1/N2).
@@ -65,10 +65,38 @@ def _sysctl(name: str) -> str | None:
         return None
 
 
+# oneDNN's x86 ISA levels, lowest first (its docs, "CPU dispatcher control"). torch's CPU matmuls run in oneDNN,
+# so a cap below AVX512_CORE_BF16 emulates bf16 whatever the CPU has. Measured on the Xeon with avx512_bf16, a
+# 512x1024 @ 1024x1024 matmul: bf16 7.8 ms uncapped, 20 ms at AVX512_CORE, 1,400 ms at AVX2 (fp32: 4.7-5.5 ms).
+# ATEN_CPU_CAPABILITY changes nothing there (it picks torch's own elementwise kernels), so it is not asked.
+_ONEDNN_ISAS = ["SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
+                "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2"]
+_ONEDNN_BF16_FROM = _ONEDNN_ISAS.index("AVX512_CORE_BF16")
+
+
+def onednn_isa_cap() -> str | None:
+    """The oneDNN ISA cap set in the environment (ONEDNN_MAX_CPU_ISA, or its old name DNNL_MAX_CPU_ISA) when it
+    keeps bf16 matmuls off their native kernels; None when there is no such cap."""
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(var, "").strip().upper()
+        if value:
+            # DEFAULT, ALL and names this list does not know (newer levels) leave bf16 alone.
+            if value in _ONEDNN_ISAS and _ONEDNN_ISAS.index(value) < _ONEDNN_BF16_FROM:
+                return f"{var}={value}"
+            return None
+    return None
+
+
 def cpu_bf16(flags: dict[str, bool] | None = None) -> tuple[bool, str]:
-    """Whether this CPU computes bf16 natively, and the words that say why (printed, and kept in run.json)."""
+    """Whether this CPU computes bf16 natively, and the words that say why (printed, and kept in run.json).
+    Native means the CPU has the instructions and torch's matmul library (oneDNN) may use them."""
     flags = cpu_flags() if flags is None else flags
     have = [name for flag, name in _NATIVE_BF16.items() if flags.get(flag)]
+    cap = onednn_isa_cap()
+    if have and cap:
+        return False, (f"CPU has native bf16 ({', '.join(have)}) but {cap} keeps torch's matmuls (oneDNN) off it: "
+                       "bf16 would be emulated, about 10x slower, so fp32")
     if have:
         return True, f"CPU has native bf16 ({', '.join(have)})"
     return False, ("CPU has no native bf16 (no AVX512-BF16, AMX or ARM BF16): bf16 would be emulated, about 10x "

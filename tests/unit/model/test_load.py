@@ -1,6 +1,13 @@
 """Model loading decisions (model/load.py): compute dtype and attention per device, with the CUDA queries
 substituted so the GPU paths are checked on the CPU."""
 
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +44,9 @@ def test_ampere_and_newer_use_bf16(gpu, capability):
 @pytest.fixture
 def cpu(monkeypatch):
     """A CPU with or without a native bf16 flag, as torch's own probe reports it."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the suite may itself run under a cap (docs/measured.md)
+        monkeypatch.delenv(name, raising=False)
+
     def make(**flags):
         caps = {"architecture": "x86_64", "avx2": True, **flags}
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
@@ -58,9 +68,33 @@ def test_cpu_without_native_bf16_computes_in_fp32_and_says_why(cpu):
     assert asked.value == "bfloat16" and "10x slower" in asked.reason
 
 
+@pytest.mark.parametrize("var", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+@pytest.mark.parametrize(("cap", "native"), [("AVX2", False), ("avx2", False), ("AVX512_CORE", False),
+                                             ("AVX512_CORE_VNNI", False), ("AVX512_CORE_BF16", True),
+                                             ("AVX512_CORE_AMX", True), ("DEFAULT", True), ("ALL", True)])
+def test_a_onednn_isa_cap_below_bf16_means_fp32_even_on_a_bf16_cpu(cpu, monkeypatch, var, cap, native):
+    """torch's CPU matmuls run in oneDNN: capped below AVX512_CORE_BF16 they emulate bf16 whatever the CPU has
+    (the AVX2 stand-in for an AVX2-only machine is exactly this)."""
+    cpu(avx512_f=True, avx512_bf16=True)
+    monkeypatch.setenv(var, cap)
+    choice = pick_compute_dtype("auto", "cpu")
+    assert choice.value == ("bfloat16" if native else "float32")
+    if not native:
+        assert f"{var}={cap.upper()}" in choice.reason and "emulated" in choice.reason
+        assert "10x slower" in pick_compute_dtype("bfloat16", "cpu").reason
+
+
+def test_a_onednn_cap_does_not_make_a_cpu_without_bf16_native(cpu, monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    cpu(avx512_f=True, avx512_bf16=False)
+    assert pick_compute_dtype("auto", "cpu").value == "float32"
+
+
 def test_cpu_flags_fall_back_to_proc_cpuinfo_without_torchs_probe(monkeypatch):
     from qlora_phi3 import machine
 
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(machine, "_torch_capabilities", lambda: None)
     monkeypatch.setattr(machine, "_proc_cpuinfo_flags", lambda: {"avx2", "fma"})
     assert pick_compute_dtype("auto", "cpu").value == "float32"
@@ -81,3 +115,36 @@ def test_flash_attention_only_with_flash_attn_on_ampere(gpu, monkeypatch):
     with pytest.raises(UserError, match="Ampere"):
         pick_attention("flash_attention_2", "cuda:0")
     assert pick_attention("auto", "cpu").value == "sdpa"
+
+
+_MATMUL_PROBE = r"""
+import json, time, torch
+from qlora_phi3.machine import cpu_bf16
+torch.set_num_threads(1)
+a, b = torch.randn(128, 512), torch.randn(512, 512)
+def ms(dtype):
+    x, y = a.to(dtype), b.to(dtype)
+    x @ y
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
+print(json.dumps({"native": cpu_bf16()[0], "fp32_ms": ms(torch.float32), "bf16_ms": ms(torch.bfloat16)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN's ISA names are x86's")
+def test_the_onednn_cap_really_emulates_bf16_in_the_installed_torch():
+    """The premise of the cap check, measured against the torch that is installed, not assumed: with oneDNN held
+    to AVX2, a bf16 matmul is many times slower than fp32 (emulated), and cpu_bf16 says so (on this Xeon with
+    avx512_bf16: ~300x; an AVX2-only CPU emulates bf16 with or without the cap)."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    env.pop("DNNL_MAX_CPU_ISA", None)
+    res = subprocess.run([sys.executable, "-c", _MATMUL_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    probe = json.loads(res.stdout.splitlines()[-1])
+    assert probe["native"] is False
+    assert probe["bf16_ms"] > 5 * probe["fp32_ms"], probe
