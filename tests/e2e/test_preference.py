@@ -87,13 +87,15 @@ def test_dpo_adapter_holds_only_the_trained_adapter_and_merges(dpo_run, tmp_path
 @pytest.mark.slow
 def test_continuing_an_adapter_makes_it_the_frozen_reference(dpo_run, tmp_path):
     """Start a second DPO run from the first one's adapter: at step 0 the policy *is* the starting adapter, so if the
-    reference is its frozen copy every reward is exactly 0 (with the base as reference the margins would not be)."""
+    reference is its frozen copy every reward is 0 (with the base as reference the mean margin would be about 35, as
+    the first run ends). Exactly 0 in bf16; in fp32 (a CPU without native bf16) the policy's and the reference's
+    forwards round apart by ~1e-4 (measured: -3e-5 and 2.3e-4 on the Xeon, native fp32 and the AVX2 stand-in)."""
     _, first = dpo_run
     recipe, result = _train(tmp_path / "cont", f"model.adapter={first.output_dir}", "train.max_steps=2",
                             "train.eval_steps=0")
     run = json.loads((result.output_dir / "run.json").read_text())
     assert run["reference"].startswith("frozen copy of the starting adapter")
-    assert run["eval_reward_margin_start"] == 0.0 and run["eval_loss_start"] == pytest.approx(0.6931, abs=1e-3)
+    assert abs(run["eval_reward_margin_start"]) < 1e-3 and run["eval_loss_start"] == pytest.approx(0.6931, abs=1e-3)
     assert set(result.model.peft_config) == {"default", "ref"}
     assert not any(p.requires_grad for n, p in result.model.named_parameters() if ".ref." in n)
     assert not (result.adapter_dir / "ref").exists()  # the saved adapter is the trained one only
