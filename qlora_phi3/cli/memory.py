@@ -60,7 +60,8 @@ def _estimate(args) -> int:
     table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
                         f"{s['micro_batch_size']}{' packed' if s['packing'] else ''}{rows}, r={s['lora_r']}, checkpointing "
                         f"{s['gradient_checkpointing']}, tiles {s['tile_tokens'] or 'off'}, {s['optimizer']}, attention "
-                        f"{s['attn_implementation']} ({est.device})", title_justify="left")
+                        f"{s['attn_implementation']}, compute {s['compute_dtype']} ({est.device})",
+                  title_justify="left")
     table.add_column("term")
     table.add_column("GiB", justify="right")
     table.add_column("formula (source in qlora_phi3/memory/estimate.py)", overflow="fold")

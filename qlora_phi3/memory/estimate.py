@@ -7,7 +7,9 @@ tiled form, qlora_phi3/run/tiling.py) with PEFT LoRA on bitsandbytes ``Linear4bi
 code path of ``qlora-phi3 train``: what autograd saves (``saved_tensors_hooks``) and what is alive at the
 peak (the live-tensor meter, qlora_phi3/memory/meter.py). That forward runs under autocast, so PEFT runs the
 adapters in bf16 (``TRAIN_FORWARD_AUTOCAST``; ``autocast=False`` estimates the fp32-adapter path the long-context
-table was measured on).
+table was measured on). Values in the compute dtype count 2 B in bf16 or fp16 and 4 B in fp32, what training picks
+on a CPU without native bf16 (``resolve_compute_dtype``); the traced coefficients hold there too (measured through
+the profiler in fp32: within 0.7%, tests/unit/memory/test_estimate.py).
 Checked: ``tests/unit/memory/test_estimate.py`` against measured CPU peaks (within 15% on tiny and mini Phi-3s through
 the profiler, eager included; within 10% on every row of bench/results/cpu_long_context.md, real training
 steps at Phi-3-mini's widths, 2k-16k tokens, tiling off and on). The GPU-only terms (attention backward
@@ -168,11 +170,13 @@ def resolve_attention(recipe: Recipe, device: str) -> str:
 
 
 def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementation: str | None = None,
-             autocast: bool = TRAIN_FORWARD_AUTOCAST) -> Estimate:
+             autocast: bool = TRAIN_FORWARD_AUTOCAST, compute_dtype: str | None = None) -> Estimate:
     """Peak memory of one training step. ``device``: 'cuda' (adds context and allocator overhead) or 'cpu'.
     ``attn_implementation``: the attention the step runs (default: :func:`resolve_attention`).
-    ``autocast``: whether the forward runs under autocast (then PEFT runs the adapters in bf16, not fp32)."""
-    step = _resolve_step(recipe, model_config, device, attn_implementation, autocast)
+    ``autocast``: whether the forward runs under autocast (then PEFT runs the adapters in bf16, not fp32).
+    ``compute_dtype``: the dtype the step computes in (default: :func:`resolve_compute_dtype`)."""
+    step = _resolve_step(recipe, model_config, device, attn_implementation, autocast,
+                         compute_dtype or resolve_compute_dtype(recipe, device))
     weights = _weight_terms(step) + _adapter_terms(step)  # allocated once, before the first step
     activations = [_saved_activations(step),  # alive for the whole step
                    _attention_scores(step),  # masks and scores, quadratic in the row length
@@ -192,6 +196,20 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
                     reserved_bytes=reserved_bytes, total_bytes=total_bytes, settings=_settings(step))
 
 
+def resolve_compute_dtype(recipe: Recipe, device: str) -> str:
+    """The compute dtype training will use, as ``model.load.pick_compute_dtype`` decides it, without asking a GPU:
+    'auto' is a 16-bit type on a GPU (bf16, or fp16 before Ampere: the same 2 bytes) and on a CPU bf16 where it is
+    native, else fp32 (``machine.cpu_bf16``), where every activation is twice the size."""
+    requested = recipe.model.compute_dtype
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16"
+    from qlora_phi3.machine import cpu_bf16
+
+    return "bfloat16" if cpu_bf16()[0] else "float32"
+
+
 @dataclass(frozen=True)
 class _Step:
     """The facts of one training step that the phases share, resolved once from the recipe, the model's config and
@@ -209,7 +227,8 @@ class _Step:
     loss_chunk_tokens: int  # 0: the plain loss
     tile_tokens: int  # 0 when the rows run whole: tiling off, or a row within one tile
     packing: bool  # SFT only packs
-    lora_fp32: bool  # PEFT runs the adapters in fp32 (no autocast)
+    lora_fp32: bool  # PEFT runs the adapters in fp32 (no autocast, or fp32 compute)
+    compute_dtype: str  # bfloat16, float16 or float32 (a CPU without native bf16)
     shapes: dict[str, tuple[int, int]]  # (in, out) of each linear layer in one decoder layer
     lora_targets: list[str]  # the recipe's LoRA targets (all of them Phi-3 linear layers)
     lora_shapes: list[tuple[int, int]]  # every LoRA matrix over all layers
@@ -223,6 +242,11 @@ class _Step:
     layer_bytes_per_token: float  # what one decoder layer run whole saves, per token
     layer_formula: str
     dora: _Dora | None  # None without lora.use_dora
+
+    @property
+    def c(self) -> int:
+        """Bytes per value of the compute dtype: activations, the dequantized weight, embeddings and norms."""
+        return 4 if self.compute_dtype == "float32" else 2
 
     @property
     def adapter_dtype_bytes(self) -> int:
@@ -241,7 +265,8 @@ class _Step:
         return self.n_tokens * (4 * self.h + 4)
 
 
-def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | None, autocast: bool) -> _Step:
+def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | None, autocast: bool,
+                  compute_dtype: str) -> _Step:
     method = METHOD_TERMS[getattr(recipe.train, "method", "sft")]
     rows = recipe.train.micro_batch_size * method.rows_per_sample  # rows per forward
     seq = recipe.data.max_seq_len
@@ -251,9 +276,10 @@ def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | N
     shapes = _linear_shapes(cfg)
     q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
     lora = lora_shapes(recipe, cfg)  # refuses a target that is not a Phi-3 linear layer
-    lora_fp32 = not autocast
+    c = 4 if compute_dtype == "float32" else 2
+    lora_fp32 = not autocast or c == 4  # fp32 compute: no autocast, and the adapters are fp32 anyway
     per_layer, layer_formula = _layer_activation_bytes_per_token(cfg, recipe.lora.r, recipe.lora.dropout,
-                                                                 recipe.lora.target_modules, lora_fp32)
+                                                                 recipe.lora.target_modules, lora_fp32, c)
     return _Step(
         recipe=recipe, cfg=cfg, method=method, rows_per_forward=rows, seq_len=seq, n_tokens=n_tokens, on_gpu=on_gpu,
         attn=attn, ckpt=bool(recipe.train.gradient_checkpointing),
@@ -261,11 +287,12 @@ def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | N
         loss_chunk_tokens=recipe.train.loss_chunk_tokens,
         tile_tokens=recipe.train.tile_tokens if 0 < recipe.train.tile_tokens < seq else 0,
         packing=recipe.data.packing and method.rows_per_sample == 1 and not method.reference_forward,
-        lora_fp32=lora_fp32, shapes=shapes, lora_targets=[t for t in recipe.lora.target_modules if t in shapes],
+        lora_fp32=lora_fp32, compute_dtype=compute_dtype, shapes=shapes,
+        lora_targets=[t for t in recipe.lora.target_modules if t in shapes],
         lora_shapes=lora, h=cfg.hidden_size, i=cfg.intermediate_size, n_layers=cfg.num_hidden_layers,
         vocab=cfg.vocab_size, heads=cfg.num_attention_heads, q_size=q_size, kv_size=(qkv_out - q_size) // 2,
         layer_bytes_per_token=per_layer, layer_formula=layer_formula,
-        dora=_dora_bytes(recipe, cfg, shapes, n_tokens) if recipe.lora.use_dora else None)
+        dora=_dora_bytes(recipe, cfg, shapes, n_tokens, c) if recipe.lora.use_dora else None)
 
 
 def _settings(step: _Step) -> dict:
@@ -274,7 +301,8 @@ def _settings(step: _Step) -> dict:
             "max_seq_len": step.seq_len, "micro_batch_size": train.micro_batch_size,
             "gradient_checkpointing": train.gradient_checkpointing, "lora_r": step.recipe.lora.r,
             "optimizer": train.optimizer, "loss_chunk_tokens": step.loss_chunk_tokens,
-            "tile_tokens": train.tile_tokens, "attn_implementation": step.attn, "packing": step.packing}
+            "tile_tokens": train.tile_tokens, "attn_implementation": step.attn, "packing": step.packing,
+            "compute_dtype": step.compute_dtype}
 
 
 # The moments of the step that transient memory comes and goes in; the peak is at the largest.
@@ -309,7 +337,7 @@ def _term(name: str, n_bytes: float, formula: str) -> Term:
 
 def _weight_terms(step: _Step) -> list[Term]:
     """The frozen model: the quantized linear layers (P_q parameters) with their quantization constants, and the
-    16-bit embeddings and norms."""
+    embeddings and norms in the compute dtype (16-bit, or fp32 on a CPU without native bf16)."""
     p_quant = step.n_layers * sum(a * b for a, b in step.shapes.values())
     double_quant = step.recipe.model.double_quant
     bits = 0.127 if double_quant else 0.5
@@ -320,9 +348,10 @@ def _weight_terms(step: _Step) -> list[Term]:
               else p_quant * 4 / BNB_BLOCKSIZE,
               f"P_q x {bits} bit: fp32 absmax per 64 weights, or with double quant uint8 absmax + fp32 per 256 blocks "
               "(QLoRA paper, section 2)"),
-        _term("16-bit embeddings and lm_head", (1 if tied else 2) * step.vocab * step.h * 2,
-              f"{'1' if tied else '2'} x V x h x 2 B"),
-        _term("other non-quantized params", (2 * step.n_layers + 1) * step.h * 2, "(2L + 1) RMSNorm weights x h x 2 B"),
+        _term(f"{8 * step.c}-bit embeddings and lm_head", (1 if tied else 2) * step.vocab * step.h * step.c,
+              f"{'1' if tied else '2'} x V x h x {step.c} B"),
+        _term("other non-quantized params", (2 * step.n_layers + 1) * step.h * step.c,
+              f"(2L + 1) RMSNorm weights x h x {step.c} B"),
     ]
 
 
@@ -369,7 +398,7 @@ class _Dora:
     formula: str
 
 
-def _dora_bytes(recipe: Recipe, cfg, shapes: dict[str, tuple[int, int]], n_tokens: int) -> _Dora:
+def _dora_bytes(recipe: Recipe, cfg, shapes: dict[str, tuple[int, int]], n_tokens: int, c: int) -> _Dora:
     """What DoRA (``lora.use_dora``) adds, from PEFT's ``DoraLinearLayer`` (peft/tuners/lora/dora.py):
 
     * a trainable magnitude per output feature of each adapted layer (fp32, with its gradient and optimizer states);
@@ -384,45 +413,46 @@ def _dora_bytes(recipe: Recipe, cfg, shapes: dict[str, tuple[int, int]], n_token
     outs = [shapes[t][1] for t in targets]
     opt, _ = _optimizer_bytes(recipe.train.optimizer, [(1, o) for o in outs])
     weights = L * (8 * sum(outs) + opt)
-    saved = n_tokens * 2 * 2 * sum(outs)
-    transient = max(max(4 * i * i + 2 * i * recipe.lora.r + 2 * o * i, 4 * 2 * o * i) for i, o in
+    saved = n_tokens * 2 * c * sum(outs)
+    transient = max(max(4 * i * i + c * i * recipe.lora.r + c * o * i, 4 * c * o * i) for i, o in
                     (shapes[t] for t in targets))
     return _Dora(weights, f"L x sum(out) = {L * sum(outs):,} fp32 magnitudes x (4 B weight + 4 B grad) + optimizer "
                           "states (PEFT DoraLinearLayer.weight)",
                  saved, transient,
-                 "N x sum(out) x 2 x 2 B [base and LoRA outputs saved for the magnitude's gradient; per layer without "
-                 "checkpointing] + max over targets of (4 in^2 [fp32 identity] + 2 out x in, 4 x 2 out x in) "
-                 "[the weight-norm computation, PEFT dora.py]")
+                 f"N x sum(out) x 2 x {c} B [base and LoRA outputs saved for the magnitude's gradient; per layer "
+                 f"without checkpointing] + max over targets of (4 in^2 [fp32 identity] + {c} out x in, 4 x {c} out x "
+                 "in) [the weight-norm computation, PEFT dora.py]")
 
 
 def _saved_activations(step: _Step) -> _Phase:
     """What the forward saves for backward, alive through the whole step: with checkpointing each layer's input,
     without it all that each layer saves (run whole or tiled), DoRA's tensors included."""
-    n, h, n_layers = step.n_tokens, step.h, step.n_layers
-    rope = 2 * 2 * rotary_dims(step.cfg)  # cos and sin (bf16) over the rotary dims, computed once per forward, shared
+    n, h, n_layers, c = step.n_tokens, step.h, step.n_layers, step.c
+    rope = 2 * c * rotary_dims(step.cfg)  # cos and sin (compute dtype) over the rotary dims, once per forward, shared
     if step.ckpt:
-        saved = n * (n_layers * (0 if step.offload else 2 * h) + rope)
+        saved = n * (n_layers * (0 if step.offload else c * h) + rope)
         return _Phase([_term("saved activations (checkpointed)", saved,
-                             "N x (L x 2h [layer inputs, 0 when offloaded to CPU] + 4 x rotary dims [rope])")],
+                             f"N x (L x {c}h [layer inputs, 0 when offloaded to CPU] + {2 * c} x rotary dims [rope])")],
                       step_bytes=saved)
-    kept = (_tiled_layer_bytes_per_token(step.cfg) + 2 * h) if step.tile_tokens else step.layer_bytes_per_token
-    saved = n * (n_layers * kept + rope + 2 * h)
+    kept = (_tiled_layer_bytes_per_token(step.cfg, c) + c * h) if step.tile_tokens else step.layer_bytes_per_token
+    saved = n * (n_layers * kept + rope + c * h)
     if step.dora:
         saved += n_layers * step.dora.saved
     kept_formula = "tiled: what attention keeps + the tile inputs" if step.tile_tokens else step.layer_formula
     return _Phase([_term("saved activations (no checkpointing)", saved,
-                         f"N x (L x {kept:,.0f} B [{kept_formula}] + rope + 2h embedding output)")], step_bytes=saved)
+                         f"N x (L x {kept:,.0f} B [{kept_formula}] + rope + {c}h embedding output)")], step_bytes=saved)
 
 
 def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list[str],
-                                      lora_fp32: bool = True) -> tuple[float, str]:
+                                      lora_fp32: bool = True, c: int = 2) -> tuple[float, str]:
     """Bytes autograd saves per token in one decoder layer run whole (no tiling), traced with
     ``torch.autograd.graph.saved_tensors_hooks`` on a Phi-3-mini-width layer (see the module doc).
 
     bitsandbytes' ``MatMul4Bit`` keeps no activation (the frozen weight needs no input to backpropagate), and the
     RMSNorm's last multiply by its frozen weight saves only the weight, so the bf16 inputs of the projections
     are not saved; the LoRA inputs are: bf16 under autocast, fp32 copies without it (PEFT casts every LoRA input
-    to the adapter's dtype, peft/tuners/lora/bnb.py ``requires_conversion``).
+    to the adapter's dtype, peft/tuners/lora/bnb.py ``requires_conversion``). ``c``: bytes per value of the compute
+    dtype (2, or 4 for fp32, where the norms' upcast and PEFT's cast are the tensors themselves: the same counts).
     """
     h, i = cfg.hidden_size, cfg.intermediate_size
     heads = cfg.num_attention_heads
@@ -432,13 +462,14 @@ def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list
     # Two RMSNorms: fp32 upcast of the input (4h) and 1/rms (4) each. Attention: the fused qkv output (2 x qkv_out,
     # q/k/v are views of it), rotated q and k, the attention output and its fp32 logsumexp (4 per head).
     # MLP: the fused gate_up output (2 x 2I) and silu(gate) (2I).
-    base = 2 * (4 * h + 4) + 2 * qkv_out + 2 * (q_size + kv_size) + 2 * q_size + 4 * heads + 2 * 2 * i + 2 * i
+    base = 2 * (4 * h + 4) + c * qkv_out + c * (q_size + kv_size) + c * q_size + 4 * heads + c * 2 * i + c * i
     # Each LoRA target: its fp32 input (4 x in) kept by lora_A, or with dropout the fp32 dropout mask and the
     # dropped input (8 x in); and lora_A's fp32 output (4r).
     # Under autocast (lora_fp32=False) the adapter runs in bf16 on the bf16 input: 2 x in (4 x in with dropout) + 2r.
     per_in = _lora_bytes_per_input(dropout, lora_fp32)
     lora = sum(per_in * shapes[t][0] + (4 if lora_fp32 else 2) * r for t in targets if t in shapes)
-    return float(base + lora), (f"8h+8 (norms) + 2*{qkv_out} (qkv) + 2*(q+k) + 2q + 4*heads (attention) + 6I (MLP) "
+    return float(base + lora), (f"8h+8 (norms) + {c}*{qkv_out} (qkv) + {c}*(q+k) + {c}q + 4*heads (attention) + "
+                                f"{3 * c}I (MLP) "
                                 f"+ LoRA {per_in}*in + {4 if lora_fp32 else 2}r per target")
 
 
@@ -448,14 +479,15 @@ def _lora_bytes_per_input(dropout: float, lora_fp32: bool) -> int:
     return 4 if dropout > 0 else 2
 
 
-def _tiled_layer_bytes_per_token(cfg) -> float:
+def _tiled_layer_bytes_per_token(cfg, c: int) -> float:
     """What a tiled layer keeps for the whole sequence (traced like the untiled one, qlora_phi3/run/tiling.py):
     rotated q and k and a contiguous v (2 x (q + 2k)), the attention output and the contiguous copy o_proj reads
-    (2 x 2q), the fp32 logsumexp (4 per head). The tiles' own inputs are views of these and of the layer input."""
+    (2 x 2q), the fp32 logsumexp (4 per head); 2 B per value in bf16, ``c`` in general. The tiles' own inputs are
+    views of these and of the layer input."""
     shapes = _linear_shapes(cfg)
     q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
     kv_size = (qkv_out - q_size) // 2
-    return float(2 * (q_size + 2 * kv_size) + 4 * q_size + 4 * cfg.num_attention_heads)
+    return float(c * (q_size + 2 * kv_size) + 2 * c * q_size + 4 * cfg.num_attention_heads)
 
 
 def _attention_scores(step: _Step) -> _Phase:
@@ -469,26 +501,26 @@ def _attention_scores(step: _Step) -> _Phase:
     probabilities (heads x L^2 x 2 B) saved for backward, plus the fp32 softmax transient (4 B per entry).
     flash_attention_2: nothing (varlen from position ids, no mask)."""
     sq = step.rows_per_forward * step.seq_len * step.seq_len
-    heads, n_layers = step.heads, step.n_layers
+    heads, n_layers, c = step.heads, step.n_layers, step.c
     if step.attn == "sdpa" and step.packing:
         if step.ckpt:
-            in_step, in_layer, formula = sq, 2 * sq, (
-                "B x L^2 x (1 [bool mask, through the step] + 2 [its compute-dtype copy, saved by the attention of the "
-                "layer being recomputed])")
+            in_step, in_layer, formula = sq, c * sq, (
+                f"B x L^2 x (1 [bool mask, through the step] + {c} [its compute-dtype copy, saved by the attention of "
+                "the layer being recomputed])")
         else:
-            in_step, in_layer, formula = (sq * (1 + 2 * n_layers), 0.0,
-                                          "B x L^2 x (1 [bool mask] + L x 2 [its compute-dtype copy, every layer])")
+            in_step, in_layer, formula = (sq * (1 + c * n_layers), 0.0,
+                                          f"B x L^2 x (1 [bool mask] + L x {c} [its compute-dtype copy, every layer])")
     elif step.attn == "eager":
-        mask = 4 if step.packing else 2
-        probs = heads * sq * 2
+        mask = 4 if step.packing else c
+        probs = heads * sq * c
         if step.ckpt:
             in_step, in_layer, formula = sq * mask, probs + heads * sq * 4, (
-                f"B x L^2 x {mask} [mask] + heads x B x L^2 x (2 [softmax output saved by the recomputed layer] "
+                f"B x L^2 x {mask} [mask] + heads x B x L^2 x ({c} [softmax output saved by the recomputed layer] "
                 "+ 4 [fp32 softmax transient])")
         else:
             in_step, in_layer, formula = sq * mask + n_layers * probs, heads * sq * 4, (
-                f"B x L^2 x {mask} [mask] + L x heads x B x L^2 x 2 [softmax outputs of every layer] + heads x B x L^2 "
-                "x 4 [fp32 softmax transient]")
+                f"B x L^2 x {mask} [mask] + L x heads x B x L^2 x {c} [softmax outputs of every layer] + heads x B x "
+                "L^2 x 4 [fp32 softmax transient]")
     else:
         return _Phase([])
     return _Phase([_term(f"attention masks and scores ({step.attn})", in_step + in_layer, formula)],
@@ -508,14 +540,15 @@ def _layer_backward(step: _Step) -> _Phase:
     (a) wins from ~1k tokens on; a tiled layer reaches both inside one tile, and over the whole sequence holds
     what attention needs, with its own peak in attention's backward (dq, dk, dv).
     DoRA's weight-norm computation adds to that moment; on a GPU, attention's backward buffers may outgrow it."""
-    h, i = step.h, step.i
-    # MatMul4Bit.backward dequantizes the widest frozen weight (bf16) to multiply the gradient
-    dequant_bytes = 2 * max(a * b for a, b in step.shapes.values())
+    h, i, c = step.h, step.i, step.c
+    # MatMul4Bit.backward dequantizes the widest frozen weight (compute dtype) to multiply the gradient
+    dequant_bytes = c * max(a * b for a, b in step.shapes.values())
     # (a): gate_up's LoRA output and its scaled copy (2I wide each), in the adapters' dtype
     lora_out = 2 * step.adapter_dtype_bytes * 2 * i if "gate_up_proj" in step.lora_targets else 0
-    held = (4 * h if step.lora_fp32 else 0) + 2 * 2 * h + 4 * h  # (a): PEFT's fp32 input copy, residual + normed input,
-    # and the unpinned buffer
-    input_back = 2 * h if step.offload else 0  # an offloaded layer input comes back for its own recompute
+    # (a): PEFT's fp32 copy of a 16-bit input (none in fp32 compute: the input is fp32), residual + normed input, and
+    # the unpinned buffer
+    held = (4 * h if step.lora_fp32 and c == 2 else 0) + 2 * c * h + 4 * h
+    input_back = c * h if step.offload else 0  # an offloaded layer input comes back for its own recompute
     layer = (_tiled_layer if step.tile_tokens else _whole_layer)(step, dequant_bytes, lora_out, held, input_back)
     terms, transient_bytes = list(layer.terms), layer.transient_bytes
     if step.dora:
@@ -541,14 +574,15 @@ class _LayerMoment(NamedTuple):
 def _whole_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
     """A layer run whole: (a) and (b) over all N tokens. ``lora_out``, ``held``, ``input_back``: per token, from
     :func:`_layer_backward`."""
-    h, i, n, q_size = step.h, step.i, step.n_tokens, step.q_size
+    h, i, n, q_size, c = step.h, step.i, step.n_tokens, step.q_size, step.c
     down_lora = step.lora_saved_bytes_per_token("down_proj") if "down_proj" in step.lora_targets else 0
-    at_gate_up = step.layer_bytes_per_token - 6 * i - down_lora  # saved tensors alive when the recompute / backward
-    # is at gate_up
-    in_recompute = at_gate_up + 2 * 2 * i + lora_out + held + 2 * h
-    in_backward = at_gate_up + 2 * 2 * i + 2 * h
-    moment_formula = (f"max({in_recompute:,.0f} B [(a) saved up to gate_up + 4I output + {lora_out:,} fp32 LoRA "
-                      f"output and scaled copy + 14h held], {in_backward:,.0f} B + dequantized weight [(b)])")
+    at_gate_up = step.layer_bytes_per_token - 3 * c * i - down_lora  # saved tensors alive when the recompute /
+    # backward is at gate_up
+    in_recompute = at_gate_up + 2 * c * i + lora_out + held + c * h
+    in_backward = at_gate_up + 2 * c * i + c * h
+    moment_formula = (f"max({in_recompute:,.0f} B [(a) saved up to gate_up + {2 * c}I output + {lora_out:,} LoRA "
+                      f"output and scaled copy + {(held + c * h) // h}h held], {in_backward:,.0f} B + dequantized "
+                      "weight [(b)])")
     terms = []
     working_set = 0.0
     if step.ckpt:
@@ -556,41 +590,42 @@ def _whole_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, inpu
         if step.dora:
             working_set += step.dora.saved
         terms.append(_term("one layer's recompute working set", working_set,
-                           f"N x {at_gate_up:,.0f} B [{step.layer_formula}, less the MLP's own 6I and down_proj's "
-                           "LoRA inputs]"))
+                           f"N x {at_gate_up:,.0f} B [{step.layer_formula}, less the MLP's own {3 * c}I and "
+                           "down_proj's LoRA inputs]"))
     transients = max(n * (in_recompute - at_gate_up), n * (in_backward - at_gate_up) + dequant_bytes)
     terms.append(_term("backward transients", transients, f"N x {moment_formula} less the recompute working set"))
     # attention's backward: its output's gradient, dq, dk, dv
-    return _LayerMoment(terms, working_set, transients, n * (2 * q_size + 2 * (q_size + 2 * step.kv_size)))
+    return _LayerMoment(terms, working_set, transients, n * (c * q_size + c * (q_size + 2 * step.kv_size)))
 
 
 def _tiled_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
     """A tiled layer (``train.tile_tokens``, qlora_phi3/run/tiling.py): what attention keeps over the whole
     sequence, and (a) or (b) inside one tile of segment B (o_proj + MLP), or attention's own backward."""
-    h, i, n, q_size, tile = step.h, step.i, step.n_tokens, step.q_size, step.tile_tokens
-    whole = _tiled_layer_bytes_per_token(step.cfg)
+    h, i, n, q_size, tile, c = step.h, step.i, step.n_tokens, step.q_size, step.tile_tokens, step.c
+    whole = _tiled_layer_bytes_per_token(step.cfg, c)
     # A tile of segment B (o_proj + MLP) has saved only its own part: o_proj's LoRA input, the second norm and
     # gate_up's LoRA input; the attention's tensors are whole-sequence (below) and the layer output grad too.
     seg_b = (4 * h + 4) + sum(step.lora_saved_bytes_per_token(t) for t in ("o_proj", "gate_up_proj")
                               if t in step.lora_targets)
-    tile_recompute = seg_b + 2 * 2 * i + lora_out + held
-    tile_backward = seg_b + 2 * 2 * i
-    attn_grads = 2 * q_size + 2 * h + 2 * (q_size + 2 * step.kv_size)  # attention output, residual; dq, dk, dv
+    tile_recompute = seg_b + 2 * c * i + lora_out + held
+    tile_backward = seg_b + 2 * c * i
+    attn_grads = c * q_size + c * h + c * (q_size + 2 * step.kv_size)  # attention output, residual; dq, dk, dv
     rows = step.rows_per_forward * tile
     # the layer output's gradient, and the gradients of the tiles already done (split's backward gathers them)
-    in_tile = (2 * h + 2 * q_size + 2 * h) * n + max(rows * tile_recompute, rows * tile_backward + dequant_bytes)
+    in_tile = c * (2 * h + q_size) * n + max(rows * tile_recompute, rows * tile_backward + dequant_bytes)
     # sdpa: transformers returns its output transposed and made contiguous, so the gradient reaches sdpa's
     # backward as a transposed view that it copies (2q); flash-attn takes (batch, seq, heads, dim) as it comes.
-    attn_grads += 2 * q_size if step.attn == "sdpa" else 0
+    attn_grads += c * q_size if step.attn == "sdpa" else 0
     in_attention = attn_grads * n
     working_set = n * (whole + input_back)
     transients = max(in_tile, in_attention)
     terms = [
         _term("one layer's recompute working set", working_set,
-              f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v 2(q+2k), its output and the contiguous copy "
-              f"o_proj reads 4q, logsumexp 4*heads]{' + N x 2h [offloaded input back]' if step.offload else ''}"),
+              f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v {c}(q+2k), its output and the contiguous "
+              f"copy o_proj reads {2 * c}q, logsumexp 4*heads]"
+              f"{f' + N x {c}h [offloaded input back]' if step.offload else ''}"),
         _term("backward transients", transients,
-              f"max(N x (2h + 2q + 2h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
+              f"max(N x ({c}h + {c}q + {c}h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
               f"{tile} x micro-batch x max({tile_recompute:,} B "
               f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
               f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv"
@@ -606,17 +641,19 @@ def _logits_and_loss(step: _Step) -> _Phase:
                    "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; freed when backward "
                    "reaches it, right after the loss")]
     if chunk:
-        logits = min(n, chunk) * step.vocab * 12 + n * 2 * step.h * 2
+        logits = min(n, chunk) * step.vocab * 12 + n * 2 * step.h * step.c
         logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
-                          "grad, recomputed in backward: qlora_phi3/run/loss.py) + N x 2 x 2h (final hidden states "
-                          "and the labelled rows gathered from them; their gradient)")
+                          f"grad, recomputed in backward: qlora_phi3/run/loss.py) + N x 2 x {step.c}h (final hidden "
+                          "states and the labelled rows gathered from them; their gradient)")
     else:
         # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
         # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
-        # measured through the training path (tests/unit/memory/test_estimate.py), not the 12 of a bare cross-entropy.
-        logits = n * step.vocab * 30
-        logits_formula = ("N x V x 30 B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy metric, "
-                          "with their gradients; measured on the training path)")
+        # measured through the training path (tests/unit/memory/test_estimate.py), not the 12 of a bare cross-entropy;
+        # 33 in fp32 compute (measured the same way on the tiny and mini Phi-3s: SFT 384 tokens, DPO 2 x 384).
+        per_entry = 30 if step.c == 2 else 33
+        logits = n * step.vocab * per_entry
+        logits_formula = (f"N x V x {per_entry} B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy "
+                          "metric, with their gradients; measured on the training path)")
     terms.append(_term("logits and loss", logits, logits_formula))
     return _Phase(terms, moment_bytes={_AT_LOSS: logits + step.final_norm_bytes})
 
@@ -624,17 +661,19 @@ def _logits_and_loss(step: _Step) -> _Phase:
 def _no_grad_forward(step: _Step) -> _Phase:
     """A no-grad forward (the reference with the adapter off; KTO's mismatched KL rows through policy and reference)
     saves nothing: its peak is one layer's forward working set, residual and normed input 4h, the MLP's gate_up
-    output 4I, silu and the product 4I, beside what the policy's forward saved (the final norm's tensors too)."""
+    output 4I, silu and the product 4I (in bf16; twice that in fp32), beside what the policy's forward saved (the
+    final norm's tensors too)."""
     train, seq = step.recipe.train, step.seq_len
     reference_rows = (step.rows_per_forward if step.method.reference_forward
                       and not getattr(train, "precompute_ref_log_probs", False) else 0)
     rows = reference_rows + train.micro_batch_size * step.method.kl_rows_per_sample
     if not rows:
         return _Phase([])
-    nograd = (rows * seq * (4 * step.h + 8 * step.i)
+    nograd = (rows * seq * step.c * (2 * step.h + 4 * step.i)
               + min(rows * seq, step.loss_chunk_tokens or rows * seq) * step.vocab * 8)
     return _Phase([_term("no-grad forward (reference / KL rows)", nograd,
-                         f"{rows} rows x max_seq_len x (4h + 8I) [one layer's forward working set] + a chunk's fp32 "
+                         f"{rows} rows x max_seq_len x ({2 * step.c}h + {4 * step.c}I) [one layer's forward working "
+                         "set] + a chunk's fp32 "
                          "logits and probabilities (V x 8 B per position); before backward, beside the saved "
                          "activations")],
                   moment_bytes={_AT_NO_GRAD: nograd + step.final_norm_bytes})
