@@ -116,14 +116,16 @@ def _worker(spec_path: Path) -> None:
     row = {"seq": seq, "tile_tokens": recipe.train.tile_tokens, "layers": spec["layers"],
            "peak_gib": round(run["peak_memory"]["peak_allocated_gib"], 4), "step_seconds": round(step2_s, 1),
            "tokens_per_second": round(seq / step2_s, 1), "train_seconds": run["train_seconds"],
-           "forward_autocast": True}  # the trainer runs the forward (chunked loss included) under autocast
+           "forward_autocast": True,  # the trainer runs the forward (chunked loss included) under autocast
+           "compute_dtype": run["compute_dtype"]}
     print(json.dumps(row))
 
 
 def estimate_row(row: dict):
     """The estimator for a measured row's settings (CPU: tensor bytes), from the model's shapes alone. Rows without
     ``forward_autocast`` were measured before the trainer put the chunked loss's forward under autocast (PEFT then
-    ran the adapters in fp32), and are estimated for that path."""
+    ran the adapters in fp32), and are estimated for that path. Rows without ``compute_dtype`` were measured in bf16
+    (auto picked it on every CPU then, the EPYC's emulated bf16 included)."""
     from transformers import Phi3Config
 
     from qlora_phi3.config import load_recipe
@@ -133,7 +135,8 @@ def estimate_row(row: dict):
                         tie_word_embeddings=False, sliding_window=None)
     recipe = load_recipe(None, _overrides(Path("unused"), Path("unused"), Path("unused"), row["seq"],
                                           row["tile_tokens"]))
-    return estimate(recipe, config, "cpu", autocast=row.get("forward_autocast", False))
+    return estimate(recipe, config, "cpu", autocast=row.get("forward_autocast", False),
+                    compute_dtype=row.get("compute_dtype", "bfloat16"))
 
 
 def speed(seq: int, tile: int, layers: int, repeats: int) -> dict:
