@@ -31,9 +31,9 @@ def dpo_run(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("dpo") / "run", "train.eval_steps=0", "train.max_steps=80")
 
 
-def _answer_logps(model, prompt_ids, answer_ids) -> float:
+def _answer_logps(model, prompt_ids, answer_ids, dtype: str) -> float:
     ids = torch.tensor([prompt_ids + answer_ids])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):  # as trained
         logits = model(input_ids=ids).logits.float()
     logp = torch.log_softmax(logits[0, len(prompt_ids) - 1:-1], -1)
     return float(logp.gather(-1, torch.tensor(answer_ids).unsqueeze(-1)).sum())
@@ -52,13 +52,14 @@ def test_dpo_raises_held_out_implicit_reward_checked_with_plain_peft(dpo_run, ti
     assert run["reference"] == "base model, adapter disabled"
     held = load_preference_splits(recipe.data, "dpo", recipe.train.seed).eval
     enc = encode_pairs(held, tiny_tokenizer, recipe.data.max_seq_len)
-    model = PeftModel.from_pretrained(load_model(recipe.model, "cpu", "bfloat16", "sdpa"), str(result.adapter_dir))
+    dtype = run["compute_dtype"]  # what the run trained in: bf16, or fp32 on a CPU without native bf16
+    model = PeftModel.from_pretrained(load_model(recipe.model, "cpu", dtype, "sdpa"), str(result.adapter_dir))
     model.eval()
     margins = []
     for prompt, chosen, rejected in zip(enc.prompt_ids, enc.chosen_ids, enc.rejected_ids):
-        on = [_answer_logps(model, prompt, a) for a in (chosen, rejected)]
+        on = [_answer_logps(model, prompt, a, dtype) for a in (chosen, rejected)]
         with model.disable_adapter():  # the reference: the 4-bit base alone
-            off = [_answer_logps(model, prompt, a) for a in (chosen, rejected)]
+            off = [_answer_logps(model, prompt, a, dtype) for a in (chosen, rejected)]
         margins.append((on[0] - off[0]) - (on[1] - off[1]))  # implicit reward of chosen minus rejected, / beta
     accuracy = sum(m > 0 for m in margins) / len(margins)
     assert sum(margins) / len(margins) > 0.5, margins[:8]
