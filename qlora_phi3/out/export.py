@@ -41,7 +41,7 @@ REPORT_NAME = "export_report.json"
 MODELFILE_NAME = "Modelfile"
 # pip prints nothing while it compiles: say how long, and how to watch it, before the user starts it.
 GGUF_EXTRA = "pip install -v 'qlora-phi3[gguf]'  (builds llama-cpp-python from source with cmake and a C++ " \
-             "compiler: 5-15 minutes on 2 cores, silent without -v)"
+             "compiler: 6-12 minutes on 2 idle cores, silent without -v)"
 
 
 @dataclass(frozen=True)
