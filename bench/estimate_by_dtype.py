@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from qlora_phi3.model.tiny import write_random_phi3
     from qlora_phi3.run.profile import profile
+    from qlora_phi3.ui import quiet_library_noise
 
+    quiet_library_noise()
     with tempfile.TemporaryDirectory() as tmp:
         mini = write_random_phi3(Path(tmp) / "mini-phi3", hidden_size=192, intermediate_size=512, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=32064,
