@@ -56,11 +56,14 @@ def _estimate(args) -> int:
     recipe = recipe_from_args(args)
     est = estimate(recipe, config_for_estimate(recipe.model), args.device)
     s = est.settings
+    # auto on a GPU is bf16 or, before Ampere, fp16: the same bytes, and no GPU is asked which
+    compute = ("16-bit (bf16, or fp16 before Ampere)" if est.device == "cuda" and recipe.model.compute_dtype == "auto"
+               else s["compute_dtype"])
     rows = "" if s["method"] == "sft" else f" ({s['rows_per_forward']} rows), {s['method']}"  # chosen + rejected rows
     table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
                         f"{s['micro_batch_size']}{' packed' if s['packing'] else ''}{rows}, r={s['lora_r']}, checkpointing "
                         f"{s['gradient_checkpointing']}, tiles {s['tile_tokens'] or 'off'}, {s['optimizer']}, attention "
-                        f"{s['attn_implementation']}, compute {s['compute_dtype']} ({est.device})",
+                        f"{s['attn_implementation']}, compute {compute} ({est.device})",
                   title_justify="left")
     table.add_column("term")
     table.add_column("GiB", justify="right")

@@ -111,6 +111,7 @@ def test_cli_estimate_prints_breakdown_and_verdict(capsys):
     for term in ("4-bit base weights", "quantization constants", "LoRA gradients", "optimizer states",
                  "recompute", "logits and loss", "CUDA context", "fits"):
         assert term in out, term
+    assert "compute 16-bit" in " ".join(out.split())  # auto on a GPU: bf16 or fp16, no GPU asked which
     assert main(["estimate", str(PHI3_RECIPE), "--budget", "3GiB"]) == 1  # does not fit: exit code says so
     assert "does not fit" in capsys.readouterr().out
 
