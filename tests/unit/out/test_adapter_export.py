@@ -152,6 +152,24 @@ def _logits(llama_cpp, model: Path, id_lists, lora: Path | None = None) -> list[
         llm.close()
 
 
+def _agreement_with_merged(llama_cpp, name: str, merged: Path, base: Path, loras: dict, convs) -> dict:
+    """For each LoRA file (and the base alone), over the conversations' answer positions in llama.cpp: (top-1
+    agreement with the merged GGUF, max |logit diff|). Printed, so that a run of the suite shows the margins."""
+    ids, pos = [c.ids for c in convs], [c.answer_pos for c in convs]
+
+    def answer(logits):
+        return np.concatenate([lg[p] for lg, p in zip(logits, pos)])
+
+    want = answer(_logits(llama_cpp, merged, ids))
+    measured = {}
+    for label, lora in [*loras.items(), ("base alone", None)]:
+        got = answer(_logits(llama_cpp, base, ids, lora))
+        measured[label] = ((got.argmax(-1) == want.argmax(-1)).mean(), np.abs(got - want).max())
+    print(f"\n{name}: {len(want)} answer positions; top-1 agreement with the merged f16 GGUF, max |logit diff|: "
+          + ", ".join(f"{k} {a:.4f} {d:.4f}" for k, (a, d) in measured.items()))
+    return measured
+
+
 @pytest.mark.parametrize("kind, quants", [("lora", ("f16", "q8_0")), ("rslora", ("f16",))])
 def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path, kind, quants):
     """The issue's proof: on held-out chat text, llama.cpp with base f16 + our LoRA gives the merged f16 GGUF's
@@ -180,19 +198,8 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
     src = resolve_source(str(run))
     records, _ = held_out_records(src.recipe, src.run, tok, src.max_seq_len, CHECK_SAMPLES)
-    convs = export_mod._conversations(records, tok)
-    ids = [c.ids for c in convs]
-    pos = [c.answer_pos for c in convs]
-    base = result.out_dir / f"{run.name}-base-f16.gguf"
-    ref = _logits(llama_cpp, merged, ids)
-    answer = lambda logits: np.concatenate([lg[p] for lg, p in zip(logits, pos)])  # noqa: E731
-    want = answer(ref)
-    measured = {}
-    for label, lora in [*result.files.items(), ("base alone", None)]:
-        got = answer(_logits(llama_cpp, base, ids, lora))
-        measured[label] = ((got.argmax(-1) == want.argmax(-1)).mean(), np.abs(got - want).max())
-    print(f"\n{kind}: {len(want)} answer positions; top-1 agreement with the merged f16 GGUF, max |logit diff|: "
-          + ", ".join(f"{k} {a:.4f} {d:.4f}" for k, (a, d) in measured.items()))
+    measured = _agreement_with_merged(llama_cpp, kind, merged, result.out_dir / f"{run.name}-base-f16.gguf",
+                                      result.files, export_mod._conversations(records, tok))
     assert all(measured[q][0] >= 0.99 for q in quants), measured
     assert measured["base alone"][0] < 0.5, measured
     # The merged file rounds base + update to f16 once; the LoRA path adds the update in f32: logits differ by
@@ -231,17 +238,8 @@ def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path)
     src = resolve_source(str(dpo_run))
     records, where = held_out_records(src.recipe, src.run, tok, src.max_seq_len, 8)
     assert "preference" in where
-    convs = export_mod._conversations(records, tok)
-    ids, pos = [c.ids for c in convs], [c.answer_pos for c in convs]
-    answer = lambda logits: np.concatenate([lg[p] for lg, p in zip(logits, pos)])  # noqa: E731
-    want = answer(_logits(llama_cpp, merged, ids))
-    base = result.out_dir / f"{dpo_run.name}-base-f16.gguf"
-    measured = {}
-    for label, lora in [*result.files.items(), ("base alone", None)]:
-        got = answer(_logits(llama_cpp, base, ids, lora))
-        measured[label] = ((got.argmax(-1) == want.argmax(-1)).mean(), np.abs(got - want).max())
-    print(f"\ndpo: {len(want)} answer positions; top-1 agreement with the merged f16 GGUF, max |logit diff|: "
-          + ", ".join(f"{k} {a:.4f} {d:.4f}" for k, (a, d) in measured.items()))
+    measured = _agreement_with_merged(llama_cpp, "dpo", merged, result.out_dir / f"{dpo_run.name}-base-f16.gguf",
+                                      result.files, export_mod._conversations(records, tok))
     assert measured["f16"][0] >= 0.99 and measured["q8_0"][0] >= 0.99, measured
     assert measured["base alone"][0] < 0.9, measured  # DPO moves less than SFT from a random base (beta 0.1)
     assert measured["f16"][1] < 0.1 * measured["base alone"][1], measured
