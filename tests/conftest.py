@@ -87,6 +87,14 @@ def qlora(capsys, monkeypatch):
     return run
 
 
+@pytest.fixture
+def no_onednn_cap(monkeypatch):
+    """No oneDNN ISA cap in the environment (machine.cpu_bf16 reads it): the suite may itself run under one, as on
+    the AVX2 stand-in of docs/measured.md."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def cpu_dtype() -> str:
     """The compute dtype training picks on this CPU (bf16 where native, else fp32): tests that load the model
     themselves use it, so a CPU without native bf16 does not run them 10x slower in emulation."""

@@ -210,6 +210,10 @@ def resolve_compute_dtype(recipe: Recipe, device: str) -> str:
     return "bfloat16" if cpu_bf16()[0] else "float32"
 
 
+def _dtype_bytes(compute_dtype: str) -> int:
+    return 4 if compute_dtype == "float32" else 2  # bf16 and fp16: 2
+
+
 @dataclass(frozen=True)
 class _Step:
     """The facts of one training step that the phases share, resolved once from the recipe, the model's config and
@@ -246,7 +250,7 @@ class _Step:
     @property
     def c(self) -> int:
         """Bytes per value of the compute dtype: activations, the dequantized weight, embeddings and norms."""
-        return 4 if self.compute_dtype == "float32" else 2
+        return _dtype_bytes(self.compute_dtype)
 
     @property
     def adapter_dtype_bytes(self) -> int:
@@ -276,7 +280,7 @@ def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | N
     shapes = _linear_shapes(cfg)
     q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
     lora = lora_shapes(recipe, cfg)  # refuses a target that is not a Phi-3 linear layer
-    c = 4 if compute_dtype == "float32" else 2
+    c = _dtype_bytes(compute_dtype)
     lora_fp32 = not autocast or c == 4  # fp32 compute: no autocast, and the adapters are fp32 anyway
     per_layer, layer_formula = _layer_activation_bytes_per_token(cfg, recipe.lora.r, recipe.lora.dropout,
                                                                  recipe.lora.target_modules, lora_fp32, c)
@@ -649,7 +653,8 @@ def _logits_and_loss(step: _Step) -> _Phase:
         # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
         # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
         # measured through the training path (tests/unit/memory/test_estimate.py), not the 12 of a bare cross-entropy;
-        # 33 in fp32 compute (measured the same way on the tiny and mini Phi-3s: SFT 384 tokens, DPO 2 x 384).
+        # 33 in fp32 compute (measured the same way on the tiny and mini Phi-3s: SFT 384 tokens, DPO 2 x 384; on the
+        # 2-core Xeon with avx512_bf16, fp32 forced: bytes do not depend on the CPU kind).
         per_entry = 30 if step.c == 2 else 33
         logits = n * step.vocab * per_entry
         logits_formula = (f"N x V x {per_entry} B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy "

@@ -90,7 +90,7 @@ def test_continuing_an_adapter_makes_it_the_frozen_reference(dpo_run, tmp_path):
     """Start a second DPO run from the first one's adapter: at step 0 the policy *is* the starting adapter, so if the
     reference is its frozen copy every reward is 0 (with the base as reference the mean margin would be about 35, as
     the first run ends). Exactly 0 in bf16; in fp32 (a CPU without native bf16) the policy's and the reference's
-    forwards round apart by ~1e-4 (measured: -3e-5 and 2.3e-4 on the Xeon, native fp32 and the AVX2 stand-in)."""
+    forwards round apart by ~1e-4 (measured on the 2-core Xeon with avx512_bf16: -3e-5 in forced fp32, 2.3e-4 under its AVX2 stand-in)."""
     _, first = dpo_run
     recipe, result = _train(tmp_path / "cont", f"model.adapter={first.output_dir}", "train.max_steps=2",
                             "train.eval_steps=0")

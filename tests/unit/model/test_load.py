@@ -42,11 +42,8 @@ def test_ampere_and_newer_use_bf16(gpu, capability):
 
 
 @pytest.fixture
-def cpu(monkeypatch):
+def cpu(monkeypatch, no_onednn_cap):
     """A CPU with or without a native bf16 flag, as torch's own probe reports it."""
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the suite may itself run under a cap (docs/measured.md)
-        monkeypatch.delenv(name, raising=False)
-
     def make(**flags):
         caps = {"architecture": "x86_64", "avx2": True, **flags}
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
@@ -90,11 +87,9 @@ def test_a_onednn_cap_does_not_make_a_cpu_without_bf16_native(cpu, monkeypatch):
     assert pick_compute_dtype("auto", "cpu").value == "float32"
 
 
-def test_cpu_flags_fall_back_to_proc_cpuinfo_without_torchs_probe(monkeypatch):
+def test_cpu_flags_fall_back_to_proc_cpuinfo_without_torchs_probe(monkeypatch, no_onednn_cap):
     from qlora_phi3 import machine
 
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(machine, "_torch_capabilities", lambda: None)
     monkeypatch.setattr(machine, "_proc_cpuinfo_flags", lambda: {"avx2", "fma"})
     assert pick_compute_dtype("auto", "cpu").value == "float32"

@@ -98,7 +98,8 @@ def test_eval_loss_is_per_assistant_token_and_the_same_with_packing(tmp_path):
     """Eval conversations carry different numbers of answer tokens; the eval loss is the mean over all of them
     (not the Trainer's average of batch means), on both loss paths, and packing the training data changes
     nothing about it. A few real steps first, so that some answers are learned and others not yet. In the dtype
-    this CPU trains in: 40 steps of emulated bf16 took 136 s under the AVX2 stand-in."""
+    this CPU trains in: 40 steps of emulated bf16 took 136 s under the AVX2 stand-in
+    (the 2-core Xeon with avx512_bf16 held to AVX2 kernels)."""
     common = ("data.max_samples=200", "train.max_steps=40", "train.lr=6e-3")
     packed = _trainer(tmp_path / "packed", "data.packing=true", *common, dtype=cpu_dtype())
     packed.train()
