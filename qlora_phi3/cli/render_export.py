@@ -1,10 +1,10 @@
-"""What ``qlora-phi3 export`` shows of an :class:`~qlora_phi3.out.export.ExportResult`: the table of the files written
+"""What ``qlora-phi3 export`` shows of an :class:`~qlora_phi3.ship.export.ExportResult`: the table of the files written
 with their llama.cpp check (also when a check failed: the numbers behind the error), then where they are and how
 to run them. One pair for a merged export, one for ``--adapter``."""
 
 from __future__ import annotations
 
-from qlora_phi3.out.export import MODELFILE_NAME, ExportResult
+from qlora_phi3.ship.export import MODELFILE_NAME, ExportResult
 from qlora_phi3.ui import console, info
 
 __all__ = ["print_adapter_export_done", "print_adapter_export_table", "print_export_done", "print_export_table"]
@@ -71,7 +71,7 @@ def print_adapter_export_table(report: dict) -> None:
 
 
 def print_adapter_export_done(result: ExportResult) -> None:
-    from qlora_phi3.out.adapter_export import base_label
+    from qlora_phi3.ship.adapter_export import base_label
 
     report, modelfile = result.report, result.out_dir / MODELFILE_NAME
     stem = report["name"]

@@ -6,7 +6,7 @@ Modelfile names base and adapter; adapters llama.cpp cannot apply are refused be
 The session's tiny run (conftest ``tiny_run``, the README's default: plain LoRA, shared with the other export
 tests) and one short rsLoRA run serve the module. Tests that run llama.cpp need llama-cpp-python, the
 converter test the llama-cpp-python sdist (QLORA_PHI3_SDIST): they skip with the reason when absent and fail
-instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/unit/out/test_export.py.
+instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/unit/ship/test_export.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import pytest
 
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
-from qlora_phi3.out import adapter_export as adapter_mod
-from qlora_phi3.out import export as export_mod
-from qlora_phi3.out.adapter_export import export_adapter
-from qlora_phi3.out.export import CheckFailed, export
+from qlora_phi3.ship import adapter_export as adapter_mod
+from qlora_phi3.ship import export as export_mod
+from qlora_phi3.ship.adapter_export import export_adapter
+from qlora_phi3.ship.export import CheckFailed, export
 
 REPO = Path(__file__).resolve().parents[3]
 CHECK_SAMPLES = 4  # held-out conversations: enough answer positions, quick on 2 cores
@@ -178,7 +178,7 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     its rounding of A (max |logit diff| ~0.1, half the merged q8_0's) flips near-ties of a 40-step model."""
     from transformers import AutoTokenizer
 
-    from qlora_phi3.out.artifacts import resolve_source
+    from qlora_phi3.ship.artifacts import resolve_source
     from qlora_phi3.data.split import held_out_records
 
     run = runs[kind]
@@ -229,7 +229,7 @@ def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path)
     from transformers import AutoTokenizer
 
     from qlora_phi3.data.split import held_out_records
-    from qlora_phi3.out.artifacts import resolve_source
+    from qlora_phi3.ship.artifacts import resolve_source
 
     merged = export(str(dpo_run), str(tmp_path / "merged"), quants="f16", check=False).files["f16"]
     result = export_adapter(str(dpo_run), str(tmp_path / "adapter"), quants="f16,q8_0", base_quant="f16",

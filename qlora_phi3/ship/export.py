@@ -32,7 +32,7 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.family import family_for_config
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.data.split import held_out_records
-from qlora_phi3.out.merge import merge, phi3_model_name
+from qlora_phi3.ship.merge import merge, phi3_model_name
 from qlora_phi3.ui import console, warn
 
 __all__ = ["CheckFailed", "ExportResult", "QUANTS", "export", "write_gguf", "modelfile_text"]
@@ -270,7 +270,7 @@ def _rope(config) -> tuple[dict, int, int]:
 
 def phi3_tensor_names(n_layers: int):
     """Hugging Face Phi-3 tensor name -> llama.cpp's (``tensor_name(names, "model.layers.0.self_attn.qkv_proj
-    .weight")`` is ``blk.0.attn_qkv.weight``); shared with the GGUF LoRA writer (out/adapter_export.py), whose
+    .weight")`` is ``blk.0.attn_qkv.weight``); shared with the GGUF LoRA writer (ship/adapter_export.py), whose
     tensors are named after the base tensor they change."""
     import gguf
 
@@ -570,7 +570,7 @@ def _reference(model_dir: Path, convs: list[_Conversation], adapter_dir: Path | 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map={"": device},
                                                  attn_implementation="sdpa", use_safetensors=True).eval()
     if adapter_dir is not None:
-        from qlora_phi3.out.artifacts import load_adapter
+        from qlora_phi3.ship.artifacts import load_adapter
 
         model = load_adapter(model, adapter_dir)
     with torch.no_grad():
@@ -719,7 +719,7 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
         name: file name stem (default: the source directory's name); files are ``<name>-<quant>.gguf``.
     """
     from qlora_phi3.model.load import hide_load_progress_bars
-    from qlora_phi3.out.artifacts import check_base, resolve_source
+    from qlora_phi3.ship.artifacts import check_base, resolve_source
 
     t0 = time.perf_counter()
     names = _parse_quants(quants)

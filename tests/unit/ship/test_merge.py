@@ -16,7 +16,7 @@ import torch
 
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
-from qlora_phi3.out.merge import MergeResult, merge
+from qlora_phi3.ship.merge import MergeResult, merge
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
 
 REPORT_SAMPLES = 4  # enough answer tokens to compare; keeps the three CPU evaluations short
@@ -137,10 +137,10 @@ def test_merge_report_compares_the_three_models(merged):
 
 
 def test_flag_when_merged_is_worse_than_trained(capsys):
-    from qlora_phi3.out.artifacts import Source
+    from qlora_phi3.ship.artifacts import Source
     from qlora_phi3.config import ModelConfig
     from qlora_phi3.cli.out import print_merge_report
-    from qlora_phi3.out.merge import _report
+    from qlora_phi3.ship.merge import _report
 
     targets = torch.tensor([0, 1, 2])
     good = torch.eye(3) * 10
@@ -264,7 +264,7 @@ def test_refuses_adapter_with_missing_lora_weights(tiny_run, tmp_path):
 
 def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, tiny_run, tmp_path, monkeypatch):
     """Ctrl-C after the shards are written, before the rename: --out keeps the previous complete model."""
-    import qlora_phi3.out.merge as m
+    import qlora_phi3.ship.merge as m
 
     out = tmp_path / "merged"
     shutil.copytree(merged[0].out_dir, out)

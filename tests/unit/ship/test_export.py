@@ -25,8 +25,8 @@ import torch
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
-from qlora_phi3.out import export as export_mod
-from qlora_phi3.out.export import CheckFailed, export, modelfile_text, write_gguf
+from qlora_phi3.ship import export as export_mod
+from qlora_phi3.ship.export import CheckFailed, export, modelfile_text, write_gguf
 
 PHI3_VOCAB = Path(__file__).resolve().parents[2] / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
 CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, quick on 2 cores
@@ -34,7 +34,7 @@ CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, 
 
 @pytest.fixture(scope="module")
 def merged_dir(tiny_run, tmp_path_factory) -> Path:
-    from qlora_phi3.out.merge import merge
+    from qlora_phi3.ship.merge import merge
 
     _, run = tiny_run
     out = tmp_path_factory.mktemp("export_merge") / "tiny-merged"

@@ -36,7 +36,7 @@ from qlora_phi3.family import PHI3, TokenizerFamily, family_for_tokenizer
 from qlora_phi3.files import atomic_write_json, atomic_write_text, partial_dir, publish_dir
 from qlora_phi3.model.load import hide_load_progress_bars, load_model, load_tokenizer, pick_compute_dtype, resolve_model_path
 from qlora_phi3.model.lora import check_still_tied
-from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
+from qlora_phi3.ship.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
 from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.ui import console, info
 from qlora_phi3.units import parse_size

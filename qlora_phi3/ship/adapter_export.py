@@ -33,10 +33,10 @@ from pathlib import Path
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import family_for_config
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
-from qlora_phi3.out import export as gguf_export
-from qlora_phi3.out.export import QUANTS, CheckFailed, ExportResult, MODELFILE_NAME, REPORT_NAME
+from qlora_phi3.ship import export as gguf_export
+from qlora_phi3.ship.export import QUANTS, CheckFailed, ExportResult, MODELFILE_NAME, REPORT_NAME
 from qlora_phi3.data.split import held_out_records
-from qlora_phi3.out.merge import phi3_model_name
+from qlora_phi3.ship.merge import phi3_model_name
 from qlora_phi3.ui import console, warn
 
 __all__ = ["LORA_QUANTS", "LoraTensor", "base_label", "check_llama_cpp_can_apply", "export_adapter", "lora_plan",
@@ -263,7 +263,7 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
     from rich.markup import escape  # the extra's name, [gguf], is not console markup
 
     from qlora_phi3.model.load import hide_load_progress_bars
-    from qlora_phi3.out.artifacts import check_base, resolve_source
+    from qlora_phi3.ship.artifacts import check_base, resolve_source
 
     t0 = time.perf_counter()
     names = _parse_lora_quants(quants)
