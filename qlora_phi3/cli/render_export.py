@@ -4,6 +4,8 @@ to run them. One pair for a merged export, one for ``--adapter``."""
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from qlora_phi3.ship.export import MODELFILE_NAME, ExportResult
 from qlora_phi3.ui import console, info
 
@@ -75,8 +77,10 @@ def print_adapter_export_done(result: ExportResult) -> None:
 
     report, modelfile = result.report, result.out_dir / MODELFILE_NAME
     stem = report["name"]
-    how = (f"ollama create {stem} -f {modelfile}" if report["base_file"] else
-           f"put a GGUF of {base_label(report['base_model'], report['revision'])} at FROM in {modelfile}, then "
-           f"ollama create {stem} -f ...")
+    how = f"ollama create {stem} -f {modelfile}"
+    if not report["base_file"]:  # FROM names a base this export did not write: say how to write exactly that file
+        how = (f"its FROM names {report['modelfile_from']}, not written; `{report['modelfile_from_command']}` "
+               f"writes it (or point FROM at your GGUF of {base_label(report['base_model'], report['revision'])}), "
+               f"then {how}")
     info(f"[bold green]exported[/] the adapter as {', '.join(p.name for p in result.files.values())} in "
-         f"{report['seconds']:.0f}s: [bold]{result.out_dir}[/]  (Ollama: {how})")
+         f"{report['seconds']:.0f}s: [bold]{result.out_dir}[/]  (Ollama: {escape(how)})")

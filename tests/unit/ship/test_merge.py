@@ -283,3 +283,22 @@ def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, ti
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp dirs left behind
+
+
+def test_a_failed_check_never_replaces_a_good_merge(merged, tiny_run, tmp_path, monkeypatch):
+    """`merge --force` whose merged weights fail their check (inf/NaN) leaves the earlier merged model byte for byte,
+    and no partial model."""
+    import qlora_phi3.ship.merge as m
+
+    out = tmp_path / "merged"
+    shutil.copytree(merged[0].out_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def overflowed(model, dtype):
+        raise UserError(f"the merged weight model.layers.0.mlp.down_proj.weight has inf/NaN values in {dtype}")
+
+    monkeypatch.setattr(m, "_check_finite", overflowed)
+    with pytest.raises(UserError, match="inf/NaN"):
+        merge(str(tiny_run[1].output_dir), str(out), force=True, report_samples=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
