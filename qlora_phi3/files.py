@@ -56,9 +56,13 @@ def atomic_write_json(path: Path, data: dict) -> None:
 
 def fsync_tree(path: Path) -> None:
     """Flush every file under ``path`` to disk before a rename makes it visible (a power cut must not
-    leave a finished-looking directory of zero-length files)."""
+    leave a finished-looking directory of zero-length files), each with the mode the umask gives a new file:
+    safetensors (0.8) saves through a temporary file that stays 0600, so model weights would be the one file
+    another user or a serving container cannot read."""
+    mode = shared_mode()
     for p in Path(path).rglob("*"):
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
 

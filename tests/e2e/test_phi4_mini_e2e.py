@@ -298,7 +298,7 @@ def test_each_shapes_gguf_carries_its_attention_and_rope(shape_merged, shape_ggu
 # The bar of tests/unit/ship/test_export.py's Phi-3-mini check (token ids equal on every conversation, both turn ends end
 # generation, top-1 agreement >= the export's 99% floor) on models trained a few steps, whose answer positions hold
 # near-ties (the merged model's top-1 leads by under 0.05 logit at about 5% of them) that rounding alone swaps: top-1
-# counts those apart (export.NEAR_TIE_LOGITS). The logits prove more: f16 within 0.05 of the merged model's at every
+# counts those apart (llama_check.NEAR_TIE_LOGITS). The logits prove more: f16 within 0.05 of the merged model's at every
 # answer position (measured 0.004-0.012), where ignoring Phi-3.5-mini's short factors gives 1.1, a wrong attention
 # factor 2.4, full instead of partial rotary on Phi-4-mini 3.5 (measured; none of them moves top-1 past the near-ties
 # of so undertrained a model).
@@ -319,8 +319,9 @@ def test_gguf_runs_in_llama_cpp_with_the_merged_models_predictions(shape_gguf, l
         assert check["eog_tokens"] == {"<|end|>": True, "<|endoftext|>": True}, check
         assert check["max_abs_logit_diff"] < tolerance, check
         assert check["top1_agreement_except_near_ties"] >= QUANTS[quant].top1_min, check
-        if check["near_tie_flips"] and check["top1_agreement"] < QUANTS[quant].top1_min:  # the failure says why
-            assert f"{check['near_tie_flips']} of the" in " ".join(check["problems"]), check
+        top1_failed = [p for p in check["problems"] if p.startswith("top-1")]
+        if check["near_tie_flips"] and top1_failed:  # more flips than the sample explains: the failure says why
+            assert f"{check['near_tie_flips']} of the" in top1_failed[0], check
 
 
 def test_k_quant_export_runs_in_llama_cpp(phi4_gguf, llama_cpp):

@@ -78,3 +78,18 @@ def test_staging_is_removed_when_the_build_fails(tmp_path):
             (stage / "half.safetensors").write_bytes(b"half")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_published_weights_honour_the_umask(tmp_path, umask):
+    """safetensors saves through a 0600 temporary file; what is published has the umask's mode like every other
+    file (the merged model.safetensors was the one file another user could not read)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "merged"
+    with staging(out) as stage:
+        save_file({"w": torch.zeros(2)}, str(stage / "model.safetensors"))
+        (stage / "config.json").write_text("{}")
+        publish_checked(stage, out, passed=True)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        "model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}

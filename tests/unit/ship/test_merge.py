@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +55,10 @@ def test_merged_dir_is_complete_and_sharded(merged):
     assert not any(p.name.startswith(".merged.") for p in out.parent.iterdir())  # temp dirs gone, stale one too
     config = json.loads((out / "config.json").read_text())
     assert config["use_cache"] is True and config["dtype"] == "float16" and "quantization_config" not in config
+    # Every file, the weights' shards included, with the mode the umask gives (test_files.py tries 022 and 077).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {f: 0o666 & ~umask for f in files}
 
 
 PLAIN_CHECK = r"""
