@@ -302,6 +302,7 @@ def test_modelfile_names_base_and_adapter(runs, tmp_path, capsys):
     assert "# FROM: the base model as GGUF: embedded:tiny-phi3" in text  # says what FROM must be
 
 
+@pytest.mark.slow  # the session's trained tiny run
 def test_modelfile_names_the_base_that_its_command_writes(tiny_run, tmp_path, capsys):
     """Without --base-quant the Modelfile's FROM names a file that is not there yet: the comment above it and the
     command's last line give the one command that writes exactly that file, and after it FROM is there."""
@@ -400,6 +401,7 @@ def test_interrupted_export_leaves_the_previous_one(runs, tmp_path, monkeypatch)
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow  # the session's trained tiny run
 def test_a_failed_check_never_replaces_a_good_adapter_export(tiny_run, tmp_path, monkeypatch):
     """`export --adapter --force` whose LoRA fails the llama.cpp check leaves the earlier good export as it was, byte
     for byte, and sets the failed one aside (it used to publish the failed export first and raise after)."""

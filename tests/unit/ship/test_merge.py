@@ -291,6 +291,7 @@ def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp dirs left behind
 
 
+@pytest.mark.slow  # the session's trained tiny run
 def test_a_failed_check_never_replaces_a_good_merge(merged, tiny_run, tmp_path, monkeypatch):
     """`merge --force` whose merged weights fail their check (inf/NaN) leaves the earlier merged model byte for byte,
     and no partial model."""
