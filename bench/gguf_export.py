@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help=f"save the table to {RESULT.relative_to(REPO)}")
     args = ap.parse_args()
     from qlora_phi3.ui import quiet_library_noise
-    from qlora_phi3.out.export import export
+    from qlora_phi3.ship.export import export
 
     quiet_library_noise()
     work = Path(args.workdir)

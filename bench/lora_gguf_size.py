@@ -33,7 +33,7 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from qlora_phi3.out.adapter_export import lora_plan, write_lora_gguf
+    from qlora_phi3.ship.adapter_export import lora_plan, write_lora_gguf
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--r", type=int, default=16)

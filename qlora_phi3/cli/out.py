@@ -79,7 +79,7 @@ def _add_base_args(p) -> None:
 
 
 def _merge(args) -> int:
-    from qlora_phi3.out.merge import REPORT_NAME, merge
+    from qlora_phi3.ship.merge import REPORT_NAME, merge
     from qlora_phi3.ui import info
 
     result = merge(args.source, args.out, dtype=args.dtype, force=args.force, base=args.base, revision=args.revision,
@@ -99,10 +99,10 @@ def _export(args) -> int:
 
     from qlora_phi3.cli import render_export
     from qlora_phi3.errors import UserError
-    from qlora_phi3.out.export import CheckFailed
+    from qlora_phi3.ship.export import CheckFailed
 
     if args.adapter:
-        from qlora_phi3.out.adapter_export import DEFAULT_LORA_QUANTS, export_adapter
+        from qlora_phi3.ship.adapter_export import DEFAULT_LORA_QUANTS, export_adapter
 
         run = partial(export_adapter, args.source, args.out, quants=args.quant or DEFAULT_LORA_QUANTS,
                       base_quant=args.base_quant, force=args.force, check=args.check, name=args.name, base=args.base,
@@ -112,7 +112,7 @@ def _export(args) -> int:
         raise UserError("--base-quant writes the base model beside a GGUF LoRA: add --adapter, or drop it (a merged "
                         "export already contains the base).")
     else:
-        from qlora_phi3.out.export import DEFAULT_QUANTS, export
+        from qlora_phi3.ship.export import DEFAULT_QUANTS, export
 
         run = partial(export, args.source, args.out, quants=args.quant or DEFAULT_QUANTS, force=args.force,
                       check=args.check, name=args.name, base=args.base, revision=args.revision,
@@ -129,7 +129,7 @@ def _export(args) -> int:
 
 
 def _chat(args) -> int:
-    from qlora_phi3.out.chat import chat
+    from qlora_phi3.ship.chat import chat
     from qlora_phi3.ui import status_to_stderr
 
     if args.prompt is not None:

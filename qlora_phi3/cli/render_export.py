@@ -1,10 +1,12 @@
-"""What ``qlora-phi3 export`` shows of an :class:`~qlora_phi3.out.export.ExportResult`: the table of the files written
+"""What ``qlora-phi3 export`` shows of an :class:`~qlora_phi3.ship.export.ExportResult`: the table of the files written
 with their llama.cpp check (also when a check failed: the numbers behind the error), then where they are and how
 to run them. One pair for a merged export, one for ``--adapter``."""
 
 from __future__ import annotations
 
-from qlora_phi3.out.export import MODELFILE_NAME, ExportResult
+from rich.markup import escape
+
+from qlora_phi3.ship.export import MODELFILE_NAME, ExportResult
 from qlora_phi3.ui import console, info
 
 __all__ = ["print_adapter_export_done", "print_adapter_export_table", "print_export_done", "print_export_table"]
@@ -71,12 +73,14 @@ def print_adapter_export_table(report: dict) -> None:
 
 
 def print_adapter_export_done(result: ExportResult) -> None:
-    from qlora_phi3.out.adapter_export import base_label
+    from qlora_phi3.ship.adapter_export import base_label
 
     report, modelfile = result.report, result.out_dir / MODELFILE_NAME
     stem = report["name"]
-    how = (f"ollama create {stem} -f {modelfile}" if report["base_file"] else
-           f"put a GGUF of {base_label(report['base_model'], report['revision'])} at FROM in {modelfile}, then "
-           f"ollama create {stem} -f ...")
+    how = f"ollama create {stem} -f {modelfile}"
+    if not report["base_file"]:  # FROM names a base this export did not write: say how to write exactly that file
+        how = (f"its FROM names {report['modelfile_from']}, not written; `{report['modelfile_from_command']}` "
+               f"writes it (or point FROM at your GGUF of {base_label(report['base_model'], report['revision'])}), "
+               f"then {how}")
     info(f"[bold green]exported[/] the adapter as {', '.join(p.name for p in result.files.values())} in "
-         f"{report['seconds']:.0f}s: [bold]{result.out_dir}[/]  (Ollama: {how})")
+         f"{report['seconds']:.0f}s: [bold]{result.out_dir}[/]  (Ollama: {escape(how)})")

@@ -12,8 +12,6 @@ data is readable here; sequence tiling (``train.tile_tokens``) is turned on only
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import yaml
 
 from qlora_phi3.config import Recipe, recipe_to_dict
 from qlora_phi3.errors import UserError
+from qlora_phi3.files import atomic_write_text
 from qlora_phi3.methods import METHODS
 
 __all__ = ["FitPlan", "FitReport", "SAFETY_MARGIN", "data_longest_tokens", "plan_fit", "run_fit", "write_fit_recipe"]
@@ -182,10 +181,7 @@ def write_fit_recipe(plan: FitPlan, source: str, out_path: Path, command: str) -
             line += f"  # fit: {old} -> {new}" if old != new else "  # fit: unchanged"
         lines.append(line)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(header + lines) + "\n")
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, "\n".join(header + lines) + "\n")  # with the umask's mode, not mkstemp's 0600
     return out_path
 
 

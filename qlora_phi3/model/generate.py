@@ -1,5 +1,5 @@
 """Generation, in one place: the greedy answer that sample answers during training (run/samples.py) and
-``qlora-phi3 chat`` (out/chat.py) both give, with the model's own chat template and stop tokens."""
+``qlora-phi3 chat`` (ship/chat.py) both give, with the model's own chat template and stop tokens."""
 
 from __future__ import annotations
 

@@ -243,7 +243,7 @@ UPSTREAM: tuple[Upstream, ...] = (
              "PEFT's LoftQ replacement is CUDA-only; we dequantize the 4-bit base ourselves", "bitsandbytes 0.50.2",
              _check_quant_state),
     Upstream("PEFT LoRA layers keep adapters in lora_A / lora_B ModuleDicts keyed 'default', r and scaling dicts",
-             "model/lora.py, out/merge.py", "OLoRA/LoftQ initialisation writes the adapter weights directly",
+             "model/lora.py, ship/merge.py", "OLoRA/LoftQ initialisation writes the adapter weights directly",
              "peft 0.21.2", _check_peft_default_adapter),
     Upstream("DPOTrainer / KTOTrainer._prepare_dataset; ORPOTrainer / CPOTrainer.tokenize_row, concatenated_forward, "
              "concatenated_inputs (overridden or called)", "run/methods/dpo.py, kto.py, pairwise.py",

@@ -33,8 +33,8 @@ def _recipe(model_dir: Path, out: Path, *overrides: str):
 
 @pytest.mark.parametrize("kind", ["4k", "128k"])
 def test_train_merge_chat(kind, mini_dirs, tmp_path):
-    from qlora_phi3.out.chat import chat
-    from qlora_phi3.out.merge import merge
+    from qlora_phi3.ship.chat import chat
+    from qlora_phi3.ship.merge import merge
     from qlora_phi3.run.train import train
 
     result = train(_recipe(mini_dirs[kind], tmp_path / "run"))

@@ -45,7 +45,7 @@ def phi4_run(tiny_phi4_mini_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phi4_merged(phi4_run, tmp_path_factory):
-    from qlora_phi3.out.merge import merge
+    from qlora_phi3.ship.merge import merge
 
     _, resumed = phi4_run
     return merge(str(resumed.output_dir), str(tmp_path_factory.mktemp("phi4_merge") / "phi4-tiny-merged"),
@@ -105,7 +105,7 @@ def test_merge_keeps_one_tied_matrix_and_equals_base_plus_adapter(phi4_merged):
 
 
 def test_chat_stops_at_phi4_minis_own_end(phi4_merged, capsys):
-    from qlora_phi3.out.chat import load_chat_model, reply
+    from qlora_phi3.ship.chat import load_chat_model, reply
 
     cm = load_chat_model(str(phi4_merged.out_dir))
     assert cm.stop_ids == [200020, 199999]
@@ -140,7 +140,7 @@ def _fields(path: Path):
     return reader, {k: f.contents() for k, f in reader.fields.items()}
 
 
-CHECK_SAMPLES = 4  # held-out conversations per llama.cpp check, as tests/unit/out/test_export.py
+CHECK_SAMPLES = 4  # held-out conversations per llama.cpp check, as tests/unit/ship/test_export.py
 
 
 def _export(merged_dir: Path, out: Path, quants: str = "f16,q8_0"):
@@ -148,7 +148,7 @@ def _export(merged_dir: Path, out: Path, quants: str = "f16,q8_0"):
     installed. Models trained a few steps do not end their turns yet, so the check's own pass mark fails on stopping
     (exit 3): the files and the report are published all the same, and the tests read the report's numbers."""
     from qlora_phi3.cli import main
-    from qlora_phi3.out.export import REPORT_NAME, CheckFailed
+    from qlora_phi3.ship.export import REPORT_NAME, CheckFailed
 
     code = main(["export", str(merged_dir), "--out", str(out), "--quant", quants,
                  "--check-samples", str(CHECK_SAMPLES)])
@@ -237,7 +237,7 @@ def shape_merged(request, tmp_path_factory):
         return request.param, request.getfixturevalue("phi4_run")[1], request.getfixturevalue("phi4_merged")
     from qlora_phi3.config import load_recipe
     from qlora_phi3.model.tiny import build_tiny_shape
-    from qlora_phi3.out.merge import merge
+    from qlora_phi3.ship.merge import merge
     from qlora_phi3.run.train import train
 
     root = tmp_path_factory.mktemp(request.param)
@@ -295,10 +295,10 @@ def test_each_shapes_gguf_carries_its_attention_and_rope(shape_merged, shape_ggu
             (1 + np.log(scale) / np.log(rope["original_max_position_embeddings"])) ** 0.5)
 
 
-# The bar of tests/unit/out/test_export.py's Phi-3-mini check (token ids equal on every conversation, both turn ends end
+# The bar of tests/unit/ship/test_export.py's Phi-3-mini check (token ids equal on every conversation, both turn ends end
 # generation, top-1 agreement >= the export's 99% floor) on models trained a few steps, whose answer positions hold
 # near-ties (the merged model's top-1 leads by under 0.05 logit at about 5% of them) that rounding alone swaps: top-1
-# counts those apart (export.NEAR_TIE_LOGITS). The logits prove more: f16 within 0.05 of the merged model's at every
+# counts those apart (llama_check.NEAR_TIE_LOGITS). The logits prove more: f16 within 0.05 of the merged model's at every
 # answer position (measured 0.004-0.012), where ignoring Phi-3.5-mini's short factors gives 1.1, a wrong attention
 # factor 2.4, full instead of partial rotary on Phi-4-mini 3.5 (measured; none of them moves top-1 past the near-ties
 # of so undertrained a model).
@@ -309,7 +309,7 @@ def test_gguf_runs_in_llama_cpp_with_the_merged_models_predictions(shape_gguf, l
     """f16 and q8_0 run in llama.cpp: the same token ids as transformers on chat text (Phi-4-mini: no Phi-3 rstrip,
     no <s>), the merged model's logits within rounding, and its top-1 predictions. The tiny models do not answer
     or stop yet, so the export's stop check is not asked of them (their files do end generation on <|end|>)."""
-    from qlora_phi3.out.export import QUANTS
+    from qlora_phi3.ship.export import QUANTS
 
     report = shape_gguf.report
     assert report["checked"] and report["reference"]["conversations"] == CHECK_SAMPLES
@@ -319,8 +319,9 @@ def test_gguf_runs_in_llama_cpp_with_the_merged_models_predictions(shape_gguf, l
         assert check["eog_tokens"] == {"<|end|>": True, "<|endoftext|>": True}, check
         assert check["max_abs_logit_diff"] < tolerance, check
         assert check["top1_agreement_except_near_ties"] >= QUANTS[quant].top1_min, check
-        if check["near_tie_flips"] and check["top1_agreement"] < QUANTS[quant].top1_min:  # the failure says why
-            assert f"{check['near_tie_flips']} of the" in " ".join(check["problems"]), check
+        top1_failed = [p for p in check["problems"] if p.startswith("top-1")]
+        if check["near_tie_flips"] and top1_failed:  # more flips than the sample explains: the failure says why
+            assert f"{check['near_tie_flips']} of the" in top1_failed[0], check
 
 
 def test_k_quant_export_runs_in_llama_cpp(phi4_gguf, llama_cpp):

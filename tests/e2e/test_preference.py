@@ -72,7 +72,7 @@ def test_dpo_raises_held_out_implicit_reward_checked_with_plain_peft(dpo_run, ti
 
 @pytest.mark.slow
 def test_dpo_adapter_holds_only_the_trained_adapter_and_merges(dpo_run, tmp_path):
-    from qlora_phi3.out.merge import merge
+    from qlora_phi3.ship.merge import merge
 
     recipe, result = dpo_run
     files = {p.name for p in result.adapter_dir.iterdir()}

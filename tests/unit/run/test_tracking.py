@@ -98,7 +98,7 @@ def test_default_run_last_samples_are_the_trained_answers(tiny_run):
     """The README's default run: 3 held-out eval prompts at every evaluation. At the last one the answers are the
     trained model's (what `chat` answers with the saved adapter), and mostly the training data's own; at step 0
     the untrained model knows none of them."""
-    from qlora_phi3.out.chat import load_chat_model
+    from qlora_phi3.ship.chat import load_chat_model
     from qlora_phi3.model.generate import greedy_answer
 
     recipe, result = tiny_run

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
-from qlora_phi3.out.merge import MergeResult, merge
+from qlora_phi3.ship.merge import MergeResult, merge
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
 
 REPORT_SAMPLES = 4  # enough answer tokens to compare; keeps the three CPU evaluations short
@@ -53,6 +55,10 @@ def test_merged_dir_is_complete_and_sharded(merged):
     assert not any(p.name.startswith(".merged.") for p in out.parent.iterdir())  # temp dirs gone, stale one too
     config = json.loads((out / "config.json").read_text())
     assert config["use_cache"] is True and config["dtype"] == "float16" and "quantization_config" not in config
+    # Every file, the weights' shards included, with the mode the umask gives (test_files.py tries 022 and 077).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {f: 0o666 & ~umask for f in files}
 
 
 PLAIN_CHECK = r"""
@@ -137,10 +143,10 @@ def test_merge_report_compares_the_three_models(merged):
 
 
 def test_flag_when_merged_is_worse_than_trained(capsys):
-    from qlora_phi3.out.artifacts import Source
+    from qlora_phi3.ship.artifacts import Source
     from qlora_phi3.config import ModelConfig
     from qlora_phi3.cli.out import print_merge_report
-    from qlora_phi3.out.merge import _report
+    from qlora_phi3.ship.merge import _report
 
     targets = torch.tensor([0, 1, 2])
     good = torch.eye(3) * 10
@@ -264,7 +270,7 @@ def test_refuses_adapter_with_missing_lora_weights(tiny_run, tmp_path):
 
 def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, tiny_run, tmp_path, monkeypatch):
     """Ctrl-C after the shards are written, before the rename: --out keeps the previous complete model."""
-    import qlora_phi3.out.merge as m
+    import qlora_phi3.ship.merge as m
 
     out = tmp_path / "merged"
     shutil.copytree(merged[0].out_dir, out)
@@ -283,3 +289,23 @@ def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, ti
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp dirs left behind
+
+
+@pytest.mark.slow  # the session's trained tiny run
+def test_a_failed_check_never_replaces_a_good_merge(merged, tiny_run, tmp_path, monkeypatch):
+    """`merge --force` whose merged weights fail their check (inf/NaN) leaves the earlier merged model byte for byte,
+    and no partial model."""
+    import qlora_phi3.ship.merge as m
+
+    out = tmp_path / "merged"
+    shutil.copytree(merged[0].out_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def overflowed(model, dtype):
+        raise UserError(f"the merged weight model.layers.0.mlp.down_proj.weight has inf/NaN values in {dtype}")
+
+    monkeypatch.setattr(m, "_check_finite", overflowed)
+    with pytest.raises(UserError, match="inf/NaN"):
+        merge(str(tiny_run[1].output_dir), str(out), force=True, report_samples=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

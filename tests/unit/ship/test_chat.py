@@ -22,7 +22,7 @@ def test_chat_prompt_answers_like_training_data(tiny_run, capsys):
 
 
 def test_interactive_chat_keeps_history_and_ends_on_empty_line(tiny_run, monkeypatch, capsys):
-    from qlora_phi3.out.chat import chat
+    from qlora_phi3.ship.chat import chat
 
     _, run = tiny_run
     questions = ["What is 3 plus 4?", "What color is a plum?"]
@@ -52,7 +52,7 @@ def test_chat_refuses_a_path_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_generation_prompt_and_stop_ids_are_phi3s(tiny_run):
-    from qlora_phi3.out.chat import load_chat_model
+    from qlora_phi3.ship.chat import load_chat_model
 
     _, run = tiny_run
     cm = load_chat_model(str(run.adapter_dir))
@@ -71,7 +71,7 @@ def test_generation_stops_at_end_and_endoftext(emitted, stops, capsys):
     import torch
 
     from qlora_phi3.model.tiny import TINY_MODEL_DIR
-    from qlora_phi3.out.chat import load_chat_model, reply
+    from qlora_phi3.ship.chat import load_chat_model, reply
 
     cm = load_chat_model(str(TINY_MODEL_DIR))  # a plain model directory, as a merged model is
     old = cm.model.lm_head

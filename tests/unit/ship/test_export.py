@@ -25,8 +25,9 @@ import torch
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
-from qlora_phi3.out import export as export_mod
-from qlora_phi3.out.export import CheckFailed, export, modelfile_text, write_gguf
+from qlora_phi3.ship import export as export_mod
+from qlora_phi3.ship import export_checks, gguf_writer
+from qlora_phi3.ship.export import CheckFailed, export, modelfile_text, write_gguf
 
 PHI3_VOCAB = Path(__file__).resolve().parents[2] / "data" / "phi3_vocab"  # llama.cpp's Phi-3 tokenizer test cases
 CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, quick on 2 cores
@@ -34,7 +35,7 @@ CHECK_SAMPLES = 4  # held-out conversations per check: enough answer positions, 
 
 @pytest.fixture(scope="module")
 def merged_dir(tiny_run, tmp_path_factory) -> Path:
-    from qlora_phi3.out.merge import merge
+    from qlora_phi3.ship.merge import merge
 
     _, run = tiny_run
     out = tmp_path_factory.mktemp("export_merge") / "tiny-merged"
@@ -69,7 +70,7 @@ def test_gguf_package_writes_f16_and_q8_0_with_the_merged_weights(merged_dir, tm
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    monkeypatch.setattr(export_mod, "_llama_cpp", lambda: None)
+    monkeypatch.setattr(export_checks, "llama_cpp_module", lambda: None)
     result = export(str(merged_dir), str(tmp_path / "out"), quants="f16,q8_0")
     assert result.report["checked"] is False
     assert sorted(p.name for p in result.out_dir.iterdir()) == [
@@ -108,7 +109,7 @@ def test_gguf_package_writes_f16_and_q8_0_with_the_merged_weights(merged_dir, tm
 
 
 def test_k_quants_without_llama_cpp_name_the_extra(merged_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "_llama_cpp", lambda: None)
+    monkeypatch.setattr(export_checks, "llama_cpp_module", lambda: None)
     with pytest.raises(UserError, match=r"q4_k_m.*qlora-phi3\[gguf\]"):
         export(str(merged_dir), str(tmp_path / "out"), quants="q8_0,q4_k_m")
     with pytest.raises(UserError, match=r"--check.*qlora-phi3\[gguf\]"):
@@ -312,7 +313,7 @@ def _go_template(template: str, data: dict) -> str:
 def test_modelfile_is_valid_and_renders_phi3_chat_template(merged_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    monkeypatch.setattr(export_mod, "_llama_cpp", lambda: None)
+    monkeypatch.setattr(export_checks, "llama_cpp_module", lambda: None)
     out = export(str(merged_dir), str(tmp_path / "out"), quants="q8_0,f16", name="my-bot").out_dir
     text = (out / "Modelfile").read_text()
     # Ollama's Modelfile grammar: INSTRUCTION arguments, with """ for multi-line values, # for comments.
@@ -438,7 +439,7 @@ def test_force_replaces_an_export_and_an_interrupted_one_leaves_it_intact(merged
             raise KeyboardInterrupt
         return write_gguf(model_dir, dest, quant, name)
 
-    monkeypatch.setattr(export_mod, "write_gguf", dies_on_second)
+    monkeypatch.setattr(gguf_writer, "write_gguf", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         export(str(merged_dir), str(out), quants="f16,q8_0", check=False, force=True)
     assert sorted(p.name for p in out.iterdir()) == before  # the previous export, untouched
@@ -459,7 +460,7 @@ def test_a_failed_check_never_replaces_a_good_export(merged_dir, tmp_path, monke
     def failing_checks(llama_cpp, src, model_dir, files, n):
         return {q: {"passed": False, "problems": ["top-1 agreement 0.40 < 0.95"]} for q in files}, None
 
-    monkeypatch.setattr(export_mod, "_llama_cpp", lambda: object())  # a check runs, as with llama-cpp-python
+    monkeypatch.setattr(export_checks, "llama_cpp_module", lambda: object())  # a check runs, as with llama-cpp-python
     monkeypatch.setattr(export_mod, "_run_checks", failing_checks)
     with pytest.raises(CheckFailed, match="left as it was") as e:
         export(str(merged_dir), str(out), quants="f16", check=True, force=True)

@@ -33,10 +33,10 @@ from qlora_phi3.data.encode import encode_records
 from qlora_phi3.data.split import held_out_records
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import PHI3, TokenizerFamily, family_for_tokenizer
-from qlora_phi3.files import atomic_write_json, atomic_write_text, partial_dir, publish_dir
+from qlora_phi3.files import atomic_write_json, atomic_write_text, publish_checked, staging
 from qlora_phi3.model.load import hide_load_progress_bars, load_model, load_tokenizer, pick_compute_dtype, resolve_model_path
 from qlora_phi3.model.lora import check_still_tied
-from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
+from qlora_phi3.ship.artifacts import check_base, load_adapter, resolve_source, stop_token_ids
 from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.ui import console, info
 from qlora_phi3.units import parse_size
@@ -256,10 +256,9 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
          f"report on {len(samples)} samples from {where}")
 
     rss_start_gib = _peak_rss_gib()
-    tmp = partial_dir(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    # Its checks (finite weights, a tied head still tied) raise before anything is saved, so what is published has
+    # passed them; the merge report's verdict is advice, not a check.
+    with staging(out_dir) as tmp:
         with console().status("(a) evaluating the 4-bit base + adapter, as trained..."):
             a = _evaluate_4bit(src, samples)
             gc.collect()  # the 4-bit model is gone before the 16-bit one arrives: peak stays one 16-bit copy
@@ -287,10 +286,7 @@ def merge(path: str, out: str, dtype: str = "float16", force: bool = False, base
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["out_dir"] = str(out_dir)
         atomic_write_json(tmp / REPORT_NAME, report)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written model behind
-        raise
+        publish_checked(tmp, out_dir, passed=True)
     return MergeResult(out_dir, report)
 
 

@@ -21,10 +21,9 @@ one alpha is the most common ``scale * r`` and each other module's ratio to it i
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import shutil
+import shlex
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,11 +31,16 @@ from pathlib import Path
 
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import family_for_config
-from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
-from qlora_phi3.out import export as gguf_export
-from qlora_phi3.out.export import QUANTS, CheckFailed, ExportResult, MODELFILE_NAME, REPORT_NAME
+from qlora_phi3.files import atomic_write_json, publish_checked, staging
 from qlora_phi3.data.split import held_out_records
-from qlora_phi3.out.merge import phi3_model_name
+from qlora_phi3.ship.export import CheckFailed, ExportResult, failure_message
+from qlora_phi3.ship.export_checks import (DEFAULT_CHECK_SAMPLES, GGUF_EXTRA, QUANTS, REPORT_NAME, check_out,
+                                           check_phi3_dir, check_phi3_source, check_samples_flag, default_name,
+                                           llama_cpp_for, read_json, safe_name)
+from qlora_phi3.ship.gguf_writer import gguf_types, phi3_tensor_names, target_type, tensor_name, write_all
+from qlora_phi3.ship.llama_check import check_gguf, conversations, reference
+from qlora_phi3.ship.merge import phi3_model_name
+from qlora_phi3.ship.modelfile import MODELFILE_NAME, modelfile_text
 from qlora_phi3.ui import console, warn
 
 __all__ = ["LORA_QUANTS", "LoraTensor", "base_label", "check_llama_cpp_can_apply", "export_adapter", "lora_plan",
@@ -64,13 +68,6 @@ class LoraTensor:
 # --------------------------------------------------------------------------------------------- checks
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read it as JSON ({e}).") from None
-
-
 def check_llama_cpp_can_apply(src) -> dict:
     """Refuse an adapter that a GGUF LoRA cannot express, with the merged export as the way out; returns its
     adapter_config.json. Reads configs only, so it runs before anything is loaded or written."""
@@ -78,7 +75,7 @@ def check_llama_cpp_can_apply(src) -> dict:
     from qlora_phi3.run.record import ADAPTER_META
 
     config_path = src.adapter_dir / "adapter_config.json"
-    cfg = _read_json(config_path)
+    cfg = read_json(config_path)
     merged = (f"Export the merged model instead, which folds the adapter into the 16-bit base and is checked the "
               f"same way: qlora-phi3 export {src.path} --out DIR (no --adapter).")
     init = cfg.get("init_lora_weights", True)
@@ -133,7 +130,7 @@ def lora_plan(adapter_dir: Path, cfg: dict, n_layers: int) -> list[LoraTensor]:
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors (qlora-phi3 reads safetensors only).")
-    names = gguf_export.phi3_tensor_names(n_layers)
+    names = phi3_tensor_names(n_layers)
     pairs: dict[str, dict[str, tuple[str, tuple]]] = {}
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
@@ -152,7 +149,7 @@ def lora_plan(adapter_dir: Path, cfg: dict, n_layers: int) -> list[LoraTensor]:
                                                             for t in kv[0].split(".")]):
         if set(ab) != {"A", "B"}:
             raise UserError(f"{weights}: {module} has lora_{next(iter(ab))} but no partner; the file is incomplete.")
-        gguf_name = gguf_export.tensor_name(names, module + ".weight")
+        gguf_name = tensor_name(names, module + ".weight")
         if gguf_name is None or not gguf_name.endswith(".weight"):
             raise UserError(f"{weights}: {module} has no place in llama.cpp's Phi-3 graph, so a GGUF LoRA cannot "
                             "change it. Export the merged model instead (no --adapter).")
@@ -181,7 +178,7 @@ def write_lora_gguf(adapter_dir: Path, dest: Path, quant: str, name: str, plan: 
     import gguf
     from safetensors import safe_open
 
-    qtype, ftype = gguf_export.gguf_types(quant)
+    qtype, ftype = gguf_types(quant)
     alpha = _file_alpha(plan)
     w = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
     w.add_type(gguf.GGUFType.ADAPTER)
@@ -201,7 +198,7 @@ def write_lora_gguf(adapter_dir: Path, dest: Path, quant: str, name: str, plan: 
                 b = b * ratio
                 folded.append(t.gguf_name)
             for suffix, arr in ((".lora_a", a), (".lora_b", b)):
-                kind = gguf_export.target_type(qtype, t.gguf_name + suffix, arr.shape)
+                kind = target_type(qtype, t.gguf_name + suffix, arr.shape)
                 w.add_tensor(t.gguf_name + suffix, gguf.quants.quantize(arr, kind), raw_dtype=kind)
                 types[kind.name] = types.get(kind.name, 0) + 1
     try:
@@ -250,7 +247,7 @@ def base_label(name_or_path: str, revision: str | None) -> str:
 
 def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: str | None = None,
                    force: bool = False, check: bool | None = None, name: str | None = None, base: str | None = None,
-                   revision: str | None = None, check_samples: int = gguf_export.DEFAULT_CHECK_SAMPLES) -> ExportResult:
+                   revision: str | None = None, check_samples: int = DEFAULT_CHECK_SAMPLES) -> ExportResult:
     """Export the adapter of ``path`` (run or adapter directory) as GGUF LoRA files in ``out``.
 
     Args:
@@ -260,107 +257,148 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
             (None: when llama-cpp-python is installed). Without ``base_quant`` an f16 base is written for the
             check and not kept.
     """
-    from rich.markup import escape  # the extra's name, [gguf], is not console markup
-
     from qlora_phi3.model.load import hide_load_progress_bars
-    from qlora_phi3.out.artifacts import check_base, resolve_source
 
     t0 = time.perf_counter()
     names = _parse_lora_quants(quants)
     if base_quant is not None and base_quant not in QUANTS:
         raise UserError(f"--base-quant {base_quant}: unknown; choose from {', '.join(QUANTS)}.")
-    if check_samples < 1:
-        raise UserError(f"--check-samples {check_samples}: the check needs at least 1 conversation.")
-    llama_cpp, check = gguf_export.llama_cpp_for("--base-quant", [base_quant] if base_quant else [], check, "the LoRA")
+    check_samples_flag(check_samples)
+    llama_cpp, check = llama_cpp_for("--base-quant", [base_quant] if base_quant else [], check, "the LoRA")
     hide_load_progress_bars()
-    src = resolve_source(path, base, revision)
-    if src.kind == "merged":
-        raise UserError(f"{path} is a merged model: it has no adapter to export. Export it without --adapter, or "
-                        "give the run directory (or its adapter/).")
-    base_config = check_base(src)
-    if getattr(base_config, "model_type", None) != "phi3":
-        raise UserError(f"{src.adapter_dir}: its base {src.model_cfg.name_or_path} is a "
-                        f"{getattr(base_config, 'model_type', '?')!r} model, not Phi-3; qlora-phi3 export writes "
-                        "Phi-3 models only.")
+    src, base_config = check_phi3_source(path, base, revision, adapter=True)
     peft_cfg = check_llama_cpp_can_apply(src)
     plan = lora_plan(src.adapter_dir, peft_cfg, base_config.num_hidden_layers)
     out_dir = Path(out).expanduser()
-    gguf_export._check_out(out_dir, src.path, force)
-    stem = gguf_export._safe_name(name) if name else gguf_export._default_name(src)
+    check_out(out_dir, src.path, force)
+    stem = safe_name(name) if name else default_name(src)
     base_dir = _base_dir(src) if (base_quant or check) else None
-
-    stage = partial_dir(out_dir)
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
-        files, rows = {}, {}
-        for q in names:
-            dest = stage / f"{stem}-lora-{q}.gguf"
-            t = time.perf_counter()
-            with console().status(f"writing {dest.name}..."):
-                written = write_lora_gguf(src.adapter_dir, dest, q, stem, plan)
-            files[q] = dest
-            rows[q] = {"file": dest.name, "bytes": dest.stat().st_size, "seconds": round(time.perf_counter() - t, 2),
-                       "lora_alpha": written["alpha"], "tensor_types": written["tensor_types"],
-                       "scale_folded_into_b": written["folded"], "written_by": "gguf"}
-        base_files, base_rows, base_config_json = {}, {}, {}
-        if base_dir is not None:
-            base_config_json = gguf_export.check_phi3_dir(base_dir)
-            # The base GGUF is named after the base model: llama.cpp applies Phi-3's tokenizer rules only when the
-            # name says Phi-3, which phi3_model_name ensures.
-            general = src.model_cfg.name_or_path.rstrip("/").split("/")[-1].split(":")[-1]
-            wanted = [base_quant] if base_quant else ["f16"]
-            base_files, base_rows = gguf_export._write_all(llama_cpp, base_dir, stage, f"{stem}-base", wanted,
-                                                           base_config_json, general_name=general)
-        base_file = base_files.get(base_quant) if base_quant else None
-        ctx = (base_config_json or {}).get("max_position_embeddings") or base_config.max_position_embeddings
-        from_note = "" if base_file else (
-            f"# FROM: the base model as GGUF: {base_label(src.model_cfg.name_or_path, src.model_cfg.revision)}, "
-            "the weights the adapter was trained on.\n"
-            f"# `qlora-phi3 export {src.path} --adapter --base-quant q8_0 --out ...` writes it here;\n"
-            "# or point FROM at your own GGUF of that exact model.\n")
-        base_name = base_file.name if base_file else f"{stem}-base-f16.gguf"
-        (stage / MODELFILE_NAME).write_text(
-            gguf_export.modelfile_text(base_name, ctx, adapter=files[names[0]].name, from_note=from_note,
-                                       role_newline=family_for_config(base_config).role_newline),  # Phi-4-mini: none
-            encoding="utf-8")
-        checks, reference, base_alone = {}, None, None
+    with staging(out_dir) as stage:
+        files, rows = _write_loras(src, stage, stem, names, plan)
+        base_file, base_files, base_rows, ctx = _write_base(llama_cpp, src, base_dir, base_config, stage, stem,
+                                                            base_quant)
+        write_base = None if base_file else _write_base_command(src, out_dir, stem, name, names, base, revision)
+        base_name = _write_modelfile(src, base_config, stage, stem, base_file, files[names[0]].name, ctx, write_base)
+        checks, reference_info, base_alone = {}, None, None
         if check:
             check_base_file = base_file or base_files["f16"]
             floor = min(QUANTS[q].top1_min for q in names + [base_quant or "f16"])
-            checks, base_alone, reference = _run_checks(llama_cpp, src, base_dir, check_base_file, files, floor,
-                                                        check_samples)
+            checks, base_alone, reference_info = _run_checks(llama_cpp, src, base_dir, check_base_file, files,
+                                                             floor, check_samples)
         else:
             warn("not checked: llama-cpp-python is not installed, so the LoRA was not run in llama.cpp "
-                 f"({escape(gguf_export.GGUF_EXTRA)})." if llama_cpp is None else "not checked (--no-check).")
+                 f"({_escape(GGUF_EXTRA)})." if llama_cpp is None else "not checked (--no-check).")
         for p in base_files.values():
             if p != base_file:
                 p.unlink()  # written for the check only
         for q in names:
             rows[q]["check"] = checks.get(q)
-        report = {
-            "source": str(src.path), "kind": src.kind, "adapter_dir": str(src.adapter_dir),
-            "base_model": src.model_cfg.name_or_path, "revision": src.model_cfg.revision, "out_dir": str(out_dir),
-            "name": stem, "adapter": {"r": peft_cfg.get("r"), "lora_alpha": peft_cfg.get("lora_alpha"),
-                                      "use_rslora": bool(peft_cfg.get("use_rslora")), "tensors": 2 * len(plan),
-                                      "parameters": _lora_params(src.adapter_dir, plan)},
-            "files": rows, "base_file": base_rows.get(base_quant) if base_quant else None,
-            "modelfile_from": base_name, "modelfile_adapter": files[names[0]].name,
-            "checked": bool(check), "reference": reference, "base_alone": base_alone,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        atomic_write_json(stage / REPORT_NAME, report)
-        publish_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)  # never leave a half-written export behind
-        raise
+        report = _report(src, peft_cfg, plan, stem, rows, base_rows.get(base_quant) if base_quant else None,
+                         base_name, files[names[0]].name, check, reference_info, base_alone, write_base)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
+
+        def finish(dest: Path) -> None:
+            report["out_dir"] = str(dest)
+            atomic_write_json(stage / REPORT_NAME, report)
+
+        out_dir, kept = publish_checked(stage, out_dir, passed=not failed, finish=finish)
     result = ExportResult(out_dir, {q: out_dir / p.name for q, p in files.items()}, report)
-    failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
     if failed:
-        raise CheckFailed("; ".join(f"{q}: " + "; ".join(checks[q]["problems"]) for q in failed)
-                          + f". The files are in {out_dir} with the numbers in {REPORT_NAME}; the merged export "
-                          f"(qlora-phi3 export {src.path} --out DIR) is the way out if the LoRA does not apply.", result)
+        raise CheckFailed(failure_message(report, failed, out_dir, kept) + f"; the merged export (qlora-phi3 export "
+                          f"{src.path} --out DIR) is the way out if the LoRA does not apply.", result)
     return result
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape  # the extra's name, [gguf], is not console markup
+
+    return escape(text)
+
+
+def _write_loras(src, stage: Path, stem: str, names: list[str], plan: list[LoraTensor]) -> tuple[dict, dict]:
+    """``<stem>-lora-<quant>.gguf`` for each of ``names``; returns ({quant: path}, {quant: report row})."""
+    files, rows = {}, {}
+    for q in names:
+        dest = stage / f"{stem}-lora-{q}.gguf"
+        t = time.perf_counter()
+        with console().status(f"writing {dest.name}..."):
+            written = write_lora_gguf(src.adapter_dir, dest, q, stem, plan)
+        files[q] = dest
+        rows[q] = {"file": dest.name, "bytes": dest.stat().st_size, "seconds": round(time.perf_counter() - t, 2),
+                   "lora_alpha": written["alpha"], "tensor_types": written["tensor_types"],
+                   "scale_folded_into_b": written["folded"], "written_by": "gguf"}
+    return files, rows
+
+
+def _write_base(llama_cpp, src, base_dir: Path | None, base_config, stage: Path, stem: str, base_quant: str | None):
+    """The base as ``<stem>-base-<quant>.gguf`` when asked (``base_quant``) or needed by the check (f16, removed
+    after it); returns (the kept base file or None, {quant: path}, {quant: report row}, the context length)."""
+    base_files, base_rows, base_config_json = {}, {}, {}
+    if base_dir is not None:
+        base_config_json = check_phi3_dir(base_dir)
+        # The base GGUF is named after the base model: llama.cpp applies Phi-3's tokenizer rules only when the
+        # name says Phi-3, which phi3_model_name ensures.
+        general = src.model_cfg.name_or_path.rstrip("/").split("/")[-1].split(":")[-1]
+        wanted = [base_quant] if base_quant else ["f16"]
+        base_files, base_rows = write_all(llama_cpp, base_dir, stage, f"{stem}-base", wanted, base_config_json,
+                                          general_name=general)
+    base_file = base_files.get(base_quant) if base_quant else None
+    ctx = (base_config_json or {}).get("max_position_embeddings") or base_config.max_position_embeddings
+    return base_file, base_files, base_rows, ctx
+
+
+# The base file a Modelfile names when the export did not write one: what `--base-quant f16` writes.
+UNWRITTEN_BASE_QUANT = "f16"
+
+
+def _write_base_command(src, out_dir: Path, stem: str, name: str | None, names: list[str], base: str | None,
+                        revision: str | None) -> str:
+    """The command that writes the base file the Modelfile names into this export: the same export again, with
+    ``--base-quant``, replacing this one (only once the new one is complete and has passed its check)."""
+    args = ["qlora-phi3", "export", str(src.path), "--adapter", "--base-quant", UNWRITTEN_BASE_QUANT,
+            "--out", str(out_dir), "--force"]
+    if name:
+        args += ["--name", stem]
+    if tuple(names) != DEFAULT_LORA_QUANTS:
+        args += ["--quant", ",".join(names)]
+    if base:
+        args += ["--base", base]
+    if revision:
+        args += ["--revision", revision]
+    return shlex.join(args)
+
+
+def _write_modelfile(src, base_config, stage: Path, stem: str, base_file: Path | None, adapter: str, ctx: int,
+                     write_base: str | None) -> str:
+    """The Modelfile: FROM the base GGUF written here, or, when none was, the one ``write_base`` writes (said in
+    comment lines above FROM); returns the name FROM gives."""
+    from_note = "" if base_file else (
+        f"# FROM: the base model as GGUF: {base_label(src.model_cfg.name_or_path, src.model_cfg.revision)}, "
+        "the weights the adapter was trained on.\n"
+        f"# This export did not write it; this command writes it here, as named below:\n#   {write_base}\n"
+        "# or point FROM at your own GGUF of that exact model.\n")
+    base_name = base_file.name if base_file else f"{stem}-base-{UNWRITTEN_BASE_QUANT}.gguf"
+    (stage / MODELFILE_NAME).write_text(
+        modelfile_text(base_name, ctx, adapter=adapter, from_note=from_note,
+                       role_newline=family_for_config(base_config).role_newline),  # Phi-4-mini: none
+        encoding="utf-8")
+    return base_name
+
+
+def _report(src, peft_cfg: dict, plan, stem: str, rows: dict, base_row, base_name: str, adapter: str, check: bool,
+            reference_info, base_alone, write_base: str | None) -> dict:
+    return {
+        "source": str(src.path), "kind": src.kind, "adapter_dir": str(src.adapter_dir),
+        "base_model": src.model_cfg.name_or_path, "revision": src.model_cfg.revision, "out_dir": None,
+        "name": stem, "adapter": {"r": peft_cfg.get("r"), "lora_alpha": peft_cfg.get("lora_alpha"),
+                                  "use_rslora": bool(peft_cfg.get("use_rslora")), "tensors": 2 * len(plan),
+                                  "parameters": _lora_params(src.adapter_dir, plan)},
+        "files": rows, "base_file": base_row,
+        "modelfile_from": base_name, "modelfile_adapter": adapter, "modelfile_from_command": write_base,
+        "checked": bool(check), "reference": reference_info, "base_alone": base_alone,
+        "seconds": None,
+    }
 
 
 def _lora_params(adapter_dir: Path, plan: list[LoraTensor]) -> int:
@@ -376,17 +414,19 @@ def _run_checks(llama_cpp, src, base_dir: Path, base_gguf: Path, files: dict, fl
     tok_dir = src.adapter_dir if (src.adapter_dir / "tokenizer_config.json").is_file() else base_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     records, where = held_out_records(src.recipe, src.run, tokenizer, src.max_seq_len, n)
-    convs = gguf_export._conversations(records, tokenizer)
+    convs = conversations(records, tokenizer)
     with console().status("reference: the 16-bit base + adapter in transformers..."):
-        how = gguf_export._reference(base_dir, convs, adapter_dir=src.adapter_dir)
+        how = reference(base_dir, convs, adapter_dir=src.adapter_dir)
     checks = {}
     for q, lora in files.items():
         with console().status(f"running {base_gguf.name} + {lora.name} in llama.cpp..."):
-            checks[q] = gguf_export._check_gguf(llama_cpp, base_gguf, convs, tokenizer, floor, lora_path=lora)
+            checks[q] = check_gguf(llama_cpp, base_gguf, convs, tokenizer, floor, lora_path=lora)
     # The base alone: what the adapter changes (a LoRA that llama.cpp silently did not apply would score as this).
     with console().status(f"running {base_gguf.name} alone in llama.cpp..."):
-        alone = gguf_export._check_gguf(llama_cpp, base_gguf, convs, tokenizer, floor, generate=False)
-    base_alone = {"top1_agreement": alone["top1_agreement"], "max_abs_logit_diff": alone["max_abs_logit_diff"]}
+        alone = check_gguf(llama_cpp, base_gguf, convs, tokenizer, floor, generate=False)
+    base_alone = {"top1_agreement": alone["top1_agreement"], "max_abs_logit_diff": alone["max_abs_logit_diff"],
+                  # what the pass mark says of the base alone, the file a LoRA that did not apply would act as
+                  "top1_problem": next((p for p in alone["problems"] if p.startswith("top-1")), None)}
     return checks, base_alone, {"conversations": len(convs), "source": where, "model": how,
                                 "answer_positions": sum(len(c.answer_pos) for c in convs),
                                 "base_gguf": base_gguf.name}

@@ -6,7 +6,7 @@ Modelfile names base and adapter; adapters llama.cpp cannot apply are refused be
 The session's tiny run (conftest ``tiny_run``, the README's default: plain LoRA, shared with the other export
 tests) and one short rsLoRA run serve the module. Tests that run llama.cpp need llama-cpp-python, the
 converter test the llama-cpp-python sdist (QLORA_PHI3_SDIST): they skip with the reason when absent and fail
-instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/unit/out/test_export.py.
+instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/unit/ship/test_export.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,10 @@ import pytest
 
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
-from qlora_phi3.out import adapter_export as adapter_mod
-from qlora_phi3.out import export as export_mod
-from qlora_phi3.out.adapter_export import export_adapter
-from qlora_phi3.out.export import CheckFailed, export
+from qlora_phi3.ship import adapter_export as adapter_mod
+from qlora_phi3.ship import export_checks, llama_check
+from qlora_phi3.ship.adapter_export import export_adapter
+from qlora_phi3.ship.export import CheckFailed, export
 
 REPO = Path(__file__).resolve().parents[3]
 CHECK_SAMPLES = 4  # held-out conversations: enough answer positions, quick on 2 cores
@@ -178,7 +179,7 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     its rounding of A (max |logit diff| ~0.1, half the merged q8_0's) flips near-ties of a 40-step model."""
     from transformers import AutoTokenizer
 
-    from qlora_phi3.out.artifacts import resolve_source
+    from qlora_phi3.ship.artifacts import resolve_source
     from qlora_phi3.data.split import held_out_records
 
     run = runs[kind]
@@ -194,12 +195,13 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
         assert c["passed"] and c["token_ids_equal"] == CHECK_SAMPLES and c["top1_agreement"] >= 0.99, c
         assert c["stopped_at_end"] == CHECK_SAMPLES
     assert report["base_alone"]["top1_agreement"] < 0.5  # what the adapter changes, on record
+    assert "clear" in report["base_alone"]["top1_problem"]  # a LoRA that did not apply fails the pass mark
 
     tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
     src = resolve_source(str(run))
     records, _ = held_out_records(src.recipe, src.run, tok, src.max_seq_len, CHECK_SAMPLES)
     measured = _agreement_with_merged(llama_cpp, kind, merged, result.out_dir / f"{run.name}-base-f16.gguf",
-                                      result.files, export_mod._conversations(records, tok))
+                                      result.files, llama_check.conversations(records, tok))
     assert all(measured[q][0] >= 0.99 for q in quants), measured
     assert measured["base alone"][0] < 0.5, measured
     # The merged file rounds base + update to f16 once; the LoRA path adds the update in f32: logits differ by
@@ -229,7 +231,7 @@ def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path)
     from transformers import AutoTokenizer
 
     from qlora_phi3.data.split import held_out_records
-    from qlora_phi3.out.artifacts import resolve_source
+    from qlora_phi3.ship.artifacts import resolve_source
 
     merged = export(str(dpo_run), str(tmp_path / "merged"), quants="f16", check=False).files["f16"]
     result = export_adapter(str(dpo_run), str(tmp_path / "adapter"), quants="f16,q8_0", base_quant="f16",
@@ -239,7 +241,7 @@ def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path)
     records, where = held_out_records(src.recipe, src.run, tok, src.max_seq_len, 8)
     assert "preference" in where
     measured = _agreement_with_merged(llama_cpp, "dpo", merged, result.out_dir / f"{dpo_run.name}-base-f16.gguf",
-                                      result.files, export_mod._conversations(records, tok))
+                                      result.files, llama_check.conversations(records, tok))
     assert measured["f16"][0] >= 0.99 and measured["q8_0"][0] >= 0.99, measured
     assert measured["base alone"][0] < 0.9, measured  # DPO moves less than SFT from a random base (beta 0.1)
     assert measured["f16"][1] < 0.1 * measured["base alone"][1], measured
@@ -292,11 +294,31 @@ def test_modelfile_names_base_and_adapter(runs, tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "export --adapter: " in shown and "│ bot-lora-f16.gguf" in shown and "not checked in llama.cpp" in shown
     assert ("exported the adapter as bot-lora-f16.gguf in " in shown
-            and f"(Ollama: put a GGUF of embedded:tiny-phi3 at FROM in {alone / 'Modelfile'}, then" in shown)
+            and "(Ollama: its FROM names bot-base-f16.gguf, not written; `qlora-phi3 export " in shown
+            and f"then ollama create bot -f {alone / 'Modelfile'})" in shown)
     assert sorted(p.name for p in alone.iterdir()) == ["Modelfile", "bot-lora-f16.gguf", "export_report.json"]
     text = (alone / "Modelfile").read_text()
     assert "FROM ./bot-base-f16.gguf\nADAPTER ./bot-lora-f16.gguf\n" in text
     assert "# FROM: the base model as GGUF: embedded:tiny-phi3" in text  # says what FROM must be
+
+
+@pytest.mark.slow  # the session's trained tiny run
+def test_modelfile_names_the_base_that_its_command_writes(tiny_run, tmp_path, capsys):
+    """Without --base-quant the Modelfile's FROM names a file that is not there yet: the comment above it and the
+    command's last line give the one command that writes exactly that file, and after it FROM is there."""
+    run, out = tiny_run[1].output_dir, tmp_path / "out"
+    assert main(["export", str(run), "--adapter", "--no-check", "--quant", "q8_0", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    text = (out / "Modelfile").read_text()
+    base = re.search(r"^FROM \./(.+)$", text, re.M).group(1)
+    assert not (out / base).exists()
+    command = re.search(r"^#   (qlora-phi3 export .+)$", text, re.M).group(1)
+    assert f"its FROM names {base}, not written; `{command}` writes it" in shown
+    assert json.loads((out / "export_report.json").read_text())["modelfile_from_command"] == command
+    assert main(shlex.split(command)[1:] + ["--no-check"]) == 0  # the check is the llama.cpp tests' job
+    text = (out / "Modelfile").read_text()
+    assert (out / base).is_file() and re.search(r"^FROM \./(.+)$", text, re.M).group(1) == base
+    assert "ADAPTER ./" + next(out.glob("*-lora-q8_0.gguf")).name in text and "#   qlora-phi3" not in text
 
 
 # ------------------------------------------------------------------------------- refused before any file
@@ -377,3 +399,27 @@ def test_interrupted_export_leaves_the_previous_one(runs, tmp_path, monkeypatch)
         export_adapter(str(run), str(out), quants="f16,q8_0", check=False, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow  # the session's trained tiny run
+def test_a_failed_check_never_replaces_a_good_adapter_export(tiny_run, tmp_path, monkeypatch):
+    """`export --adapter --force` whose LoRA fails the llama.cpp check leaves the earlier good export as it was, byte
+    for byte, and sets the failed one aside (it used to publish the failed export first and raise after)."""
+    run, out = tiny_run[1].output_dir, tmp_path / "out"
+    export_adapter(str(run), str(out), check=False)
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing_checks(llama_cpp, src, base_dir, base_gguf, files, floor, n):
+        return ({q: {"passed": False, "problems": ["top-1 agreement 40.0% < 99%"]} for q in files},
+                {"top1_agreement": 0.4, "max_abs_logit_diff": 9.0}, {"conversations": n, "base_gguf": base_gguf.name})
+
+    monkeypatch.setattr(export_checks, "llama_cpp_module", lambda: object())  # a check runs, as with llama.cpp
+    monkeypatch.setattr(adapter_mod, "_run_checks", failing_checks)
+    with pytest.raises(CheckFailed, match=r"q8_0: top-1 agreement 40.0% < 99%.*left as it was") as e:
+        export_adapter(str(run), str(out), quants="q8_0", force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good
+    failed = tmp_path / "out-failed"
+    assert e.value.result.out_dir == failed and e.value.result.files["q8_0"].parent == failed
+    assert e.value.result.files["q8_0"].is_file() and str(failed) in str(e.value)
+    assert json.loads((failed / "export_report.json").read_text())["out_dir"] == str(failed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out-failed"]  # no staging left behind

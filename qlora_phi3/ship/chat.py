@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, TextStreamer
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.load import (auto_tokenizer, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
                                    pick_compute_dtype, pick_device)
-from qlora_phi3.out.artifacts import check_base, load_adapter, resolve_source
+from qlora_phi3.ship.artifacts import check_base, load_adapter, resolve_source
 from qlora_phi3.model.generate import greedy_answer, stop_token_ids
 from qlora_phi3.ui import console, warn
 
