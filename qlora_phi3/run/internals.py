@@ -14,8 +14,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["CHECKED_TRANSFORMERS", "CHECKED_TRL", "PRIVATE_TRAINER_METHODS", "TRL_TRAINER_METHODS", "UPSTREAM", "Upstream", "check_trainer_internals",
-           "check_upstream"]
+__all__ = ["CHECKED_TRANSFORMERS", "CHECKED_TRL", "PRIVATE_TRAINER_METHODS", "TRL_TRAINER_METHODS", "UPSTREAM",
+           "Upstream", "check_trainer_internals", "check_upstream"]
 
 CHECKED_TRANSFORMERS = "5.25.0"
 CHECKED_TRL = "1.16.0"
