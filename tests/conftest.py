@@ -101,6 +101,28 @@ def cpu_dtype() -> str:
     from qlora_phi3.model.load import pick_compute_dtype
 
     return pick_compute_dtype("auto", "cpu").value
+def tiny_lora_model(checkpointing: bool = False):
+    """The tiny Phi-3 in fp32 with a LoRA adapter whose B is non-zero (so every LoRA weight gets a gradient), in
+    train mode: what the loss and log-prob tests compare paths on."""
+    import torch
+
+    from qlora_phi3.config import LoraSettings, ModelConfig
+    from qlora_phi3.model.load import load_model
+    from qlora_phi3.model.lora import attach_lora
+    from qlora_phi3.run.offload import enable_checkpointing
+
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(), "cpu", "float32", "sdpa")
+    if checkpointing:
+        enable_checkpointing(model, True, "cpu")
+    model = attach_lora(model, LoraSettings(dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.train()
+
+
 TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 
 

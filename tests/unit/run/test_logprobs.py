@@ -4,20 +4,13 @@
 import pytest
 import torch
 
-from qlora_phi3.config import LoraSettings, ModelConfig
-from qlora_phi3.model.load import load_model
-from qlora_phi3.model.lora import attach_lora
 from qlora_phi3.run.logprobs import install_label_logprobs
+
+from conftest import tiny_lora_model
 
 
 def _peft_model():
-    torch.manual_seed(0)
-    model = attach_lora(load_model(ModelConfig(), "cpu", "float32", "sdpa"), LoraSettings(dropout=0.0))
-    with torch.no_grad():  # non-zero B so that every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    return model.train()
+    return tiny_lora_model()
 
 
 def _batch():
