@@ -14,8 +14,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["CHECKED_TRANSFORMERS", "CHECKED_TRL", "PRIVATE_TRAINER_METHODS", "TRL_TRAINER_METHODS", "UPSTREAM", "Upstream", "check_trainer_internals",
-           "check_upstream"]
+__all__ = ["CHECKED_TRANSFORMERS", "CHECKED_TRL", "PRIVATE_TRAINER_METHODS", "TRL_TRAINER_METHODS", "UPSTREAM",
+           "Upstream", "check_trainer_internals", "check_upstream"]
 
 CHECKED_TRANSFORMERS = "5.25.0"
 CHECKED_TRL = "1.16.0"
@@ -43,26 +43,23 @@ def check_trainer_internals(trainer_cls=None) -> None:
     import transformers
 
     trainer_cls = trainer_cls or transformers.Trainer
-    for name, params in PRIVATE_TRAINER_METHODS.items():
+    checks = [(f"Trainer.{name}", params, name, "transformers", CHECKED_TRANSFORMERS,
+               "qlora-phi3's atomic checkpoints override", "qlora_phi3/run/checkpoints.py")
+              for name, params in PRIVATE_TRAINER_METHODS.items()]
+    checks += [(f"{trainer_cls.__name__}.{name}", params, name, "trl", CHECKED_TRL, f"qlora-phi3's "
+                f"{trainer_cls.__name__} overrides or calls", "qlora_phi3/run/methods/")
+               for name, params in TRL_TRAINER_METHODS.get(trainer_cls.__name__, {}).items()]
+    for what, params, name, package, checked, user, home in checks:
         found = _parameters(trainer_cls, name)
         if found != params:
-            now = "gone" if found is None else "now (" + ", ".join(found) + ")"
-            raise RuntimeError(
-                f"transformers {transformers.__version__}: Trainer.{name} is {now}, but qlora-phi3's atomic checkpoints "
-                f"override it as ({', '.join(params)}) (checked against transformers {CHECKED_TRANSFORMERS}). "
-                "Install a transformers version qlora-phi3 supports (see constraints.txt) or update "
-                "qlora_phi3/run/checkpoints.py.")
-    for name, params in TRL_TRAINER_METHODS.get(trainer_cls.__name__, {}).items():
-        found = _parameters(trainer_cls, name)
-        if found != params:
-            import trl
+            import importlib
 
+            version = importlib.import_module(package).__version__
             now = "gone" if found is None else "now (" + ", ".join(found) + ")"
             raise RuntimeError(
-                f"trl {trl.__version__}: {trainer_cls.__name__}.{name} is {now}, but qlora-phi3's "
-                f"{trainer_cls.__name__} overrides or calls it as ({', '.join(params)}) (checked against trl "
-                f"{CHECKED_TRL}). Install a trl version qlora-phi3 supports (see constraints.txt) or update "
-                "qlora_phi3/run/methods/.")
+                f"{package} {version}: {what} is {now}, but {user} it as ({', '.join(params)}) (checked against "
+                f"{package} {checked}). Install a {package} version qlora-phi3 supports (see constraints.txt) or "
+                f"update {home}.")
 
 
 @dataclass(frozen=True)
