@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from qlora_phi3.config import EMBEDDED_MODEL, Recipe
 from qlora_phi3.ui import info, warn
 
-__all__ = ["Coverage", "MAX_EPOCHS", "MIN_RANDOM_BASE_STEPS", "SMALL_DATA", "SUGGESTED_EPOCHS", "coverage",
-           "coverage_warning", "say_coverage"]
+__all__ = ["Coverage", "MAX_EPOCHS", "MIN_RANDOM_BASE_STEPS", "SMALL_DATA", "SUGGESTED_EPOCHS", "coverage_warning",
+           "epoch_coverage", "say_coverage"]
 
 MAX_EPOCHS = 10
 SUGGESTED_EPOCHS = 3
@@ -44,7 +44,7 @@ class Coverage:
         return self.steps / self.steps_per_epoch
 
 
-def coverage(recipe: Recipe, rows_per_epoch: int, world_size: int = 1) -> Coverage:
+def epoch_coverage(recipe: Recipe, rows_per_epoch: int, world_size: int = 1) -> Coverage:
     """Steps and passes as transformers' Trainer counts them: batches of ``micro_batch_size`` rows per process
     (the last one partial), ``grad_accum`` batches per optimizer step, ``train.epochs`` when max_steps is -1."""
     t = recipe.train

@@ -15,6 +15,7 @@ from pathlib import Path
 __all__ = ["LOSS_PLOT", "write_loss_plot"]
 
 LOSS_PLOT = "loss.png"
+LOG_SCALE_RANGE = 20  # a loss falling more than this many times over the run is drawn on a log scale
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -40,7 +41,10 @@ def write_loss_plot(history: list[dict], path: Path, title: str) -> Path | None:
     if eval_loss:
         ax.plot(eval_steps, eval_loss, color="#c44e52", marker="o", linewidth=1.5, label="eval loss (held out)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    values = train_loss + eval_loss
+    if min(values) > 0 and max(values) / min(values) > LOG_SCALE_RANGE:
+        ax.set_yscale("log")  # the late steps, where runs differ, would lie flat on the axis of a linear scale
+    ax.set_ylabel("loss (log scale)" if ax.get_yscale() == "log" else "loss")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()

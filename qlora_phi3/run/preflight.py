@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig, Recipe
+from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig, Recipe, with_absolute_paths
 from qlora_phi3.data.read import check_data_file
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import published
@@ -26,7 +26,7 @@ def preflight(recipe: Recipe, resume: bool = False, force: bool = False) -> None
     """Refuse, with the same one-line messages as :func:`qlora_phi3.run.train.setup`, what can be known wrong
     without loading torch: the run directory, the data file, the context length. Writes nothing."""
     plan = prepare_run_dir(recipe, resume, force)
-    recipe = plan.recipe  # on --resume, the run's own recipe with the allowed changes
+    recipe = with_absolute_paths(plan.recipe)  # as setup() does: on --resume, the run's own recipe with the changes
     check_data_file(recipe.data)
     limit = known_context(recipe.model)
     if limit:

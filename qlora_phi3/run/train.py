@@ -30,7 +30,7 @@ from qlora_phi3.model.lora import (attach_lora, check_adapter_fits, check_lora_v
                                    load_adapter_weights)
 from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
-from qlora_phi3.run.epochs import coverage, say_coverage
+from qlora_phi3.run.epochs import epoch_coverage, say_coverage
 from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
 from qlora_phi3.run.history import KeepRecord, earlier_history
 from qlora_phi3.run.measure import MeasureSteps
@@ -269,7 +269,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
 def _keep_record(recipe: Recipe, out: Path, trainer, record: RunRecord, progress, data: MethodData, world_size: int,
                  t_start: float) -> KeepRecord:
     """The run's plan said before it starts (run/epochs.py); run.json's history and loss.png kept current."""
-    record.data["plan"] = say_coverage(recipe, coverage(recipe, len(trainer.train_dataset), world_size), data)
+    record.data["plan"] = say_coverage(recipe, epoch_coverage(recipe, len(trainer.train_dataset), world_size), data)
     keeper = KeepRecord(record, progress, t_start, f"{out.name}: {recipe.model.name_or_path}, {recipe.train.method}")
     trainer.add_callback(keeper)
     return keeper
@@ -392,6 +392,8 @@ def _carry_over(record: RunRecord, plan, progress) -> None:
             record.data[key] = prev[key]
     progress.history[:0] = earlier_history(plan.resume_from, prev.get("history") or [])
     record.wall_before = float(prev.get("wall_seconds") or 0.0)
+    # In run.json from the first write on: a session killed before it logs a step loses nothing of the earlier ones.
+    record.data.update(history=progress.history, wall_seconds=record.wall_before)
     resumes = list(prev.get("resumes", []))
     resumes.append({"from": plan.resume_from.name, "changes": {k: list(v) for k, v in plan.changes.items()},
                     "wall_seconds_before": record.wall_before})
