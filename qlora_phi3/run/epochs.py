@@ -11,7 +11,7 @@ try of the embedded tiny model on 40 conversations stops before it has learnt an
   of it is never seen although seeing all of it is cheap. A large data set is often trained on for a fraction of a
   pass: no warning there. The fix offered: :data:`SUGGESTED_EPOCHS` passes.
 * the embedded tiny model starts from random weights, so it needs optimizer steps more than passes: fewer than
-  :data:`MIN_RANDOM_BASE_STEPS` warns, however small the data.
+  :data:`MIN_RANDOM_BASE_STEPS` warns, however small the data (not when it continues a trained adapter).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def coverage_warning(recipe: Recipe, cov: Coverage, n_train: int, unit: str) -> 
     """The warning for a run far too short or far too long for its data (module docstring), with the override that
     fixes it; None when the run is in range."""
     suggested = f"train.max_steps={max(SUGGESTED_EPOCHS * cov.steps_per_epoch, 1)}"
-    if recipe.model.name_or_path == EMBEDDED_MODEL:
+    if recipe.model.name_or_path == EMBEDDED_MODEL and not recipe.model.adapter:  # a continued adapter has learnt
         if cov.steps < MIN_RANDOM_BASE_STEPS:
             return (f"{cov.steps} optimizer steps is far too short for the embedded tiny model: it starts from random "
                     f"weights and needs about {MIN_RANDOM_BASE_STEPS} steps, however small the data, before its "

@@ -32,6 +32,7 @@ def write_loss_plot(history: list[dict], path: Path, title: str) -> Path | None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
@@ -41,6 +42,7 @@ def write_loss_plot(history: list[dict], path: Path, title: str) -> Path | None:
     if eval_loss:
         ax.plot(eval_steps, eval_loss, color="#c44e52", marker="o", linewidth=1.5, label="eval loss (held out)")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 on a short run's axis
     values = train_loss + eval_loss
     if min(values) > 0 and max(values) / min(values) > LOG_SCALE_RANGE:
         ax.set_yscale("log")  # the late steps, where runs differ, would lie flat on the axis of a linear scale

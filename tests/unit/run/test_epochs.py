@@ -49,5 +49,8 @@ def test_the_embedded_random_model_needs_steps_not_passes():
     cov = epoch_coverage(recipe, rows_per_epoch=13)  # 40 conversations: 13 packed rows, 3 steps per pass, 13 passes
     warning = coverage_warning(recipe, cov, n_train=38, unit="conversations")
     assert warning and f"train.max_steps={MIN_RANDOM_BASE_STEPS}" in warning and "random" in warning
+    continued = coverage_warning(_recipe("tiny_cpu", "train.max_steps=40", "model.adapter=runs/tiny"), cov, 38,
+                                 "conversations")  # a trained adapter continued: the passes count, as for Phi-3
+    assert continued and "far too long" in continued and "random" not in continued
     default = _recipe("tiny_cpu")  # the recipe's own 300 steps: in range
     assert coverage_warning(default, epoch_coverage(default, rows_per_epoch=380), 1_140, "conversations") is None
