@@ -10,6 +10,9 @@ from qlora_phi3.ranks import is_main_process
 
 _console = None
 _stderr = False
+# Not a terminal (a pipe, a log file, CI): rich would assume 80 columns and cut tables and the progress line
+# ("300...", "ETA 0:00:..."). There every line is printed whole, up to this many characters, unless COLUMNS says.
+PIPE_WIDTH = 1000
 
 
 def status_to_stderr(on: bool = True) -> None:
@@ -25,6 +28,8 @@ def console():
         from rich.console import Console
 
         _console = Console(highlight=False, soft_wrap=True, quiet=not is_main_process(), stderr=_stderr)
+        if not _console.is_terminal and not os.environ.get("COLUMNS"):
+            _console.width = PIPE_WIDTH
     return _console
 
 

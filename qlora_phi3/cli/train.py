@@ -38,7 +38,10 @@ def _run(args) -> int:
         recipe = load_recipe(run_dir / RECIPE_FILE, [*args.overrides, f"train.output_dir={run_dir}"])
     else:
         recipe = load_recipe(*recipe_and_overrides(args))
-    from qlora_phi3.run.train import train  # heavy: only once the recipe is known to be good
+    from qlora_phi3.run.preflight import preflight
+
+    preflight(recipe, resume=args.resume, force=args.force)  # files and directories, before the heavy imports
+    from qlora_phi3.run.train import train  # heavy: only once the recipe, files and directory are known to be good
 
     train(recipe, resume=args.resume, force=args.force)
     return 0

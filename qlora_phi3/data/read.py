@@ -22,8 +22,8 @@ from qlora_phi3.config import EMBEDDED_DATA, DataConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
-__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "digest", "has_named_splits", "load_records", "read_rows",
-           "resolve_data_path", "turn_problem", "validate_messages"]
+__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "check_data_file", "digest", "has_named_splits",
+           "load_records", "read_rows", "resolve_data_path", "turn_problem", "validate_messages"]
 
 EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
 # The bundled preference sets (python -m qlora_phi3.data.synthetic): pairs for dpo/orpo/simpo, labelled answers for kto.
@@ -350,7 +350,7 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport, columns=No
     local = Path(path).expanduser()
     fmt = None if cfg.format == "auto" else cfg.format
     if local.is_dir():
-        if not any((local / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        if not _is_saved_dataset(local):
             raise UserError(f"data.path={cfg.path!r} is a directory; point it at a data file (.jsonl, .json, "
                             ".parquet, .jsonl.gz) or a directory written by Dataset.save_to_disk.")
         return _dataset_rows(_read_saved(local, split), f"{local}[{split}]", fmt, report, columns)
@@ -385,6 +385,21 @@ def _rows(cfg: DataConfig, path: str, split: str, report: LoadReport, columns=No
         raise UserError(f"{local}: holds one JSON object spread over several lines; write one record per line "
                         "(JSONL) or a JSON array of records.")
     return _jsonl_rows(raw, local, report)
+
+
+def _is_saved_dataset(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def check_data_file(cfg: DataConfig) -> None:
+    """The whole-file checks of a local ``data.path`` (found, a file, readable, not empty, a supported format, UTF-8
+    or not), without reading a record and without the heavy libraries: ``train`` runs them before torch loads.
+    A Hub dataset or a saved dataset directory is checked where it is read (that needs the datasets library)."""
+    path = resolve_data_path(cfg.path)
+    local = Path(path).expanduser()
+    if local.is_dir() and _is_saved_dataset(local) or not local.exists() and not _looks_local(path):
+        return
+    _rows(cfg, path, cfg.split, LoadReport(source=path))  # its checks run at the call; the rows are not read
 
 
 # Files people have that are not JSON: refused as a whole, not reported as one malformed-JSON record per line.

@@ -13,14 +13,14 @@ from pathlib import Path
 
 from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig
 from qlora_phi3.errors import UserError
-from qlora_phi3.family import check_supported, family_for_tokenizer
+from qlora_phi3.family import check_supported, family_for_tokenizer, published
 from qlora_phi3.hub import ensure_hub_access
 from qlora_phi3.machine import cpu_bf16
 from qlora_phi3.phi3 import END_TOKEN
 
 __all__ = ["Choice", "auto_tokenizer", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype",
            "pick_device", "resolve_model_path", "read_model_config", "quantization_config", "has_native_bf16",
-           "hide_load_progress_bars"]
+           "hide_load_progress_bars", "ships_tokenizer"]
 
 
 
@@ -160,13 +160,37 @@ def auto_tokenizer(path: str, **kwargs):
     return tok
 
 
+# The Hub model whose tokenizer the package ships (assets/tiny-phi3, rebuilt by model/tokenizer.py and checked
+# against its reference ids), at the revision the Phi-3-mini-4k recipes pin (family.PUBLISHED).
+SHIPPED_TOKENIZER = "microsoft/Phi-3-mini-4k-instruct"
+
+
+def ships_tokenizer(cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` names the model and revision whose tokenizer ships with the package: `data` and `fit` need no
+    Hub for it."""
+    known = published(cfg.name_or_path)
+    return known is not None and known.hub_id == SHIPPED_TOKENIZER and cfg.revision == known.revision
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     """The model's tokenizer set up for training: its family's pad token (never one that carries loss), right
-    padding."""
+    padding. Offline, with the model not in the cache, the tokenizer that ships with the package where it is this
+    model's (:func:`ships_tokenizer`)."""
     path = path or resolve_model_path(cfg.name_or_path)
-    ensure_hub_access(path, cfg.revision, "model.name_or_path")
+    revision = cfg.revision
     try:
-        tok = auto_tokenizer(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        ensure_hub_access(path, cfg.revision, "model.name_or_path")
+    except UserError:
+        if not ships_tokenizer(cfg):
+            raise
+        from qlora_phi3.model.tiny import TINY_MODEL_DIR
+        from qlora_phi3.ui import info
+
+        path, revision = str(TINY_MODEL_DIR), None
+        info(f"tokenizer: {cfg.name_or_path} at {cfg.revision[:7]} is not on this machine and the Hub is out of reach: "
+             "using its tokenizer that ships with qlora-phi3 (the same vocabulary and chat template)")
+    try:
+        tok = auto_tokenizer(path, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise UserError(_not_found(cfg, e)) from None
     if tok.convert_tokens_to_ids(END_TOKEN) in (None, tok.unk_token_id):

@@ -12,8 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-from transformers.trainer_utils import rotate_checkpoints
-
 from qlora_phi3.files import fsync_tree
 
 __all__ = ["AtomicCheckpoints", "STAGING_DIR", "is_complete", "last_checkpoint"]
@@ -74,6 +72,9 @@ class AtomicCheckpoints:
         fsync_tree(staging / name)
         os.replace(staging / name, final)
         shutil.rmtree(staging, ignore_errors=True)
-        # By step number, not mtime: a resumed run must never prune its newest checkpoint.
+        # By step number, not mtime: a resumed run must never prune its newest checkpoint. Imported here: the run
+        # directory checks (last_checkpoint) run before transformers loads (run/preflight.py).
+        from transformers.trainer_utils import rotate_checkpoints
+
         rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)

@@ -1,6 +1,8 @@
 """The live training display: a rich progress bar plus one log line per ``train.logging_steps``.
 
-A ``TrainerCallback`` because TRL/transformers own the loop; we only render what they report.
+A ``TrainerCallback`` because TRL/transformers own the loop; we only render what they report. When the output is
+not a terminal (a pipe, a log file, CI) there is no bar, which would only be drawn once, cut to the console's width:
+the log lines alone, each whole.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RichProgress(TrainerCallback):
         self.history: list[dict] = []
         self._progress = None
         self._task = None
+        self._active = False  # between train begin and end: the log lines are printed
         self._t0 = None
         self.tokens_at_start = 0
         self._last = {}
@@ -52,6 +55,9 @@ class RichProgress(TrainerCallback):
 
         self._t0 = time.perf_counter()
         self.tokens_at_start = state.num_input_tokens_seen
+        self._active = True
+        if not console().is_terminal:
+            return
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
             TextColumn("ETA"), TimeRemainingColumn(), console=console(), transient=False,
@@ -83,18 +89,19 @@ class RichProgress(TrainerCallback):
         mem = self.meter.read()
         row = {"step": state.global_step, **logs, **self.metrics(state)}
         self.history.append(row)
-        if self._progress is None:
+        if not self._active:
             return
         self._refresh(state)
         if "eval_loss" in logs:
-            self._progress.console.print(f"step {state.global_step:>5}  [cyan]eval loss {logs['eval_loss']:.4f}"
-                                         f"{_rewards(logs, 'eval_')}[/]")
+            console().print(f"step {state.global_step:>5}  [cyan]eval loss {logs['eval_loss']:.4f}"
+                            f"{_rewards(logs, 'eval_')}[/]")
         elif "loss" in logs:
-            self._progress.console.print(
+            console().print(
                 f"step {state.global_step:>5}  loss {logs['loss']:.4f}{_rewards(logs)}  lr "
                 f"{logs.get('learning_rate', 0):.2e}  {row['tokens_per_second']:,.0f} tok/s  peak {mem.short()}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._active = False
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -83,6 +84,11 @@ class RunRecord:
     def __init__(self, run_dir: Path, fields: dict):
         self.path = Path(run_dir) / RUN_FILE
         self.data = {"status": "running", **fields}
+        self.wall_before = 0.0  # the earlier sessions' wall time, when this run continues one (--resume)
+
+    def wall_seconds(self, t_start: float) -> float:
+        """The run's wall time: this session's since ``t_start`` (time.perf_counter) plus the earlier sessions'."""
+        return round(self.wall_before + time.perf_counter() - t_start, 2)
 
     def update(self, **fields) -> None:
         self.data.update(fields)

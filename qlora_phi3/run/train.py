@@ -30,10 +30,13 @@ from qlora_phi3.model.lora import (attach_lora, check_adapter_fits, check_lora_v
                                    load_adapter_weights)
 from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
+from qlora_phi3.run.epochs import epoch_coverage, say_coverage
 from qlora_phi3.run.guards import GracefulInterrupt, NonFiniteError, NonFiniteGuard
+from qlora_phi3.run.history import KeepRecord, earlier_history
 from qlora_phi3.run.measure import MeasureSteps
 from qlora_phi3.run.methods import get_method
 from qlora_phi3.run.methods.base import MethodData
+from qlora_phi3.run.preflight import check_context
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
 from qlora_phi3.run.rundir import RunDir, clear_run_dir, prepare_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
@@ -78,14 +81,6 @@ def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
         raise UserError(f"FSDP-QLoRA needs model.quant_storage equal to the compute dtype ({compute_dtype}), got "
                         f"{recipe.model.quant_storage!r}; set model.quant_storage={compute_dtype} "
                         "(see recipes/phi3_mini_4k_fsdp.yaml).")
-
-
-def _check_against_model(recipe: Recipe, model_config) -> None:
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit and recipe.data.max_seq_len > limit:
-        raise UserError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's context of {limit} "
-                        f"tokens ({recipe.model.name_or_path}); lower it or use a long-context model "
-                        "(microsoft/Phi-3-mini-128k-instruct).")
 
 
 def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss") -> RunResult:
@@ -145,6 +140,7 @@ class Run:
     t_start: float
     train_seconds: float = 0.0
     peak: object = None
+    keeper: KeepRecord | None = None  # run.json's history and loss.png, kept current (not when measuring)
 
 
 def _close_process_group() -> None:
@@ -189,7 +185,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     if measuring:
         recipe.train.max_steps = measurer.total_steps
     model_config = read_model_config(recipe.model)
-    _check_against_model(recipe, model_config)
+    check_context(recipe, getattr(model_config, "max_position_embeddings", None))
     device, dtype, attn = _choices(recipe)
     _check_fsdp(recipe, dtype.value)
     check_lora_variant(recipe.lora, recipe.model)
@@ -250,9 +246,10 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     if getattr(trainer, "reference", None):
         record.data["reference"] = trainer.reference
     if plan.resume_from is not None:
-        _carry_over(record, plan)
+        _carry_over(record, plan, progress)
     elif not measuring:
         trainer.add_callback(EvalAtStart(trainer, record, method))
+    keeper = None if measuring else _keep_record(recipe, out, trainer, record, progress, data, world_size, t_start)
     if prompts and trainer.is_fsdp_enabled:
         # Generation on rank 0 alone would wait forever for the other ranks' shards of the weights.
         warn("train.sample_prompts: no sample answers under FSDP (generation needs every rank); merge and chat instead.")
@@ -266,7 +263,16 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
         prepare_trackers(recipe, out)
     record.update()
     return Run(recipe, out, plan, model_config, device, dtype, attn, method, tokenizer, data, trainer, progress,
-               meter, record, interrupt, samples, measurer, t_start)
+               meter, record, interrupt, samples, measurer, t_start, keeper=keeper)
+
+
+def _keep_record(recipe: Recipe, out: Path, trainer, record: RunRecord, progress, data: MethodData, world_size: int,
+                 t_start: float) -> KeepRecord:
+    """The run's plan said before it starts (run/epochs.py); run.json's history and loss.png kept current."""
+    record.data["plan"] = say_coverage(recipe, epoch_coverage(recipe, len(trainer.train_dataset), world_size), data)
+    keeper = KeepRecord(record, progress, t_start, f"{out.name}: {recipe.model.name_or_path}, {recipe.train.method}")
+    trainer.add_callback(keeper)
+    return keeper
 
 
 def _load_peft_model(recipe: Recipe, tokenizer, device: str, dtype: str, attn: str):
@@ -295,15 +301,18 @@ def fit(run: Run) -> None:
         with run.interrupt:
             trainer.train(resume_from_checkpoint=str(run.plan.resume_from) if run.plan.resume_from else None)
     except NonFiniteError as e:
-        record.end("failed", failure=str(e), steps=e.step, history=progress.history)
+        record.end("failed", failure=str(e), steps=e.step, history=progress.history,
+                   wall_seconds=record.wall_seconds(run.t_start))
         raise RunFailed(_non_finite_message(e, run.recipe, run.dtype.value, run.out)) from None
     except KeyboardInterrupt:
-        record.end("interrupted", steps=trainer.state.global_step, history=progress.history)
+        record.end("interrupted", steps=trainer.state.global_step, history=progress.history,
+                   wall_seconds=record.wall_seconds(run.t_start))
         raise
     except Exception as e:
         if not is_oom(e):
             raise
-        record.end("failed", failure="out of memory", steps=trainer.state.global_step, history=progress.history)
+        record.end("failed", failure="out of memory", steps=trainer.state.global_step, history=progress.history,
+                   wall_seconds=record.wall_seconds(run.t_start))
         raise RunFailed(oom_message(run.recipe, run.model_config, run.device.value, trainer.state.global_step)) \
             from None
     run.train_seconds = time.perf_counter() - t_train
@@ -313,7 +322,9 @@ def fit(run: Run) -> None:
         checkpoint = last_checkpoint(run.out)
         fields = _fit_fields(run)
         record.end("interrupted", steps=fields["steps"], peak_memory=fields["peak_memory"],
-                   history=progress.history, tokens=fields["tokens"])
+                   history=progress.history, tokens=fields["tokens"], wall_seconds=record.wall_seconds(run.t_start))
+        if run.keeper is not None:
+            run.keeper.plot()
         where = f"checkpoint saved: {checkpoint}" if checkpoint else "no checkpoint could be saved"
         raise RunInterrupted(f"interrupted at step {trainer.state.global_step}; {where}. Continue with: "
                              f"{resume_command(run.out)}")
@@ -348,8 +359,9 @@ def finish(run: Run) -> RunResult:
         _save_adapter(trainer.model, run.tokenizer, run.recipe, adapter_dir, state_dict)
         write_card(out, out, run.recipe.model.name_or_path)  # also when no checkpoint wrote one (save_steps=0)
         fields["adapter_dir"] = str(adapter_dir)
-    run.record.end("completed", wall_seconds=round(time.perf_counter() - run.t_start, 2), **fields)
-    _say_done(run.record.data, run.peak, adapter_dir, run.record.path)
+    run.record.end("completed", wall_seconds=run.record.wall_seconds(run.t_start), **fields)
+    plot = run.keeper.plot() if run.keeper is not None else None
+    _say_done(run.record.data, run.peak, adapter_dir, run.record.path, plot)
     return RunResult(out, adapter_dir, run.record.data, trainer.model)
 
 
@@ -371,14 +383,20 @@ def _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data: 
     }
 
 
-def _carry_over(record: RunRecord, plan) -> None:
-    """What a resumed run keeps of the run it continues: its start losses and the list of resumes."""
+def _carry_over(record: RunRecord, plan, progress) -> None:
+    """What a resumed run keeps of the run it continues: its start losses, its history up to the checkpoint, its wall
+    time (run/history.py) and the list of resumes."""
     prev = plan.previous
     for key in ("eval_loss_start", "train_loss_start", "eval_reward_accuracy_start", "eval_reward_margin_start"):
         if prev.get(key) is not None:
             record.data[key] = prev[key]
+    progress.history[:0] = earlier_history(plan.resume_from, prev.get("history") or [])
+    record.wall_before = float(prev.get("wall_seconds") or 0.0)
+    # In run.json from the first write on: a session killed before it logs a step loses nothing of the earlier ones.
+    record.data.update(history=progress.history, wall_seconds=record.wall_before)
     resumes = list(prev.get("resumes", []))
-    resumes.append({"from": plan.resume_from.name, "changes": {k: list(v) for k, v in plan.changes.items()}})
+    resumes.append({"from": plan.resume_from.name, "changes": {k: list(v) for k, v in plan.changes.items()},
+                    "wall_seconds_before": record.wall_before})
     record.data["resumes"] = resumes
     if record.get("eval_loss_start") is not None:
         info(f"resuming from {plan.resume_from}; eval loss at step 0 (from the earlier run): "
@@ -387,7 +405,7 @@ def _carry_over(record: RunRecord, plan) -> None:
         info(f"  {key}: {old} -> {new}")
 
 
-def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path) -> None:
+def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path, plot: Path | None = None) -> None:
     start, end = run.get("eval_loss_start"), run["eval_loss_end"]
     ratio = f" ({end / start:.1%} of step 0)" if start else ""
     info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss "
@@ -398,7 +416,7 @@ def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path) -> None:
         info(f"held-out reward accuracy {'-' if start_acc is None else f'{start_acc:.1%}'} -> "
              f"{run['eval_reward_accuracy_end']:.1%}, margin {'-' if start_margin is None else f'{start_margin:+.3f}'} "
              f"-> {run.get('eval_reward_margin_end', 0):+.3f}")
-    info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}")
+    info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}" + (f"   loss curve: {plot}" if plot else ""))
     run_dir = adapter_dir.parent
     info(f"next: `qlora-phi3 chat {run_dir}` to try it, `qlora-phi3 merge {run_dir} --out {run_dir}-merged` for one "
          f"fp16 model, `qlora-phi3 export {run_dir} --out {run_dir}-gguf` for llama.cpp / Ollama")

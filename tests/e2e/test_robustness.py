@@ -99,6 +99,16 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, request, qlora):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["steps"] == 16
+    _assert_whole_history(run, 16)
+
+
+def _assert_whole_history(run: dict, steps: int) -> None:
+    """run.json's history covers the whole run once, across the resumes: step 0's eval, every step's loss (QUICK
+    logs each step), the final eval; and the wall time adds up every session's."""
+    assert [r["step"] for r in run["history"] if "loss" in r] == list(range(1, steps + 1))
+    assert [r["step"] for r in run["history"] if "eval_loss" in r] == [0, steps]
+    before = run["resumes"][-1]["wall_seconds_before"]
+    assert before > 0 and run["wall_seconds"] > before + run["train_seconds"] * 0.99
 
 
 def test_kill_during_saves_never_leaves_a_corrupt_latest(tmp_path, request, qlora):
@@ -129,6 +139,9 @@ def test_kill_during_saves_never_leaves_a_corrupt_latest(tmp_path, request, qlor
     done = _train(qlora, out, *args, "--resume")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(list(out.glob("checkpoint-*"))) <= 2 and not (out / ".staging").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["resumes"]) == 3
+    _assert_whole_history(run, 24)
 
 
 def test_nan_guard_stops_at_once_and_keeps_last_good_checkpoint(tmp_path, qlora):
@@ -158,11 +171,15 @@ def test_ctrl_c_once_saves_and_exits_cleanly_then_resumes(tmp_path, qlora):
     assert "Traceback" not in text and "--resume" in text
     latest = last_checkpoint(out)
     assert latest is not None and is_complete(latest)
-    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    first = json.loads((out / "run.json").read_text())
+    assert first["status"] == "interrupted" and (out / "loss.png").is_file()
     step = int(latest.name.split("-")[1])
     resumed = _train(qlora, out, "train.max_steps=16", "train.save_steps=0", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert json.loads((out / "run.json").read_text())["steps"] == 16 > step
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 16 > step
+    _assert_whole_history(run, 16)
+    assert run["resumes"][-1]["wall_seconds_before"] == first["wall_seconds"]
 
 
 def test_ctrl_c_twice_exits_at_once(tmp_path):

@@ -23,6 +23,20 @@ def test_default_run_learns_and_records(tiny_run):
     assert run["dataset"]["fingerprint"] and run["recipe"]["lora"]["r"] == recipe.lora.r
     assert run["peak_memory"]["peak_reserved_gib"] > 0 and run["tokens_per_second"] > 0
     assert (result.output_dir / "recipe.yaml").is_file()
+    assert run["plan"]["steps"] == 300 and 1 < run["plan"]["epochs"] < 10 and run["plan"]["warning"] is None
+    assert [r["step"] for r in run["history"] if "eval_loss" in r] == [0, 100, 200, 300, 300]  # + the final eval
+    assert run["wall_seconds"] >= run["train_seconds"]
+
+
+def test_loss_curve_is_a_readable_png_beside_run_json(tiny_run):
+    from matplotlib import image
+
+    _, result = tiny_run
+    path = result.output_dir / "loss.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = image.imread(path).shape
+    assert height >= 300 and width >= 600
+    assert not list(result.output_dir.glob(".loss.png*"))  # no temporary left
 
 
 def test_adapter_dir_is_complete(tiny_run):
@@ -80,6 +94,13 @@ def test_cli_default_run_prints_result(tmp_path, qlora):
 
     assert len(re.findall(r"step\s+0\s+eval loss|eval loss at step 0", res.stdout)) == 1  # step 0's, said once
     assert "adapter:" in res.stdout and f"next: `qlora-phi3 chat {tmp_path / 'r'}`" in res.stdout
+    assert f"loss curve: {tmp_path / 'r' / 'loss.png'}" in res.stdout and (tmp_path / "r" / "loss.png").is_file()
+    # The plan before the first step, and 10 steps are far too few for the embedded model (it starts from random).
+    assert re.search(r"plan: 10 optimizer steps = [\d.]+ epochs \(\d+ steps per pass over [\d,]+ train "
+                     r"conversations, [\d,]+ packed rows, [\d,]+ tokens with loss\); eval at the end on", res.stdout)
+    assert "warning:" in res.stdout and "train.max_steps=200" in res.stdout
+    # Not a terminal (captured): whole log lines and no progress bar cut to 80 columns.
+    assert "ETA" not in res.stdout and "…" not in res.stdout and "step    10  loss" in res.stdout
     card = (tmp_path / "r" / "README.md").read_text()
     assert "[None]" not in card and "qlora-phi3 merge" in card
     adapter_card = (tmp_path / "r" / "adapter" / "README.md").read_text()

@@ -143,3 +143,18 @@ def test_the_onednn_cap_really_emulates_bf16_in_the_installed_torch():
     probe = json.loads(res.stdout.splitlines()[-1])
     assert probe["native"] is False
     assert probe["bf16_ms"] > 5 * probe["fp32_ms"], probe
+
+
+def test_data_and_fit_for_phi3_mini_4k_work_offline_with_the_shipped_tokenizer(tmp_path, qlora, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
+    data = Path(__file__).resolve().parents[2] / "data" / "messages.jsonl"
+    res = qlora("data", "phi3_mini_4k_12gb", f"data.path={data}", "--out", tmp_path / "report")
+    assert res.returncode == 0, res.stderr
+    assert "ships with qlora-phi3" in res.stdout and (tmp_path / "report" / "data_report.json").is_file()
+    res = qlora("fit", "phi3_mini_4k_12gb", f"data.path={data}", "--budget", "12GiB", "--out", tmp_path / "fit.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "longest conversation is" in res.stdout  # measured with the tokenizer, not planned from memory alone
+    # Another revision's tokenizer is not the one that ships: offline it is the usual one-line refusal.
+    res = qlora("data", "phi3_mini_4k_12gb", f"data.path={data}", "model.revision=main", "--out", tmp_path / "r2")
+    assert res.returncode == 2 and "not in the local cache" in res.stderr
