@@ -114,10 +114,10 @@ def print_summary(summary: dict) -> None:
                             f", limit {_num(settings['limit'], '{}')}, batch {settings['batch_size']}",
                       title_justify="left")
         for col in ("task", "metric", *(["base", "fine-tune", "delta"] if two else ["value"]), "stderr"):
-            table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+            table.add_column(col, justify="left" if col in ("task", "metric") else "right", no_wrap=col != "task")
         for r in summary["rows"]:
-            stderr = (f"±{_num(r['base_stderr'])} / ±{_num(r['finetune_stderr'])}" if two
-                      else f"±{_num(r['finetune_stderr'])}")
+            stderr = (f"±{_num(r['base_stderr'], '{:.3f}')} / ±{_num(r['finetune_stderr'], '{:.3f}')}" if two
+                      else f"±{_num(r['finetune_stderr'], '{:.3f}')}")
             if two:
                 good = r["delta"] is not None and r["delta"] != 0 and (r["delta"] > 0) == (r["higher_is_better"] is not False)
                 colour = "green" if good else ("red" if r["delta"] else "")
@@ -143,9 +143,12 @@ def _print_answers(summary: dict, shown: int = 5) -> None:
                   title_justify="left", show_lines=True)
     for col in ("prompt", "reference", *labels):
         table.add_column(col.replace("finetune", "fine-tune"), overflow="fold")
-    for row in summary["answer_rows"][:shown]:  # data, not markup: a "[...]" in a chat prints as written
-        table.add_row(escape(row["prompt"]), escape(row["reference"]),
-                      *(escape(row[label]) + ("" if row[f"{label}_exact_match"] else f" [dim](F1 {row[f'{label}_f1']:.2f})[/]")
+    def cell(text: str) -> str:  # data, not markup: a "[...]" in a chat prints as written; the file has it whole
+        return escape(text if len(text) <= 160 else text[:157] + "...")
+
+    for row in summary["answer_rows"][:shown]:
+        table.add_row(cell(row["prompt"]), cell(row["reference"]),
+                      *(cell(row[label]) + ("" if row[f"{label}_exact_match"] else f" [dim](F1 {row[f'{label}_f1']:.2f})[/]")
                         for label in labels))
     console().print(table)
     for label, score in summary["answers"].items():
