@@ -284,7 +284,8 @@ def _long_task(ctx, n_tokens: int, n_docs: int) -> Path:
             for line in chats.read_text().splitlines()]
     (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (folder / "long_context_mc.yaml").write_text(
-        f"task: long_context_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+        "task: long_context_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'docs.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
         "doc_to_target: answer\n")
     return folder

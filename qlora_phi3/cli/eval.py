@@ -108,10 +108,10 @@ def print_summary(summary: dict) -> None:
     settings = summary["settings"]
     if summary["rows"]:
         two = any(r["base"] is not None for r in summary["rows"])
+        shots = "task default" if settings["num_fewshot"] is None else settings["num_fewshot"]
         table = Table(title=f"lm-eval {summary.get('lm_eval_version') or ''}: chat template "
-                            f"{'on' if settings['chat_template'] else 'off'}, few-shot "
-                            f"{_num(settings['num_fewshot'], '{}') if settings['num_fewshot'] is not None else 'task default'}"
-                            f", limit {_num(settings['limit'], '{}')}, batch {settings['batch_size']}",
+                            f"{'on' if settings['chat_template'] else 'off'}, few-shot {shots}, "
+                            f"limit {_num(settings['limit'], '{}')}, batch {settings['batch_size']}",
                       title_justify="left")
         for col in ("task", "metric", *(["base", "fine-tune", "delta"] if two else ["value"]), "stderr"):
             table.add_column(col, justify="left" if col in ("task", "metric") else "right", no_wrap=col != "task")
@@ -119,7 +119,8 @@ def print_summary(summary: dict) -> None:
             stderr = (f"±{_num(r['base_stderr'], '{:.3f}')} / ±{_num(r['finetune_stderr'], '{:.3f}')}" if two
                       else f"±{_num(r['finetune_stderr'], '{:.3f}')}")
             if two:
-                good = r["delta"] is not None and r["delta"] != 0 and (r["delta"] > 0) == (r["higher_is_better"] is not False)
+                better = r["higher_is_better"] is not False
+                good = r["delta"] is not None and r["delta"] != 0 and (r["delta"] > 0) == better
                 colour = "green" if good else ("red" if r["delta"] else "")
                 delta = f"[{colour}]{_num(r['delta'], '{:+.4f}')}[/]" if colour else _num(r["delta"], "{:+.4f}")
                 table.add_row(r["task"], r["metric"], _num(r["base"]), _num(r["finetune"]), delta, stderr)
@@ -146,10 +147,11 @@ def _print_answers(summary: dict, shown: int = 5) -> None:
     def cell(text: str) -> str:  # data, not markup: a "[...]" in a chat prints as written; the file has it whole
         return escape(text if len(text) <= 160 else text[:157] + "...")
 
+    def answer(row: dict, label: str) -> str:
+        return cell(row[label]) + ("" if row[f"{label}_exact_match"] else f" [dim](F1 {row[f'{label}_f1']:.2f})[/]")
+
     for row in summary["answer_rows"][:shown]:
-        table.add_row(cell(row["prompt"]), cell(row["reference"]),
-                      *(cell(row[label]) + ("" if row[f"{label}_exact_match"] else f" [dim](F1 {row[f'{label}_f1']:.2f})[/]")
-                        for label in labels))
+        table.add_row(cell(row["prompt"]), cell(row["reference"]), *(answer(row, label) for label in labels))
     console().print(table)
     for label, score in summary["answers"].items():
         info(f"  {label}: exact match {score['exact_match']:.1%}, token F1 {score['token_f1']:.3f} over "

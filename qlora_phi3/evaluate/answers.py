@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["Prompt", "answers_jsonl", "exact_match", "generate_answers", "held_out_prompts", "prompts_from_file", "score_answers",
-           "token_f1"]
+__all__ = ["Prompt", "answers_jsonl", "exact_match", "generate_answers", "held_out_prompts", "prompts_from_file",
+           "score_answers", "token_f1"]
 
 
 @dataclass

@@ -142,8 +142,8 @@ def _known(names: list[str], everything: set[str], include_paths: list[Path]) ->
 def _offline_data_error(e: Exception) -> bool:
     names = {type(c).__name__ for c in (e, e.__cause__, e.__context__) if c is not None}
     text = str(e).lower()
-    return bool(names & {"ConnectionError", "DatasetNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled"}) \
-        or "offline" in text or "couldn't reach" in text
+    missing = {"ConnectionError", "DatasetNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled"}
+    return bool(names & missing) or "offline" in text or "couldn't reach" in text
 
 
 def _go_offline_if_unreachable() -> bool:

@@ -95,10 +95,10 @@ def test_a_merged_model_scores_what_lm_evals_own_cli_scores(run_dir, tmp_path, m
     assert code == 0, printed
     ours = json.loads(next((tmp_path / "ours" / "model").glob("results_*.json")).read_text())
     # lm-eval's command line, as users type it (`lm_eval run ...`), in this process
-    monkeypatch.setattr("sys.argv", ["lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={merged},dtype=auto",
-                                     "--tasks", "tiny_chat_facts", "--include_path", str(SHIPPED_TASKS_DIR), "--limit",
-                                     "20", "--batch_size", "4", "--device", "cpu", "--apply_chat_template",
-                                     "--fewshot_as_multiturn", "--output_path", str(tmp_path / "theirs")])
+    monkeypatch.setattr("sys.argv", [
+        "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={merged},dtype=auto", "--tasks",
+        "tiny_chat_facts", "--include_path", str(SHIPPED_TASKS_DIR), "--limit", "20", "--batch_size", "4",
+        "--device", "cpu", "--apply_chat_template", "--fewshot_as_multiturn", "--output_path", str(tmp_path / "theirs")])
     with contextlib.redirect_stdout(io.StringIO()):
         cli_evaluate()
     theirs = json.loads(next((tmp_path / "theirs").rglob("results_*.json")).read_text())
