@@ -18,7 +18,10 @@ before ``--budget-s`` are recorded as skipped):
 5. grid    ``qlora-phi3 profile``: seq 512/2048/8192 x r 8/16/64, reserved / allocated / device used vs estimate
 6. long    random Phi-3-mini-128k; a few steps of recipes/phi3_mini_128k_12gb.yaml at its length, beside the estimate
 7. merge   ``qlora-phi3 merge`` of the step-2 run into fp16, with a one-sample report
-8. phi4    random Phi-4-mini-instruct at full size (grouped KV 24/8, partial rotary 0.75, tied embeddings, 200,064
+8. eval    ``qlora-phi3 eval`` of the step-2 run (4-bit as trained, adapter off then on): the shipped task, then a local
+           task (--include-path) whose requests fill the model's context, with the batch the estimate picks for the
+           card; measured peak beside the estimate
+9. phi4    random Phi-4-mini-instruct at full size (grouped KV 24/8, partial rotary 0.75, tied embeddings, 200,064
            vocabulary, its o200k tokenizer), a few steps of recipes/phi4_mini_12gb.yaml at 2,048 tokens beside the
            estimate for the same settings
 """
@@ -265,6 +268,48 @@ def step_merge(ctx) -> str:
             f"{models['a']['eval_loss']:.4f} (b) {models['b']['eval_loss']:.4f} (c) {models['c']['eval_loss']:.4f}")
 
 
+def _long_task(ctx, n_tokens: int, n_docs: int) -> Path:
+    """A local lm-eval task (a folder for --include-path) of two-way choices after a context of ``n_tokens``: every
+    request fills the rows the eval batch size was chosen for, the estimate's worst case."""
+    from qlora_phi3.config import ModelConfig
+    from qlora_phi3.data.synthetic import write_full_length_conversations
+    from qlora_phi3.model.load import load_tokenizer
+
+    folder = ctx.work / f"long_task_{n_tokens}"
+    folder.mkdir(exist_ok=True)
+    chats = folder / "chats.jsonl"
+    write_full_length_conversations(chats, load_tokenizer(ModelConfig(name_or_path=str(ctx.model_dir))), n_docs,
+                                    n_tokens)
+    docs = [{"question": json.loads(line)["messages"][1]["content"], "choices": ["yes", "no"], "answer": 0}
+            for line in chats.read_text().splitlines()]
+    (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "long_context_mc.yaml").write_text(
+        "task: long_context_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
+        "doc_to_target: answer\n")
+    return folder
+
+
+def step_eval(ctx) -> str:
+    """``qlora-phi3 eval`` on the full-size shape: base vs fine-tune on the step-2 run, the batch size chosen by the
+    estimate for the card at the model's context, the peak measured beside it."""
+    seq = 256 if ctx.dry else 4096
+    out = ctx.work / "eval"
+    device = ["--device", "cpu", "--batch-size", "2"] if ctx.dry else []
+    _checked(_qlora("eval", str(ctx.work / "train"), "--tasks", "tiny_chat_facts,long_context_mc", "--include-path",
+                    str(_long_task(ctx, seq - 8, 4 if ctx.dry else 48)), "--max-length", str(seq), "--limit",
+                    "8" if ctx.dry else "48", "--out", str(out), *device, timeout=ctx.remaining()))
+    summary = json.loads((out / "eval_summary.json").read_text())
+    acc = {(r["task"], r["metric"]): r for r in summary["rows"]}[("tiny_chat_facts", "acc")]
+    models = summary["models"]
+    peaks = ", ".join(f"{label} {m['seconds']} s, peak reserved {m.get('peak_reserved_gib', '-')} GiB"
+                      for label, m in models.items())
+    return (f"`qlora-phi3 eval` at {seq:,} tokens per row, batch {summary['settings']['batch_size']} "
+            f"({summary['batch_size_reason']}): {peaks}; tiny_chat_facts acc base {acc['base']:.3f} -> fine-tune "
+            f"{acc['finetune']:.3f} (random weights: the numbers are not the point)")
+
+
 def step_phi4(ctx) -> str:
     """Phi-4-mini's shape at full size: the estimate must hold for grouped KV, partial rotary, the tied 200,064-row
     matrix and its 6x wider logits, which no Phi-3 step exercises."""
@@ -303,7 +348,7 @@ def step_phi4(ctx) -> str:
 
 STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("phi4", step_phi4, 180),
          ("packing", step_packing, 60), ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120),
-         ("merge", step_merge, 150)]
+         ("merge", step_merge, 150), ("eval", step_eval, 150)]
 
 
 class Context:

@@ -209,6 +209,12 @@ class TrainConfig:
         3, "Sample answers at every evaluation: a number N (the first N held-out eval conversations) or a file of "
            "prompts (.txt: one per line; .jsonl: a 'prompt' string or 'messages' per line). 0 = off.")
     sample_max_new_tokens: int = _f(64, "Cap on each sample answer's length (greedy; bounds the time samples take).")
+    eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to score the base (adapter off) and the fine-tune on "
+                                   "when training ends, as `qlora-phi3 eval RUN --tasks ...` does; the table joins the "
+                                   "final summary and run.json. Checked before training starts. e.g. [tiny_chat_facts]; "
+                                   "empty = none (needs pip install 'qlora-phi3[eval]').")
+    eval_include_path: str | None = _f(None, "Folder of your own lm-eval task YAMLs for train.eval_tasks "
+                                             "(the shipped tiny_chat_facts is always found).")
 
 
 @dataclass
@@ -540,6 +546,8 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
         out.model.adapter = _absolute(recipe.model.adapter)
     if isinstance(recipe.train.sample_prompts, str):
         out.train.sample_prompts = _absolute(recipe.train.sample_prompts)
+    if recipe.train.eval_include_path:
+        out.train.eval_include_path = _absolute(recipe.train.eval_include_path)
     return out
 
 

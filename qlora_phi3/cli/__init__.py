@@ -1,6 +1,6 @@
 """The ``qlora-phi3`` command: parses arguments, dispatches to the library, prints what it returns.
 
-One module per group of commands (``train``, ``data``, ``memory``: estimate/fit/profile, ``out``:
+One module per group of commands (``train``, ``data``, ``memory``: estimate/fit/profile, ``eval``, ``out``:
 merge/chat, ``recipes``). Each imports the library only when its command runs, so ``--help`` answers
 at once. Flags and ``key=value`` overrides may come in any order.
 """
@@ -13,12 +13,13 @@ import sys
 
 from qlora_phi3 import __version__
 from qlora_phi3.cli import data, memory, out, recipes, train
+from qlora_phi3.cli import eval as eval_command
 from qlora_phi3.errors import UserError
 
 __all__ = ["build_parser", "main"]
 
 # Each module adds its commands to the parser, in the order of the workflow (the README's order).
-_GROUPS = (recipes, data, memory, train, out)
+_GROUPS = (recipes, data, memory, train, eval_command, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         description="QLoRA fine-tuning of Microsoft's Phi-3 family (Phi-3-mini, Phi-3.5-mini, Phi-3-medium, "
                     "Phi-4-mini), supervised or on preferences, on one consumer GPU (or offline on a CPU).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Workflow: data -> estimate / fit -> train -> merge -> chat. "
+        epilog="Workflow: data -> estimate / fit -> train -> eval -> merge -> chat. "
                "Run `qlora-phi3 COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")

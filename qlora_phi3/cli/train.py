@@ -41,7 +41,27 @@ def _run(args) -> int:
     from qlora_phi3.run.preflight import preflight
 
     preflight(recipe, resume=args.resume, force=args.force)  # files and directories, before the heavy imports
+    # train.eval_tasks: the tasks and their data are checked now, not after hours of training.
+    evaluation = _end_of_train_eval(recipe) if recipe.train.eval_tasks else None
     from qlora_phi3.run.train import train  # heavy: only once the recipe, files and directory are known to be good
 
-    train(recipe, resume=args.resume, force=args.force)
+    result = train(recipe, resume=args.resume, force=args.force)
+    from qlora_phi3.ranks import world_size
+
+    if evaluation is not None and result.adapter_dir is not None and world_size() == 1:
+        from qlora_phi3.cli.eval import print_summary
+        from qlora_phi3.evaluate.compare import evaluate_after_training
+
+        plan, tasks = evaluation
+        print_summary(evaluate_after_training(result, recipe, plan, tasks))
     return 0
+
+
+def _end_of_train_eval(recipe):
+    """The plan and checked tasks of ``train.eval_tasks`` (base vs fine-tune once training ends)."""
+    from qlora_phi3.evaluate.compare import EvalPlan
+    from qlora_phi3.evaluate.tasks import prepare_tasks
+
+    paths = [Path(recipe.train.eval_include_path)] if recipe.train.eval_include_path else []
+    plan = EvalPlan(tasks=list(recipe.train.eval_tasks), include_paths=paths)
+    return plan, prepare_tasks(plan.tasks, plan.include_paths)

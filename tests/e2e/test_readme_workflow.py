@@ -1,5 +1,5 @@
-"""The README's workflow, its offline CPU column, run as written in a fresh folder: data, estimate, train, merge,
-chat, export, each command exactly as the README gives it. One liberty, for the suite's time: `train` runs as
+"""The README's workflow, its offline CPU column, run as written in a fresh folder: data, estimate, train, eval,
+merge, chat, export, each command exactly as the README gives it. One liberty, for the suite's time: `train` runs as
 written but for 10 steps into another folder, and the commands after it use the session's `tiny_run`, which is
 the same default run (`train(load_recipe("tiny_cpu"))`, 300 steps) copied to `runs/tiny`: a 10-step model does
 not yet stop at <|end|> reliably, and export's llama.cpp check rightly fails it."""
@@ -33,7 +33,7 @@ def test_the_cpu_column_runs_offline_as_written(tmp_path, tiny_run, qlora):
 
     commands = _cpu_column()
     assert [shlex.split(c)[0] for c in commands] == ["qlora-phi3"] * len(commands)
-    assert [shlex.split(c)[1] for c in commands] == ["data", "estimate", "train", "merge", "chat", "export"]
+    assert [shlex.split(c)[1] for c in commands] == ["data", "estimate", "train", "eval", "merge", "chat", "export"]
     for command in commands:
         argv = shlex.split(command)
         if argv[1] == "train":  # shortened, and the full default run put where the README's next commands look
@@ -46,5 +46,6 @@ def test_the_cpu_column_runs_offline_as_written(tmp_path, tiny_run, qlora):
         if argv[1] == "chat":
             assert res.stdout.strip(), "chat --prompt printed no answer"
     assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs" / "tiny" / "eval" / "eval_summary.json").is_file()
     assert (tmp_path / "runs" / "tiny-merged" / "config.json").is_file()
     assert list((tmp_path / "runs" / "tiny-gguf").glob("*.gguf"))

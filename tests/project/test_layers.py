@@ -1,4 +1,4 @@
-"""The package's layers import only downward: core < data < model < memory < run < ship < cli.
+"""The package's layers import only downward: core < data < model < memory < run < ship < evaluate < cli.
 
 Every import is checked, lazy ones inside functions included (an AST walk over every module), so a
 lower layer never reaches up for a convenience and the next feature cannot knot the layers together."""
@@ -9,7 +9,7 @@ from pathlib import Path
 import qlora_phi3
 
 PACKAGE = Path(qlora_phi3.__file__).parent
-ORDER = ["core", "data", "model", "memory", "run", "ship", "cli"]
+ORDER = ["core", "data", "model", "memory", "run", "ship", "evaluate", "cli"]
 
 
 def _layer(module: str) -> str:

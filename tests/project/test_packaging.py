@@ -33,7 +33,7 @@ def test_the_lock_pins_every_dependency_and_extra_exactly():
             pins[name.lower().replace("_", "-")] = version
     project = PYPROJECT["project"]
     wanted = list(project["dependencies"])
-    for extra in ("test", "gguf"):  # what .ci/run installs
+    for extra in ("test", "gguf", "eval"):  # what .ci/run installs
         wanted += project["optional-dependencies"][extra]
     missing = sorted({_name(r) for r in wanted} - set(pins))
     assert not missing, f"constraints.txt does not pin {missing}"
