@@ -10,8 +10,8 @@ __all__ = ["PEAK_MEANS", "estimate_table", "print_fit_report", "profile_table", 
 
 
 def register(sub) -> None:
-    p = sub.add_parser("estimate", help="predict peak GPU memory of a recipe from the model config alone "
-                                        "(no weights loaded), with a breakdown")
+    p = sub.add_parser("estimate", help="predict peak memory of a recipe on its device (a GPU, or the CPU for a CPU "
+                                        "recipe) from the model config alone (no weights loaded), with a breakdown")
     add_recipe_args(p)
     p.add_argument("--budget", metavar="SIZE", help="memory to fit in: 12GiB (a 12 GB card), or 12GB = 12 x 10^9 bytes")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,

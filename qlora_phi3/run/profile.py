@@ -317,6 +317,13 @@ def _plot(rows: list[ProfileRow], meta: dict, path: Path) -> None:
         scored = [r for r in ok if r.eval_loss is not None]
         if quality and scored:
             axes[2].plot([r.lora_r for r in scored], [r.eval_loss for r in scored], style, marker="o", color=color)
+    picked = [r for r in rows if (meta.get("pick") or {}).get("overrides") == r.overrides and r.status == "ok"]
+    for r in picked:  # the closing line's pick, ringed on every panel
+        ring = dict(marker="o", markersize=14, markerfacecolor="none", markeredgecolor="black", label="pick")
+        axes[0].plot([r.lora_r], [r.peak_reserved_gib * scale], **ring)
+        axes[1].plot([r.lora_r], [r.tokens_per_second or 0], **ring)
+        if quality and r.eval_loss is not None:
+            axes[2].plot([r.lora_r], [r.eval_loss], **ring)
     _budget_on(axes[0], meta.get("budget_gib"), scale, unit, values)
     on_gpu = meta["device"].get("kind") == "cuda"
     axes[0].set_ylabel(f"peak reserved memory, {unit}" if on_gpu else f"peak live tensor memory, {unit}")
