@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-# llama.cpp for the export tests: llama-cpp-python (the [gguf] extra) and its sdist (llama.cpp's converters). Both
-# skip with the reason when absent, and fail instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, which CI sets.
+# llama.cpp for the export tests: llama-cpp-python (the [gguf] extra) and its sdist (llama.cpp's converters and Phi-3
+# vocabulary). The sdist is found without being named: QLORA_PHI3_SDIST if set, else the cache .ci/run fills, else pip
+# downloads it there once (76 MB). What cannot be had skips with the reason, and fails instead when
+# QLORA_PHI3_REQUIRE_LLAMA_CPP=1, which CI sets.
 SDIST_ENV = "QLORA_PHI3_SDIST"
 REQUIRE_ENV = "QLORA_PHI3_REQUIRE_LLAMA_CPP"
 
@@ -32,15 +35,45 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
+def sdist_cache() -> Path:
+    """Where .ci/run and the tests keep the llama-cpp-python sdist: ${XDG_CACHE_HOME:-~/.cache}/qlora-phi3/sdist."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-phi3" / "sdist"
+
+
 @pytest.fixture(scope="session")
-def llama_cpp_src(tmp_path_factory) -> Path:
+def llama_cpp_sdist(tmp_path_factory) -> Path:
+    """The llama-cpp-python sdist the project pins (qlora_phi3.model.tokenizer.SDIST_REQUIREMENT): QLORA_PHI3_SDIST
+    if set, else the cache (:func:`sdist_cache`), else downloaded there by pip once."""
+    from qlora_phi3.errors import UserError
+    from qlora_phi3.model.tokenizer import SDIST_REQUIREMENT, _download_sdist
+
+    if os.environ.get(SDIST_ENV):
+        named = Path(os.environ[SDIST_ENV])
+        if not named.is_file():
+            pytest.fail(f"{SDIST_ENV}={named}: no such file; unset it to let the tests download the sdist")
+        return named
+    version = SDIST_REQUIREMENT.split("==")[1]
+    cached = sdist_cache() / f"llama_cpp_python-{version}.tar.gz"
+    if not cached.is_file():
+        try:  # into a folder of this session first: a second xdist worker never sees half a file
+            fetched = _download_sdist(tmp_path_factory.mktemp("sdist"))
+        except UserError as e:
+            unavailable(f"the {SDIST_REQUIREMENT} sdist is not in {cached.parent} and pip could not fetch it ({e}); "
+                        f"set {SDIST_ENV} to a copy")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")  # whole or not at all, as .ci/run reads it
+        shutil.copyfile(fetched, partial)
+        os.replace(partial, cached)
+    return cached
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src(tmp_path_factory, llama_cpp_sdist) -> Path:
     """llama.cpp's converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py) with the conversion/ and gguf-py/ they
-    import, extracted once from the llama-cpp-python sdist (QLORA_PHI3_SDIST)."""
+    import, extracted once from the llama-cpp-python sdist (:func:`llama_cpp_sdist`)."""
     import tarfile
 
-    sdist = os.environ.get(SDIST_ENV)
-    if not sdist or not Path(sdist).is_file():
-        unavailable(f"{SDIST_ENV} does not name the llama-cpp-python sdist (.tar.gz) holding llama.cpp's converter")
+    sdist = llama_cpp_sdist
     out = tmp_path_factory.mktemp("llama_cpp_src")
     wanted = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
     with tarfile.open(sdist) as tar:

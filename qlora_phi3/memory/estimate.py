@@ -42,7 +42,7 @@ from qlora_phi3.family import PUBLISHED, published
 from qlora_phi3.methods import DEFAULT_METHOD, METHODS, Method
 from qlora_phi3.units import GIB
 
-__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes",
+__all__ = ["Estimate", "Term", "estimate", "estimate_device", "format_breakdown", "lora_shapes",
            "resolve_attention", "rotary_dims",
            "config_for_estimate", "KNOWN_SHAPES"]
 
@@ -170,6 +170,17 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
         total_bytes = reserved_bytes + context.n_bytes  # outside the allocator: not in max_memory_reserved
     return Estimate(device="cuda" if step.on_gpu else "cpu", terms=terms, tensor_bytes=tensor_bytes,
                     reserved_bytes=reserved_bytes, total_bytes=total_bytes, settings=_settings(step))
+
+
+def estimate_device(recipe: Recipe, requested: str | None = None) -> tuple[str, str]:
+    """The device an estimate is for, and why: ``requested`` (``--device``) if given, else the recipe's
+    ``train.device``; ``auto`` is a GPU (the card the recipe is sized for), without asking this machine, so a
+    laptop can plan a GPU run."""
+    if requested:
+        return requested, f"--device {requested}"
+    if recipe.train.device in ("cpu", "cuda"):
+        return recipe.train.device, f"the recipe's train.device: {recipe.train.device}"
+    return "cuda", "the recipe's train.device is auto: the GPU it is sized for (--device cpu for this CPU)"
 
 
 def resolve_compute_dtype(recipe: Recipe, device: str) -> str:

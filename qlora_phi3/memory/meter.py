@@ -52,8 +52,18 @@ class MemoryStats:
 
     def short(self) -> str:
         if self.device == "cpu":
-            return f"{self.peak_allocated_gib:.3f} GiB {'RSS' if self.measure == 'rss' else 'tensors'}"
-        return f"{self.peak_allocated_gib:.2f}/{self.peak_reserved_gib:.2f} GiB alloc/reserved"
+            return f"{self.peak_allocated_gib:.3f} GiB {'process RSS' if self.measure == 'rss' else 'live tensors'}"
+        return f"{self.peak_allocated_gib:.2f}/{self.peak_reserved_gib:.2f} GiB CUDA alloc/reserved"
+
+    def explained(self) -> str:
+        """:meth:`short` and how it relates to the other figures (docs/memory.md, "Which memory")."""
+        if self.device == "cpu" and self.measure == "rss":
+            return (f"{self.short()} (the whole process: live tensors, what `estimate` and `profile` count on a "
+                    "CPU, plus the Python runtime, libraries, data and allocator caches)")
+        if self.device == "cpu":
+            return f"{self.short()} (every tensor storage while it lives, what `estimate` predicts on a CPU)"
+        used = "" if self.driver_used_gib is None else f"; driver used {self.driver_used_gib:.2f} GiB"
+        return f"{self.short()} (reserved + the CUDA context = driver used, what `estimate` predicts{used})"
 
 
 def _rss_bytes() -> int:

@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_phi3.config import Recipe, dump_recipe, load_recipe, recipe_to_dict
+from qlora_phi3.config import Recipe, dump_recipe, load_recipe, recipe_to_dict, with_absolute_paths
 from qlora_phi3.data.synthetic import write_full_length_conversations, write_full_length_pairs
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, atomic_write_text
@@ -42,7 +42,7 @@ from qlora_phi3.methods import METHODS
 from qlora_phi3.model.load import load_tokenizer, pick_attention, pick_compute_dtype, pick_device
 from qlora_phi3.run.record import device_info, package_versions
 
-__all__ = ["ProfileRow", "grid_recipes", "parse_grid", "profile", "write_results"]
+__all__ = ["ProfileRow", "grid_recipes", "parse_grid", "pick", "profile", "write_results"]
 
 
 @dataclass
@@ -64,6 +64,8 @@ class ProfileRow:
     step_seconds: float | None = None
     tokens_per_second: float | None = None
     baseline_gib: float | None = None  # held when measuring began: weights, LoRA, optimizer states
+    eval_loss_start: float | None = None  # --quality-steps: held-out loss of the recipe's data before training
+    eval_loss: float | None = None  # ... and after the quality steps: lower is better, compare within one profile
     message: str = ""
 
 
@@ -118,16 +120,33 @@ def _measure_recipe(recipe: Recipe, data_path: Path, run_dir: Path) -> Recipe:
     return r
 
 
+def _quality_recipe(recipe: Recipe, steps: int, run_dir: Path) -> Recipe:
+    """The configuration as the quality run trains it: the recipe's own data and eval split, ``steps`` optimizer
+    steps (the schedule fitted to them), evaluated at the start and the end only; no checkpoints, samples or
+    trackers."""
+    r = with_absolute_paths(recipe)
+    r.train.max_steps, r.train.eval_steps, r.train.save_steps = steps, 0, 0
+    r.train.sample_prompts, r.train.report_to = 0, []
+    r.train.output_dir = str(run_dir)
+    return r
+
+
 # What the CPU workers' server process imports once (run.train pulls in torch, transformers, PEFT, TRL, bitsandbytes).
 _FORKSERVER_PRELOAD = ["qlora_phi3.run.train"]
 
 
-def _run_worker(recipe: Recipe, steps: int, warmup: int, workdir: Path, device: str) -> dict:
+def _run_worker(recipe: Recipe, steps: int, warmup: int, workdir: Path, device: str,
+                quality: Recipe | None = None) -> dict:
     """Run one configuration in a fresh process; its result dict. On a GPU a new ``python -m
-    qlora_phi3.run.profile`` interpreter; on the CPU a process forked from the preloaded server (module docstring)."""
+    qlora_phi3.run.profile`` interpreter; on the CPU a process forked from the preloaded server (module docstring).
+    ``quality``: the quality run (:func:`_quality_recipe`), trained in the same process after the measured steps."""
     recipe_path, result_path, log_path = workdir / "recipe.yaml", workdir / "result.json", workdir / "worker.log"
     dump_recipe(recipe, recipe_path)
-    args = (str(recipe_path), str(result_path), warmup, steps)
+    quality_path = ""
+    if quality is not None:
+        quality_path = str(workdir / "quality.yaml")
+        dump_recipe(quality, Path(quality_path))
+    args = (str(recipe_path), str(result_path), warmup, steps, quality_path)
     if device == "cpu":
         import multiprocessing
 
@@ -148,8 +167,10 @@ def _run_worker(recipe: Recipe, steps: int, warmup: int, workdir: Path, device: 
 
 
 def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1, budget_gib: float | None = None,
-            recipe_name: str = "recipe") -> tuple[list[ProfileRow], dict]:
-    """Run every configuration (each in its own process); returns the rows and the run's metadata."""
+            recipe_name: str = "recipe", quality_steps: int = 0) -> tuple[list[ProfileRow], dict]:
+    """Run every configuration (each in its own process); returns the rows and the run's metadata.
+    ``quality_steps``: also train each configuration that many steps on the recipe's own data and record its
+    held-out eval loss before and after (0: memory and speed only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlora_phi3.ui import console
@@ -157,6 +178,8 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
     if steps < 1 or warmup < 1:
         raise UserError(f"--steps {steps} / --warmup {warmup}: both must be at least 1 (the warm-up step "
                         "allocates the optimizer states, which the measured steps must include).")
+    if quality_steps < 0:
+        raise UserError(f"--quality-steps {quality_steps}: give a number of optimizer steps (0 = no quality run).")
     first = configs[0][1]
     dev = pick_device(first.train.device).value
     rows: list[ProfileRow] = []
@@ -181,8 +204,9 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
                 data_files[key] = (path, n)
             workdir = Path(tmp) / f"config-{i}"
             workdir.mkdir()
+            quality = _quality_recipe(recipe, quality_steps, workdir / "quality") if quality_steps else None
             result = _run_worker(_measure_recipe(recipe, data_files[key][0], workdir / "run"), steps, warmup, workdir,
-                                 dev)
+                                 dev, quality)
             _fill(row, result)
             _estimate_row(row, recipe, dev, budget_gib)
             rows.append(row)
@@ -190,7 +214,8 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
     meta = {"recipe_name": recipe_name, "device": device_info(dev),
             "compute_dtype": pick_compute_dtype(first.model.compute_dtype, dev).value,
             "attn_implementation": pick_attention(first.model.attn_implementation, dev).value, "steps": steps,
-            "warmup_steps": warmup, "budget_gib": budget_gib, "versions": package_versions(),
+            "warmup_steps": warmup, "quality_steps": quality_steps, "budget_gib": budget_gib,
+            "versions": package_versions(),
             "process_per_configuration": True,
             "memory_measure": ("CPU: peak live tensor bytes (qlora_phi3/memory/meter.py)" if dev == "cpu" else
                                "CUDA: max_memory_allocated / max_memory_reserved after warm-up; device used = "
@@ -206,6 +231,7 @@ def _fill(row: ProfileRow, result: dict) -> None:
     for name in ("peak_allocated_gib", "peak_reserved_gib", "driver_used_gib", "step_seconds", "tokens_per_second",
                  "baseline_gib"):
         setattr(row, name, measured.get(name))
+    row.eval_loss_start, row.eval_loss = result.get("eval_loss_start"), result.get("eval_loss")
 
 
 def _estimate_row(row: ProfileRow, recipe: Recipe, device: str, budget_gib: float | None) -> None:
@@ -226,15 +252,47 @@ def _estimate_row(row: ProfileRow, recipe: Recipe, device: str, budget_gib: floa
         row.fits_budget = est.total_gib <= budget_gib
 
 
+# Eval losses within this share of the best count as ties: a few steps' loss moves about that much with the data order.
+QUALITY_TIE = 0.01
+
+
+def pick(rows: list[ProfileRow], budget_gib: float | None) -> tuple[ProfileRow | None, str]:
+    """The configuration to choose and why: the lowest eval loss among those that fit (ties: the least memory,
+    then the fastest); without a quality run, the fastest that fits."""
+    ran = [r for r in rows if r.status == "ok"]
+    fitting = [r for r in ran if r.fits_budget is not False]
+    if not ran:
+        return None, "no configuration ran: nothing to pick (the table says why)"
+    if not fitting:
+        return None, (f"none of the {len(ran)} configurations that ran fits {budget_gib:.3g} GiB: lower "
+                      "data.max_seq_len or train.micro_batch_size, or turn checkpointing on (`qlora-phi3 fit`)")
+    scope = (f"of the {len(fitting)} that fit {budget_gib:.3g} GiB" if budget_gib is not None else
+             f"of the {len(fitting)} that ran (no --budget)")
+    scored = [r for r in fitting if r.eval_loss is not None]
+    if not scored:
+        choice = max(fitting, key=lambda r: r.tokens_per_second or 0)
+        return choice, (f"the fastest {scope}; quality was not measured: --quality-steps N trains each N steps on "
+                        "the recipe's data and picks by held-out eval loss")
+    best = min(r.eval_loss for r in scored)
+    ties = [r for r in scored if r.eval_loss <= best * (1 + QUALITY_TIE)]
+    choice = min(ties, key=lambda r: (r.peak_reserved_gib or 0, -(r.tokens_per_second or 0)))
+    why = f"the lowest held-out eval loss {scope}: {best:.4f}"
+    if len(ties) > 1:
+        why = (f"eval loss {choice.eval_loss:.4f}, within {QUALITY_TIE:.0%} of the lowest {scope} ({best:.4f}), "
+               f"with the least memory of the {len(ties)} that close")
+    return choice, why
+
+
 def _plot(rows: list[ProfileRow], meta: dict, path: Path) -> None:
-    """Peak memory against LoRA rank, one line per sequence length (per batch/checkpointing if they vary)."""
+    """Against LoRA rank, one line per sequence length (per batch/checkpointing if they vary): peak memory with the
+    budget, tokens/s, and the held-out eval loss when a quality run was asked for. Each axis is scaled to its data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    on_gpu = meta["device"].get("kind") == "cuda"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    quality = any(r.eval_loss is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if quality else 2, figsize=(12 if quality else 9, 4.2))
     groups: dict[tuple, list[ProfileRow]] = {}
     for r in rows:
         groups.setdefault((r.max_seq_len, r.micro_batch_size, r.gradient_checkpointing), []).append(r)
@@ -248,28 +306,64 @@ def _plot(rows: list[ProfileRow], meta: dict, path: Path) -> None:
         label = f"seq {seq}" + (f", batch {mbs}, ckpt {ckpt}" if vary_other else "")
         ok = sorted((r for r in group if r.status == "ok"), key=lambda r: r.lora_r)
         style = "-" if ckpt != "false" else "--"
+        ranks = [r.lora_r for r in ok]
         if ok:
-            ax.plot([r.lora_r for r in ok], [r.peak_reserved_gib * scale for r in ok], style, marker="o", color=color,
-                    label=label)
-            ax.plot([r.lora_r for r in ok], [r.estimated_gib * scale for r in ok], ":", color=color, alpha=0.6)
+            axes[0].plot(ranks, [r.peak_reserved_gib * scale for r in ok], style, marker="o", color=color, label=label)
+            axes[0].plot(ranks, [r.estimated_gib * scale for r in ok], ":", color=color, alpha=0.6)
+            axes[1].plot(ranks, [r.tokens_per_second or 0 for r in ok], style, marker="o", color=color)
         for r in group:
             if r.status != "ok":
-                ax.plot([r.lora_r], [r.estimated_gib * scale], "x", color=color, markersize=10)
-    if meta.get("budget_gib"):
-        ax.axhline(meta["budget_gib"] * scale, color="red", linewidth=1.5,
-                   label=f"budget {meta['budget_gib'] * scale:.3g} {unit}")
-    ax.set_xscale("log", base=2)
+                axes[0].plot([r.lora_r], [r.estimated_gib * scale], "x", color=color, markersize=10)
+        scored = [r for r in ok if r.eval_loss is not None]
+        if quality and scored:
+            axes[2].plot([r.lora_r for r in scored], [r.eval_loss for r in scored], style, marker="o", color=color)
+    picked = [r for r in rows if (meta.get("pick") or {}).get("overrides") == r.overrides and r.status == "ok"]
+    for r in picked:  # the closing line's pick, ringed on every panel
+        ring = dict(marker="o", markersize=14, markerfacecolor="none", markeredgecolor="black", label="pick")
+        axes[0].plot([r.lora_r], [r.peak_reserved_gib * scale], **ring)
+        axes[1].plot([r.lora_r], [r.tokens_per_second or 0], **ring)
+        if quality and r.eval_loss is not None:
+            axes[2].plot([r.lora_r], [r.eval_loss], **ring)
+    _budget_on(axes[0], meta.get("budget_gib"), scale, unit, values)
+    on_gpu = meta["device"].get("kind") == "cuda"
+    axes[0].set_ylabel(f"peak reserved memory, {unit}" if on_gpu else f"peak live tensor memory, {unit}")
+    axes[1].set_ylabel("tokens/s (measured steps)")
+    axes[1].set_ylim(bottom=0)
+    if quality:
+        axes[2].set_ylabel(f"held-out eval loss after {meta.get('quality_steps')} steps")
+        axes[2].margins(y=0.15)
     ranks = sorted({r.lora_r for r in rows})
-    ax.set_xticks(ranks, labels=[str(r) for r in ranks])
-    ax.set_xlabel("LoRA rank r")
-    ax.set_ylabel(f"peak reserved memory, {unit}" if on_gpu else f"peak live tensor memory, {unit}")
-    ax.set_title(f"{meta['recipe_name']} on {meta['device'].get('name')}\n"
-                 "measured (solid; dashed without checkpointing), estimated (dotted), out of memory (x)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, labels=[str(r) for r in ranks])
+        ax.set_xlabel("LoRA rank r")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{meta['recipe_name']} on {meta['device'].get('name')}: measured (solid; dashed without "
+                 "checkpointing), estimated (dotted), out of memory (x)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _budget_on(ax, budget_gib: float | None, scale: int, unit: str, values: list[float]) -> None:
+    """The memory axis scaled to the measured and estimated values (ranks differ by a few percent), and the budget:
+    a line where it lies near them; otherwise (most CPU profiles: MiB of tensors against a GiB budget) a thick
+    edge and the panel's title say where it is, so the lines keep the axis's height."""
+    lo, hi = (min(values) * scale, max(values) * scale) if values else (0.0, 1.0)
+    pad = max((hi - lo) * 0.15, hi * 0.03, 1e-9)
+    bottom, top = max(0.0, lo - pad), hi + pad
+    if budget_gib:
+        budget, label = budget_gib * scale, f"budget {budget_gib * scale:.3g} {unit}"
+        if bottom - (top - bottom) <= budget <= top + (top - bottom):  # near the data: a line, the axis widened to it
+            bottom, top = min(bottom, budget - pad), max(top, budget + pad)
+            ax.axhline(budget, color="red", linewidth=1.5, label=label)
+        else:
+            above = budget > top
+            ax.axhline(top if above else bottom, color="red", linewidth=4, alpha=0.5)
+            ax.set_title(f"{label}: {budget / top:.1f}x the top, every point fits" if above else
+                         f"{label}: below the bottom, no point fits", color="red", fontsize=8)
+    ax.set_ylim(max(0.0, bottom), top)
 
 
 def write_results(rows: list[ProfileRow], meta: dict, out_dir: Path) -> dict[str, Path]:
@@ -293,10 +387,12 @@ def write_results(rows: list[ProfileRow], meta: dict, out_dir: Path) -> dict[str
     return paths
 
 
-def _worker(recipe_path: str, result_path: str, warmup: int, steps: int) -> int:
-    """One configuration, in this (fresh) process: :func:`qlora_phi3.run.train.measure`; the result as JSON."""
+def _worker(recipe_path: str, result_path: str, warmup: int, steps: int, quality_path: str = "") -> int:
+    """One configuration, in this (fresh) process: :func:`qlora_phi3.run.train.measure`, then the quality run if
+    ``quality_path`` names one (:func:`qlora_phi3.run.train.train`; the measuring has ended, so it does not count);
+    the result as JSON."""
     from qlora_phi3.memory.oom import is_oom
-    from qlora_phi3.run.train import measure
+    from qlora_phi3.run.train import measure, train
     from qlora_phi3.ui import quiet_library_noise
 
     quiet_library_noise()
@@ -304,6 +400,9 @@ def _worker(recipe_path: str, result_path: str, warmup: int, steps: int) -> int:
     try:
         run = measure(recipe, warmup, steps, cpu_memory="tensors")
         result = {"status": "ok", "measured": run["measured"]}
+        if quality_path:
+            quality = train(load_recipe(quality_path, []), force=True).run
+            result.update(eval_loss_start=quality.get("eval_loss_start"), eval_loss=quality.get("eval_loss_end"))
     except RunFailed as e:
         oom = "out of GPU memory" in str(e)
         result = {"status": "oom" if oom else "error", "message": str(e).splitlines()[0][:300]}
@@ -313,14 +412,15 @@ def _worker(recipe_path: str, result_path: str, warmup: int, steps: int) -> int:
     return 0
 
 
-def _forked_worker(recipe_path: str, result_path: str, warmup: int, steps: int, log_path: str) -> None:
+def _forked_worker(recipe_path: str, result_path: str, warmup: int, steps: int, quality_path: str,
+                   log_path: str) -> None:
     """:func:`_worker` in a process forked from the CPU server; its output goes to ``log_path`` (the progress of a
     training run, which the profile's own bar replaces), as a new interpreter's is captured."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    sys.exit(_worker(recipe_path, result_path, warmup, steps))
+    sys.exit(_worker(recipe_path, result_path, warmup, steps, quality_path))
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))

@@ -409,7 +409,7 @@ def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path, plot: Path | N
     start, end = run.get("eval_loss_start"), run["eval_loss_end"]
     ratio = f" ({end / start:.1%} of step 0)" if start else ""
     info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss "
-         f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.short()}, "
+         f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.explained()}, "
          f"{run['tokens_per_second'] or 0:,.0f} tokens/s")
     if run.get("eval_reward_accuracy_end") is not None:
         start_acc, start_margin = run.get("eval_reward_accuracy_start"), run.get("eval_reward_margin_start")

@@ -114,6 +114,24 @@ def test_cli_estimate_prints_breakdown_and_verdict(capsys):
     assert "does not fit" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("argv", "device", "because"), [
+    (["tiny_cpu"], "cpu", "the recipe's train.device: cpu"),
+    (["tiny_cpu", "--device", "cuda"], "cuda", "--device cuda"),
+    ([str(PHI3_RECIPE)], "cuda", "the recipe's train.device is auto: the GPU it is sized for"),
+    ([str(PHI3_RECIPE), "--device", "cpu"], "cpu", "--device cpu"),
+])
+def test_cli_estimate_follows_the_recipes_device_and_names_its_peak(capsys, argv, device, because):
+    """A CPU recipe is estimated for the CPU (live tensors, no CUDA context) unless --device says otherwise, and the
+    output says for which device, why, and what its peak is beside `train`'s and `profile`'s figures."""
+    from qlora_phi3.cli import main
+
+    assert main(["estimate", *argv]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"({device})" in out and f"for {device}: {because}" in out
+    assert ("CUDA context" in out) == (device == "cuda")
+    assert ("live tensors" in out and "process's peak RSS" in out) if device == "cpu" else "nvidia-smi" in out
+
+
 def test_cli_estimate_bad_budget_is_one_clean_line(capsys):
     from qlora_phi3.cli import main
 

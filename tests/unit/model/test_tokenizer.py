@@ -4,7 +4,6 @@ SentencePiece ``tokenizer.model`` that GGUF export needs gives the same ids."""
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -107,10 +106,8 @@ def test_sdist_with_other_files_is_refused(tmp_path):
         extract_sources(tmp_path / "c.tar.gz", tmp_path)
 
 
-@pytest.mark.skipif(not os.environ.get("QLORA_PHI3_SDIST"),
-                    reason="set QLORA_PHI3_SDIST to the llama-cpp-python 0.3.36 sdist (76 MB) to rebuild the tokenizer")
-def test_rebuild_from_the_sdist_is_byte_identical(tmp_path):
-    build_tokenizer(Path(os.environ["QLORA_PHI3_SDIST"]), tmp_path / "tok", tmp_path / "ref")
+def test_rebuild_from_the_sdist_is_byte_identical(tmp_path, llama_cpp_sdist):
+    build_tokenizer(llama_cpp_sdist, tmp_path / "tok", tmp_path / "ref")
     for name in TOKENIZER_FILES:
         assert (tmp_path / "tok" / name).read_bytes() == (TINY_MODEL_DIR / name).read_bytes(), name
     for name in (f"{VOCAB_NAME}.inp", f"{VOCAB_NAME}.out"):

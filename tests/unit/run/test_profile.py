@@ -81,7 +81,7 @@ def profiled(tmp_path_factory):
     try:
         out = tmp_path_factory.mktemp("profile") / "out"
         configs = P.grid_recipes(TINY, SMALL, ["lora.r=8,16", "data.max_seq_len=32,96"])
-        rows, meta = P.profile(configs, steps=1, warmup=1, budget_gib=1.0, recipe_name="tiny_cpu")
+        rows, meta = P.profile(configs, steps=1, warmup=1, budget_gib=1.0, recipe_name="tiny_cpu", quality_steps=4)
         paths = P.write_results(rows, meta, out)
     finally:
         os.environ["PYTHONPATH"] = old
@@ -141,6 +141,24 @@ def test_outputs_written(profiled):
     assert not [p for p in paths["csv"].parent.iterdir() if p.name.startswith(".")]
 
 
+def test_quality_steps_record_held_out_eval_loss_per_configuration(profiled):
+    """--quality-steps: every configuration that ran trained 4 steps on the recipe's own data, and its held-out loss
+    fell from the untrained one (the same for every rank of a sequence length: LoRA starts as the identity); the
+    one that ran out of memory has none. The pick is the lowest loss among those that fit, and the plot has the
+    quality panel beside memory and speed."""
+    rows, meta, paths = profiled
+    assert meta["quality_steps"] == 4
+    assert rows[0].eval_loss is None
+    for r in rows[1:]:
+        assert r.eval_loss is not None and 0 < r.eval_loss < r.eval_loss_start, (r.overrides, r.eval_loss)
+    assert rows[1].eval_loss_start == rows[3].eval_loss_start  # r=8 and r=16 at seq 96, before training
+    choice, why = P.pick(rows, 1.0)
+    assert choice.fits_budget and choice.eval_loss <= min(r.eval_loss for r in rows[1:]) * (1 + P.QUALITY_TIE)
+    assert "eval loss" in why
+    with open(paths["csv"], newline="") as f:
+        assert [t["eval_loss"] for t in csv.DictReader(f)][1:] == [str(r.eval_loss) for r in rows[1:]]
+
+
 def test_table_fits_80_columns_and_shows_measured_estimated_and_fit(profiled):
     from rich.console import Console
 
@@ -152,4 +170,6 @@ def test_table_fits_80_columns_and_shows_measured_estimated_and_fit(profiled):
     text = console.export_text()
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "OOM" in text and "est." in text and "fits" in text and "yes" in text and "tiny_cpu" in text
+    assert "eval" in text and "held-out loss after 4 steps" in " ".join(text.split())
+    assert f"{rows[1].eval_loss:.4f}" in text
     assert "…" not in text  # nothing truncated

@@ -5,8 +5,8 @@ Modelfile names base and adapter; adapters llama.cpp cannot apply are refused be
 
 The session's tiny run (conftest ``tiny_run``, the README's default: plain LoRA, shared with the other export
 tests) and one short rsLoRA run serve the module. Tests that run llama.cpp need llama-cpp-python, the
-converter test the llama-cpp-python sdist (QLORA_PHI3_SDIST): they skip with the reason when absent and fail
-instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/unit/ship/test_export.py.
+converter test the llama-cpp-python sdist (conftest finds or downloads it): they skip with the reason when absent
+and fail instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, as in tests/unit/ship/test_export.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Modelfile renders Phi-3's chat template; the merged directory converts with llam
 input is refused before any work, and an interrupted export leaves nothing half-written.
 
 Tests that run llama.cpp need llama-cpp-python (the [gguf] extra, built from source) and the converter test
-needs the llama-cpp-python sdist (QLORA_PHI3_SDIST): both skip with the reason when absent, and
+needs the llama-cpp-python sdist (conftest finds or downloads it): both skip with the reason when absent, and
 fail instead when QLORA_PHI3_REQUIRE_LLAMA_CPP=1, which CI sets after installing them.
 """
 
