@@ -56,8 +56,9 @@ LADDER = ("2x384", "4x768", "1x3072")
 # pairs divided by the scale, the same mix of short, medium and long) so that the ladder fits in ~30 minutes of a
 # shared 2-core CPU: a 1x3072 token costs ~30x a 2x384 one. Per-token costs at a width do not depend on it beyond
 # attention's share; the padding it changes is carried to the full-length set in the derivation (FULL_SET).
-SETTINGS = {"2x384": (12, 1), "4x768": (12, 2), "8x1536": (12, 4), "1x3072": (12, 4)}
-DEFAULT_SETTING = (12, 4)
+SETTINGS = {"2x384": (12, 1), "4x768": (12, 4), "8x1536": (9, 8), "1x3072": (9, 8)}
+DEFAULT_SETTING = (9, 8)
+RESULTS = REPO / "bench" / "results" / "cpu_compare_ladder.md"
 FULL_SET = 106  # conversations of the full-length set whose padding the derivation uses (96 train + 10 eval)
 
 
@@ -419,23 +420,38 @@ def main(argv: list[str] | None = None) -> int:
     a.threads = a.threads or pick_threads()[0]
     machine = _machine()
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="qlora-phi3-compare-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     full = full_set_padding(workdir, a.micro_batch_ref)
+    command = ("python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     rows = []
     for s in shapes:
         n, scale = SETTINGS.get(s, DEFAULT_SETTING)
         rows.append(run_shape(s, a.conversations or n, a.pair_scale or scale, a, workdir, console))
-    command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = _header(machine, a, command.strip()) + "\n\n" + ladder_table(rows, full) + "\n"
-    console.print(text)
-    if a.write:
-        out = REPO / "bench" / "results" / "cpu_compare_ladder.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"machine": machine, "command": command, "full_set": full,
-                                                        "rows": rows},
-                                                       indent=1) + "\n")
-        out.write_text("# qlora-phi3's recipe vs the cookbook QLoRA pipeline over a ladder of shapes, CPU\n\n" + text)
-        console.print(f"written: {out}")
+        rows[-1].update(command=command, threads=a.threads, reference_dtype=a.reference_dtype,
+                        measured=time.strftime("%Y-%m-%d %H:%M"))
+        if a.write:  # after each shape, so a run cut short keeps what it measured
+            _write(rows[-1], machine, full, a, console)
+    console.print(_header(machine, a, command) + "\n\n" + ladder_table(rows, full))
     return 0
+
+
+def _write(row: dict, machine: dict, full: dict, args, console) -> None:
+    """Merge ``row`` into bench/results/cpu_compare_ladder.{json,md}: a shape's row replaces its earlier one, the
+    other shapes' rows stay (each with its own command, date and load)."""
+    data_path = RESULTS.with_suffix(".json")
+    old = json.loads(data_path.read_text()) if data_path.is_file() else {}
+    if old.get("machine", {}).get("cpu") != machine["cpu"]:
+        old = {}  # another machine's ladder is not this one's
+    rows = sorted([r for r in old.get("rows", []) if r["shape"] != row["shape"]] + [row],
+                  key=lambda r: flops_per_token(r["layers"], r["hidden"])[0] / flops_per_token(r["layers"], r["hidden"])[1])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    data_path.write_text(json.dumps({"machine": machine, "full_set": full, "rows": rows}, indent=1) + "\n")
+    commands = [f"- {r['shape']}: `{r['command']}` ({r['measured']}, {r['threads']} thread(s), reference in "
+                f"{r['reference_dtype']})" for r in rows]
+    RESULTS.write_text("# qlora-phi3's recipe vs the cookbook QLoRA pipeline over a ladder of shapes, CPU\n\n"
+                       + _header(machine, args, row["command"]) + "\n\n" + ladder_table(rows, full)
+                       + "\n\nEach row's command:\n\n" + "\n".join(commands) + "\n")
+    console.print(f"written: {RESULTS}")
 
 
 if __name__ == "__main__":
