@@ -46,7 +46,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 __all__ = ["build_chat_set", "build_mini_phi3", "derive_real_ratio", "flops_per_token", "full_set_padding", "main",
-           "parse_shape"]
+           "parse_shape", "run_worker"]
 
 VOCAB = 32064
 HEAD_DIM = 96
@@ -137,7 +137,7 @@ def _recipe(spec: dict, output_dir: str | None = None):
         "data.split=train", "data.eval_split=null", "data.eval_fraction=0.1", "data.max_eval_samples=2",
         f"train.output_dir={output_dir or spec['workdir'] + '/ours'}", "train.max_steps=-1", "train.epochs=1",
         "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1", "train.sample_prompts=0",
-        "train.device=cpu"])
+        f"train.device={spec.get('device', 'cpu')}", *spec.get("ours_overrides", [])])
 
 
 def _splits(spec: dict):
@@ -230,19 +230,24 @@ def _worker(which: str, spec_path: Path) -> None:
                             grad_accum=1, epochs=1, lr=recipe.train.lr, lora=recipe.lora,
                             optimizer=recipe.train.optimizer, seed=recipe.train.seed,
                             output_dir=spec["workdir"] + "/reference", compute_dtype=spec["reference_dtype"],
-                            evaluate=False)
+                            evaluate=False, device=spec.get("device", "cpu"))
         out.update(compute_dtype=spec["reference_dtype"], threads=torch.get_num_threads())
     out.update(clock.fields(out["tokens"]))
     (spec_path.parent / f"{which}.json").write_text(json.dumps(out, indent=1))
 
 
-def _run_worker(which: str, spec_path: Path, threads: int, console) -> dict:
+def run_worker(which: str, spec_path: Path, threads: int | None = None, console=None) -> dict:
+    """One pipeline ("ours" or "reference") in its own process on ``spec_path``'s model and data; its results.
+    The spec may also name ``device`` (default cpu) and ``ours_overrides`` (recipe overrides for ours)."""
+    import contextlib
+
     log = spec_path.parent / f"{which}.log"
-    with console.status(f"training {which} (log: {log})"), open(log, "w") as f:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    status = console.status(f"training {which} (log: {log})") if console else contextlib.nullcontext()
+    with status, open(log, "w") as f:
         proc = subprocess.run([sys.executable, __file__, "--worker", which, "--spec", str(spec_path)],
-                              stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                   "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)})
+                              stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
     return json.loads((spec_path.parent / f"{which}.json").read_text())
@@ -269,9 +274,9 @@ def run_shape(shape: str, conversations: int, pair_scale: int, args, workdir: Pa
     lengths = sorted(len(x) for x in train_enc.input_ids)
     spec_path = shape_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    ref = _run_worker("reference", spec_path, args.threads, console)
+    ref = run_worker("reference", spec_path, args.threads, console)
     load_between = _load()
-    ours = _run_worker("ours", spec_path, args.threads, console)
+    ours = run_worker("ours", spec_path, args.threads, console)
     body, head = flops_per_token(layers, hidden)
     row = {"shape": shape, "layers": layers, "hidden": hidden, "intermediate": intermediate_for(hidden),
            "body_to_head_flops": body / head, "conversations": conversations, "pair_scale": pair_scale,
