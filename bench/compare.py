@@ -448,7 +448,7 @@ def _write(row: dict, machine: dict, full: dict, args, console) -> None:
     if old.get("machine", {}).get("cpu") != machine["cpu"]:
         old = {}  # another machine's ladder is not this one's
     rows = sorted([r for r in old.get("rows", []) if r["shape"] != row["shape"]] + [row],
-                  key=lambda r: flops_per_token(r["layers"], r["hidden"])[0] / flops_per_token(r["layers"], r["hidden"])[1])
+                  key=lambda r: (r["body_to_head_flops"], r["hidden"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data_path.write_text(json.dumps({"machine": machine, "full_set": full, "rows": rows}, indent=1) + "\n")
     commands = [f"- {r['shape']}: `{r['command']}` ({r['measured']}, {r['threads']} thread(s), reference in "

@@ -50,9 +50,11 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=list(lora.target_modules)))  # fused names: qkv_proj, o_proj, gate_up_proj, down_proj
     args = SFTConfig(
-        output_dir=output_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=micro_batch_size,
+        output_dir=output_dir, num_train_epochs=epochs, max_steps=max_steps,
+        per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=grad_accum, learning_rate=lr,
-        lr_scheduler_type="constant", optim=optimizer, gradient_checkpointing=True, bf16=dtype == torch.bfloat16, use_cpu=device == "cpu",
+        lr_scheduler_type="constant", optim=optimizer, gradient_checkpointing=True, bf16=dtype == torch.bfloat16,
+        use_cpu=device == "cpu",
         seed=seed, data_seed=seed, logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[],
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", max_length=None, packing=False,
         dataloader_num_workers=0, remove_unused_columns=False,

@@ -76,7 +76,8 @@ def projected(c: dict, max_steps: int, eval_steps: int) -> list[tuple[str, float
     n_evals = 1 + max_steps // eval_steps
     return [("setup (data, model load, LoRA) and saving", c["setup"]),
             (f"optimizer steps ({max_steps})", c["step"] * max_steps),
-            (f"evaluations inside the loop ({n_evals}: step 0 and every {eval_steps}), loss only", c["eval"] * n_evals),
+            (f"evaluations inside the loop ({n_evals}: step 0 and every {eval_steps}), loss only",
+             c["eval"] * n_evals),
             (f"sample answers ({n_evals} rounds)", c["samples"] * n_evals),
             ("final evaluation" + (" (repeats the last one)" if max_steps % eval_steps == 0 else ""), c["final"])]
 
