@@ -24,6 +24,8 @@ before ``--budget-s`` are recorded as skipped):
 9. phi4    random Phi-4-mini-instruct at full size (grouped KV 24/8, partial rotary 0.75, tied embeddings, 200,064
            vocabulary, its o200k tokenizer), a few steps of recipes/phi4_mini_12gb.yaml at 2,048 tokens beside the
            estimate for the same settings
+9. speed   bench/compare.py at the real shape: one pass over the mixed-length chat set, ours against the cookbook
+           pipeline in the GPU's dtype (the ratio a CPU can only derive), and ours with flash-attn's varlen path
 """
 
 from __future__ import annotations
@@ -154,6 +156,40 @@ def step_fp16(ctx) -> str:
     run = json.loads((ctx.work / "fp16" / "run.json").read_text())
     losses = [h["loss"] for h in run["history"] if "loss" in h]
     return f"forced fp16 ({steps} steps): {_run_summary(ctx.work / 'fp16')}; losses {losses}"
+
+
+def step_speed(ctx) -> str:
+    """bench/compare.py's question at the real shape, where no CPU can answer it: one pass over the mixed-length chat
+    set on full-size Phi-3-mini, ours (``phi3_mini_4k_12gb`` as shipped: packed rows, chunked loss) against the
+    cookbook pipeline (micro-batches of 8 padded to their longest, TRL's fused head), both in the GPU's compute
+    dtype; then ours on flash-attn's varlen path if it is installed. Tokens/s: real tokens over the steps' time."""
+    from bench.compare import build_chat_set, run_worker
+    from qlora_phi3.model.load import pick_compute_dtype
+
+    n, scale = (9, 8) if ctx.dry else (106, 1)
+    data = build_chat_set(ctx.work / f"speed-chats-{n}.jsonl", n, pair_scale=scale)
+    base = {"model_dir": str(ctx.model_dir), "data_path": str(data), "micro_batch_ref": 8, "device": ctx.device,
+            "reference_dtype": pick_compute_dtype("auto", ctx.device).value,
+            "ours_overrides": [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]}
+    runs = [("reference", "reference", []), ("ours", "ours", [])]
+    try:
+        import flash_attn  # noqa: F401
+
+        runs.append(("ours, flash_attention_2 (varlen)", "ours", ["model.attn_implementation=flash_attention_2"]))
+    except ImportError:
+        pass
+    lines, tps = [], {}
+    for label, which, extra in runs:
+        work = ctx.work / f"speed-{len(tps)}"
+        work.mkdir(parents=True, exist_ok=True)
+        spec = dict(base, workdir=str(work), ours_overrides=base["ours_overrides"] + extra)
+        (work / "spec.json").write_text(json.dumps(spec))
+        r = run_worker(which, work / "spec.json")
+        tps[label] = r["tokens_per_second"]
+        lines.append(f"{label}: {r['tokens_per_second']:,.0f} tokens/s, {r['tokens']:,} real + {r['padded_tokens']:,}"
+                     f" padding tokens, {r['steps']} steps, {r['compute_dtype']}")
+    ratios = "; ".join(f"{k} / reference {v / tps['reference']:.2f}x" for k, v in tps.items() if k != "reference")
+    return (f"one pass over {n} conversations (pairs / {scale}): " + "; ".join(lines) + f". Ratios: {ratios}")
 
 
 def step_packing(ctx) -> str:
@@ -348,7 +384,7 @@ def step_phi4(ctx) -> str:
 
 STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("phi4", step_phi4, 180),
          ("packing", step_packing, 60), ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120),
-         ("merge", step_merge, 150), ("eval", step_eval, 150)]
+         ("merge", step_merge, 150), ("eval", step_eval, 150), ("speed", step_speed, 240)]
 
 
 class Context:

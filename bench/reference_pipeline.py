@@ -1,7 +1,8 @@
 """The reference to beat: plain transformers + PEFT + TRL + bitsandbytes QLoRA, as the Phi-3 cookbook's
 QLoRA notebook teaches it, kept honest.
 
-What it does, as the notebook does: NF4 + double quantization with bf16 compute,
+What it does, as the notebook does: NF4 + double quantization with bf16 compute (``compute_dtype``: on a
+CPU without native bf16, fp32, the dtype that machine runs natively, as ``compute_dtype: auto`` picks for ours),
 ``prepare_model_for_kbit_training`` (gradient checkpointing, input grads, fp32 upcast of the
 non-quantized weights), a LoRA ``get_peft_model``, and TRL's ``SFTTrainer`` with micro-batches padded
 to their longest sample. What we changed so that it is not handicapped: the LoRA targets are the fused
@@ -20,8 +21,10 @@ __all__ = ["run_reference"]
 
 
 def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int, grad_accum: int, epochs: float,
-                  lr: float, lora, optimizer: str, seed: int, output_dir: str, attn_implementation: str = "sdpa"):
-    """Train ``epochs`` passes; returns peak memory (RSS), real tokens/s and losses (same keys as ours)."""
+                  lr: float, lora, optimizer: str, seed: int, output_dir: str, attn_implementation: str = "sdpa",
+                  compute_dtype: str = "bfloat16", evaluate: bool = True, device: str = "cpu", max_steps: int = -1):
+    """Train ``epochs`` passes (or ``max_steps``); returns peak memory (RSS on a CPU), real tokens/s and losses
+    (same keys as ours). ``evaluate=False`` skips the eval after the pass (``eval_loss_end`` None)."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -31,14 +34,15 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
     from qlora_phi3.memory.meter import PeakMemory
     from qlora_phi3.model.load import _keep_cpu_4bit_format
 
+    dtype = getattr(torch, compute_dtype)
     transformers.set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.unk_token  # the cookbook pads with unk, right side
     tokenizer.padding_side = "right"
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map={"": "cpu"}, attn_implementation=attn_implementation)
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": device}, attn_implementation=attn_implementation)
     _keep_cpu_4bit_format(model)  # CPU-only bitsandbytes quirk (see qlora_phi3.model.load); no effect on a GPU
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
@@ -46,9 +50,11 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=list(lora.target_modules)))  # fused names: qkv_proj, o_proj, gate_up_proj, down_proj
     args = SFTConfig(
-        output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=micro_batch_size,
+        output_dir=output_dir, num_train_epochs=epochs, max_steps=max_steps,
+        per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=grad_accum, learning_rate=lr,
-        lr_scheduler_type="constant", optim=optimizer, gradient_checkpointing=True, bf16=True, use_cpu=True,
+        lr_scheduler_type="constant", optim=optimizer, gradient_checkpointing=True, bf16=dtype == torch.bfloat16,
+        use_cpu=device == "cpu",
         seed=seed, data_seed=seed, logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[],
         disable_tqdm=True, include_num_input_tokens_seen="non_padding", max_length=None, packing=False,
         dataloader_num_workers=0, remove_unused_columns=False,
@@ -63,7 +69,7 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
         return batch
 
     trainer.data_collator = counting
-    meter = PeakMemory("cpu", cpu_measure="rss")  # as `qlora-phi3 train` measures ours
+    meter = PeakMemory(device, cpu_measure="rss")  # as `qlora-phi3 train` measures ours
     meter.reset()
     t0 = time.perf_counter()
     trainer.train()
@@ -79,6 +85,6 @@ def run_reference(model_dir: str, train_enc, eval_enc, *, micro_batch_size: int,
         "train_seconds": train_seconds,
         "tokens_per_second": trainer.state.num_input_tokens_seen / train_seconds,
         "train_losses": losses,
-        "eval_loss_end": trainer.evaluate()["eval_loss"],
+        "eval_loss_end": trainer.evaluate()["eval_loss"] if evaluate else None,
         "steps": trainer.state.global_step,
     }

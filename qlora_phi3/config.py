@@ -143,6 +143,10 @@ class DataConfig:
     packing: bool = _f(True, "Pack samples into rows of max_seq_len without padding, with no attention across "
                              "samples (the fast default for chat data); false pads each micro-batch to its longest. "
                              "SFT only: preference pairs are never packed (each answer is scored on its own row).")
+    group_by_length: bool = _f(True, "data.packing=false only: draw each optimizer step's conversations from a "
+                                     "group of similar length (transformers' length-grouped sampler: random "
+                                     "mega-batches, each sorted by length), so less of every micro-batch is padding; "
+                                     "false = uniformly random micro-batches.")
 
 
 @dataclass

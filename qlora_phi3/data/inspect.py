@@ -212,7 +212,7 @@ def _default_out_dir(recipe: Recipe) -> Path:
 def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path | None = None) -> DataInspection:
     """Validate, tokenize (with ``tokenizer``, the recipe model's) and measure ``recipe``'s training data, with
     conversation number ``sample`` token by token; write a PNG histogram and a JSON summary."""
-    from qlora_phi3.data.packing import pack_rows, padding_advice
+    from qlora_phi3.data.packing import length_group, pack_rows, padding_advice
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.split import hold_out
     from qlora_phi3.files import atomic_write_json
@@ -268,7 +268,7 @@ def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path
         rows = res.packed_rows
     else:
         res.padded_share, res.padding_note, res.padding_warns = padding_advice(train_lengths, t.micro_batch_size,
-                                                                              t.seed)
+                                                                              t.seed, length_group(recipe))
         rows = len(train_lengths)
     # transformers' Trainer: ceil(rows / micro_batch) batches, ceil(batches / grad_accum) steps
     res.steps_per_epoch = max(1, math.ceil(math.ceil(rows / t.micro_batch_size) / t.grad_accum))

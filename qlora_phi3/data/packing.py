@@ -19,8 +19,8 @@ import random
 
 from qlora_phi3.phi3 import IGNORE_INDEX
 
-__all__ = ["PADDING_WARN_SHARE", "PackingCollator", "block_causal_mask", "pack_columns", "pack_rows", "padded_tokens",
-           "padding_advice", "to_model_inputs"]
+__all__ = ["PADDING_WARN_SHARE", "PackingCollator", "block_causal_mask", "length_group", "pack_columns", "pack_rows",
+           "padded_tokens", "padding_advice", "to_model_inputs"]
 
 PADDING_WARN_SHARE = 0.30  # above this share of padded tokens per epoch, packing is worth a warning
 
@@ -47,11 +47,18 @@ def pack_rows(lengths: list[int], max_seq_len: int) -> list[list[int]]:
     return rows
 
 
-def padded_tokens(lengths: list[int], micro_batch_size: int, seed: int = 0) -> int:
-    """Padding tokens in one epoch without packing: micro-batches drawn in random order (the Trainer's
-    default sampler; a seeded shuffle stands in for its order) and padded to their longest sample."""
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
+def padded_tokens(lengths: list[int], micro_batch_size: int, seed: int = 0, group: int | None = None) -> int:
+    """Padding tokens in one epoch without packing: micro-batches padded to their longest sample, drawn in random
+    order (the Trainer's default sampler; a seeded shuffle stands in for its order) or, with ``group`` (samples per
+    optimizer step), in the order of transformers' length-grouped sampler (``data.group_by_length``)."""
+    if group:
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = get_length_grouped_indices(lengths, group, generator=torch.Generator().manual_seed(seed))
+    else:
+        order = list(range(len(lengths)))
+        random.Random(seed).shuffle(order)
     total = 0
     for start in range(0, len(order), micro_batch_size):
         batch = [lengths[i] for i in order[start:start + micro_batch_size]]
@@ -59,13 +66,22 @@ def padded_tokens(lengths: list[int], micro_batch_size: int, seed: int = 0) -> i
     return total
 
 
-def padding_advice(lengths: list[int], micro_batch_size: int, seed: int) -> tuple[float, str, bool]:
+def length_group(recipe) -> int | None:
+    """Samples per length group when training draws unpacked micro-batches grouped by length (``data.packing=false``
+    with ``data.group_by_length``): an optimizer step's worth, as the Trainer's sampler groups them; else None."""
+    if recipe.data.packing or not recipe.data.group_by_length:
+        return None
+    return recipe.train.micro_batch_size * recipe.train.grad_accum
+
+
+def padding_advice(lengths: list[int], micro_batch_size: int, seed: int,
+                   group: int | None = None) -> tuple[float, str, bool]:
     """(share of padded tokens per epoch without packing, the sentence that says so, whether it deserves a
-    warning), for ``train`` and the ``data`` inspector alike."""
-    padded = padded_tokens(lengths, micro_batch_size, seed)
+    warning), for ``train`` and the ``data`` inspector alike; ``group`` as in :func:`padded_tokens`."""
+    padded = padded_tokens(lengths, micro_batch_size, seed, group)
     share = padded / (padded + sum(lengths)) if lengths else 0.0
     line = (f"padding: about {share:.0%} of the tokens per epoch are padding (data.packing=false: micro-batches of "
-            f"{micro_batch_size} padded to their longest sample)")
+            f"{micro_batch_size}{' grouped by length' if group else ''} padded to their longest sample)")
     if share > PADDING_WARN_SHARE:
         return share, (f"{line}: compute spent on nothing. data.packing=true packs conversations into full rows "
                        "without padding (leak-free) and is usually several times faster."), True

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.data.encode import encode_records
-from qlora_phi3.data.packing import padding_advice
+from qlora_phi3.data.packing import length_group, padding_advice
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import UserError
 from qlora_phi3.phi3 import IGNORE_INDEX
@@ -32,6 +32,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dt
         include_num_input_tokens_seen="non_padding",
         max_length=None,  # already truncated (and counted) in data.encode.encode_records
         packing=False,  # ours: data/packing.py
+        # Unpacked, micro-batches of similar lengths pad less (data.group_by_length; the padding line says how much).
+        train_sampling_strategy="group_by_length" if length_group(recipe) else "random",
     )
 
 
@@ -56,7 +58,7 @@ def load_data(recipe: Recipe, tokenizer) -> MethodData:
     share = None
     if not d.packing:
         share, line, serious = padding_advice([len(x) for x in train_enc.input_ids], recipe.train.micro_batch_size,
-                                              recipe.train.seed)
+                                              recipe.train.seed, length_group(recipe))
         (warn if serious else info)(line)
     dataset = {"train_samples": len(train_enc.input_ids), "eval_samples": len(eval_enc.input_ids),
                "train_tokens": train_enc.n_tokens, "truncated": train_enc.truncated + eval_enc.truncated,

@@ -40,7 +40,7 @@ def _recipe(tmp_path, *overrides):
 def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, capsys, tiny_tokenizer, packing):
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.encode import encode_records
-    from qlora_phi3.data.packing import pack_columns, padding_advice
+    from qlora_phi3.data.packing import length_group, pack_columns, padding_advice
     from qlora_phi3.run.methods.sft import load_data as _load_data
 
     recipe = _recipe(tmp_path, f"data.packing={packing}")
@@ -56,9 +56,10 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
     if packing == "true":  # the rows the trainer is given (run/trainer.py packs with pack_columns)
         rows = len(pack_columns(train_enc.input_ids, train_enc.labels, 60)["input_ids"])
         assert res.packed_rows == rows < len(train_enc.input_ids) and res.padded_share is None
-    else:  # the padding share is the one train prints, for the recipe's micro-batch of 3
+    else:  # the padding share is the one train prints, for the recipe's micro-batch of 3 grouped by length
         rows = len(train_enc.input_ids)
-        share, line, _ = padding_advice([len(x) for x in train_enc.input_ids], 3, recipe.train.seed)
+        assert length_group(recipe) == 6  # data.group_by_length's default: an optimizer step's 3 x 2 conversations
+        share, line, _ = padding_advice([len(x) for x in train_enc.input_ids], 3, recipe.train.seed, 6)
         assert res.padded_share == share > 0 and res.packed_rows is None and res.padding_note == line
     assert res.steps_per_epoch == math.ceil(math.ceil(rows / 3) / 2)
     assert res.train_samples == 18 and res.eval_samples == 2

@@ -8,7 +8,8 @@ import torch
 from qlora_phi3.config import ModelConfig
 from qlora_phi3.run.loss import model_loss
 from qlora_phi3.model.load import load_model
-from qlora_phi3.data.packing import PackingCollator, block_causal_mask, pack_columns, pack_rows, to_model_inputs
+from qlora_phi3.data.packing import (PackingCollator, block_causal_mask, pack_columns, pack_rows, padded_tokens,
+                                     padding_advice, to_model_inputs)
 
 
 def _samples(n=7, seed=0):
@@ -107,6 +108,18 @@ def test_flash_attention_gets_position_ids_and_no_mask():
     assert "attention_mask" not in inputs and "segment_ids" not in inputs
     lens = cols["seq_lens"][0]
     assert inputs["position_ids"][0].tolist() == [p for n in lens for p in range(n)]
+
+
+def test_length_grouped_order_pads_unpacked_micro_batches_far_less():
+    """data.packing=false with data.group_by_length: the estimate follows transformers' length-grouped order,
+    which on a chat-like mix of short and long conversations leaves a fraction of the random order's padding."""
+    rng = random.Random(5)
+    lengths = [rng.choice([rng.randint(20, 120), rng.randint(150, 400), rng.randint(900, 1900)]) for _ in range(400)]
+    shuffled = padded_tokens(lengths, 2, seed=0)
+    grouped = padded_tokens(lengths, 2, seed=0, group=8)
+    assert grouped < shuffled / 3
+    share, line, _ = padding_advice(lengths, 2, 0, group=8)
+    assert share == grouped / (grouped + sum(lengths)) and "grouped by length" in line
 
 
 def test_unpacked_batches_pass_through():

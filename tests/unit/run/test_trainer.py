@@ -118,3 +118,19 @@ def test_eval_loss_is_per_assistant_token_and_the_same_with_packing(tmp_path):
     assert gap > 0.01 * per_token  # the data tells the two apart
     for key, loss in losses.items():
         assert abs(loss - per_token) < 0.1 * gap, (key, loss, per_token, row_weighted)
+
+
+def _padded_share(trainer) -> float:
+    """Padding share of one epoch of the trainer's own micro-batches (its sampler, its collator)."""
+    computed = real = 0
+    for batch in trainer.get_train_dataloader():
+        computed += batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum())
+    return (computed - real) / computed
+
+
+def test_unpacked_micro_batches_are_grouped_by_length(tmp_path):
+    unpacked = ["data.packing=false", "data.max_samples=240"]
+    grouped = _padded_share(_trainer(tmp_path / "grouped", *unpacked))
+    shuffled = _padded_share(_trainer(tmp_path / "random", *unpacked, "data.group_by_length=false"))
+    assert grouped < shuffled / 2, (grouped, shuffled)
