@@ -24,7 +24,7 @@ before ``--budget-s`` are recorded as skipped):
 9. phi4    random Phi-4-mini-instruct at full size (grouped KV 24/8, partial rotary 0.75, tied embeddings, 200,064
            vocabulary, its o200k tokenizer), a few steps of recipes/phi4_mini_12gb.yaml at 2,048 tokens beside the
            estimate for the same settings
-9. speed   bench/compare.py at the real shape: one pass over the mixed-length chat set, ours against the cookbook
+10. speed  bench/compare.py at the real shape: one pass over the mixed-length chat set, ours against the cookbook
            pipeline in the GPU's dtype (the ratio a CPU can only derive), and ours with flash-attn's varlen path
 """
 
