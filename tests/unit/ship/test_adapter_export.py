@@ -156,7 +156,9 @@ def _logits(llama_cpp, model: Path, id_lists, lora: Path | None = None) -> list[
 
 def _agreement_with_merged(llama_cpp, name: str, merged: Path, base: Path, loras: dict, convs) -> dict:
     """For each LoRA file (and the base alone), over the conversations' answer positions in llama.cpp: (top-1
-    agreement with the merged GGUF, max |logit diff|). Printed, so that a run of the suite shows the margins."""
+    agreement with the merged GGUF, max |logit diff|, top-1 agreement counting near-ties as agreement: llama.cpp's
+    pick within ``NEAR_TIE_LOGITS`` of the merged file's top-1, the export pass mark's own rule). Printed, so that a
+    run of the suite shows the margins."""
     ids, pos = [c.ids for c in convs], [c.answer_pos for c in convs]
 
     def answer(logits):
@@ -166,9 +168,12 @@ def _agreement_with_merged(llama_cpp, name: str, merged: Path, base: Path, loras
     measured = {}
     for label, lora in [*loras.items(), ("base alone", None)]:
         got = answer(_logits(llama_cpp, base, ids, lora))
-        measured[label] = ((got.argmax(-1) == want.argmax(-1)).mean(), np.abs(got - want).max())
+        pick = got.argmax(-1)
+        lead = want.max(-1) - np.take_along_axis(want, pick[:, None], -1)[:, 0]  # 0 where the picks agree
+        measured[label] = ((pick == want.argmax(-1)).mean(), np.abs(got - want).max(),
+                           (lead < llama_check.NEAR_TIE_LOGITS).mean())
     print(f"\n{name}: {len(want)} answer positions; top-1 agreement with the merged f16 GGUF, max |logit diff|: "
-          + ", ".join(f"{k} {a:.4f} {d:.4f}" for k, (a, d) in measured.items()))
+          + ", ".join(f"{k} {a:.4f} {d:.4f}" for k, (a, d, _) in measured.items()))
     return measured
 
 
@@ -206,7 +211,10 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     records, _ = held_out_records(src.recipe, src.run, tok, src.max_seq_len, CHECK_SAMPLES)
     measured = _agreement_with_merged(llama_cpp, kind, merged, result.out_dir / f"{run.name}-base-f16.gguf",
                                       result.files, llama_check.conversations(records, tok))
-    assert all(measured[q][0] >= 0.99 for q in quants), measured
+    # f16 adds the update in f32 beside the merged file's one f16 rounding: the same picks. q8_0 rounds A as well
+    # and may swap a near-tie (a 2-core AMD EPYC with fp32 training: 98.2% plain, 1 near-tie in 56 positions).
+    assert measured["f16"][0] >= 0.99, measured
+    assert all(measured[q][2] >= 0.99 for q in quants), measured
     assert measured["base alone"][0] < 0.5, measured
     # The merged file rounds base + update to f16 once; the LoRA path adds the update in f32: logits differ by
     # rounding (measured ~0.01-0.05 at logits of |10-20|), while the base alone misses by whole units.
@@ -235,7 +243,7 @@ def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path)
     assert "preference" in where
     measured = _agreement_with_merged(llama_cpp, "dpo", merged, result.out_dir / f"{run_dir.name}-base-f16.gguf",
                                       result.files, llama_check.conversations(records, tok))
-    assert measured["f16"][0] >= 0.99 and measured["q8_0"][0] >= 0.99, measured
+    assert measured["f16"][0] >= 0.99 and measured["q8_0"][2] >= 0.99, measured
     assert measured["base alone"][0] < 0.9, measured  # DPO moves less than SFT from a random base (beta 0.1)
     assert measured["f16"][1] < 0.1 * measured["base alone"][1], measured
 
