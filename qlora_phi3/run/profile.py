@@ -221,6 +221,8 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
                                "CUDA: max_memory_allocated / max_memory_reserved after warm-up; device used = "
                                "total - free at each measured step's end (torch.cuda.mem_get_info)"),
             "recipe": recipe_to_dict(first)}
+    choice, why = pick(rows, budget_gib)
+    meta["pick"] = {"overrides": None if choice is None else choice.overrides, "why": why}
     return rows, meta
 
 
