@@ -254,7 +254,7 @@ def _estimate_row(row: ProfileRow, recipe: Recipe, device: str, budget_gib: floa
         row.fits_budget = est.total_gib <= budget_gib
 
 
-# Eval losses within this share of the best count as ties: a few steps' loss moves about that much with the data order.
+# Eval losses within this share of the best count as ties: a margin for a short run's noise (chosen, not measured).
 QUALITY_TIE = 0.01
 
 
