@@ -145,7 +145,7 @@ def print_fit_report(report) -> None:
 
 
 def _profile(args) -> int:
-    from qlora_phi3.run.profile import grid_recipes, pick, profile, write_results
+    from qlora_phi3.run.profile import grid_recipes, profile, write_results
     from qlora_phi3.ui import console, info, warn
 
     path, overrides = recipe_and_overrides(args)
@@ -158,16 +158,15 @@ def _profile(args) -> int:
          f"{args.steps} measured optimizer step(s) of `qlora-phi3 train`{quality}")
     rows, meta = profile(configs, args.steps, args.warmup, budget_gib, recipe_name=path.stem,
                          quality_steps=args.quality_steps)
-    choice, why = pick(rows, budget_gib)
-    meta["pick"] = {"overrides": choice.overrides if choice else None, "why": why}
     console().print(profile_table(rows, meta))
     paths = write_results(rows, meta, out)
     for row in rows:
         if row.status == "error":
             warn(f"{row.overrides}: {row.message}")
     info(f"results: {paths['csv']}, {paths['json']}, {paths['png']}")
-    named = " ".join(f"{k}={v}" for k, v in choice.overrides.items()) if choice else ""
-    info(f"pick: [bold]{named or 'the recipe as it is'}[/] ({why})" if choice else f"pick: none ({why})")
+    choice, why = meta["pick"]["overrides"], meta["pick"]["why"]
+    named = " ".join(f"{k}={v}" for k, v in (choice or {}).items())
+    info(f"pick: [bold]{named or 'the recipe as it is'}[/] ({why})" if choice is not None else f"pick: none ({why})")
     return 0
 
 

@@ -221,6 +221,8 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
                                "CUDA: max_memory_allocated / max_memory_reserved after warm-up; device used = "
                                "total - free at each measured step's end (torch.cuda.mem_get_info)"),
             "recipe": recipe_to_dict(first)}
+    choice, why = pick(rows, budget_gib)
+    meta["pick"] = {"overrides": None if choice is None else choice.overrides, "why": why}
     return rows, meta
 
 
@@ -252,7 +254,7 @@ def _estimate_row(row: ProfileRow, recipe: Recipe, device: str, budget_gib: floa
         row.fits_budget = est.total_gib <= budget_gib
 
 
-# Eval losses within this share of the best count as ties: a few steps' loss moves about that much with the data order.
+# Eval losses within this share of the best count as ties: a margin for a short run's noise (chosen, not measured).
 QUALITY_TIE = 0.01
 
 

@@ -154,7 +154,7 @@ def test_quality_steps_record_held_out_eval_loss_per_configuration(profiled):
     assert rows[1].eval_loss_start == rows[3].eval_loss_start  # r=8 and r=16 at seq 96, before training
     choice, why = P.pick(rows, 1.0)
     assert choice.fits_budget and choice.eval_loss <= min(r.eval_loss for r in rows[1:]) * (1 + P.QUALITY_TIE)
-    assert "eval loss" in why
+    assert "eval loss" in why and meta["pick"] == {"overrides": choice.overrides, "why": why}
     with open(paths["csv"], newline="") as f:
         assert [t["eval_loss"] for t in csv.DictReader(f)][1:] == [str(r.eval_loss) for r in rows[1:]]
 
