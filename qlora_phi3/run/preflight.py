@@ -3,8 +3,9 @@
 A mistake in a file or a directory used to be answered after the heavy imports, 30 s after a key typo would
 have been. :func:`preflight` runs, with no heavy import, the checks that need none: the recipe's values (already
 checked by ``load_recipe``), the run directory (:func:`qlora_phi3.run.rundir.prepare_run_dir`), the data file's
-whole-file checks (:func:`qlora_phi3.data.read.check_data_file`) and ``data.max_seq_len`` against the model's
-context when its ``config.json`` is on disk or published. :func:`qlora_phi3.run.train.setup` makes the same checks
+whole-file checks (:func:`qlora_phi3.data.read.check_data_file`; for SFT, a local file up to 64 MiB also record by
+record, :func:`qlora_phi3.data.read.load_records`, so a file with no usable conversation or too many bad ones is
+refused too) and ``data.max_seq_len`` against the model's context when its ``config.json`` is on disk or published. :func:`qlora_phi3.run.train.setup` makes the same checks
 again for callers of the library, with the same functions, so the messages are the same either way.
 """
 
@@ -14,12 +15,14 @@ import json
 from pathlib import Path
 
 from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig, Recipe, with_absolute_paths
-from qlora_phi3.data.read import check_data_file
+from qlora_phi3.data.read import check_data_file, load_records, resolve_data_path
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import published
 from qlora_phi3.run.rundir import prepare_run_dir
 
 __all__ = ["check_context", "known_context", "preflight"]
+
+READ_TWICE_BYTES = 64 * 2**20  # chat files up to this size are also checked record by record before torch loads
 
 
 def preflight(recipe: Recipe, resume: bool = False, force: bool = False) -> None:
@@ -28,9 +31,17 @@ def preflight(recipe: Recipe, resume: bool = False, force: bool = False) -> None
     plan = prepare_run_dir(recipe, resume, force)
     recipe = with_absolute_paths(plan.recipe)  # as setup() does: on --resume, the run's own recipe with the changes
     check_data_file(recipe.data)
+    if recipe.train.method == "sft" and _small_local_file(recipe.data.path):
+        load_records(recipe.data)  # record by record: data with no usable conversation is refused now too
     limit = known_context(recipe.model)
     if limit:
         check_context(recipe, limit)
+
+
+def _small_local_file(path: str) -> bool:
+    """A local file small enough to read twice (here, and when training loads it) without anyone noticing."""
+    local = Path(resolve_data_path(path)).expanduser()
+    return local.is_file() and local.stat().st_size <= READ_TWICE_BYTES
 
 
 def known_context(model: ModelConfig) -> int | None:

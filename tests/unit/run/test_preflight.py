@@ -26,7 +26,10 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     done = _completed_run(tmp_path / "done")
+    unusable = tmp_path / "texts.jsonl"
+    unusable.write_text('{"text": "hello"}\n{"text": "bye"}\n')
     return [
+        ([f"data.path={unusable}"], "no usable conversations"),
         ([f"data.path={tmp_path / 'missing.jsonl'}"], "file not found"),
         ([f"data.path={empty}"], "the data file is empty"),
         ([f"data.path={tmp_path}"], "is a directory; point it at a data file"),

@@ -46,7 +46,9 @@ def test_resume_continues_with_the_runs_own_settings_and_refuses_changes(tmp_pat
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["steps"] == 6
     assert record["recipe"]["lora"]["r"] == 8 and record["recipe"]["data"]["max_samples"] == 40
-    assert record["resumes"] == [{"from": "checkpoint-4", "changes": {"train.max_steps": [4, 6]}}]
+    assert record["resumes"] == [{"from": "checkpoint-4", "changes": {"train.max_steps": [4, 6]},
+                                  "wall_seconds_before": record["resumes"][0]["wall_seconds_before"]}]
+    assert 0 < record["resumes"][0]["wall_seconds_before"] < record["wall_seconds"]
     saved = load_recipe(run / "recipe.yaml", [])
     assert saved.train.max_steps == 6 and saved.lora.r == 8
 
