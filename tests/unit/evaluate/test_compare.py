@@ -33,7 +33,9 @@ def run_dir(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(run_dir):
-    code, printed = _cli("eval", run_dir, "--tasks", "tiny_chat_facts", "--data", "--limit", LIMIT)
+    # The answers are one short sentence; the untrained base never says <|end|>, so the cap bounds its time.
+    code, printed = _cli("eval", run_dir, "--tasks", "tiny_chat_facts", "--data", "--limit", LIMIT,
+                         "--max-new-tokens", 24)
     assert code == 0, printed
     summary = json.loads((run_dir / "eval" / "eval_summary.json").read_text())
     return summary, printed
@@ -98,7 +100,8 @@ def test_a_merged_model_scores_what_lm_evals_own_cli_scores(run_dir, tmp_path, m
     monkeypatch.setattr("sys.argv", [
         "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={merged},dtype=auto", "--tasks",
         "tiny_chat_facts", "--include_path", str(SHIPPED_TASKS_DIR), "--limit", "20", "--batch_size", "4",
-        "--device", "cpu", "--apply_chat_template", "--fewshot_as_multiturn", "--output_path", str(tmp_path / "theirs")])
+        "--device", "cpu", "--apply_chat_template", "--fewshot_as_multiturn",
+        "--output_path", str(tmp_path / "theirs")])
     with contextlib.redirect_stdout(io.StringIO()):
         cli_evaluate()
     theirs = json.loads(next((tmp_path / "theirs").rglob("results_*.json")).read_text())
