@@ -50,7 +50,7 @@ def test_the_fine_tune_beats_the_base_on_the_shipped_task(evaluated):
     acc = _row(summary)
     assert acc["finetune"] >= 0.9 and acc["base"] <= 0.5, acc  # four choices: the random base is near chance
     assert acc["delta"] == pytest.approx(acc["finetune"] - acc["base"])
-    assert 0 < acc["finetune_stderr"] < 0.1 and acc["base_stderr"] > 0
+    assert 0 <= acc["finetune_stderr"] < 0.1 and acc["base_stderr"] > 0  # 0 when every answer is right
     assert summary["settings"]["chat_template"] is True and summary["settings"]["limit"] == LIMIT
     for word in ("tiny_chat_facts", "fine-tune", "delta", "stderr", "chat template on"):
         assert word in printed
