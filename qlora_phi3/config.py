@@ -219,6 +219,8 @@ class TrainConfig:
                                    "empty = none (needs pip install 'qlora-phi3[eval]').")
     eval_include_path: str | None = _f(None, "Folder of your own lm-eval task YAMLs for train.eval_tasks "
                                              "(the shipped tiny_chat_facts is always found).")
+    eval_limit: int | None = _f(None, "train.eval_tasks on only the first N documents of each task (a quick look); "
+                                      "null = all of them.")
 
 
 @dataclass
@@ -427,6 +429,8 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("train.sample_prompts", not isinstance(recipe.train.sample_prompts, int) or recipe.train.sample_prompts >= 0,
          "must be 0 (off), a number of eval prompts, or a file of prompts"),
         ("train.sample_max_new_tokens", recipe.train.sample_max_new_tokens >= 1, "must be at least 1"),
+        ("train.eval_limit", recipe.train.eval_limit is None or recipe.train.eval_limit >= 1,
+         "must be at least 1 (or null: every document)"),
     ]
     for key, ok, what in checks:
         if not ok:

@@ -63,5 +63,5 @@ def _end_of_train_eval(recipe):
     from qlora_phi3.evaluate.tasks import prepare_tasks
 
     paths = [Path(recipe.train.eval_include_path)] if recipe.train.eval_include_path else []
-    plan = EvalPlan(tasks=list(recipe.train.eval_tasks), include_paths=paths)
+    plan = EvalPlan(tasks=list(recipe.train.eval_tasks), include_paths=paths, limit=recipe.train.eval_limit)
     return plan, prepare_tasks(plan.tasks, plan.include_paths)

@@ -30,7 +30,7 @@ RUN_MARKERS = (RUN_FILE, RECIPE_FILE, "adapter")
 MAY_CHANGE_ON_RESUME = ("train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps",
                         "train.save_steps", "train.save_total_limit", "train.report_to", "train.run_name",
                         "train.sample_prompts", "train.sample_max_new_tokens", "train.output_dir",
-                        "train.eval_tasks", "train.eval_include_path")
+                        "train.eval_tasks", "train.eval_include_path", "train.eval_limit")
 _ONLY_UP = ("train.max_steps", "train.epochs")
 
 

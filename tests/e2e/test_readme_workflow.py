@@ -34,8 +34,13 @@ def test_the_cpu_column_runs_offline_as_written(tmp_path, tiny_run, qlora):
     commands = _cpu_column()
     assert [shlex.split(c)[0] for c in commands] == ["qlora-phi3"] * len(commands)
     assert [shlex.split(c)[1] for c in commands] == ["data", "estimate", "train", "eval", "merge", "chat", "export"]
+    import importlib.util
+
+    has_lm_eval = importlib.util.find_spec("lm_eval") is not None  # the [eval] extra; CI installs it
     for command in commands:
         argv = shlex.split(command)
+        if argv[1] == "eval" and not has_lm_eval:
+            continue
         if argv[1] == "train":  # shortened, and the full default run put where the README's next commands look
             argv += ["train.max_steps=10", "train.eval_steps=5", "train.save_steps=5", "train.output_dir=runs/short"]
         res = qlora(*argv[1:], cwd=tmp_path)
@@ -46,6 +51,6 @@ def test_the_cpu_column_runs_offline_as_written(tmp_path, tiny_run, qlora):
         if argv[1] == "chat":
             assert res.stdout.strip(), "chat --prompt printed no answer"
     assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "runs" / "tiny" / "eval" / "eval_summary.json").is_file()
+    assert (tmp_path / "runs" / "tiny" / "eval" / "eval_summary.json").is_file() or not has_lm_eval
     assert (tmp_path / "runs" / "tiny-merged" / "config.json").is_file()
     assert list((tmp_path / "runs" / "tiny-gguf").glob("*.gguf"))

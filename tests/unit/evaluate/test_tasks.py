@@ -11,6 +11,9 @@ from qlora_phi3.data.synthetic import answer_for
 from qlora_phi3.evaluate.facts import N_CHOICES, documents
 
 TINY = "embedded:tiny-phi3"
+# Tests that look past the shipped task need the map of lm-eval's own ~14,000 task files, built once per machine by
+# lm-eval's own index (half a minute on 2 cores, more when busy): the full tier's.
+_INDEX = pytest.mark.slow
 
 
 def _one_error_line(res) -> str:
@@ -30,6 +33,7 @@ def test_the_shipped_task_asks_every_fact_of_the_tiny_chat_set():
     assert len({d["answer"] for d in docs}) == N_CHOICES  # the right answer is not always in one place
 
 
+@_INDEX
 def test_an_unknown_task_is_refused_with_the_way_to_add_one(qlora):
     pytest.importorskip("lm_eval")
     text = _one_error_line(qlora("eval", TINY, "--tasks", "tiny_chat_fact"))
@@ -55,6 +59,7 @@ def test_a_task_lm_eval_cannot_build_names_the_task_and_its_yaml(qlora, tmp_path
     assert "--tasks my_qa" in text and str(tmp_path / "qa.yaml") in text and "output_type" in text
 
 
+@_INDEX
 def test_a_hub_task_offline_fails_in_seconds_naming_include_path(qlora, monkeypatch):
     """The Hub unreachable (a closed local port stands in for it) and the user's environment not offline: the
     probe takes the process offline, so the task's data set fails at once instead of after retries."""
@@ -92,6 +97,7 @@ def test_nothing_to_evaluate_is_refused(qlora):
     assert "give --tasks" in _one_error_line(qlora("eval", TINY))
 
 
+@_INDEX
 def test_an_unknown_train_eval_task_stops_training_before_it_starts(qlora, tmp_path):
     pytest.importorskip("lm_eval")
     out = tmp_path / "run"
