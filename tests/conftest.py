@@ -142,6 +142,23 @@ def phi4_tokenizer(tiny_phi4_mini_dir):
     return load_tokenizer(ModelConfig(name_or_path=str(tiny_phi4_mini_dir)))
 
 
+@pytest.fixture(scope="session")
+def tiny_phi4_dir(tmp_path_factory):
+    """A tiny Phi-4 (14B's shape: grouped KV 4/1, full rotary, untied embeddings, the 100,352-row vocabulary and its
+    cl100k tokenizer), built once per session, seeded."""
+    from qlora_phi3.model.tiny import build_tiny_shape
+
+    return build_tiny_shape("phi4", tmp_path_factory.mktemp("tiny-phi4"))
+
+
+@pytest.fixture(scope="session")
+def phi4_14b_tokenizer(tiny_phi4_dir):
+    from qlora_phi3.config import ModelConfig
+    from qlora_phi3.model.load import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_phi4_dir)))
+
+
 # The fast tier (`pytest -m "not slow"`, about a minute on 2 cores) leaves out whatever trains a model: tests that
 # use a fixture holding a trained run, and the files whose tests each start training runs.
 _TRAINED_FIXTURES = {"tiny_run", "merged_dir", "exported", "merged", "mini_dirs", "profiled", "tb_run", "phi4_run",
