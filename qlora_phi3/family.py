@@ -49,6 +49,10 @@ class TokenizerFamily:
     # "module:function" writing the family's tokenizer files into a directory (tiny models, tests); "" when the
     # family's tokenizer ships as files (Phi-3's, in assets/tiny-phi3).
     tokenizer_writer: str = ""
+    # How the template opens a turn ({role}: 'assistant', ...), for templates written in other languages (Ollama).
+    role_header: str = "<|{role}|>"
+    # The name llama.cpp gives the pre-tokenizer (its converter finds it from the ids of a probe text).
+    llama_cpp_pre: str = "default"
 
     def token_id(self, text: str) -> int:
         return self.special_ids[text]
@@ -94,7 +98,7 @@ PHI4_MINI = TokenizerFamily(
     # from the token walk (data/encode.py), the collator pads labels with -100 rather than masking pad ids, and
     # the token that carries the turn's end in the loss is <|end|> (200020), not <|endoftext|>.
     pad_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-    role_newline=False, tokenizer_writer="qlora_phi3.model.o200k:write_phi4_mini_tokenizer",
+    role_newline=False, tokenizer_writer="qlora_phi3.model.o200k:write_phi4_mini_tokenizer", llama_cpp_pre="gpt-4o",
 )
 
 # microsoft/phi-4's tokenizer_config.json chat template, verbatim: the role is plain text between <|im_start|> and
@@ -131,7 +135,8 @@ PHI4 = TokenizerFamily(
     # every turn, bos <|endoftext|>, pad <|dummy_85|> (100349), an untrained filler, so pad never equals eos.
     pad_token="<|dummy_85|>", bos_token="<|endoftext|>", eos_token="<|im_end|>",
     stop_tokens=("<|im_end|>", "<|endoftext|>"), role_newline=False, end_token="<|im_end|>",
-    tokenizer_writer="qlora_phi3.model.cl100k:write_phi4_tokenizer",
+    tokenizer_writer="qlora_phi3.model.cl100k:write_phi4_tokenizer", role_header="<|im_start|>{role}<|im_sep|>",
+    llama_cpp_pre="dbrx",  # cl100k_base's split: llama.cpp names it after DBRX, the first cl100k model it converted
 )
 
 FAMILIES = (PHI3, PHI4_MINI, PHI4)

@@ -322,7 +322,7 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
         base_name = base_file.name if base_file else f"{stem}-base-f16.gguf"
         (stage / MODELFILE_NAME).write_text(
             gguf_export.modelfile_text(base_name, ctx, adapter=files[names[0]].name, from_note=from_note,
-                                       role_newline=family_for_config(base_config).role_newline),  # Phi-4-mini: none
+                                       family=family_for_config(base_config)),
             encoding="utf-8")
         checks, reference, base_alone = {}, None, None
         if check:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_phi3.errors import UserError
-from qlora_phi3.family import family_for_config
+from qlora_phi3.family import PHI3, TokenizerFamily, family_for_config, family_for_tokenizer
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.data.split import held_out_records
 from qlora_phi3.out.merge import merge, phi3_model_name
@@ -377,11 +377,12 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
     from qlora_phi3.model.load import auto_tokenizer
 
     if family.tokenizer_kind == "byte_bpe":
-        # As convert_hf_to_gguf.py for Phi-4-mini: the 'gpt2' tokenizer with the o200k split ('gpt-4o', which
-        # llama.cpp's converter detects from the ids of its probe text), merges from tokenizer.json.
+        # As convert_hf_to_gguf.py for Phi-4-mini / Phi-4: the 'gpt2' tokenizer with the o200k split ('gpt-4o') or
+        # cl100k's ('dbrx'), which llama.cpp's converter detects from the ids of its probe text; merges from
+        # tokenizer.json.
         tokens, types = _byte_bpe_vocab(model_dir, n_vocab)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-4o")
+        w.add_tokenizer_pre(family.llama_cpp_pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
@@ -394,14 +395,15 @@ def write_gguf(model_dir: str | Path, dest: str | Path, quant: str, name: str) -
         w.add_token_types(types)
         special = gguf.SpecialVocab(model_dir, n_vocab=n_vocab)  # bos/eos/unk/pad ids and the chat template
     tokenizer = auto_tokenizer(str(model_dir))
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    eot_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    end_id = tokenizer.convert_tokens_to_ids(family.end_token)
+    eot_id = tokenizer.convert_tokens_to_ids(family.eos_token)
     # A missing token reads as unk's id; Phi-4-mini's unk *is* <|endoftext|>, so compare the text too.
     missing = lambda i, text: i is None or (i == tokenizer.unk_token_id and tokenizer.unk_token != text)  # noqa: E731
-    if missing(end_id, "<|end|>") or missing(eot_id, "<|endoftext|>"):
-        raise UserError(f"{model_dir}: the tokenizer has no <|end|> / <|endoftext|> token; not a Phi-3 chat model.")
-    special.special_token_ids["eos"] = eot_id  # <|endoftext|>, as both families' config.json
-    special.special_token_ids["eot"] = end_id  # <|end|> closes every turn: llama.cpp stops generation on it
+    if missing(end_id, family.end_token) or missing(eot_id, family.eos_token):
+        raise UserError(f"{model_dir}: the tokenizer has no {family.end_token} / {family.eos_token} token; not a "
+                        "Phi chat model.")
+    special.special_token_ids["eos"] = eot_id  # the family's eos, as its config.json (Phi-4: <|im_end|>)
+    special.special_token_ids["eot"] = end_id  # <|end|> (Phi-4: <|im_end|>) closes every turn: llama.cpp stops on it
     if special.chat_template is None and tokenizer.chat_template:
         special.chat_template = tokenizer.chat_template
     # Training (data/encode.py) and our chat tokenize the chat template's text without adding special tokens;
@@ -505,11 +507,20 @@ OLLAMA_TEMPLATE_NO_NEWLINE = (OLLAMA_TEMPLATE.replace("|>\n{{ .Content }}<|end|>
                               .replace("<|assistant|>\n{{ end }}", "<|assistant|>{{ end }}"))
 
 
+def ollama_template(family: TokenizerFamily) -> str:
+    """The family's chat template in Ollama's language: Phi-3's, Phi-4-mini's without the newlines, Phi-4's with its
+    '<|im_start|>ROLE<|im_sep|>' header and '<|im_end|>'."""
+    template = OLLAMA_TEMPLATE if family.role_newline else OLLAMA_TEMPLATE_NO_NEWLINE
+    return (template.replace("<|{{ .Role }}|>", family.role_header.format(role="{{ .Role }}"))
+            .replace("<|assistant|>", family.role_header.format(role="assistant"))
+            .replace("<|end|>", family.end_token))
+
+
 def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = None, from_note: str = "",
-                   role_newline: bool = True) -> str:
+                   family: TokenizerFamily = PHI3) -> str:
     """An Ollama Modelfile: ``FROM ./gguf_name``, then ``ADAPTER ./adapter`` (a GGUF LoRA) when given, with
-    ``from_note`` (comment lines) above FROM; the family's chat template (Phi-3's, or Phi-4-mini's without the
-    newlines when ``role_newline`` is false), its stops and a context length."""
+    ``from_note`` (comment lines) above FROM; the family's chat template (:func:`ollama_template`), its stops and a
+    context length."""
     num_ctx = min(context_length, MODELFILE_MAX_CTX)
     note = "" if num_ctx == context_length else (
         f"# The model supports {context_length} tokens; Ollama allocates the KV cache for all of num_ctx up front,\n"
@@ -517,10 +528,9 @@ def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = No
     return (f"# Ollama: ollama create NAME -f Modelfile   (written by qlora-phi3 export)\n"
             f"{from_note}FROM ./{gguf_name}\n"
             + (f"ADAPTER ./{adapter}\n" if adapter else "")
-            + f'TEMPLATE """{OLLAMA_TEMPLATE if role_newline else OLLAMA_TEMPLATE_NO_NEWLINE}"""\n'
-            'PARAMETER stop "<|end|>"\n'
-            'PARAMETER stop "<|endoftext|>"\n'
-            f"{note}PARAMETER num_ctx {num_ctx}\n")
+            + f'TEMPLATE """{ollama_template(family)}"""\n'
+            + "".join(f'PARAMETER stop "{t}"\n' for t in family.stop_tokens)
+            + f"{note}PARAMETER num_ctx {num_ctx}\n")
 
 
 # --------------------------------------------------------------------------------------------- the check
@@ -600,8 +610,8 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
     <|end|>."""
     import numpy as np
 
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    eot_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    family = family_for_tokenizer(tokenizer)
+    end_id = tokenizer.convert_tokens_to_ids(family.end_token)
     longest = max(max(len(c.ids) for c in convs), max(len(tokenizer(c.prompt, add_special_tokens=False)["input_ids"])
                                                       + 2 * c.reply_tokens + 16 for c in convs))
     n_ctx = min(max(longest + 8, 64), 1 << 15)
@@ -650,7 +660,7 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
                 llm.eval([tok])
             stopped += stop == end_id
             first_stop.append(tokenizer.convert_ids_to_tokens(stop) if stop is not None else None)
-        eog = {t: bool(llama_cpp.llama_vocab_is_eog(vocab, i)) for t, i in (("<|end|>", end_id), ("<|endoftext|>", eot_id))}
+        eog = {t: bool(llama_cpp.llama_vocab_is_eog(vocab, tokenizer.convert_tokens_to_ids(t))) for t in family.stop_tokens}
     finally:
         llm.close()
     top1 = agree / max(total, 1)
@@ -672,7 +682,7 @@ def _check_gguf(llama_cpp, path: Path, convs: list[_Conversation], tokenizer, to
                         + (f" ({near_ties} of the {total - agree} disagreements are near-ties: the merged model scores "
                            f"llama.cpp's pick within {NEAR_TIE_LOGITS} logit of its own)" if near_ties else ""))
     if generate and stopped < len(convs):
-        problems.append(f"greedy generation stopped at <|end|> on {stopped}/{len(convs)} prompts "
+        problems.append(f"greedy generation stopped at {family.end_token} on {stopped}/{len(convs)} prompts "
                         f"(stops: {first_stop})")
     if not all(eog.values()):
         problems.append(f"llama.cpp does not end generation on {[t for t, v in eog.items() if not v]}")
@@ -754,7 +764,7 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
         files, rows = _write_all(llama_cpp, model_dir, stage, stem, names, config)
         family = family_for_config(config)
         (stage / MODELFILE_NAME).write_text(modelfile_text(files[names[0]].name, config["max_position_embeddings"],
-                                                           role_newline=family.role_newline), encoding="utf-8")
+                                                           family=family), encoding="utf-8")
         checks, reference = {}, None
         if check:
             checks, reference = _run_checks(llama_cpp, src, model_dir, files, check_samples)
