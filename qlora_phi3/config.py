@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 from qlora_phi3.errors import UserError
 from qlora_phi3.key_map import TRANSLATIONS, our_key, recognise
+from qlora_phi3.methods import DEFAULT_METHOD, METHODS
 from qlora_phi3.phi3 import PHI3_TARGETS
 
 __all__ = [
@@ -29,6 +30,8 @@ EMBEDDED_DATA = "embedded:tiny-chat"
 DEFAULT_RECIPE = "tiny_cpu"
 # train.report_to: transformers' own integrations we support and test ("none" = no tracker).
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+# train.method's allowed values: the methods table's keys (qlora_phi3/methods.py)
+MethodName = Literal[tuple(METHODS)]
 
 
 def recipes_dir() -> Path:
@@ -145,8 +148,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/tiny", "Run directory: checkpoints, adapter/, run.json, recipe.yaml.")
-    method: Literal["sft", "dpo", "orpo", "kto", "simpo"] = _f(
-        "sft", "Training method. sft: supervised on chats. dpo: preference pairs against a frozen reference (the 4-bit "
+    method: MethodName = _f(
+        DEFAULT_METHOD, "Training method. sft: supervised on chats. dpo: preference pairs against a frozen reference (the 4-bit "
                "base with the adapter off, or model.adapter's frozen copy; TRL DPOTrainer). orpo: pairs in one pass, "
                "no reference (SFT loss + odds-ratio term; TRL ORPOTrainer). kto: unpaired answers labelled "
                "good/bad (TRL KTOTrainer). simpo: pairs, no reference, length-normalised reward with a margin "
@@ -424,10 +427,11 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
     if unknown:
         raise UserError(f"{where('train.report_to')}: 'train.report_to' has unknown tracker {unknown[0]!r}; valid: "
                         f"{', '.join(TRACKERS)} (a list, e.g. train.report_to=[tensorboard,wandb]).")
-    if recipe.train.method == "kto" and recipe.train.micro_batch_size < 2:
-        raise UserError(f"{where('train.micro_batch_size')}: train.method=kto needs train.micro_batch_size of at least 2: "
-                        "KTO estimates its KL term from the other answers of the same micro-batch (with 1 it would "
-                        "equal the reward itself). Set train.micro_batch_size=2 or more.")
+    method = METHODS[recipe.train.method]
+    if recipe.train.micro_batch_size < method.min_micro_batch:
+        least = method.min_micro_batch
+        raise UserError(f"{where('train.micro_batch_size')}: train.method={method.name} needs train.micro_batch_size of "
+                        f"at least {least}: {method.min_reason}. Set train.micro_batch_size={least} or more.")
     if not recipe.train.output_dir.strip():
         raise UserError(f"{where('train.output_dir')}: 'train.output_dir' must not be empty.")
 

@@ -15,9 +15,10 @@ All the supported models are ``model_type: phi3`` (``Phi3ForCausalLM``). They co
   every turn, pad = ``<|dummy_85|>`` (100349). Phi-4-mini-reasoning is a phi4-mini model.
 
 The token *texts* that matter for training (``<|assistant|>``, ``<|end|>``, ``<|endoftext|>``) are the same in
-the first two (Phi-4 has its own: ``end_token``, and the reply header the template renders); their ids are not, so code asks the tokenizer for ids (``tokenizer.convert_tokens_to_ids``), never a
-constant. Sources: each model's published config.json / tokenizer_config.json (the numbers below), PITFALLS.md
-points 13 and 24.
+the first two (Phi-4 has its own: ``end_token``, and the reply header the template renders); their ids are not, so
+code asks the tokenizer for ids (``tokenizer.convert_tokens_to_ids``), never a constant. Sources: each model's
+published config.json / tokenizer_config.json (the numbers below); docs/pitfalls.md says which of these differences
+trip tools up.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from dataclasses import dataclass, field
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["PHI3", "PHI4", "PHI4_MINI", "PUBLISHED", "TokenizerFamily", "PublishedModel", "check_supported",
-           "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
+__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PUBLISHED", "TokenizerFamily", "PublishedModel",
+           "check_supported", "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class TokenizerFamily:
     role_header: str = "<|{role}|>"
     # The name llama.cpp gives the pre-tokenizer (its converter finds it from the ids of a probe text).
     llama_cpp_pre: str = "default"
+    title: str = ""  # how people name the family's models, for messages
+    # The published generation_config.json's eos and pad tokens (its bos is bos_token).
+    generation_eos: tuple = ()
+    generation_pad: str = ""
 
     def token_id(self, text: str) -> int:
         return self.special_ids[text]
@@ -84,7 +89,8 @@ PHI3 = TokenizerFamily(
     chat_template=PHI3_CHAT_TEMPLATE,
     # Phi-3's config says pad = eos (32000), but eos ends every rendered conversation: padding with it would hide
     # the end from anything that masks pads. <unk> never occurs in text.
-    pad_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>",
+    pad_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", title="Phi-3",
+    generation_eos=("<|endoftext|>", "<|assistant|>", "<|end|>"), generation_pad="<|endoftext|>",
 )
 
 PHI4_MINI = TokenizerFamily(
@@ -98,7 +104,9 @@ PHI4_MINI = TokenizerFamily(
     # from the token walk (data/encode.py), the collator pads labels with -100 rather than masking pad ids, and
     # the token that carries the turn's end in the loss is <|end|> (200020), not <|endoftext|>.
     pad_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-    role_newline=False, tokenizer_writer="qlora_phi3.model.o200k:write_phi4_mini_tokenizer", llama_cpp_pre="gpt-4o",
+    role_newline=False, title="Phi-4-mini",
+    generation_eos=("<|endoftext|>", "<|end|>"), generation_pad="<|endoftext|>",
+    tokenizer_writer="qlora_phi3.model.o200k:write_phi4_mini_tokenizer", llama_cpp_pre="gpt-4o",
 )
 
 # microsoft/phi-4's tokenizer_config.json chat template, verbatim: the role is plain text between <|im_start|> and
@@ -137,9 +145,15 @@ PHI4 = TokenizerFamily(
     stop_tokens=("<|im_end|>", "<|endoftext|>"), role_newline=False, end_token="<|im_end|>",
     tokenizer_writer="qlora_phi3.model.cl100k:write_phi4_tokenizer", role_header="<|im_start|>{role}<|im_sep|>",
     llama_cpp_pre="dbrx",  # cl100k_base's split: llama.cpp names it after DBRX, the first cl100k model it converted
+    title="Phi-4",
+    # microsoft/phi-4's generation_config.json stops at <|im_end|> (and <|endoftext|>, as the stops above).
+    generation_eos=("<|im_end|>", "<|endoftext|>"), generation_pad="<|dummy_85|>",
 )
 
-FAMILIES = (PHI3, PHI4_MINI, PHI4)
+# Every tokenizer family, by name: the lookups below read this table, so a family is one entry. The first is the
+# default: a phi3 model whose vocabulary matches no entry (a Phi-3 with added tokens) is a Phi-3.
+FAMILIES = {f.name: f for f in (PHI3, PHI4_MINI, PHI4)}
+_DEFAULT_FAMILY = next(iter(FAMILIES.values()))
 
 
 @dataclass(frozen=True)
@@ -235,13 +249,14 @@ PUBLISHED = {m.hub_id: m for m in (
                    dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
                         short_factor=PHI4_MINI_SHORT_FACTOR),
                    note="grouped-query attention (24/8, head dim 128), rotary on 96 of 128 dims, tied embeddings"),
-    # A Phi-4-mini fine-tune for maths: the same architecture, config and tokenizer, its own chat template (reasoning.py).
+    # A Phi-4-mini fine-tune for maths: the same architecture, config and tokenizer.
     PublishedModel("microsoft/Phi-4-mini-reasoning", None, PHI4_MINI,
                    dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
                         short_factor=PHI4_MINI_SHORT_FACTOR),
                    note="Phi-4-mini-instruct's architecture and tokenizer; writes <think>...</think> before answering"),
     PublishedModel("microsoft/phi-4", None, PHI4, dict(_PHI4_CONFIG),
-                   note="Phi-3-medium's layout (40 layers, 40/10 heads, hidden 5120), full rotary, untied, 16k context"),
+                   note="Phi-3-medium's layout (40 layers, 40/10 heads, hidden 5120), full rotary, untied, 16k "
+                        "context"),
     PublishedModel("microsoft/Phi-4-reasoning", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
                    note="Phi-4 fine-tuned to write <think>...</think> before answering; 32k context"),
     PublishedModel("microsoft/Phi-4-reasoning-plus", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
@@ -251,8 +266,9 @@ PUBLISHED = {m.hub_id: m for m in (
 # Models people try that are not this architecture or tokenizer family, with why and what to use instead (matched on
 # the Hub id, in this order).
 _FLASH = ("Phi-4-mini-flash-reasoning is another architecture (SambaY, model_type 'phi4flash': Mamba layers, "
-          "sliding-window attention and gated memory units) that needs trust_remote_code and that llama.cpp cannot run; "
-          "use microsoft/Phi-4-mini-reasoning (the same maths fine-tune on Phi-4-mini's phi3 architecture) instead")
+          "sliding-window attention and gated memory units) that needs trust_remote_code and that llama.cpp cannot "
+          "run; use microsoft/Phi-4-mini-reasoning (the same maths fine-tune on Phi-4-mini's phi3 architecture) "
+          "instead")
 _MULTIMODAL = ("Phi-4-multimodal is a vision/speech model (Phi4MMForCausalLM, model_type 'phi4mm': image and audio "
                "encoders with their own LoRA adapters, remote code); for text use microsoft/Phi-4-mini-instruct, "
                "its language model")
@@ -274,8 +290,8 @@ _REFUSED_ARCHS = {"Phi4FlashForCausalLM": _FLASH, "Phi4MMForCausalLM": _MULTIMOD
 
 
 def supported_summary() -> str:
-    return ("qlora-phi3 supports Phi3ForCausalLM models with the Phi-3 (32,064), Phi-4-mini (200,064) or Phi-4 "
-            "(100,352) tokenizer: "
+    tokenizers = " or ".join(f"{f.title} ({f.vocab_size:,})" for f in FAMILIES.values())
+    return (f"qlora-phi3 supports Phi3ForCausalLM models with the {tokenizers} tokenizer: "
             + ", ".join(PUBLISHED) + " (docs/models.md)")
 
 
@@ -316,13 +332,15 @@ def check_supported(name: str, config=None) -> None:
 
 
 def family_for_config(config) -> TokenizerFamily:
-    """The tokenizer family of a phi3 model, from its config's vocabulary size (Phi-3 when none has that size: a
-    Phi-3 with added tokens)."""
+def family_for_config(config) -> TokenizerFamily:
+    """The tokenizer family of a phi3 model, from its config's vocabulary size (the default family when none has
+    that size)."""
     vocab = getattr(config, "vocab_size", None) if not isinstance(config, dict) else config.get("vocab_size")
-    return next((f for f in FAMILIES if f.vocab_size == vocab), PHI3)
+    return next((f for f in FAMILIES.values() if f.vocab_size == vocab), _DEFAULT_FAMILY)
 
 
 def family_for_tokenizer(tokenizer) -> TokenizerFamily:
-    """The tokenizer family, from where the tokenizer puts the family's end-of-turn token (<|end|> at 32007 or
-    200020, <|im_end|> at 100265)."""
-    return next((f for f in FAMILIES if tokenizer.convert_tokens_to_ids(f.end_token) == f.token_id(f.end_token)), PHI3)
+    """The tokenizer family, from where the tokenizer puts the family's end-of-turn token (each family has its own
+    id for it: <|end|> at 32007 or 200020, <|im_end|> at 100265)."""
+    return next((f for f in FAMILIES.values()
+                 if tokenizer.convert_tokens_to_ids(f.end_token) == f.token_id(f.end_token)), _DEFAULT_FAMILY)

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from qlora_phi3.data.read import PHI3_TOKEN_TEXTS
-from qlora_phi3.family import (PHI3_CHAT_TEMPLATE, PHI4, PHI35_MINI_LONG_FACTOR, PHI35_MINI_SHORT_FACTOR,
-                               PHI4_MINI, PUBLISHED, TokenizerFamily)
+from qlora_phi3.family import (PHI3_CHAT_TEMPLATE, PHI35_MINI_LONG_FACTOR, PHI35_MINI_SHORT_FACTOR, PUBLISHED,
+                               TokenizerFamily)
 
 __all__ = ["PHI3_CHAT_TEMPLATE", "PHI3_MINI_4K", "PHI3_MINI_128K", "PHI3_SPECIAL_TOKENS", "TINY_MODEL_DIR",
            "TINY_SHAPES", "TINY_SIZES", "TOKENIZER_FILES", "build_tiny", "build_tiny_shape", "mini_config",
@@ -116,17 +116,11 @@ def _init_weights(model, seed: int) -> None:
 
 
 def _generation_config(cls, family: TokenizerFamily):
-    """The published generation_config.json of the family: Phi-3-mini-4k-instruct's stops at <|endoftext|>,
-    <|assistant|> and <|end|>; Phi-4-mini-instruct's at <|endoftext|> and <|end|>; Phi-4's at <|im_end|> and
-    <|endoftext|> (both its stop tokens), padding with its pad <|dummy_85|>."""
-    ids = family.special_ids
-    if family is PHI4:
-        return cls(bos_token_id=ids[family.bos_token], eos_token_id=[ids[t] for t in family.stop_tokens],
-                   pad_token_id=ids[family.pad_token])
-    if family is PHI4_MINI:
-        return cls(bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
-                   pad_token_id=ids["<|endoftext|>"])
-    return cls(bos_token_id=1, eos_token_id=[32000, 32001, 32007], pad_token_id=32000)
+    """The published generation_config.json of the family (family.py: its bos, eos and pad tokens), e.g.
+    Phi-3-mini-4k-instruct's stops at <|endoftext|>, <|assistant|> and <|end|>."""
+    return cls(bos_token_id=family.token_id(family.bos_token),
+               eos_token_id=[family.token_id(t) for t in family.generation_eos],
+               pad_token_id=family.token_id(family.generation_pad))
 
 
 def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = TINY_MODEL_DIR,
