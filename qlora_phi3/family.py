@@ -332,7 +332,6 @@ def check_supported(name: str, config=None) -> None:
 
 
 def family_for_config(config) -> TokenizerFamily:
-def family_for_config(config) -> TokenizerFamily:
     """The tokenizer family of a phi3 model, from its config's vocabulary size (the default family when none has
     that size)."""
     vocab = getattr(config, "vocab_size", None) if not isinstance(config, dict) else config.get("vocab_size")
