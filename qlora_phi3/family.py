@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PUBLISHED", "TokenizerFamily", "PublishedModel",
+__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PUBLISHED", "THINK_TOKENS", "TokenizerFamily", "PublishedModel",
            "check_supported", "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
 
 
@@ -149,6 +149,10 @@ PHI4 = TokenizerFamily(
     # microsoft/phi-4's generation_config.json stops at <|im_end|> (and <|endoftext|>, as the stops above).
     generation_eos=("<|im_end|>", "<|endoftext|>"), generation_pad="<|dummy_85|>",
 )
+
+# The reasoning models' think block, written by the model inside its reply (data/encode.py: it carries loss).
+# Phi-4-reasoning's tokenizer has them as added tokens; in the other tokenizers they are plain text.
+THINK_TOKENS = ("<think>", "</think>")
 
 # Every tokenizer family, by name: the lookups below read this table, so a family is one entry. The first is the
 # default: a phi3 model whose vocabulary matches no entry (a Phi-3 with added tokens) is a Phi-3.

@@ -11,6 +11,11 @@ whitespace after them (``rstrip``), so a reply starting with a newline overlaps 
 A reply holding the text of a Phi-3 special token (``<|end|>``, ...) would be tokenized as that token and
 end the span early; ``data.read`` rejects such records (with file:line), and the encoder refuses a message
 holding any added token's text, or tokens that do not match the turns, rather than label it wrongly.
+
+Reasoning models (Phi-4-reasoning, Phi-4-mini-reasoning) answer with a ``<think>...</think>`` block before the
+solution, inside the assistant turn; their templates keep it there in every turn. So the block is part of the reply and
+carries loss: it is what the model generates and must learn to write. ``<think>`` / ``</think>`` may be added tokens of
+such a tokenizer, and are the one exception to the guard above, in assistant messages only.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 from qlora_phi3.data.read import ChatRecord
 from qlora_phi3.errors import UserError
-from qlora_phi3.family import family_for_tokenizer
+from qlora_phi3.family import THINK_TOKENS, family_for_tokenizer
 from qlora_phi3.phi3 import IGNORE_INDEX
 
 __all__ = ["EncodedSplit", "encode_conversation", "encode_records", "reply_markers"]
@@ -57,7 +62,8 @@ def encode_conversation(tokenizer, messages: list[dict], markers=None) -> tuple[
     of the tokenizer, when encoding many conversations."""
     header, end, added = markers or reply_markers(tokenizer)
     for i, m in enumerate(messages):  # data.read rejects these first; a guard for other tokenizers and callers
-        token = next((t for t in added if t in m["content"]), None)
+        allowed = THINK_TOKENS if m["role"] == "assistant" else ()  # a reasoning reply writes its own think block
+        token = next((t for t in added if t in m["content"] and t not in allowed), None)
         if token:
             raise UserError(f"message {i} ({m['role']}) contains {token!r}, which the tokenizer reads as a special "
                             "token, not as text: it would end or shift the loss span. Remove it from the data.")

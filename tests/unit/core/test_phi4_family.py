@@ -46,8 +46,9 @@ def test_phi4_special_tokens_ids_template_and_pad(phi4_14b_tokenizer):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (100257, 100265, 100349)
     assert tok.pad_token_id != tok.eos_token_id and tok.chat_template == PHI4.chat_template
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
-    assert tok.apply_chat_template(msgs, tokenize=False) == \
-        "<|im_start|>system<|im_sep|>S<|im_end|><|im_start|>user<|im_sep|>U<|im_end|><|im_start|>assistant<|im_sep|>A<|im_end|>"
+    assert tok.apply_chat_template(msgs, tokenize=False) == ("<|im_start|>system<|im_sep|>S<|im_end|><|im_start|>user"
+                                                             "<|im_sep|>U<|im_end|><|im_start|>assistant<|im_sep|>A"
+                                                             "<|im_end|>")
     assert tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True).endswith(
         "<|im_end|><|im_start|>assistant<|im_sep|>")
     assert family_for_tokenizer(tok) is PHI4 and family_for_config({"vocab_size": 100352}) is PHI4
@@ -99,3 +100,19 @@ def test_flash_and_multimodal_are_refused_naming_the_architecture_and_what_to_us
     msg = str(err.value)
     assert expect in msg and "\n" not in msg
     assert ("use microsoft/Phi-4-mini-reasoning" if expect == "SambaY" else "use microsoft/Phi-4-mini-instruct") in msg
+
+
+def test_a_reasoning_reply_keeps_its_think_block_in_the_loss(tiny_phi4_dir):
+    """Phi-4-reasoning's tokenizer has <think> and </think> as added tokens: a reply holding its think block is not
+    refused, and the block, the solution and <|im_end|> carry loss; the tokens stay refused in a user message."""
+    from qlora_phi3.model.load import auto_tokenizer
+
+    tok = auto_tokenizer(str(tiny_phi4_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    reply = "<think>7 and 7 make 14.</think>The answer is 14."
+    ids, labels = encode_conversation(tok, [{"role": "user", "content": "7+7?"},
+                                            {"role": "assistant", "content": reply}])
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == reply + "<|im_end|>"
+    assert tok.convert_tokens_to_ids("<think>") in [lab for lab in labels if lab != IGNORE_INDEX]
+    with pytest.raises(UserError, match="'<think>'"):
+        encode_conversation(tok, [{"role": "user", "content": "<think>"}, {"role": "assistant", "content": "Hi"}])
