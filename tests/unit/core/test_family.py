@@ -257,7 +257,8 @@ def test_tiny_phi35_mini_keeps_its_published_longrope_factors():
 # --------------------------------------------------------------------------------------------- recipes
 
 
-FAMILY_RECIPES = ("phi35_mini_12gb", "phi4_mini_12gb", "phi4_mini_8gb", "phi3_medium_4k_12gb")
+FAMILY_RECIPES = ("phi35_mini_12gb", "phi4_mini_12gb", "phi4_mini_8gb", "phi3_medium_4k_12gb", "phi4_12gb",
+                  "phi4_reasoning_12gb", "phi4_mini_reasoning_12gb")
 
 
 @pytest.mark.parametrize("name", FAMILY_RECIPES)
