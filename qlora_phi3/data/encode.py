@@ -3,10 +3,11 @@
 Why not TRL's ``assistant_only_loss``: it needs ``{% generation %}`` markers in the chat template,
 which Phi-3's own template lacks (without them the mask silently covers everything or nothing).
 We render with the model's own template, tokenize the whole text once (exactly what inference sees),
-and label by walking the token ids: loss on every token after the reply header (the generation prompt's tokens:
-``<|assistant|>`` and whatever the tokenizer leaves after it, e.g. a newline; Phi-4's ``<|im_start|>assistant<|im_sep|>``)
-up to and including the end-of-turn token that closes the reply (``<|end|>``; Phi-4: ``<|im_end|>``). Character spans cannot do this: Phi-3's role tokens swallow the
-whitespace after them (``rstrip``), so a reply starting with a newline overlaps ``<|assistant|>``.
+and label by walking the token ids: loss on every token after the reply header (the generation prompt's
+tokens: ``<|assistant|>`` and whatever the tokenizer leaves after it, e.g. a newline; Phi-4's
+``<|im_start|>assistant<|im_sep|>``) up to and including the end-of-turn token that closes the reply (``<|end|>``;
+Phi-4: ``<|im_end|>``). Character spans cannot do this: Phi-3's role tokens swallow the whitespace after them
+(``rstrip``), so a reply starting with a newline overlaps ``<|assistant|>``.
 
 A reply holding the text of a Phi-3 special token (``<|end|>``, ...) would be tokenized as that token and
 end the span early; ``data.read`` rejects such records (with file:line), and the encoder refuses a message
