@@ -24,6 +24,8 @@ before ``--budget-s`` are recorded as skipped):
 9. phi4    random Phi-4-mini-instruct at full size (grouped KV 24/8, partial rotary 0.75, tied embeddings, 200,064
            vocabulary, its o200k tokenizer), a few steps of recipes/phi4_mini_12gb.yaml at 2,048 tokens beside the
            estimate for the same settings
+9b. phi4_14b random Phi-4 (14B) at full size (built in bf16 on the GPU: ~29 GB of GPU memory and disk), a few steps
+           of recipes/phi4_12gb.yaml at its own length (6,144 tokens, offloaded checkpoints, tiling) beside the estimate
 10. speed  bench/compare.py at the real shape: one pass over the mixed-length chat set, ours against the cookbook
            pipeline in the GPU's dtype (the ratio a CPU can only derive), and ours with flash-attn's varlen path
 """
@@ -349,26 +351,39 @@ def step_eval(ctx) -> str:
 def step_phi4(ctx) -> str:
     """Phi-4-mini's shape at full size: the estimate must hold for grouped KV, partial rotary, the tied 200,064-row
     matrix and its 6x wider logits, which no Phi-3 step exercises."""
-    from qlora_phi3.config import ModelConfig, load_recipe
+    return _family_step(ctx, "phi4-mini", "phi4_mini_12gb", 2048)
+
+
+def step_phi4_14b(ctx) -> str:
+    """Phi-4 (14B) at full size at its recipe's length: the 4-bit 40-layer base, the untied 16-bit 100,352-row
+    embedding and head, offloaded checkpoints and tiling, measured beside the estimate (the recipe's margin)."""
+    return _family_step(ctx, "phi4", "phi4_12gb", None, dry_overrides=("train.tile_tokens=64",))
+
+
+def _family_step(ctx, shape: str, recipe_name: str, seq: int | None, dry_overrides: tuple = ()) -> str:
+    """A few steps of ``recipe_name`` on random weights of ``shape`` (model/tiny.py's TINY_SHAPES; at full size on a
+    GPU, tiny in a dry run) at ``seq`` tokens (None: the recipe's own length), beside the estimate."""
+    from qlora_phi3.config import ModelConfig, load_recipe, resolve_recipe
     from qlora_phi3.data.synthetic import write_full_length_conversations
+    from qlora_phi3.family import family_for_config
     from qlora_phi3.memory.estimate import estimate
     from qlora_phi3.model.load import load_tokenizer, read_model_config
     from qlora_phi3.model.tiny import TINY_SHAPES, build_model_dir, mini_config
 
-    hub_id, tiny_sizes = TINY_SHAPES["phi4-mini"]
-    model_dir = ctx.work / ("tiny-phi4-mini" if ctx.dry else "phi4-mini-random")
+    hub_id, tiny_sizes = TINY_SHAPES[shape]
+    model_dir = ctx.work / (f"tiny-{shape}" if ctx.dry else f"{shape}-random")
     if not (model_dir / "config.json").is_file():
         build_model_dir(model_dir, mini_config(hub_id, **(tiny_sizes if ctx.dry else {})), device=ctx.device)
-    seq = 128 if ctx.dry else 2048
-    data = ctx.work / f"phi4-chats-{seq}.jsonl"
+    seq = 128 if ctx.dry else seq or load_recipe(resolve_recipe(recipe_name), []).data.max_seq_len
+    data = ctx.work / f"{shape}-chats-{seq}.jsonl"
     if not data.is_file():
         write_full_length_conversations(data, load_tokenizer(ModelConfig(name_or_path=str(model_dir))), 48, seq)
     steps = 1 if ctx.dry else 3
-    run_dir = ctx.work / "phi4"
+    run_dir = ctx.work / shape
     overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
     if ctx.dry:  # CPUs without native bf16 emulate it ~10x slower (docs/pitfalls.md); the dry run checks the path only
-        overrides += ["model.compute_dtype=float32"]
-    _checked(_qlora("train", "phi4_mini_12gb", f"model.name_or_path={model_dir}", "model.revision=null",
+        overrides += ["model.compute_dtype=float32", *dry_overrides]
+    _checked(_qlora("train", recipe_name, f"model.name_or_path={model_dir}", "model.revision=null",
                     f"data.path={data}", "data.eval_split=null", "data.max_eval_samples=2", f"data.max_seq_len={seq}",
                     "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1", f"train.max_steps={steps}",
                     f"train.output_dir={run_dir}", "--force", *overrides, timeout=ctx.remaining()))
@@ -376,13 +391,14 @@ def step_phi4(ctx) -> str:
     ran = load_recipe(run_dir / "recipe.yaml")
     est = estimate(ran, read_model_config(ran.model), ctx.device, run.get("attn_implementation"))
     cfg = read_model_config(ran.model)
-    return (f"phi4_mini_12gb at {seq:,} tokens on random Phi-4-mini (hidden {cfg.hidden_size}, "
+    return (f"{recipe_name} at {seq:,} tokens on random {family_for_config(cfg).title} (hidden {cfg.hidden_size}, "
             f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocabulary {cfg.vocab_size:,}, tied "
             f"{cfg.tie_word_embeddings}) ({steps} steps): {_run_summary(run_dir)}; estimated reserved "
             f"{est.reserved_gib:.2f} GiB, total {est.total_gib:.2f} GiB")
 
 
 STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("phi4", step_phi4, 180),
+         ("phi4_14b", step_phi4_14b, 480),
          ("packing", step_packing, 60), ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120),
          ("merge", step_merge, 150), ("eval", step_eval, 150), ("speed", step_speed, 240)]
 

@@ -4,17 +4,21 @@ Every layer asks the model's own config and tokenizer; this module says what the
 that (a) the estimator works offline for any of them, (b) the tiny test models of each shape are built from
 the real fields, and (c) a model we do not support is refused with one message naming what is supported.
 
-All the supported models are ``model_type: phi3`` (``Phi3ForCausalLM``). They come in two tokenizer families:
+All the supported models are ``model_type: phi3`` (``Phi3ForCausalLM``). They come in three tokenizer families:
 
 * **phi3**: Phi-3-mini-4k / -128k, Phi-3.5-mini, Phi-3-medium-4k / -128k. SentencePiece BPE, 32,064 rows,
   ``<|user|>\\n...<|end|>\\n<|assistant|>\\n``; the role tokens swallow the whitespace after them (rstrip).
 * **phi4-mini**: Phi-4-mini-instruct. o200k-based byte-level BPE, 200,064 rows,
   ``<|user|>...<|end|><|assistant|>`` with no newlines; bos = eos = pad = ``<|endoftext|>`` (199999).
+* **phi4**: Phi-4 (14B), Phi-4-reasoning(-plus). cl100k-based byte-level BPE, 100,352 rows,
+  ``<|im_start|>ROLE<|im_sep|>...<|im_end|>`` with the role as plain text; eos = ``<|im_end|>`` (100265), which closes
+  every turn, pad = ``<|dummy_85|>`` (100349). Phi-4-mini-reasoning is a phi4-mini model.
 
 The token *texts* that matter for training (``<|assistant|>``, ``<|end|>``, ``<|endoftext|>``) are the same in
-both; their ids are not, so code asks the tokenizer for ids (``tokenizer.convert_tokens_to_ids``), never a
-constant. Sources: each model's published config.json / tokenizer_config.json (the numbers below); docs/pitfalls.md
-says which of these differences trip tools up.
+the first two (Phi-4 has its own: ``end_token``, and the reply header the template renders); their ids are not, so
+code asks the tokenizer for ids (``tokenizer.convert_tokens_to_ids``), never a constant. Sources: each model's
+published config.json / tokenizer_config.json (the numbers below); docs/pitfalls.md says which of these differences
+trip tools up.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from dataclasses import dataclass, field
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["FAMILIES", "PHI3", "PHI4_MINI", "PUBLISHED", "TokenizerFamily", "PublishedModel", "check_supported",
-           "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
+__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PUBLISHED", "THINK_TOKENS", "TokenizerFamily", "PublishedModel",
+           "check_supported", "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,15 @@ class TokenizerFamily:
     # Generation stops at any of these (their ids come from the tokenizer): <|end|> closes every turn.
     stop_tokens: tuple = ("<|end|>", "<|endoftext|>")
     role_newline: bool = True  # the template writes '\n' after each role token
+    # The token that closes every turn: the reply's last labelled token, and what generation stops at first.
+    end_token: str = "<|end|>"
+    # "module:function" writing the family's tokenizer files into a directory (tiny models, tests); "" when the
+    # family's tokenizer ships as files (Phi-3's, in assets/tiny-phi3).
+    tokenizer_writer: str = ""
+    # How the template opens a turn ({role}: 'assistant', ...), for templates written in other languages (Ollama).
+    role_header: str = "<|{role}|>"
+    # The name llama.cpp gives the pre-tokenizer (its converter finds it from the ids of a probe text).
+    llama_cpp_pre: str = "default"
     title: str = ""  # how people name the family's models, for messages
     # The published generation_config.json's eos and pad tokens (its bos is bos_token).
     generation_eos: tuple = ()
@@ -93,11 +106,57 @@ PHI4_MINI = TokenizerFamily(
     pad_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
     role_newline=False, title="Phi-4-mini",
     generation_eos=("<|endoftext|>", "<|end|>"), generation_pad="<|endoftext|>",
+    tokenizer_writer="qlora_phi3.model.o200k:write_phi4_mini_tokenizer", llama_cpp_pre="gpt-4o",
 )
+
+# microsoft/phi-4's tokenizer_config.json chat template, verbatim: the role is plain text between <|im_start|> and
+# <|im_sep|>, no newlines, no eos after the last turn. Sources that agree character for character: llama.cpp's
+# LLM_CHAT_TEMPLATE_PHI_4 (src/llama-chat.cpp, llama-cpp-python 0.3.36 sdist) renders the same string; the template
+# itself is quoted from microsoft/phi-4 in public code (e.g. a Swift test citing huggingface.co/microsoft/phi-4-gguf,
+# and TRL-based trainers that patch it with {% generation %} markers).
+PHI4_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant"
+    "<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
+
+def _phi4_special_ids() -> dict:
+    """Phi-4's 96 added tokens, ids 100256-100351: cl100k_base's own specials (<|endoftext|> 100257, the FIM
+    tokens, <|endofprompt|> 100276), the chat tokens 100264-100266, and <|dummy_0|>..<|dummy_87|> filling every
+    other id in order. Sources: torchtune's models/phi4/_tokenizer.py (PHI4_SPECIAL_TOKENS: the named ids,
+    <|dummy_0|> 100256, <|dummy_87|> 100351) and Microsoft.ML.Tokenizers' Phi-4 table and test
+    (<|im_start|> 100264, <|im_sep|> 100266, <|im_end|> 100265, <|dummy_85|> 100349). 88 dummies fill the 88 free
+    ids exactly, so the order fixes each one."""
+    named = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
+             "<|im_start|>": 100264, "<|im_end|>": 100265, "<|im_sep|>": 100266, "<|endofprompt|>": 100276}
+    free = [i for i in range(100256, 100352) if i not in named.values()]
+    return {**named, **{f"<|dummy_{n}|>": i for n, i in enumerate(free)}}
+
+
+PHI4 = TokenizerFamily(
+    name="phi4", tokenizer_kind="byte_bpe", vocab_size=100352, special_ids=_phi4_special_ids(),
+    chat_template=PHI4_CHAT_TEMPLATE,
+    # microsoft/phi-4's tokenizer_config.json (as updated after release): eos <|im_end|> (100265), which closes
+    # every turn, bos <|endoftext|>, pad <|dummy_85|> (100349), an untrained filler, so pad never equals eos.
+    pad_token="<|dummy_85|>", bos_token="<|endoftext|>", eos_token="<|im_end|>",
+    stop_tokens=("<|im_end|>", "<|endoftext|>"), role_newline=False, end_token="<|im_end|>",
+    tokenizer_writer="qlora_phi3.model.cl100k:write_phi4_tokenizer", role_header="<|im_start|>{role}<|im_sep|>",
+    llama_cpp_pre="dbrx",  # cl100k_base's split: llama.cpp names it after DBRX, the first cl100k model it converted
+    title="Phi-4",
+    # microsoft/phi-4's generation_config.json stops at <|im_end|> (and <|endoftext|>, as the stops above).
+    generation_eos=("<|im_end|>", "<|endoftext|>"), generation_pad="<|dummy_85|>",
+)
+
+# The reasoning models' think block, written by the model inside its reply (data/encode.py: it carries loss).
+# Phi-4-reasoning's tokenizer has them as added tokens; in the other tokenizers they are plain text.
+THINK_TOKENS = ("<think>", "</think>")
 
 # Every tokenizer family, by name: the lookups below read this table, so a family is one entry. The first is the
 # default: a phi3 model whose vocabulary matches no entry (a Phi-3 with added tokens) is a Phi-3.
-FAMILIES = {f.name: f for f in (PHI3, PHI4_MINI)}
+FAMILIES = {f.name: f for f in (PHI3, PHI4_MINI, PHI4)}
 _DEFAULT_FAMILY = next(iter(FAMILIES.values()))
 
 
@@ -164,6 +223,20 @@ PHI35_MINI_SHORT_FACTOR = [
     2.0899996757507324, 2.189999580383301, 2.2199995517730713, 2.5899994373321533, 2.729999542236328,
     2.749999523162842, 2.8399994373321533,
 ]
+# microsoft/Phi-4-mini-instruct's config.json (its rope_scaling lists are above).
+_PHI4_MINI_CONFIG = dict(_COMMON, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                         num_attention_heads=24, num_key_value_heads=8, vocab_size=200064, tie_word_embeddings=True,
+                         partial_rotary_factor=0.75, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999,
+                         original_max_position_embeddings=4096)
+# microsoft/phi-4's config.json: Phi-3-medium's layer shapes, the 100,352-row vocabulary, 16k positions without
+# rope scaling (rope_theta 250,000), no sliding window. Phi-4-reasoning(-plus): 32k positions, rope_theta 500,000.
+# From the published config.json as public conversion code (llama.cpp's phi.py keys its 'no sliding window' case on
+# Phi-4) and model cards describe it; no copy of the file was readable offline.
+_PHI4_CONFIG = dict(_MEDIUM, vocab_size=100352, rope_theta=250000.0, max_position_embeddings=16384,
+                    original_max_position_embeddings=16384, sliding_window=None, rope_scaling=None,
+                    bos_token_id=100257, eos_token_id=100265, pad_token_id=100349)
+_PHI4_REASONING_CONTEXT = dict(max_position_embeddings=32768, original_max_position_embeddings=32768,
+                               rope_theta=500000.0)
 _SHORT_4K = dict(max_position_embeddings=4096, sliding_window=2047, rope_scaling=None)
 _LONG_128K = dict(max_position_embeddings=131072, sliding_window=262144, rope_type="longrope")
 
@@ -177,29 +250,47 @@ PUBLISHED = {m.hub_id: m for m in (
     PublishedModel("microsoft/Phi-3-medium-4k-instruct", None, PHI3, dict(_MEDIUM, **_SHORT_4K)),
     PublishedModel("microsoft/Phi-3-medium-128k-instruct", None, PHI3, dict(_MEDIUM, **_LONG_128K)),
     PublishedModel("microsoft/Phi-4-mini-instruct", "cfbefacb99257ffa30c83adab238a50856ac3083", PHI4_MINI,
-                   dict(_COMMON, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                        num_attention_heads=24, num_key_value_heads=8, vocab_size=200064, tie_word_embeddings=True,
-                        partial_rotary_factor=0.75, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999,
-                        original_max_position_embeddings=4096, **_LONG_128K,
-                        long_factor=PHI4_MINI_LONG_FACTOR, short_factor=PHI4_MINI_SHORT_FACTOR),
+                   dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
+                        short_factor=PHI4_MINI_SHORT_FACTOR),
                    note="grouped-query attention (24/8, head dim 128), rotary on 96 of 128 dims, tied embeddings"),
+    # A Phi-4-mini fine-tune for maths: the same architecture, config and tokenizer.
+    PublishedModel("microsoft/Phi-4-mini-reasoning", None, PHI4_MINI,
+                   dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
+                        short_factor=PHI4_MINI_SHORT_FACTOR),
+                   note="Phi-4-mini-instruct's architecture and tokenizer; writes <think>...</think> before answering"),
+    PublishedModel("microsoft/phi-4", None, PHI4, dict(_PHI4_CONFIG),
+                   note="Phi-3-medium's layout (40 layers, 40/10 heads, hidden 5120), full rotary, untied, 16k "
+                        "context"),
+    PublishedModel("microsoft/Phi-4-reasoning", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
+                   note="Phi-4 fine-tuned to write <think>...</think> before answering; 32k context"),
+    PublishedModel("microsoft/Phi-4-reasoning-plus", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
+                   note="Phi-4-reasoning with further reinforcement learning; same architecture and template"),
 )}
 
-# Models people try that are not this architecture or tokenizer family, with why (matched on the Hub id).
+# Models people try that are not this architecture or tokenizer family, with why and what to use instead (matched on
+# the Hub id, in this order).
+_FLASH = ("Phi-4-mini-flash-reasoning is another architecture (SambaY, model_type 'phi4flash': Mamba layers, "
+          "sliding-window attention and gated memory units) that needs trust_remote_code and that llama.cpp cannot "
+          "run; use microsoft/Phi-4-mini-reasoning (the same maths fine-tune on Phi-4-mini's phi3 architecture) "
+          "instead")
+_MULTIMODAL = ("Phi-4-multimodal is a vision/speech model (Phi4MMForCausalLM, model_type 'phi4mm': image and audio "
+               "encoders with their own LoRA adapters, remote code); for text use microsoft/Phi-4-mini-instruct, "
+               "its language model")
 _REFUSED_IDS = {
     "phi-3-small": "Phi-3-small is another architecture (Phi3SmallForCausalLM: block-sparse attention, tiktoken "
                    "cl100k vocabulary) that needs trust_remote_code",
-    "phi-4-multimodal": "Phi-4-multimodal is a vision/speech model (phi4mm)",
+    "phi-4-mini-flash": _FLASH,
+    "phi-4-multimodal": _MULTIMODAL,
     "vision": "vision models (Phi-3-vision, Phi-3.5-vision: phi3_v) take images through a separate encoder",
     "phi-3.5-moe": "Phi-3.5-MoE is a mixture-of-experts architecture (phimoe)",
-    "phi-4-reasoning": "Phi-4-reasoning is the 14B Phi-4 (100,352-token tokenizer family)",
-    "phi-4": "Phi-4 (14B) uses another tokenizer family (100,352 rows, cl100k-based) and chat format "
-             "(<|im_start|>...<|im_sep|>)",
 }
 # config.json model_type values of the same.
 _REFUSED_TYPES = {"phi3small": _REFUSED_IDS["phi-3-small"], "phi3_v": _REFUSED_IDS["vision"],
-                  "phi4mm": _REFUSED_IDS["phi-4-multimodal"], "phi4_multimodal": _REFUSED_IDS["phi-4-multimodal"],
+                  "phi4mm": _MULTIMODAL, "phi4_multimodal": _MULTIMODAL, "phi4flash": _FLASH, "phi4_flash": _FLASH,
                   "phimoe": _REFUSED_IDS["phi-3.5-moe"]}
+# config.json architectures of the same (a renamed model_type still says its class).
+_REFUSED_ARCHS = {"Phi4FlashForCausalLM": _FLASH, "Phi4MMForCausalLM": _MULTIMODAL,
+                  "Phi4MultimodalForCausalLM": _MULTIMODAL}
 
 
 def supported_summary() -> str:
@@ -219,8 +310,6 @@ def _refusal_for_id(name: str) -> str | None:
     if published(name):
         return None
     for key, why in _REFUSED_IDS.items():
-        if key == "phi-4" and not (low == "phi-4" or low.startswith("phi-4-") and "mini" not in low):
-            continue
         if key in low:
             return why
     return None
@@ -234,14 +323,12 @@ def check_supported(name: str, config=None) -> None:
         model_type = getattr(config, "model_type", None)
         arch = (getattr(config, "architectures", None) or [None])[0]
         vocab = getattr(config, "vocab_size", None)
-        if model_type in _REFUSED_TYPES:
-            why = _REFUSED_TYPES[model_type]
+        if model_type in _REFUSED_TYPES or arch in _REFUSED_ARCHS:
+            why = _REFUSED_TYPES.get(model_type) or _REFUSED_ARCHS[arch]
         elif model_type != "phi3":
             why = f"its config.json says model_type {model_type!r}, not 'phi3'"
         elif arch not in (None, "Phi3ForCausalLM"):
             why = f"its config.json says architecture {arch!r}, not Phi3ForCausalLM"
-        elif vocab == 100352:
-            why = _REFUSED_IDS["phi-4"]
         # Another vocabulary size is not refused: a Phi-3 with added tokens (resized embeddings) is still a Phi-3;
         # its tokenizer must carry the chat tokens, which load_tokenizer checks.
     if why:
@@ -256,6 +343,7 @@ def family_for_config(config) -> TokenizerFamily:
 
 
 def family_for_tokenizer(tokenizer) -> TokenizerFamily:
-    """The tokenizer family, from where the tokenizer puts ``<|end|>`` (each family has its own id for it)."""
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    return next((f for f in FAMILIES.values() if f.token_id("<|end|>") == end), _DEFAULT_FAMILY)
+    """The tokenizer family, from where the tokenizer puts the family's end-of-turn token (each family has its own
+    id for it: <|end|> at 32007 or 200020, <|im_end|> at 100265)."""
+    return next((f for f in FAMILIES.values()
+                 if tokenizer.convert_tokens_to_ids(f.end_token) == f.token_id(f.end_token)), _DEFAULT_FAMILY)

@@ -225,6 +225,23 @@ def phi4_tokenizer(tiny_phi4_mini_dir):
     return load_tokenizer(ModelConfig(name_or_path=str(tiny_phi4_mini_dir)))
 
 
+@pytest.fixture(scope="session")
+def tiny_phi4_dir(tmp_path_factory):
+    """A tiny Phi-4 (14B's shape: grouped KV 4/1, full rotary, untied embeddings, the 100,352-row vocabulary and its
+    cl100k tokenizer), built once per session, seeded."""
+    from qlora_phi3.model.tiny import build_tiny_shape
+
+    return build_tiny_shape("phi4", tmp_path_factory.mktemp("tiny-phi4"))
+
+
+@pytest.fixture(scope="session")
+def phi4_14b_tokenizer(tiny_phi4_dir):
+    from qlora_phi3.config import ModelConfig
+    from qlora_phi3.model.load import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_phi4_dir)))
+
+
 # The session's tiny run (300 steps, ~2 minutes of one core) and DPO run are trained once per worker that needs them.
 # xdist hands out whole files (pyproject: --dist loadfile); this scheduler hands out every file that uses either run as
 # one unit, so each is trained once, not once per worker. (xdist's own --dist loadgroup marks do not work with pytest 9: it renames

@@ -3,14 +3,20 @@
 Why not TRL's ``assistant_only_loss``: it needs ``{% generation %}`` markers in the chat template,
 which Phi-3's own template lacks (without them the mask silently covers everything or nothing).
 We render with the model's own template, tokenize the whole text once (exactly what inference sees),
-and label by walking the token ids: loss on every token after an ``<|assistant|>`` token (and after
-the rest of the generation prompt, if the tokenizer leaves some, e.g. a newline) up to and including
-the ``<|end|>`` that closes the reply. Character spans cannot do this: Phi-3's role tokens swallow the
-whitespace after them (``rstrip``), so a reply starting with a newline overlaps ``<|assistant|>``.
+and label by walking the token ids: loss on every token after the reply header (the generation prompt's
+tokens: ``<|assistant|>`` and whatever the tokenizer leaves after it, e.g. a newline; Phi-4's
+``<|im_start|>assistant<|im_sep|>``) up to and including the end-of-turn token that closes the reply (``<|end|>``;
+Phi-4: ``<|im_end|>``). Character spans cannot do this: Phi-3's role tokens swallow the whitespace after them
+(``rstrip``), so a reply starting with a newline overlaps ``<|assistant|>``.
 
 A reply holding the text of a Phi-3 special token (``<|end|>``, ...) would be tokenized as that token and
 end the span early; ``data.read`` rejects such records (with file:line), and the encoder refuses a message
 holding any added token's text, or tokens that do not match the turns, rather than label it wrongly.
+
+Reasoning models (Phi-4-reasoning, Phi-4-mini-reasoning) answer with a ``<think>...</think>`` block before the
+solution, inside the assistant turn; their templates keep it there in every turn. So the block is part of the reply and
+carries loss: it is what the model generates and must learn to write. ``<think>`` / ``</think>`` may be added tokens of
+such a tokenizer, and are the one exception to the guard above, in assistant messages only.
 """
 
 from __future__ import annotations
@@ -21,66 +27,69 @@ from dataclasses import dataclass
 
 from qlora_phi3.data.read import ChatRecord
 from qlora_phi3.errors import UserError
-from qlora_phi3.phi3 import ASSISTANT_TOKEN, END_TOKEN, IGNORE_INDEX
+from qlora_phi3.family import THINK_TOKENS, family_for_tokenizer
+from qlora_phi3.phi3 import IGNORE_INDEX
 
 __all__ = ["EncodedSplit", "encode_conversation", "encode_records", "reply_markers"]
 
 
-def reply_markers(tokenizer) -> tuple[int, list[int], int, tuple[str, ...]]:
-    """(id of <|assistant|>, ids the generation prompt adds after it, id of <|end|>, texts of the added tokens).
+def reply_markers(tokenizer) -> tuple[list[int], int, tuple[str, ...]]:
+    """(ids of the reply header, id of the end-of-turn token, texts of the added tokens).
 
-    The generation prompt is what inference feeds before the answer, so it never carries loss. With
-    Phi-3's tokenizer it is the one token ``<|assistant|>`` (the newline is swallowed); a tokenizer
-    without ``rstrip`` leaves ``▁`` and ``\\n`` tokens after it."""
-    assistant, end = tokenizer.convert_tokens_to_ids(ASSISTANT_TOKEN), tokenizer.convert_tokens_to_ids(END_TOKEN)
-    if assistant in (None, tokenizer.unk_token_id) or end in (None, tokenizer.unk_token_id):
-        raise UserError(f"the tokenizer has no {ASSISTANT_TOKEN} or {END_TOKEN} token; it is not a Phi-3 chat tokenizer.")
+    The header is what the template's generation prompt adds: what inference feeds before the answer, so it never
+    carries loss. Phi-3: the one token ``<|assistant|>`` (the newline is swallowed; a tokenizer without ``rstrip``
+    leaves ``▁`` and ``\\n`` tokens after it); Phi-4-mini: ``<|assistant|>``; Phi-4: ``<|im_start|>``, the plain-text
+    role ``assistant`` and ``<|im_sep|>``, so the walk matches the whole header, never one role token. The end of turn
+    is the family's (``<|end|>``, Phi-4's ``<|im_end|>``)."""
+    family = family_for_tokenizer(tokenizer)
+    end = tokenizer.convert_tokens_to_ids(family.end_token)
+    if end in (None, tokenizer.unk_token_id) or not tokenizer.chat_template:
+        raise UserError(f"the tokenizer has no {family.end_token} token or no chat template; it is not a Phi "
+                        "chat tokenizer.")
     probe = [{"role": "user", "content": "Hi"}]
     with_prompt, without = (tokenizer(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=g),
                                       add_special_tokens=False)["input_ids"] for g in (True, False))
-    tail = with_prompt[len(os.path.commonprefix([with_prompt, without])):]
-    if not tail or tail[0] != assistant:
-        raise UserError("the tokenizer's chat template does not open the generation prompt with "
-                        f"{ASSISTANT_TOKEN}; it is not Phi-3's template.")
+    header = with_prompt[len(os.path.commonprefix([with_prompt, without])):]
+    if not header or "assistant" not in tokenizer.decode(header):
+        raise UserError("the tokenizer's chat template does not open the generation prompt with an assistant "
+                        f"header (it adds {tokenizer.decode(header)!r}); it is not a Phi chat template.")
     added = tuple(sorted({str(t) for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True))
-    return assistant, tail[1:], end, added
+    return header, end, added
 
 
 def encode_conversation(tokenizer, messages: list[dict], markers=None) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation, and labels that are -100 except on assistant replies
-    and their closing ``<|end|>`` (every assistant turn, not just the last). ``markers``: ``reply_markers``
+    and their closing end-of-turn token (every assistant turn, not just the last). ``markers``: ``reply_markers``
     of the tokenizer, when encoding many conversations."""
-    assistant, prompt_tail, end, added = markers or reply_markers(tokenizer)
+    header, end, added = markers or reply_markers(tokenizer)
     for i, m in enumerate(messages):  # data.read rejects these first; a guard for other tokenizers and callers
-        token = next((t for t in added if t in m["content"]), None)
+        allowed = THINK_TOKENS if m["role"] == "assistant" else ()  # a reasoning reply writes its own think block
+        token = next((t for t in added if t in m["content"] and t not in allowed), None)
         if token:
             raise UserError(f"message {i} ({m['role']}) contains {token!r}, which the tokenizer reads as a special "
                             "token, not as text: it would end or shift the loss span. Remove it from the data.")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
-    replies, i = 0, 0
+    replies, i, n = 0, 0, len(header)
     while i < len(ids):
-        if ids[i] != assistant:
+        if ids[i:i + n] != header:
             i += 1
             continue
-        start = i + 1
-        if ids[start:start + len(prompt_tail)] != prompt_tail:
-            raise UserError(f"the tokens after {ASSISTANT_TOKEN} differ from the generation prompt's; "
-                            "cannot tell where the reply starts (is this Phi-3's tokenizer and template?).")
-        start += len(prompt_tail)
+        start = i + n
         try:
             stop = ids.index(end, start)
         except ValueError:
-            raise UserError(f"an assistant reply is not closed by {END_TOKEN}; the chat template is not "
-                            "Phi-3's.") from None
+            raise UserError(f"an assistant reply is not closed by {tokenizer.convert_ids_to_tokens(end)}; the chat "
+                            "template is not the model's own.") from None
         labels[start:stop + 1] = ids[start:stop + 1]
         replies += 1
         i = stop + 1
     expected = sum(1 for m in messages if m["role"] == "assistant")
     if replies != expected:
         raise UserError(f"found {replies} assistant replies in the tokens but the conversation has {expected} "
-                        "assistant turns; the chat template is not Phi-3's.")
+                        "assistant turns; the chat template is not the model's own (or its reply header "
+                        f"{tokenizer.decode(header)!r} is tokenized differently inside the conversation).")
     return ids, labels
 
 

@@ -216,7 +216,8 @@ def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path
     from qlora_phi3.data.read import load_records
     from qlora_phi3.data.split import hold_out
     from qlora_phi3.files import atomic_write_json
-    from qlora_phi3.phi3 import END_TOKEN, IGNORE_INDEX
+    from qlora_phi3.data.encode import reply_markers
+    from qlora_phi3.phi3 import IGNORE_INDEX
 
     d, t = recipe.data, recipe.train
     records, report = load_records(d)
@@ -233,7 +234,7 @@ def inspect_data(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | Path
         n_eval = len(eval_recs)
     train_origins = {r.origin for r in train_recs}
 
-    end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+    end_id = reply_markers(tokenizer)[1]  # the family's end of turn (<|end|>; Phi-4: <|im_end|>)
     encoded = _encode_all(records, tokenizer)
     lengths = [len(ids) for ids, _ in encoded]
     ordered = sorted(lengths)

@@ -16,7 +16,6 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.family import check_supported, family_for_tokenizer, published
 from qlora_phi3.hub import ensure_hub_access
 from qlora_phi3.machine import cpu_bf16
-from qlora_phi3.phi3 import END_TOKEN
 
 __all__ = ["Choice", "auto_tokenizer", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype",
            "pick_device", "resolve_model_path", "read_model_config", "quantization_config", "has_native_bf16",
@@ -193,10 +192,10 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         tok = auto_tokenizer(path, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise UserError(_not_found(cfg, e)) from None
-    if tok.convert_tokens_to_ids(END_TOKEN) in (None, tok.unk_token_id):
-        raise UserError(f"{cfg.name_or_path}: tokenizer has no {END_TOKEN} token; this is not a Phi-3 / Phi-4-mini "
-                        "chat tokenizer.")
-    family = family_for_tokenizer(tok)
+    family = family_for_tokenizer(tok)  # Phi-3 unless the tokenizer has another family's end-of-turn token
+    if tok.convert_tokens_to_ids(family.end_token) in (None, tok.unk_token_id):
+        raise UserError(f"{cfg.name_or_path}: tokenizer has no {family.end_token} token; this is not a Phi-3, "
+                        "Phi-4-mini or Phi-4 chat tokenizer.")
     if tok.convert_tokens_to_ids(family.pad_token) in (None, tok.unk_token_id) and family.pad_token != tok.unk_token:
         raise UserError(f"{cfg.name_or_path}: tokenizer has no {family.pad_token} token to pad with "
                         f"({family.name} pads with it).")

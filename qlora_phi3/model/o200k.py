@@ -27,14 +27,15 @@ import lzma
 import struct
 import sys
 import zipfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from qlora_phi3.errors import UserError
-from qlora_phi3.family import PHI4_MINI
+from qlora_phi3.family import PHI4_MINI, TokenizerFamily
 
-__all__ = ["O200K_SHA256", "O200K_PATTERN", "LLAMA_CPP_CHKHSH", "CHKTXT", "load_ranks", "tokenizer_json",
-           "write_phi4_mini_tokenizer"]
+__all__ = ["O200K", "O200K_SHA256", "O200K_PATTERN", "LLAMA_CPP_CHKHSH", "CHKTXT", "TiktokenVocab", "load_ranks",
+           "tokenizer_json", "write_phi4_mini_tokenizer", "write_tokenizer"]
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "o200k_base.tiktoken.xz"
 # sha256 of openaipublic's o200k_base.tiktoken (tiktoken_ext/openai_public.py pins the same).
@@ -57,8 +58,23 @@ CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u
           '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
           '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
 LLAMA_CPP_CHKHSH = "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e"
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one per module, cached by lru_cache
+class TiktokenVocab:
+    """One tiktoken vocabulary as a tokenizer family uses it: the shipped ranks (xz, checked by OpenAI's sha256),
+    the split regex, the family whose added tokens sit on top, and which of those are not "special"."""
+    name: str  # tiktoken's encoding name; the quicktok wheel's member is quicktok/data/<name without _base>.vocab
+    asset: Path
+    sha256: str
+    pattern: str
+    family: TokenizerFamily
+    not_special: tuple = ()
+
+
 # Added tokens that are not "special" (decoded as text, like Phi-4-mini's tool markup).
-_NOT_SPECIAL = ("<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>")
+O200K = TiktokenVocab("o200k_base", ASSET, O200K_SHA256, O200K_PATTERN, PHI4_MINI,
+                      not_special=("<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>"))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -83,15 +99,15 @@ def _parse_tiktoken(data: bytes) -> dict[bytes, int]:
     return ranks
 
 
-@lru_cache(maxsize=1)
-def load_ranks() -> dict[bytes, int]:
-    """o200k_base's merge ranks from the shipped asset, checked against OpenAI's published sha256."""
+@lru_cache(maxsize=2)
+def load_ranks(vocab: TiktokenVocab = O200K) -> dict[bytes, int]:
+    """The vocabulary's merge ranks from the shipped asset, checked against OpenAI's published sha256."""
     try:
-        data = lzma.decompress(ASSET.read_bytes())
+        data = lzma.decompress(vocab.asset.read_bytes())
     except (OSError, lzma.LZMAError) as e:
-        raise UserError(f"{ASSET}: cannot read the o200k vocabulary ({e}); reinstall qlora-phi3.") from None
-    if hashlib.sha256(data).hexdigest() != O200K_SHA256:
-        raise UserError(f"{ASSET}: not o200k_base (sha256 differs from {O200K_SHA256}); reinstall qlora-phi3.")
+        raise UserError(f"{vocab.asset}: cannot read the {vocab.name} vocabulary ({e}); reinstall qlora-phi3.") from None
+    if hashlib.sha256(data).hexdigest() != vocab.sha256:
+        raise UserError(f"{vocab.asset}: not {vocab.name} (sha256 differs from {vocab.sha256}); reinstall qlora-phi3.")
     return _parse_tiktoken(data)
 
 
@@ -112,7 +128,7 @@ def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(m[3], m[4]) for m in merges]
 
 
-def _cache_file() -> Path:
+def _cache_file(vocab: TiktokenVocab = O200K) -> Path:
     """Where the derived ``tokenizer.json`` is kept between processes. Its name is a digest of everything the
     derivation reads (this module, the family facts, the vocabulary asset, the tokenizers version), so a change to
     any of them derives it afresh instead of reading a stale file."""
@@ -123,23 +139,24 @@ def _cache_file() -> Path:
     from qlora_phi3 import family
 
     digest = hashlib.sha256()
-    for part in (Path(__file__).read_bytes(), Path(family.__file__).read_bytes(), ASSET.read_bytes(),
+    for part in (Path(__file__).read_bytes(), Path(family.__file__).read_bytes(), vocab.asset.read_bytes(),
                  tokenizers.__version__.encode()):
         digest.update(hashlib.sha256(part).digest())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-phi3" / "o200k"
-    return cache / f"phi4-mini-tokenizer-{digest.hexdigest()[:16]}.json"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-phi3" / vocab.name[:-5]
+    return cache / f"{vocab.family.name}-tokenizer-{digest.hexdigest()[:16]}.json"
 
 
-@lru_cache(maxsize=1)
-def tokenizer_json() -> str:
-    """Phi-4-mini's ``tokenizer.json``: o200k_base with Phi-4-mini's added tokens. Deriving the merges takes ~10 s
-    (a 2-core Xeon with avx512_bf16), so the result is kept in the user's cache (:func:`_cache_file`) and in this process."""
+@lru_cache(maxsize=2)
+def tokenizer_json(vocab: TiktokenVocab = O200K) -> str:
+    """The family's ``tokenizer.json``: the tiktoken vocabulary with the family's added tokens. Deriving the merges
+    takes ~10 s for o200k (a 2-core Xeon with avx512_bf16), so the result is kept in the user's cache
+    (:func:`_cache_file`) and in this process."""
     from qlora_phi3.files import atomic_write_text
 
-    cached = _cache_file()
+    cached = _cache_file(vocab)
     if cached.is_file():
         return cached.read_text(encoding="utf-8")
-    text = _derive_tokenizer_json()
+    text = _derive_tokenizer_json(vocab)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cached, text)
@@ -148,21 +165,22 @@ def tokenizer_json() -> str:
     return text
 
 
-def _derive_tokenizer_json() -> str:
+def _derive_tokenizer_json(vocab_spec: TiktokenVocab) -> str:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    ranks = load_ranks()
+    family = vocab_spec.family
+    ranks = load_ranks(vocab_spec)
     byte_map = _bytes_to_unicode()
     enc = lambda b: "".join(byte_map[x] for x in b)  # noqa: E731
     vocab = {enc(token): rank for token, rank in ranks.items()}
     # The added tokens sit in the model's vocabulary too: tokenizers gives an added token that the model does not
     # know the next free id, whatever id the JSON says, and o200k's ids have gaps (199998, 200000-200017).
-    vocab.update(PHI4_MINI.special_ids)
+    vocab.update(family.special_ids)
     merges = [(enc(a), enc(b)) for a, b in _merges(ranks)]
     # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(vocab_spec.pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -171,38 +189,44 @@ def _derive_tokenizer_json() -> str:
     spec = json.loads(tok.to_str())
     spec["added_tokens"] = [
         {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": text not in _NOT_SPECIAL}
-        for text, i in sorted(PHI4_MINI.special_ids.items(), key=lambda kv: kv[1])]
+         "special": text not in vocab_spec.not_special}
+        for text, i in sorted(family.special_ids.items(), key=lambda kv: kv[1])]
     return json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
 
 
 def write_phi4_mini_tokenizer(out_dir: Path, model_max_length: int = 131072) -> Path:
     """Write Phi-4-mini's tokenizer files (tokenizer.json, tokenizer_config.json, chat template) into ``out_dir``."""
+    return write_tokenizer(O200K, out_dir, model_max_length)
+
+
+def write_tokenizer(vocab: TiktokenVocab, out_dir: Path, model_max_length: int) -> Path:
+    """Write the family's tokenizer files (tokenizer.json, tokenizer_config.json, chat template) into ``out_dir``."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    family = vocab.family
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(tokenizer_json()), bos_token=PHI4_MINI.bos_token,
-        eos_token=PHI4_MINI.eos_token, unk_token=PHI4_MINI.eos_token, pad_token=PHI4_MINI.pad_token,
+        tokenizer_object=Tokenizer.from_str(tokenizer_json(vocab)), bos_token=family.bos_token,
+        eos_token=family.eos_token, unk_token=family.bos_token, pad_token=family.pad_token,
         model_max_length=model_max_length, clean_up_tokenization_spaces=False, padding_side="left")
-    tok.chat_template = PHI4_MINI.chat_template
+    tok.chat_template = family.chat_template
     tok.save_pretrained(out_dir)
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    # As Phi-4-mini's own tokenizer_config.json: GPT2Tokenizer is how llama.cpp's converter recognises a
+    # As Phi-4-mini's and Phi-4's own tokenizer_config.json: GPT2Tokenizer is how llama.cpp's converter recognises a
     # byte-level BPE Phi (conversion/phi.py); no automatic bos / eos.
     config.update(tokenizer_class="GPT2Tokenizer", add_bos_token=False, add_eos_token=False)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_dir
 
 
-def _ranks_from_quicktok(wheel: Path) -> bytes:
-    """o200k_base.tiktoken rebuilt from the quicktok-v1 wheel's o200k.vocab (u32 count; per token: u16 length,
-    the bytes, u32 rank)."""
+def _ranks_from_quicktok(wheel: Path, name: str = "o200k_base") -> bytes:
+    """``<name>.tiktoken`` rebuilt from the quicktok-v1 wheel's vocabulary (e.g. o200k.vocab; u32 count; per token:
+    u16 length, the bytes, u32 rank)."""
     with zipfile.ZipFile(wheel) as z:
-        data = z.read("quicktok/data/o200k.vocab")
+        data = z.read(f"quicktok/data/{name.removesuffix('_base')}.vocab")
     (n,), off, rows = struct.unpack_from("<I", data, 0), 4, []
     for _ in range(n):
         (length,) = struct.unpack_from("<H", data, off)
@@ -213,19 +237,20 @@ def _ranks_from_quicktok(wheel: Path) -> bytes:
     return b"".join(base64.b64encode(t) + b" " + str(r).encode() + b"\n" for r, t in sorted(rows))
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - regeneration entry point
-    parser = argparse.ArgumentParser(prog="python -m qlora_phi3.model.o200k", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, vocab: TiktokenVocab = O200K) -> int:  # pragma: no cover - regeneration
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name if vocab is O200K else 'qlora_phi3.model.cl100k'}",
+                                     description=f"Rebuild the shipped {vocab.name} ranks from the quicktok-v1 wheel.")
     parser.add_argument("--wheel", type=Path, required=True,
                         help="quicktok_v1-0.4.0 wheel (pip download --no-deps quicktok-v1==0.4.0)")
     args = parser.parse_args(argv)
-    data = _ranks_from_quicktok(args.wheel)
-    if hashlib.sha256(data).hexdigest() != O200K_SHA256:
-        print(f"error: {args.wheel}: its o200k vocabulary is not o200k_base (sha256 differs)", file=sys.stderr)
+    data = _ranks_from_quicktok(args.wheel, vocab.name)
+    if hashlib.sha256(data).hexdigest() != vocab.sha256:
+        print(f"error: {args.wheel}: its vocabulary is not {vocab.name} (sha256 differs)", file=sys.stderr)
         return 2
-    tmp = ASSET.with_name(ASSET.name + ".tmp")
+    tmp = vocab.asset.with_name(vocab.asset.name + ".tmp")
     tmp.write_bytes(lzma.compress(data, preset=9))
-    tmp.replace(ASSET)
-    print(ASSET)
+    tmp.replace(vocab.asset)
+    print(vocab.asset)
     return 0
 
 

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from qlora_phi3.data.read import PHI3_TOKEN_TEXTS
-from qlora_phi3.family import (PHI3_CHAT_TEMPLATE, PHI35_MINI_LONG_FACTOR, PHI35_MINI_SHORT_FACTOR, PHI4_MINI,
-                               PUBLISHED, TokenizerFamily)
+from qlora_phi3.family import (PHI3_CHAT_TEMPLATE, PHI35_MINI_LONG_FACTOR, PHI35_MINI_SHORT_FACTOR, PUBLISHED,
+                               TokenizerFamily)
 
 __all__ = ["PHI3_CHAT_TEMPLATE", "PHI3_MINI_4K", "PHI3_MINI_128K", "PHI3_SPECIAL_TOKENS", "TINY_MODEL_DIR",
            "TINY_SHAPES", "TINY_SIZES", "TOKENIZER_FILES", "build_tiny", "build_tiny_shape", "mini_config",
@@ -150,10 +150,11 @@ def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = 
     _init_weights(model, seed)
     model.generation_config = _generation_config(GenerationConfig, family)
     model.save_pretrained(out_dir, safe_serialization=True)
-    if family is PHI4_MINI:
-        from qlora_phi3.model.o200k import write_phi4_mini_tokenizer
+    if family.tokenizer_writer:  # Phi-4-mini, Phi-4: derived from the shipped tiktoken vocabulary
+        import importlib
 
-        write_phi4_mini_tokenizer(out_dir, model_max_length=config.max_position_embeddings)
+        module, func = family.tokenizer_writer.split(":")
+        getattr(importlib.import_module(module), func)(out_dir, model_max_length=config.max_position_embeddings)
     elif Path(tokenizer_dir).resolve() != out_dir.resolve():
         for name in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
@@ -169,6 +170,8 @@ def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = 
 # phi4-mini: grouped-query attention 6 / 2 (Phi-4-mini's 24 / 8 ratio), head dim 16 so that partial rotary 0.75
 #   covers 12 dims (6 longrope pairs, its published factors resampled), tied embeddings, the 200,064 vocabulary.
 # phi3-medium: grouped-query attention 4 / 1 (Phi-3-medium's 40 / 10 ratio), head dim 16, untied, Phi-3's vocabulary.
+# phi4: grouped-query attention 4 / 1 (Phi-4's 40 / 10), head dim 16, full rotary, untied, the 100,352-row cl100k
+#   vocabulary and Phi-4's chat tokens (two 100,352 x 64 matrices: 26 MB in bf16).
 # phi3.5-mini: longrope to 131072 positions with Phi-3.5-mini's own factors verbatim: head dim 96 as published (2 heads
 #   of 96), so its 48 long and 48 short factors need no resampling; full rotary, untied, Phi-3's vocabulary.
 TINY_SHAPES = {
@@ -178,6 +181,9 @@ TINY_SHAPES = {
     "phi3-medium": ("microsoft/Phi-3-medium-4k-instruct",
                     dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=1)),
+    "phi4": ("microsoft/phi-4",
+             dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1)),
     "phi3.5-mini": ("microsoft/Phi-3.5-mini-instruct",
                     dict(hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2)),

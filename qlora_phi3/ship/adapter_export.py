@@ -381,7 +381,7 @@ def _write_modelfile(src, base_config, stage: Path, stem: str, base_file: Path |
     base_name = base_file.name if base_file else f"{stem}-base-{UNWRITTEN_BASE_QUANT}.gguf"
     (stage / MODELFILE_NAME).write_text(
         modelfile_text(base_name, ctx, adapter=adapter, from_note=from_note,
-                       role_newline=family_for_config(base_config).role_newline),  # Phi-4-mini: none
+                       family=family_for_config(base_config)),
         encoding="utf-8")
     return base_name
 

@@ -115,7 +115,7 @@ def _build(llama_cpp, src, stage: Path, stem: str, names: list[str], check: bool
     files, rows = write_all(llama_cpp, model_dir, stage, stem, names, config)
     family = family_for_config(config)
     (stage / MODELFILE_NAME).write_text(modelfile_text(files[names[0]].name, config["max_position_embeddings"],
-                                                       role_newline=family.role_newline), encoding="utf-8")
+                                                       family=family), encoding="utf-8")
     checks, ref = {}, None
     if check:
         checks, ref = _run_checks(llama_cpp, src, model_dir, files, check_samples)

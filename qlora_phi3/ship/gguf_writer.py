@@ -237,17 +237,19 @@ def _add_model_keys(w, model_dir: Path, config, quant: str, general_name: str) -
 
 
 def _add_vocab(w, model_dir: Path, n_vocab: int, family) -> None:
-    """The tokenizer: vocabulary, special tokens (``<|end|>`` as end of turn) and the chat template."""
+    """The tokenizer: vocabulary, special tokens (the family's end of turn: ``<|end|>``, Phi-4's ``<|im_end|>``)
+    and the chat template."""
     import gguf
 
     from qlora_phi3.model.load import auto_tokenizer
 
     if family.tokenizer_kind == "byte_bpe":
-        # As convert_hf_to_gguf.py for Phi-4-mini: the 'gpt2' tokenizer with the o200k split ('gpt-4o', which
-        # llama.cpp's converter detects from the ids of its probe text), merges from tokenizer.json.
+        # As convert_hf_to_gguf.py for Phi-4-mini / Phi-4: the 'gpt2' tokenizer with the o200k split ('gpt-4o') or
+        # cl100k's ('dbrx'), which llama.cpp's converter detects from the ids of its probe text; merges from
+        # tokenizer.json.
         tokens, types = _byte_bpe_vocab(model_dir, n_vocab)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-4o")
+        w.add_tokenizer_pre(family.llama_cpp_pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
@@ -260,14 +262,15 @@ def _add_vocab(w, model_dir: Path, n_vocab: int, family) -> None:
         w.add_token_types(types)
         special = gguf.SpecialVocab(model_dir, n_vocab=n_vocab)  # bos/eos/unk/pad ids and the chat template
     tokenizer = auto_tokenizer(str(model_dir))
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    eot_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    end_id = tokenizer.convert_tokens_to_ids(family.end_token)
+    eot_id = tokenizer.convert_tokens_to_ids(family.eos_token)
     # A missing token reads as unk's id; Phi-4-mini's unk *is* <|endoftext|>, so compare the text too.
     missing = lambda i, text: i is None or (i == tokenizer.unk_token_id and tokenizer.unk_token != text)  # noqa: E731
-    if missing(end_id, "<|end|>") or missing(eot_id, "<|endoftext|>"):
-        raise UserError(f"{model_dir}: the tokenizer has no <|end|> / <|endoftext|> token; not a Phi-3 chat model.")
-    special.special_token_ids["eos"] = eot_id  # <|endoftext|>, as both families' config.json
-    special.special_token_ids["eot"] = end_id  # <|end|> closes every turn: llama.cpp stops generation on it
+    if missing(end_id, family.end_token) or missing(eot_id, family.eos_token):
+        raise UserError(f"{model_dir}: the tokenizer has no {family.end_token} / {family.eos_token} token; not a "
+                        "Phi chat model.")
+    special.special_token_ids["eos"] = eot_id  # the family's eos, as its config.json (Phi-4: <|im_end|>)
+    special.special_token_ids["eot"] = end_id  # <|end|> (Phi-4: <|im_end|>) closes every turn: llama.cpp stops on it
     if special.chat_template is None and tokenizer.chat_template:
         special.chat_template = tokenizer.chat_template
     # Training (data/encode.py) and our chat tokenize the chat template's text without adding special tokens;

@@ -94,17 +94,20 @@ class _Tally:
     max_diff: float = 0.0
     stopped: int = 0
     first_stop: list = field(default_factory=list)
+    end_token: str = "<|end|>"  # the family's end of turn, where generation should stop
 
 
 def check_gguf(llama_cpp, path: Path, convs: list[Conversation], tokenizer, top1_min: float,
                lora_path: Path | None = None, generate: bool = True) -> dict:
     """Run ``path`` (with the GGUF LoRA ``lora_path`` applied, scale 1) in llama.cpp on ``convs``: token ids,
-    top-1 and max |logit diff| against the reference, and (``generate``) whether greedy generation stops at
-    <|end|>."""
+    top-1 and max |logit diff| against the reference, and (``generate``) whether greedy generation stops at the
+    family's end of turn (``<|end|>``, Phi-4's ``<|im_end|>``)."""
     import numpy as np
 
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    eot_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    from qlora_phi3.family import family_for_tokenizer
+
+    family = family_for_tokenizer(tokenizer)
+    end_id = tokenizer.convert_tokens_to_ids(family.end_token)
     longest = max(max(len(c.ids) for c in convs), max(len(tokenizer(c.prompt, add_special_tokens=False)["input_ids"])
                                                       + 2 * c.reply_tokens + 16 for c in convs))
     n_ctx = min(max(longest + 8, 64), 1 << 15)
@@ -113,7 +116,7 @@ def check_gguf(llama_cpp, path: Path, convs: list[Conversation], tokenizer, top1
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                           verbose=False, seed=0, lora_path=str(lora_path) if lora_path else None)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    tally = _Tally()
+    tally = _Tally(end_token=family.end_token)
     try:
         for c in convs:
             _compare_tokens(llm, c, tally)
@@ -129,7 +132,8 @@ def check_gguf(llama_cpp, path: Path, convs: list[Conversation], tokenizer, top1
                 stop = _greedy_stop(llama_cpp, llm, vocab, c)
                 tally.stopped += stop == end_id
                 tally.first_stop.append(tokenizer.convert_ids_to_tokens(stop) if stop is not None else None)
-        eog = {t: bool(llama_cpp.llama_vocab_is_eog(vocab, i)) for t, i in (("<|end|>", end_id), ("<|endoftext|>", eot_id))}
+        eog = {t: bool(llama_cpp.llama_vocab_is_eog(vocab, tokenizer.convert_tokens_to_ids(t)))
+               for t in family.stop_tokens}
     finally:
         llm.close()
     return _result(tally, len(convs), top1_min, generate, eog)
@@ -232,7 +236,7 @@ def _result(t: _Tally, n_convs: int, top1_min: float, generate: bool, eog: dict)
     if top1_fail:
         problems.append(top1_fail)
     if generate and t.stopped < n_convs:
-        problems.append(f"greedy generation stopped at <|end|> on {t.stopped}/{n_convs} prompts "
+        problems.append(f"greedy generation stopped at {t.end_token} on {t.stopped}/{n_convs} prompts "
                         f"(stops: {t.first_stop})")
     if not all(eog.values()):
         problems.append(f"llama.cpp does not end generation on {[tok for tok, ok in eog.items() if not ok]}")

@@ -194,7 +194,7 @@ def phi3_model_name(name: str, family: TokenizerFamily = PHI3) -> str:
     if family.name == "phi3":
         return name if says_phi3 else f"{name} (Phi-3 fine-tune)"
     cleaned = re.sub(r"phi-?3(\.5)?", "phi", name, flags=re.IGNORECASE) if says_phi3 else name
-    return cleaned if re.search(r"phi-?4", cleaned, re.IGNORECASE) else f"{cleaned} (Phi-4-mini fine-tune)"
+    return cleaned if re.search(r"phi-?4", cleaned, re.IGNORECASE) else f"{cleaned} ({family.title} fine-tune)"
 
 
 def _save_for_llama_cpp(src, tmp: Path, out_dir: Path, family: TokenizerFamily = PHI3) -> None:

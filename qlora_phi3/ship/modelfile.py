@@ -3,7 +3,10 @@ template in Ollama's template language, its stop tokens and a context length Oll
 
 from __future__ import annotations
 
-__all__ = ["MODELFILE_MAX_CTX", "MODELFILE_NAME", "OLLAMA_TEMPLATE", "OLLAMA_TEMPLATE_NO_NEWLINE", "modelfile_text"]
+from qlora_phi3.family import PHI3, TokenizerFamily
+
+__all__ = ["MODELFILE_MAX_CTX", "MODELFILE_NAME", "OLLAMA_TEMPLATE", "OLLAMA_TEMPLATE_NO_NEWLINE", "modelfile_text",
+           "ollama_template"]
 
 MODELFILE_NAME = "Modelfile"
 # Ollama allocates the whole num_ctx KV cache up front; Phi-3-mini's is 384 KiB per token in f16
@@ -28,11 +31,20 @@ OLLAMA_TEMPLATE_NO_NEWLINE = (OLLAMA_TEMPLATE.replace("|>\n{{ .Content }}<|end|>
                               .replace("<|assistant|>\n{{ end }}", "<|assistant|>{{ end }}"))
 
 
+def ollama_template(family: TokenizerFamily) -> str:
+    """The family's chat template in Ollama's language: Phi-3's, Phi-4-mini's without the newlines, Phi-4's with its
+    '<|im_start|>ROLE<|im_sep|>' header and '<|im_end|>'."""
+    template = OLLAMA_TEMPLATE if family.role_newline else OLLAMA_TEMPLATE_NO_NEWLINE
+    return (template.replace("<|{{ .Role }}|>", family.role_header.format(role="{{ .Role }}"))
+            .replace("<|assistant|>", family.role_header.format(role="assistant"))
+            .replace("<|end|>", family.end_token))
+
+
 def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = None, from_note: str = "",
-                   role_newline: bool = True) -> str:
+                   family: TokenizerFamily = PHI3) -> str:
     """An Ollama Modelfile: ``FROM ./gguf_name``, then ``ADAPTER ./adapter`` (a GGUF LoRA) when given, with
-    ``from_note`` (comment lines) above FROM; the family's chat template (Phi-3's, or Phi-4-mini's without the
-    newlines when ``role_newline`` is false), its stops and a context length."""
+    ``from_note`` (comment lines) above FROM; the family's chat template (:func:`ollama_template`), its stops and a
+    context length."""
     num_ctx = min(context_length, MODELFILE_MAX_CTX)
     note = "" if num_ctx == context_length else (
         f"# The model supports {context_length} tokens; Ollama allocates the KV cache for all of num_ctx up front,\n"
@@ -40,8 +52,7 @@ def modelfile_text(gguf_name: str, context_length: int, adapter: str | None = No
     return (f"# Ollama: ollama create NAME -f Modelfile   (written by qlora-phi3 export)\n"
             f"{from_note}FROM ./{gguf_name}\n"
             + (f"ADAPTER ./{adapter}\n" if adapter else "")
-            + f'TEMPLATE """{OLLAMA_TEMPLATE if role_newline else OLLAMA_TEMPLATE_NO_NEWLINE}"""\n'
-            'PARAMETER stop "<|end|>"\n'
-            'PARAMETER stop "<|endoftext|>"\n'
-            f"{note}PARAMETER num_ctx {num_ctx}\n")
+            + f'TEMPLATE """{ollama_template(family)}"""\n'
+            + "".join(f'PARAMETER stop "{t}"\n' for t in family.stop_tokens)
+            + f"{note}PARAMETER num_ctx {num_ctx}\n")
 

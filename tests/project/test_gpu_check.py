@@ -16,7 +16,7 @@ def test_dry_run_runs_every_step_and_writes_each_result_as_it_goes(tmp_path):
                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
     report = (tmp_path / "dry-run-cpu.md").read_text()
     assert res.returncode == 0, report[-3000:] + res.stderr[-2000:]
-    for step in ("build", "train", "dpo", "phi4", "packing", "fp16", "grid", "long", "merge", "eval", "speed"):
+    for step in ("build", "train", "dpo", "phi4", "phi4_14b", "packing", "fp16", "grid", "long", "merge", "eval", "speed"):
         assert f"## {step} (" in report, step  # each step's section, none FAILED or skipped
     assert "DRY RUN" in report and "0 step(s) failed" in report
     packing = next(line for line in report.splitlines() if line.startswith("packed vs alone"))
@@ -33,3 +33,6 @@ def test_dry_run_runs_every_step_and_writes_each_result_as_it_goes(tmp_path):
     assert "256 tokens per row, batch 2" in evaluated and "base" in evaluated and "fine-tune" in evaluated
     speed = next(line for line in report.splitlines() if line.startswith("one pass over"))
     assert "reference: " in speed and "ours: " in speed and "ours / reference" in speed  # both pipelines, a ratio
+    phi4_14b = next(line for line in report.splitlines() if line.startswith("phi4_12gb at"))
+    assert "random Phi-4 " in phi4_14b and "4/1 heads" in phi4_14b and "vocabulary 100,352, tied False" in phi4_14b
+    assert "status completed" in phi4_14b and "estimated reserved" in phi4_14b

@@ -68,7 +68,7 @@ def test_medium_has_grouped_kv_in_its_lora_widths():
 @pytest.mark.parametrize("name, expect", [
     ("microsoft/Phi-3-small-8k-instruct", "another architecture"),
     ("microsoft/Phi-3-small-128k-instruct", "another architecture"),
-    ("microsoft/phi-4", "another tokenizer family"),
+    ("microsoft/Phi-4-mini-flash-reasoning", "SambaY"),
     ("microsoft/Phi-3-vision-128k-instruct", "vision"),
     ("microsoft/Phi-3.5-vision-instruct", "vision"),
     ("microsoft/Phi-4-multimodal-instruct", "vision/speech"),
@@ -84,8 +84,8 @@ def test_refusal_by_config_for_local_directories(tmp_path):
     from types import SimpleNamespace as NS
 
     check_supported(str(tmp_path), NS(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=200064))
-    for cfg, expect in ((NS(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=100352), "Phi-4 (14B)"),
-                        (NS(model_type="phi3small", architectures=["Phi3SmallForCausalLM"], vocab_size=100352),
+    check_supported(str(tmp_path), NS(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=100352))
+    for cfg, expect in ((NS(model_type="phi3small", architectures=["Phi3SmallForCausalLM"], vocab_size=100352),
                          "another architecture"),
                         (NS(model_type="phi3_v", architectures=["Phi3VForCausalLM"], vocab_size=32064), "vision"),
                         (NS(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000), "'llama'")):
@@ -122,7 +122,7 @@ def test_derived_tokenizer_is_kept_in_the_users_cache_and_derived_again_when_an_
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     derived = []
-    monkeypatch.setattr(o200k, "_derive_tokenizer_json", lambda: derived.append(1) or f'{{"n": {len(derived)}}}')
+    monkeypatch.setattr(o200k, "_derive_tokenizer_json", lambda vocab: derived.append(1) or f'{{"n": {len(derived)}}}')
     fresh = o200k.tokenizer_json.__wrapped__  # past the per-process lru_cache: what a new process does
     assert fresh() == '{"n": 1}' and fresh() == '{"n": 1}' and len(derived) == 1
     cached = list((tmp_path / "qlora-phi3" / "o200k").iterdir())
@@ -257,7 +257,8 @@ def test_tiny_phi35_mini_keeps_its_published_longrope_factors():
 # --------------------------------------------------------------------------------------------- recipes
 
 
-FAMILY_RECIPES = ("phi35_mini_12gb", "phi4_mini_12gb", "phi4_mini_8gb", "phi3_medium_4k_12gb")
+FAMILY_RECIPES = ("phi35_mini_12gb", "phi4_mini_12gb", "phi4_mini_8gb", "phi3_medium_4k_12gb", "phi4_12gb",
+                  "phi4_reasoning_12gb", "phi4_mini_reasoning_12gb")
 
 
 @pytest.mark.parametrize("name", FAMILY_RECIPES)

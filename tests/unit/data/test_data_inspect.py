@@ -137,7 +137,7 @@ def test_end_label_check_catches_a_template_that_drops_it(tmp_path, monkeypatch,
 
     def no_end_labels(tokenizer, messages, markers=None):
         ids, labels = real(tokenizer, messages, markers)
-        end = tokenizer.convert_tokens_to_ids(formatting.END_TOKEN)
+        end = formatting.reply_markers(tokenizer)[1]
         return ids, [formatting.IGNORE_INDEX if i == end else lab for i, lab in zip(ids, labels)]
 
     monkeypatch.setattr(formatting, "encode_conversation", no_end_labels)

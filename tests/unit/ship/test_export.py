@@ -478,3 +478,24 @@ def test_a_failed_check_never_replaces_a_good_export(merged_dir, tmp_path, monke
     failed = tmp_path / "out-failed"
     assert str(failed) in str(e.value) and (failed / "tiny-merged-f16.gguf").is_file()
     assert e.value.result.out_dir == failed and e.value.result.files == {"f16": failed / "tiny-merged-f16.gguf"}
+
+
+def test_each_familys_modelfile_template_renders_its_chat_template():
+    """Ollama's template for each tokenizer family renders what the family's own chat template renders (Phi-4:
+    '<|im_start|>ROLE<|im_sep|>' headers, '<|im_end|>' turn ends), and the Modelfile stops at the family's stops."""
+    import jinja2
+
+    from qlora_phi3.family import PHI3, PHI4, PHI4_MINI
+    from qlora_phi3.ship.modelfile import ollama_template
+
+    for family in (PHI3, PHI4_MINI, PHI4):
+        chat = jinja2.Environment().from_string(family.chat_template)
+        for messages in ([{"role": "user", "content": "What is 3 plus 4?"}],
+                         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye\n"}]):
+            ollama = _go_template(ollama_template(family),
+                                  {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+            assert ollama == chat.render(messages=messages, add_generation_prompt=True, eos_token="<eos>"), family.name
+        stops = [line for line in modelfile_text("x.gguf", 16384, family=family).splitlines() if "stop" in line]
+        assert stops == [f'PARAMETER stop "{t}"' for t in family.stop_tokens]
+    assert "<|im_start|>{{ .Role }}<|im_sep|>" in ollama_template(PHI4)
