@@ -14,7 +14,7 @@ import importlib
 __all__ = ["METHODS", "get_method"]
 
 # train.method -> module (imported on use: each pulls in its TRL trainer)
-METHODS = {"sft": "sft", "dpo": "dpo", "orpo": "orpo", "kto": "kto", "simpo": "simpo"}
+METHODS = {"sft": "sft", "dpo": "dpo", "orpo": "orpo", "kto": "kto", "simpo": "simpo", "grpo": "grpo"}
 
 
 def get_method(name: str):
