@@ -285,7 +285,7 @@ def step_phi4(ctx) -> str:
     steps = 1 if ctx.dry else 3
     run_dir = ctx.work / "phi4"
     overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
-    if ctx.dry:  # CPUs without native bf16 emulate it ~10x slower (PITFALLS 21); the dry run checks the path only
+    if ctx.dry:  # CPUs without native bf16 emulate it ~10x slower (docs/pitfalls.md); the dry run checks the path only
         overrides += ["model.compute_dtype=float32"]
     _checked(_qlora("train", "phi4_mini_12gb", f"model.name_or_path={model_dir}", "model.revision=null",
                     f"data.path={data}", "data.eval_split=null", "data.max_eval_samples=2", f"data.max_seq_len={seq}",

@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 from qlora_phi3.errors import UserError
 from qlora_phi3.key_map import TRANSLATIONS, our_key, recognise
+from qlora_phi3.methods import DEFAULT_METHOD, METHODS
 from qlora_phi3.phi3 import PHI3_TARGETS
 
 __all__ = [
@@ -29,6 +30,8 @@ EMBEDDED_DATA = "embedded:tiny-chat"
 DEFAULT_RECIPE = "tiny_cpu"
 # train.report_to: transformers' own integrations we support and test ("none" = no tracker).
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+# train.method's allowed values: the methods table's keys (qlora_phi3/methods.py)
+MethodName = Literal[tuple(METHODS)]
 
 
 def recipes_dir() -> Path:
@@ -145,8 +148,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/tiny", "Run directory: checkpoints, adapter/, run.json, recipe.yaml.")
-    method: Literal["sft", "dpo", "orpo", "kto", "simpo", "grpo"] = _f(
-        "sft", "Training method. sft: supervised on chats. dpo: preference pairs against a frozen reference (the 4-bit "
+    method: MethodName = _f(
+        DEFAULT_METHOD, "Training method. sft: supervised on chats. dpo: preference pairs against a frozen reference (the 4-bit "
                "base with the adapter off, or model.adapter's frozen copy; TRL DPOTrainer). orpo: pairs in one pass, "
                "no reference (SFT loss + odds-ratio term; TRL ORPOTrainer). kto: unpaired answers labelled "
                "good/bad (TRL KTOTrainer). simpo: pairs, no reference, length-normalised reward with a margin "
@@ -412,11 +415,9 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("train.warmup_ratio", 0.0 <= recipe.train.warmup_ratio < 1.0, "must be in [0, 1)"),
         ("train.weight_decay", recipe.train.weight_decay >= 0, "must be non-negative"),
         ("train.beta", recipe.train.beta is None or recipe.train.beta > 0 or (
-            recipe.train.beta == 0 and recipe.train.method == "grpo"), "must be positive (or null: the method's "
-                                                                        "default; grpo also takes 0)"),
+            recipe.train.beta == 0 and METHODS[recipe.train.method].default_beta == 0),
+         "must be positive (or null: the method's default; 0 where that is the default)"),
         ("train.num_generations", recipe.train.num_generations >= 2, "must be at least 2 (a group needs a mean)"),
-        ("train.max_completion_len", 1 <= recipe.train.max_completion_len < recipe.data.max_seq_len,
-         "must be at least 1 and below data.max_seq_len (the prompt needs room)"),
         ("train.temperature", recipe.train.temperature > 0, "must be positive"),
         ("train.top_p", 0 < recipe.train.top_p <= 1, "must be in (0, 1]"),
         ("train.numeric_tolerance", recipe.train.numeric_tolerance >= 0, "must be 0 or more"),
@@ -446,23 +447,28 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
     if unknown:
         raise UserError(f"{where('train.report_to')}: 'train.report_to' has unknown tracker {unknown[0]!r}; valid: "
                         f"{', '.join(TRACKERS)} (a list, e.g. train.report_to=[tensorboard,wandb]).")
-    if recipe.train.method == "kto" and recipe.train.micro_batch_size < 2:
-        raise UserError(f"{where('train.micro_batch_size')}: train.method=kto needs train.micro_batch_size of at least 2: "
-                        "KTO estimates its KL term from the other answers of the same micro-batch (with 1 it would "
-                        "equal the reward itself). Set train.micro_batch_size=2 or more.")
-    if recipe.train.method == "grpo":
-        _check_grpo(recipe.train, where)
+    method = METHODS[recipe.train.method]
+    if recipe.train.micro_batch_size < method.min_micro_batch:
+        least = method.min_micro_batch
+        raise UserError(f"{where('train.micro_batch_size')}: train.method={method.name} needs train.micro_batch_size of "
+                        f"at least {least}: {method.min_reason}. Set train.micro_batch_size={least} or more.")
+    if method.data == "prompts":
+        _check_prompt_method(recipe.train, recipe.data.max_seq_len, where)
     if not recipe.train.output_dir.strip():
         raise UserError(f"{where('train.output_dir')}: 'train.output_dir' must not be empty.")
 
 
-def _check_grpo(t: TrainConfig, where) -> None:
+def _check_prompt_method(t: TrainConfig, max_seq_len: int, where) -> None:
+    """A method that samples its own completions (grpo): rewards to score them, whole groups per step."""
     if not t.rewards:
-        raise UserError(f"{where('train.rewards')}: train.method=grpo needs at least one reward in train.rewards, e.g. "
+        raise UserError(f"{where('train.rewards')}: train.method={t.method} needs at least one reward in train.rewards, e.g. "
                         "train.rewards=[numeric_answer] or [think_format,my_rewards.py:score] (docs/grpo.md).")
     if t.reward_weights is not None and len(t.reward_weights) != len(t.rewards):
         raise UserError(f"{where('train.reward_weights')}: 'train.reward_weights' has {len(t.reward_weights)} weights "
                         f"for {len(t.rewards)} rewards; give one per train.rewards entry (or null: all 1).")
+    if not 1 <= t.max_completion_len < max_seq_len:
+        raise UserError(f"{where('train.max_completion_len')}: 'train.max_completion_len' must be at least 1 and below "
+                        f"data.max_seq_len={max_seq_len} (the prompt needs room), got {t.max_completion_len}.")
     if (t.micro_batch_size * t.grad_accum) % t.num_generations:
         raise UserError(f"{where('train.num_generations')}: train.micro_batch_size x train.grad_accum = "
                         f"{t.micro_batch_size * t.grad_accum} completions per step must be a multiple of "

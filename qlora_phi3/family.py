@@ -13,8 +13,8 @@ All the supported models are ``model_type: phi3`` (``Phi3ForCausalLM``). They co
 
 The token *texts* that matter for training (``<|assistant|>``, ``<|end|>``, ``<|endoftext|>``) are the same in
 both; their ids are not, so code asks the tokenizer for ids (``tokenizer.convert_tokens_to_ids``), never a
-constant. Sources: each model's published config.json / tokenizer_config.json (the numbers below), PITFALLS.md
-points 13 and 24.
+constant. Sources: each model's published config.json / tokenizer_config.json (the numbers below); docs/pitfalls.md
+says which of these differences trip tools up.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["PHI3", "PHI4_MINI", "PUBLISHED", "TokenizerFamily", "PublishedModel", "check_supported",
+__all__ = ["FAMILIES", "PHI3", "PHI4_MINI", "PUBLISHED", "TokenizerFamily", "PublishedModel", "check_supported",
            "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
 
 
@@ -41,6 +41,10 @@ class TokenizerFamily:
     # Generation stops at any of these (their ids come from the tokenizer): <|end|> closes every turn.
     stop_tokens: tuple = ("<|end|>", "<|endoftext|>")
     role_newline: bool = True  # the template writes '\n' after each role token
+    title: str = ""  # how people name the family's models, for messages
+    # The published generation_config.json's eos and pad tokens (its bos is bos_token).
+    generation_eos: tuple = ()
+    generation_pad: str = ""
 
     def token_id(self, text: str) -> int:
         return self.special_ids[text]
@@ -72,7 +76,8 @@ PHI3 = TokenizerFamily(
     chat_template=PHI3_CHAT_TEMPLATE,
     # Phi-3's config says pad = eos (32000), but eos ends every rendered conversation: padding with it would hide
     # the end from anything that masks pads. <unk> never occurs in text.
-    pad_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>",
+    pad_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", title="Phi-3",
+    generation_eos=("<|endoftext|>", "<|assistant|>", "<|end|>"), generation_pad="<|endoftext|>",
 )
 
 PHI4_MINI = TokenizerFamily(
@@ -86,10 +91,14 @@ PHI4_MINI = TokenizerFamily(
     # from the token walk (data/encode.py), the collator pads labels with -100 rather than masking pad ids, and
     # the token that carries the turn's end in the loss is <|end|> (200020), not <|endoftext|>.
     pad_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-    role_newline=False,
+    role_newline=False, title="Phi-4-mini",
+    generation_eos=("<|endoftext|>", "<|end|>"), generation_pad="<|endoftext|>",
 )
 
-FAMILIES = (PHI3, PHI4_MINI)
+# Every tokenizer family, by name: the lookups below read this table, so a family is one entry. The first is the
+# default: a phi3 model whose vocabulary matches no entry (a Phi-3 with added tokens) is a Phi-3.
+FAMILIES = {f.name: f for f in (PHI3, PHI4_MINI)}
+_DEFAULT_FAMILY = next(iter(FAMILIES.values()))
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,8 @@ _REFUSED_TYPES = {"phi3small": _REFUSED_IDS["phi-3-small"], "phi3_v": _REFUSED_I
 
 
 def supported_summary() -> str:
-    return ("qlora-phi3 supports Phi3ForCausalLM models with the Phi-3 (32,064) or Phi-4-mini (200,064) tokenizer: "
+    tokenizers = " or ".join(f"{f.title} ({f.vocab_size:,})" for f in FAMILIES.values())
+    return (f"qlora-phi3 supports Phi3ForCausalLM models with the {tokenizers} tokenizer: "
             + ", ".join(PUBLISHED) + " (docs/models.md)")
 
 
@@ -239,12 +249,13 @@ def check_supported(name: str, config=None) -> None:
 
 
 def family_for_config(config) -> TokenizerFamily:
-    """The tokenizer family of a phi3 model, from its config's vocabulary size."""
+    """The tokenizer family of a phi3 model, from its config's vocabulary size (the default family when none has
+    that size)."""
     vocab = getattr(config, "vocab_size", None) if not isinstance(config, dict) else config.get("vocab_size")
-    return PHI4_MINI if vocab == PHI4_MINI.vocab_size else PHI3
+    return next((f for f in FAMILIES.values() if f.vocab_size == vocab), _DEFAULT_FAMILY)
 
 
 def family_for_tokenizer(tokenizer) -> TokenizerFamily:
-    """The tokenizer family, from where the tokenizer puts ``<|end|>`` (32007 or 200020)."""
+    """The tokenizer family, from where the tokenizer puts ``<|end|>`` (each family has its own id for it)."""
     end = tokenizer.convert_tokens_to_ids("<|end|>")
-    return PHI4_MINI if end == PHI4_MINI.token_id("<|end|>") else PHI3
+    return next((f for f in FAMILIES.values() if f.token_id("<|end|>") == end), _DEFAULT_FAMILY)

@@ -29,7 +29,8 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     """The top-level parser and each command's own parser."""
     parser = argparse.ArgumentParser(
         prog="qlora-phi3",
-        description="QLoRA fine-tuning of Microsoft Phi-3 Mini on one consumer GPU (or offline on a CPU).",
+        description="QLoRA fine-tuning of Microsoft's Phi-3 family (Phi-3-mini, Phi-3.5-mini, Phi-3-medium, "
+                    "Phi-4-mini), supervised or on preferences, on one consumer GPU (or offline on a CPU).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Workflow: data -> estimate / fit -> train -> merge -> chat. "
                "Run `qlora-phi3 COMMAND --help` for a command's options.",

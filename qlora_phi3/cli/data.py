@@ -21,11 +21,12 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     from qlora_phi3.cli import render_data
+    from qlora_phi3.methods import METHODS
     from qlora_phi3.model.load import load_tokenizer
 
     recipe = recipe_from_args(args)
     tokenizer = load_tokenizer(recipe.model)
-    if recipe.train.method != "sft":  # preference pairs / labelled answers
+    if METHODS[recipe.train.method].preference:  # preference pairs / labelled answers
         from qlora_phi3.data.inspect_pairs import inspect_preference
 
         res = inspect_preference(recipe, tokenizer, sample=args.sample, out_dir=args.out)

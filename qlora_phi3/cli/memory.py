@@ -50,6 +50,7 @@ def _estimate(args) -> int:
     from rich.table import Table
 
     from qlora_phi3.memory.estimate import config_for_estimate, estimate
+    from qlora_phi3.methods import METHODS
     from qlora_phi3.ui import console, info
 
     budget_gib = _budget_gib(args.budget)
@@ -59,7 +60,8 @@ def _estimate(args) -> int:
     # auto on a GPU is bf16 or, before Ampere, fp16: the same bytes, and no GPU is asked which
     compute = ("16-bit (bf16, or fp16 before Ampere)" if est.device == "cuda" and recipe.model.compute_dtype == "auto"
                else s["compute_dtype"])
-    rows = "" if s["method"] == "sft" else f" ({s['rows_per_forward']} rows), {s['method']}"  # chosen + rejected rows
+    chats = METHODS[s["method"]].data == "chat"
+    rows = "" if chats else f" ({s['rows_per_forward']} rows), {s['method']}"  # chosen + rejected rows
     table = Table(title=f"estimated peak memory: {recipe.model.name_or_path}, seq {s['max_seq_len']} x batch "
                         f"{s['micro_batch_size']}{' packed' if s['packing'] else ''}{rows}, r={s['lora_r']}, checkpointing "
                         f"{s['gradient_checkpointing']}, tiles {s['tile_tokens'] or 'off'}, {s['optimizer']}, attention "
@@ -94,6 +96,7 @@ def _fit(args) -> int:
 def print_fit_report(report) -> None:
     """Each planned key old -> new, the plan's notes, the effective batch it kept and the predicted peak."""
     from qlora_phi3.memory.fit import SAFETY_MARGIN
+    from qlora_phi3.methods import METHODS
     from qlora_phi3.ui import info
 
     plan, out_path = report.plan, report.recipe_path
@@ -102,10 +105,11 @@ def print_fit_report(report) -> None:
     for note in plan.notes:
         info(f"  note: {note}")
     t, d = plan.recipe.train, plan.recipe.data
+    method = METHODS[t.method]
     rows = t.micro_batch_size * t.grad_accum
     per_step = (f"{rows} packed rows of {d.max_seq_len:,} tokens ({rows * d.max_seq_len:,} tokens) per optimizer step"
-                if d.packing and t.method == "sft" else
-                f"{rows} {'conversations' if t.method == 'sft' else 'preference records'} per optimizer step")
+                if d.packing and method.packs else
+                f"{rows} {'conversations' if method.data == 'chat' else 'preference records'} per optimizer step")
     info(f"effective batch kept: {t.micro_batch_size} x {t.grad_accum} = {per_step}")
     info(f"predicted peak {plan.predicted_gib:.2f} GiB of {plan.budget_gib:g} GiB (safety margin {SAFETY_MARGIN:.0%}); "
          f"checkpointing {'needed' if plan.checkpointing_needed else 'not needed'}")

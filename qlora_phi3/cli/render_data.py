@@ -88,17 +88,21 @@ def _share(part: int, whole: int) -> str:
     return f"{part / whole:.1%}" if whole else "0%"
 
 
+def _print_notes_and_skipped(notes: list[str], read, d, allows: str = "") -> None:
+    for note in notes:
+        info(f"  note: {note}")
+    if read.n_bad or read.duplicates:
+        warn(f"{read.n_bad:,} bad records skipped (data.max_bad_fraction={d.max_bad_fraction}{allows}); "
+             f"{len(read.duplicates):,} exact duplicates:")
+        _print_skipped(read)
+
+
 def print_data_inspection(res: DataInspection, recipe: Recipe) -> None:
     """How the data was read, its token lengths, what max_seq_len cuts, one epoch in steps, the sample, the files."""
     d, t, read = recipe.data, recipe.train, res.read
     info(f"[bold]{res.source}[/]: {res.records_read:,} records read as [bold]{res.format}[/] "
          f"({read.format_origin}); {res.usable_in_file:,} usable")
-    for note in read.notes:
-        info(f"  note: {note}")
-    if read.n_bad or read.duplicates:
-        warn(f"{read.n_bad:,} bad records skipped (data.max_bad_fraction={d.max_bad_fraction} allows "
-             f"{d.max_bad_fraction:.0%}); {len(read.duplicates):,} exact duplicates:")
-        _print_skipped(read)
+    _print_notes_and_skipped(read.notes, read, d, f" allows {d.max_bad_fraction:.0%}")
     if d.max_samples:
         info(f"  data.max_samples={d.max_samples}: inspecting the first {res.usable:,}")
     pct = "  ".join(f"{k} {v:,}" for k, v in res.percentiles.items()).replace("p100", "max")
@@ -144,12 +148,7 @@ def print_pair_inspection(res: PairInspection, recipe: Recipe) -> None:
     info(f"[bold]{res.source}[/]: {res.records_read:,} records read as [bold]{read.format}[/] for "
          f"train.method={res.method}; {res.usable:,} usable ({res.train:,} train / {res.eval:,} eval: "
          f"{res.eval_from})")
-    for note in res.notes:
-        info(f"  note: {note}")
-    if read.n_bad or read.duplicates:
-        warn(f"{read.n_bad:,} bad records skipped (data.max_bad_fraction={d.max_bad_fraction}); "
-             f"{len(read.duplicates):,} exact duplicates:")
-        _print_skipped(read)
+    _print_notes_and_skipped(res.notes, read, d)
     info("tokens (percentiles " + "/".join(f"p{p}" for p in PERCENTILES) + "): " + "; ".join(
         f"{name} {'/'.join(str(v) for v in pct.values())}" for name, pct in res.token_lengths.items()))
     what = "pair" if res.paired else "record"

@@ -13,6 +13,7 @@ from qlora_phi3.data.inspect import PERCENTILES, SampleTokens, percentile, sampl
 from qlora_phi3.data.preference import PairRecord, encode_pairs, encode_unpaired, load_preference_splits
 from qlora_phi3.data.read import ChatRecord, LoadReport
 from qlora_phi3.errors import UserError
+from qlora_phi3.methods import METHODS
 
 __all__ = ["PairInspection", "inspect_preference"]
 
@@ -52,7 +53,7 @@ def _percentiles(values: list[int]) -> dict[str, int]:
 
 def inspect_preference(recipe: Recipe, tokenizer, sample: int = 0,
                        out_dir: str | Path | None = None) -> PairInspection:
-    """Measure ``recipe``'s preference data (``train.method`` dpo, orpo, simpo or kto), with record number
+    """Measure ``recipe``'s preference data (a ``train.method`` that reads pairs or labelled answers), with record number
     ``sample``'s answers token by token; write data_report.json."""
     from qlora_phi3.files import atomic_write_json
 
@@ -60,7 +61,7 @@ def inspect_preference(recipe: Recipe, tokenizer, sample: int = 0,
     splits = load_preference_splits(d, method, recipe.train.seed)
     report = splits.report
     records = splits.train + splits.eval
-    paired = method != "kto"
+    paired = METHODS[method].data == "pairs"
     # Lengths before any cut (no limit), then what the recipe's limits cut.
     uncut = (encode_pairs if paired else encode_unpaired)(records, tokenizer, 10**9)
     cut = (encode_pairs if paired else encode_unpaired)(records, tokenizer, d.max_seq_len, d.max_prompt_len)

@@ -18,21 +18,21 @@ Bad records are skipped and counted with the same policy as chat data (``data.st
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qlora_phi3.config import DataConfig
 from qlora_phi3.data.encode import encode_conversation, reply_markers
 from qlora_phi3.data.formats import RecordProblem
-from qlora_phi3.data.read import (ChatRecord, LoadReport, apply_bad_record_policy, has_named_splits, read_rows,
-                                  resolve_data_path, turn_problem)
+from qlora_phi3.data.holdout import Splits, split_records
+from qlora_phi3.data.read import (ChatRecord, LoadReport, apply_bad_record_policy, digest, read_rows, resolve_data_path,
+                                  seen_before, turn_problem)
 from qlora_phi3.errors import UserError
+from qlora_phi3.methods import METHODS, methods_reading
 
-__all__ = ["PAIRED_METHODS", "EncodedPairs", "EncodedUnpaired", "PairRecord", "PreferenceSplits", "UnpairedRecord",
-           "encode_pairs", "encode_unpaired", "load_preference_records", "load_preference_splits", "record_kind"]
+__all__ = ["EncodedPairs", "EncodedUnpaired", "PairRecord", "UnpairedRecord", "encode_pairs", "encode_unpaired",
+           "eval_chats", "load_preference_records", "load_preference_splits", "record_kind"]
 
-PAIRED_METHODS = ("dpo", "orpo", "simpo")  # kto reads unpaired answers
 _PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 _UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 _PAIR_EXAMPLE = ('{"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", "content": ...}], '
@@ -138,30 +138,33 @@ def _unpaired(row: dict) -> tuple[list[dict], str, bool]:
     return full[:-1], full[-1]["content"], label
 
 
+def _methods_for(kind: str) -> str:
+    """'dpo (or orpo, simpo)': the methods that read ``kind``, from the methods table."""
+    first, *others = methods_reading(kind)
+    return f"{first} (or {', '.join(others)})" if others else first
+
+
 def _wrong_kind(kind: str, method: str, source: str, origin: str) -> UserError:
     if kind == "pairs":
         return UserError(f"{origin}: {source} holds preference pairs (chosen / rejected), but train.method={method} "
-                         "trains on unpaired answers labelled good or bad. Use train.method=dpo (or orpo, simpo) for "
-                         "pairs, or write each answer as its own record: " + _UNPAIRED_EXAMPLE)
+                         f"trains on unpaired answers labelled good or bad. Use train.method={_methods_for('pairs')} "
+                         "for pairs, or write each answer as its own record: " + _UNPAIRED_EXAMPLE)
     if kind == "unpaired":
         return UserError(f"{origin}: {source} holds unpaired answers (prompt / completion / label), but "
                          f"train.method={method} needs pairs of a better and a worse answer to the same prompt. Use "
-                         "train.method=kto for labelled answers, or write pairs: " + _PAIR_EXAMPLE)
+                         f"train.method={_methods_for('unpaired')} for labelled answers, or write pairs: "
+                         + _PAIR_EXAMPLE)
     return UserError(f"{origin}: {source} holds chat records, not preference data; train.method={method} needs "
-                     + (f"pairs: {_PAIR_EXAMPLE}" if method in PAIRED_METHODS else f"labelled answers: "
-                        f"{_UNPAIRED_EXAMPLE}") + ". For chats use train.method=sft.")
-
-
-def _digest(messages, extra="") -> bytes:
-    return hashlib.blake2b((json.dumps(messages, ensure_ascii=False) + extra).encode(), digest_size=16).digest()
+                     + (f"pairs: {_PAIR_EXAMPLE}" if METHODS[method].data == "pairs" else f"labelled answers: "
+                        f"{_UNPAIRED_EXAMPLE}") + f". For chats use train.method={_methods_for('chat')}.")
 
 
 def load_preference_records(cfg: DataConfig, method: str, split: str | None = None):
     """Valid preference records of ``split`` (default ``cfg.split``) for ``method``, and a LoadReport."""
     path = resolve_data_path(cfg.path)
-    want = "pairs" if method in PAIRED_METHODS else "unpaired"
+    want = METHODS[method].data
     report = LoadReport(source=path, duplicates_dropped=cfg.drop_duplicates,
-                        format="preference pairs" if want == "pairs" else "unpaired (kto)")
+                        format="preference pairs" if want == "pairs" else f"unpaired ({_methods_for(want)})")
 
     def columns(names):
         kind = record_kind(names)
@@ -200,13 +203,8 @@ def load_preference_records(cfg: DataConfig, method: str, split: str | None = No
             report.skip(problem.reason, origin, problem.detail)
             continue
         extra = (record.rejected if want == "pairs" else str(record.label))
-        digest = _digest(record.messages, extra)
-        if digest in first_seen:
-            report.duplicates.append((origin, first_seen[digest]))
-            if cfg.drop_duplicates:
-                continue
-        else:
-            first_seen[digest] = origin
+        if seen_before(report, first_seen, digest(record.messages, extra), origin) and cfg.drop_duplicates:
+            continue
         records.append(record)
     apply_bad_record_policy(cfg, report, records, "preference records", f"train.method={method} expects e.g. "
                             f"{_PAIR_EXAMPLE if want == 'pairs' else _UNPAIRED_EXAMPLE}")
@@ -217,48 +215,18 @@ def load_preference_records(cfg: DataConfig, method: str, split: str | None = No
     return records, report
 
 
-@dataclass
-class PreferenceSplits:
-    train: list
-    eval: list
-    report: LoadReport
-    eval_from: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def eval_chats(self) -> list[ChatRecord]:
-        """The eval prompts with their chosen (or labelled) answer, for sample answers."""
-        return [ChatRecord(r.messages, r.origin) for r in self.eval
-                if isinstance(r, PairRecord) or r.label]
+def eval_chats(records: list) -> list[ChatRecord]:
+    """Held-out preference records as chats, their prompt with the chosen (or desirable) answer, for sample
+    answers."""
+    return [ChatRecord(r.messages, r.origin) for r in records if isinstance(r, PairRecord) or r.label]
 
 
-def load_preference_splits(cfg: DataConfig, method: str, seed: int) -> PreferenceSplits:
-    """Train and held-out preference records, with the chat splits' rules (:mod:`qlora_phi3.data.split`): a named
+def load_preference_splits(cfg: DataConfig, method: str, seed: int) -> Splits:
+    """Train and held-out preference records, by the chat splits' rule (:mod:`qlora_phi3.data.holdout`): a named
     eval split where the source has one, else a seeded ``data.eval_fraction``; a prompt never in both."""
-    from qlora_phi3.data.split import hold_out
-
     records, report = load_preference_records(cfg, method)
-    if cfg.max_samples:
-        records = records[: cfg.max_samples]
-    notes = []
-    if cfg.eval_split and has_named_splits(cfg):
-        train, held = records, load_preference_records(cfg, method, cfg.eval_split)[0]
-        eval_from = f"split {cfg.eval_split!r} of {cfg.path}"
-    else:
-        if cfg.eval_split:
-            notes.append(f"data.eval_split={cfg.eval_split!r} ignored: {report.source} has no named splits; "
-                         f"{cfg.eval_fraction:.0%} of it is held out instead.")
-        train, held = hold_out(records, cfg.eval_fraction, cfg.max_eval_samples, seed)
-        eval_from = f"{len(held)} held out of {report.source} (data.eval_fraction={cfg.eval_fraction:g}, seed {seed})"
-    seen = {_digest(r.prompt) for r in train}
-    kept = [r for r in held if _digest(r.prompt) not in seen]
-    if not kept:
-        raise UserError(f"every eval prompt ({eval_from}) is also a training prompt, so the held-out reward accuracy "
-                        "would measure memorisation. Use more data or another eval split.")
-    if len(kept) < len(held):
-        notes.append(f"{len(held) - len(kept)} eval records whose prompt is also a training prompt dropped from eval "
-                     f"({eval_from}).")
-    return PreferenceSplits(train, kept[: cfg.max_eval_samples], report, eval_from, notes)
+    return split_records(cfg, seed, records, report, lambda name: load_preference_records(cfg, method, name)[0],
+                         key=lambda r: digest(r.prompt), noun="prompt", measured="the held-out reward accuracy")
 
 
 # ---- encoding ----
@@ -297,56 +265,57 @@ def _fit(prompt: list[int], answers: list[list[int]], max_seq_len: int, max_prom
 
 
 @dataclass
-class EncodedPairs:
+class _EncodedRows:
+    """Encoded preference records: their columns (``_COLUMNS``: our field -> the trainer's column) and what
+    truncation cut."""
     prompt_ids: list[list[int]]
-    chosen_ids: list[list[int]]
-    rejected_ids: list[list[int]]
     origins: list[str]
     truncated: int = 0
     prompt_cut: int = 0
     dropped: int = 0
     answer_tokens_lost: int = 0
+    _COLUMNS = {}
 
     @property
     def n_rows(self) -> int:
         return len(self.prompt_ids)
 
-    @property
-    def n_tokens(self) -> int:
-        """Tokens in the two rows of every pair (prompt + chosen, prompt + rejected): what a step computes."""
-        return sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids))
-
-    @property
-    def n_label_tokens(self) -> int:
-        return sum(len(c) + len(r) for c, r in zip(self.chosen_ids, self.rejected_ids))
+    def _rows(self):
+        return zip(*(getattr(self, ours) for ours in self._COLUMNS))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for row in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids):
+        for row in self._rows():
             h.update(repr(row).encode())
         return h.hexdigest()[:16]
 
     def to_dataset(self):
         from datasets import Dataset
 
-        return Dataset.from_dict({"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids,
-                                  "rejected_ids": self.rejected_ids})
+        return Dataset.from_dict({theirs: getattr(self, ours) for ours, theirs in self._COLUMNS.items()})
 
 
-@dataclass
-class EncodedUnpaired:
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    labels: list[bool]
-    origins: list[str]
-    truncated: int = 0
-    prompt_cut: int = 0
-    dropped: int = 0
-    answer_tokens_lost: int = 0
+@dataclass(kw_only=True)
+class EncodedPairs(_EncodedRows):
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    _COLUMNS = {"prompt_ids": "prompt_ids", "chosen_ids": "chosen_ids", "rejected_ids": "rejected_ids"}
 
     @property
-    def n_rows(self) -> int:
-        return len(self.prompt_ids)
+    def n_tokens(self) -> int:
+        """Tokens in the two rows of every pair (prompt + chosen, prompt + rejected): what a step computes."""
+        return sum(2 * len(p) + len(c) + len(r) for p, c, r in self._rows())
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(len(c) + len(r) for c, r in zip(self.chosen_ids, self.rejected_ids))
+
+
+@dataclass(kw_only=True)
+class EncodedUnpaired(_EncodedRows):
+    completion_ids: list[list[int]]
+    labels: list[bool]
+    _COLUMNS = {"prompt_ids": "prompt_ids", "completion_ids": "completion_ids", "labels": "label"}
 
     @property
     def n_tokens(self) -> int:
@@ -356,23 +325,11 @@ class EncodedUnpaired:
     def n_label_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
 
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for row in zip(self.prompt_ids, self.completion_ids, self.labels):
-            h.update(repr(row).encode())
-        return h.hexdigest()[:16]
-
-    def to_dataset(self):
-        from datasets import Dataset
-
-        return Dataset.from_dict({"prompt_ids": self.prompt_ids, "completion_ids": self.completion_ids,
-                                  "label": self.labels})
-
 
 def encode_pairs(records: list[PairRecord], tokenizer, max_seq_len: int, max_prompt_len: int | None = None) -> EncodedPairs:
     """Token ids of every pair: the shared prompt (generation prompt included) and each answer with its ``<|end|>``;
     cut so that prompt + answer fits ``max_seq_len`` (counted, never silently)."""
-    out, cuts, markers = EncodedPairs([], [], [], []), _Cuts(), reply_markers(tokenizer)
+    out, cuts, markers = EncodedPairs([], [], chosen_ids=[], rejected_ids=[]), _Cuts(), reply_markers(tokenizer)
     for rec in records:
         try:
             prompt, chosen = _prompt_and_answer(tokenizer, rec.prompt, rec.chosen, markers)
@@ -397,7 +354,7 @@ def encode_pairs(records: list[PairRecord], tokenizer, max_seq_len: int, max_pro
 
 def encode_unpaired(records: list[UnpairedRecord], tokenizer, max_seq_len: int,
                     max_prompt_len: int | None = None) -> EncodedUnpaired:
-    out, cuts, markers = EncodedUnpaired([], [], [], []), _Cuts(), reply_markers(tokenizer)
+    out, cuts, markers = EncodedUnpaired([], [], completion_ids=[], labels=[]), _Cuts(), reply_markers(tokenizer)
     for rec in records:
         try:
             prompt, completion = _prompt_and_answer(tokenizer, rec.prompt, rec.completion, markers)
@@ -422,5 +379,5 @@ def shuffled_for_kto(enc: EncodedUnpaired, seed: int) -> EncodedUnpaired:
     order = list(range(enc.n_rows))
     random.Random(seed).shuffle(order)
     pick = lambda xs: [xs[i] for i in order]  # noqa: E731
-    return EncodedUnpaired(pick(enc.prompt_ids), pick(enc.completion_ids), pick(enc.labels), pick(enc.origins),
-                           enc.truncated, enc.prompt_cut, enc.dropped, enc.answer_tokens_lost)
+    return EncodedUnpaired(pick(enc.prompt_ids), pick(enc.origins), enc.truncated, enc.prompt_cut, enc.dropped,
+                           enc.answer_tokens_lost, completion_ids=pick(enc.completion_ids), labels=pick(enc.labels))

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qlora_phi3.config import DataConfig
 from qlora_phi3.data.formats import RecordProblem
+from qlora_phi3.data.holdout import split_records
 from qlora_phi3.data.read import LoadReport, apply_bad_record_policy, read_rows, resolve_data_path, turn_problem
 from qlora_phi3.errors import UserError
 
-__all__ = ["PromptRecord", "PromptSplits", "drop_long_prompts", "load_prompt_records", "load_prompt_splits",
+__all__ = ["PromptRecord", "drop_long_prompts", "load_prompt_records", "load_prompt_splits",
            "prompt_limit", "prompt_token_ids"]
 
 PROMPT_EXAMPLE = '{"prompt": [{"role": "user", "content": "What is 3 plus 4?"}], "answer": "7"}'
@@ -131,43 +132,14 @@ def drop_long_prompts(cfg: DataConfig, report: LoadReport, records: list[PromptR
             continue
         kept.append(record)
         lengths.append(n)
-    apply_bad_record_policy(cfg, report, kept, "prompts", f"Shorten the prompts or raise data.max_seq_len.")
+    apply_bad_record_policy(cfg, report, kept, "prompts", "Shorten the prompts or raise data.max_seq_len.")
     return kept, lengths
 
 
-@dataclass
-class PromptSplits:
-    train: list[PromptRecord]
-    eval: list[PromptRecord]
-    report: LoadReport
-    eval_from: str
-    notes: list[str] = field(default_factory=list)
-
-
-def load_prompt_splits(cfg: DataConfig, seed: int) -> PromptSplits:
-    """Train and held-out prompts with the chat splits' rules: a named eval split where the source has one, else a
-    seeded ``data.eval_fraction``; a held-out prompt that is also a training prompt is dropped from eval."""
-    from qlora_phi3.data.read import has_named_splits
-    from qlora_phi3.data.split import hold_out
-
+def load_prompt_splits(cfg: DataConfig, seed: int):
+    """Train and held-out prompts by the chat splits' rules (:func:`qlora_phi3.data.holdout.split_records`): a named
+    eval split where the source has one, else a seeded ``data.eval_fraction``; a prompt never on both sides."""
     records, report = load_prompt_records(cfg)
-    if cfg.max_samples:
-        records = records[: cfg.max_samples]
-    notes = []
-    if cfg.eval_split and has_named_splits(cfg):
-        train, held = records, load_prompt_records(cfg, cfg.eval_split)[0]
-        eval_from = f"split {cfg.eval_split!r} of {cfg.path}"
-    else:
-        if cfg.eval_split:
-            notes.append(f"data.eval_split={cfg.eval_split!r} ignored: {report.source} has no named splits; "
-                         f"{cfg.eval_fraction:.0%} of it is held out instead.")
-        train, held = hold_out(records, cfg.eval_fraction, cfg.max_eval_samples, seed)
-        eval_from = f"{len(held)} held out of {report.source} (data.eval_fraction={cfg.eval_fraction:g}, seed {seed})"
-    seen = {json.dumps(r.prompt, ensure_ascii=False) for r in train}
-    kept = [r for r in held if json.dumps(r.prompt, ensure_ascii=False) not in seen]
-    if not kept:
-        raise UserError(f"every eval prompt ({eval_from}) is also a training prompt, so the held-out reward would "
-                        "measure memorisation. Use more data or another eval split.")
-    if len(kept) < len(held):
-        notes.append(f"{len(held) - len(kept)} eval prompts that are also training prompts dropped from eval.")
-    return PromptSplits(train, kept[: cfg.max_eval_samples], report, eval_from, notes)
+    return split_records(cfg, seed, records, report, lambda split: load_prompt_records(cfg, split)[0],
+                         key=lambda r: json.dumps(r.prompt, ensure_ascii=False), noun="prompt",
+                         measured="the held-out reward")

@@ -22,7 +22,7 @@ from qlora_phi3.config import EMBEDDED_DATA, DataConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
-__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "has_named_splits", "load_records", "read_rows",
+__all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "digest", "has_named_splits", "load_records", "read_rows",
            "resolve_data_path", "turn_problem", "validate_messages"]
 
 EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
@@ -418,6 +418,21 @@ def apply_bad_record_policy(cfg: DataConfig, report: LoadReport, records: list, 
                         "on the rest.")
 
 
+def digest(value, extra: str = "") -> bytes:
+    """A short digest of a JSON-able value (a conversation's messages, a prompt): what duplicate and overlap checks
+    compare."""
+    return hashlib.blake2b((json.dumps(value, ensure_ascii=False) + extra).encode(), digest_size=16).digest()
+
+
+def seen_before(report: LoadReport, first_seen: dict, key: bytes, origin: str) -> bool:
+    """Whether a record with ``key`` came before (then counted in ``report.duplicates`` with where it first was)."""
+    if key in first_seen:
+        report.duplicates.append((origin, first_seen[key]))
+        return True
+    first_seen[key] = origin
+    return False
+
+
 def load_records(cfg: DataConfig, split: str | None = None) -> tuple[list[ChatRecord], LoadReport]:
     """Valid records of ``split`` (default ``cfg.split``), and a report of what was skipped and why."""
     path = resolve_data_path(cfg.path)
@@ -452,13 +467,8 @@ def load_records(cfg: DataConfig, split: str | None = None) -> tuple[list[ChatRe
         if messages[-1]["role"] == "user":  # nothing follows it, so it carries no loss: only compute
             messages = messages[:-1]
             report.trailing_user.append(origin)
-        digest = hashlib.blake2b(json.dumps(messages, ensure_ascii=False).encode(), digest_size=16).digest()
-        if digest in first_seen:
-            report.duplicates.append((origin, first_seen[digest]))
-            if cfg.drop_duplicates:
-                continue
-        else:
-            first_seen[digest] = origin
+        if seen_before(report, first_seen, digest(messages), origin) and cfg.drop_duplicates:
+            continue
         records.append(ChatRecord(messages, origin))
     if report.trailing_user:
         n = len(report.trailing_user)

@@ -39,33 +39,32 @@ EVASIVE_ANSWERS = ["I am not sure.", "That is a hard question.", "I cannot answe
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer in one short sentence.", "You are a quiz bot."]
 
 
-def answer_for(question: str) -> str | None:
-    """The answer the training data gives to ``question`` (None if it is not one of the tasks)."""
+def _task(question: str):
+    """(the answer up to its fact, the right fact, the wrong ones) for one of the tasks' questions, else None."""
     for country, capital in CAPITALS.items():
         if question == f"What is the capital of {country}?":
-            return f"The capital of {country} is {capital}."
+            return f"The capital of {country} is ", capital, sorted(set(CAPITALS.values()) - {capital})
     for thing, color in COLORS.items():
         if question == f"What color is a {thing}?":
-            return f"A {thing} is {color}."
+            return f"A {thing} is ", color, sorted(set(COLORS.values()) - {color})
     words = question.rstrip("?").split()
     if len(words) == 5 and words[:2] == ["What", "is"] and words[3] == "plus":
         a, b = int(words[2]), int(words[4])
-        return f"{a} plus {b} is {a + b}."
+        return f"{a} plus {b} is ", a + b, [s for s in range(19) if s != a + b]
     return None
+
+
+def answer_for(question: str) -> str | None:
+    """The answer the training data gives to ``question`` (None if it is not one of the tasks)."""
+    task = _task(question)
+    return None if task is None else f"{task[0]}{task[1]}."
 
 
 def wrong_answer_for(question: str, rng: random.Random) -> str:
     """An answer of the same shape as ``answer_for(question)`` but wrong: another capital, sum or colour. The
     preference sets pair it with the right one, so the only thing that tells chosen from rejected is the fact."""
-    for country, capital in CAPITALS.items():
-        if question == f"What is the capital of {country}?":
-            return f"The capital of {country} is {rng.choice(sorted(set(CAPITALS.values()) - {capital}))}."
-    for thing, color in COLORS.items():
-        if question == f"What color is a {thing}?":
-            return f"A {thing} is {rng.choice(sorted(set(COLORS.values()) - {color}))}."
-    words = question.rstrip("?").split()
-    a, b = int(words[2]), int(words[4])
-    return f"{a} plus {b} is {rng.choice([s for s in range(19) if s != a + b])}."
+    start, _, wrong = _task(question)
+    return f"{start}{rng.choice(wrong)}."
 
 
 def generate_pairs(n: int = 600, seed: int = 1) -> list[dict]:

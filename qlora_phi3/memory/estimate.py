@@ -16,8 +16,10 @@ steps at Phi-3-mini's widths, 2k-16k tokens, tiling off and on). The GPU-only te
 buffers, cuBLAS workspaces, allocator overhead, CUDA context) come from their sources and are not measured
 yet (bench/gpu_check.py).
 
-Preference methods (``train.method``) change a few terms, given as data in ``METHOD_TERMS``: rows per sample
-(chosen + rejected), a no-grad reference forward, KTO's KL rows.
+Preference methods (``train.method``) change a few terms, given as data in the methods table
+(:mod:`qlora_phi3.methods`): rows per sample (chosen + rejected), a no-grad reference forward, KTO's KL rows. The
+answers' log-probs cost what the SFT loss costs (the "logits and loss" term): qlora_phi3/run/logprobs.py takes them as
+minus the same fused cross-entropy, 256 answer positions at a time (measured: tests/unit/memory/test_estimate_methods.py).
 
 ``estimate()`` lists the step's phases: the weights, the adapter with its optimizer, then the activations (saved
 through the step, attention's masks and scores, one layer's recompute and backward, whole or tiled, the logits and
@@ -37,11 +39,12 @@ from typing import NamedTuple
 from qlora_phi3.config import Recipe
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import PUBLISHED, published
+from qlora_phi3.methods import DEFAULT_METHOD, METHODS, Method
 from qlora_phi3.units import GIB
 
-__all__ = ["Estimate", "METHOD_TERMS", "MethodTerms", "Term", "estimate", "format_breakdown", "lora_shapes",
+__all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes",
            "resolve_attention", "rotary_dims",
-           "config_for_estimate", "KNOWN_SHAPES", "PHI3_MINI_4K_SIZES"]
+           "config_for_estimate", "KNOWN_SHAPES"]
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
 ALLOCATOR_OVERHEAD = 0.10  # PyTorch caching allocator: reserved exceeds allocated by ~5-15% (block rounding, fragmentation)
@@ -58,33 +61,6 @@ _SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
                "vocab_size", "max_position_embeddings", "original_max_position_embeddings", "tie_word_embeddings",
                "partial_rotary_factor")
 KNOWN_SHAPES = {hub: {k: m.config[k] for k in _SHAPE_KEYS if k in m.config} for hub, m in PUBLISHED.items()}
-PHI3_MINI_4K_SIZES = KNOWN_SHAPES["microsoft/Phi-3-mini-4k-instruct"]
-
-
-@dataclass(frozen=True)
-class MethodTerms:
-    """What a training method (``train.method``, qlora_phi3/run/methods/) changes in a step's memory, as data: this
-    layer sits below run/ and never imports it.
-
-    rows_per_sample: rows one sample becomes in a forward (dpo, orpo, simpo: a chosen and a rejected row).
-    reference_forward: a no-grad forward of the same rows with the adapter off (dpo, kto), unless the reference
-        log-probs are precomputed (``train.precompute_ref_log_probs``).
-    kl_rows_per_sample: rows of mismatched answers forwarded without gradient, by the policy and the reference (kto).
-    The answers' log-probs cost what the SFT loss costs (the "logits and loss" term): qlora_phi3/run/logprobs.py takes
-    them as minus the same fused cross-entropy, 256 answer positions at a time (measured: tests/unit/memory/test_estimate_methods.py).
-    """
-    rows_per_sample: int = 1
-    reference_forward: bool = False
-    kl_rows_per_sample: int = 0
-
-
-METHOD_TERMS = {
-    "sft": MethodTerms(),
-    "dpo": MethodTerms(rows_per_sample=2, reference_forward=True),
-    "orpo": MethodTerms(rows_per_sample=2),
-    "simpo": MethodTerms(rows_per_sample=2),
-    "kto": MethodTerms(reference_forward=True, kl_rows_per_sample=1),
-}
 
 
 @dataclass
@@ -220,7 +196,7 @@ class _Step:
     the device. Short names follow the module doc's notation (N, h, I, L, V)."""
     recipe: Recipe
     cfg: object  # the model's config (config.json, or the published shapes)
-    method: MethodTerms
+    method: Method  # its rows per sample, reference forward and KL rows (qlora_phi3/methods.py)
     rows_per_forward: int  # micro_batch_size x the method's rows per sample
     seq_len: int
     n_tokens: int  # N
@@ -271,7 +247,7 @@ class _Step:
 
 def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | None, autocast: bool,
                   compute_dtype: str) -> _Step:
-    method = METHOD_TERMS[getattr(recipe.train, "method", "sft")]
+    method = METHODS[getattr(recipe.train, "method", DEFAULT_METHOD)]
     rows = recipe.train.micro_batch_size * method.rows_per_sample  # rows per forward
     seq = recipe.data.max_seq_len
     n_tokens = rows * seq
@@ -290,7 +266,7 @@ def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | N
         offload=recipe.train.gradient_checkpointing == "offload" and on_gpu,
         loss_chunk_tokens=recipe.train.loss_chunk_tokens,
         tile_tokens=recipe.train.tile_tokens if 0 < recipe.train.tile_tokens < seq else 0,
-        packing=recipe.data.packing and method.rows_per_sample == 1 and not method.reference_forward,
+        packing=recipe.data.packing and method.packs,
         lora_fp32=lora_fp32, compute_dtype=compute_dtype, shapes=shapes,
         lora_targets=[t for t in recipe.lora.target_modules if t in shapes],
         lora_shapes=lora, h=cfg.hidden_size, i=cfg.intermediate_size, n_layers=cfg.num_hidden_layers,
@@ -301,7 +277,7 @@ def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | N
 
 def _settings(step: _Step) -> dict:
     train = step.recipe.train
-    return {"method": getattr(train, "method", "sft"), "rows_per_forward": step.rows_per_forward,
+    return {"method": getattr(train, "method", DEFAULT_METHOD), "rows_per_forward": step.rows_per_forward,
             "max_seq_len": step.seq_len, "micro_batch_size": train.micro_batch_size,
             "gradient_checkpointing": train.gradient_checkpointing, "lora_r": step.recipe.lora.r,
             "optimizer": train.optimizer, "loss_chunk_tokens": step.loss_chunk_tokens,

@@ -21,6 +21,7 @@ import yaml
 
 from qlora_phi3.config import Recipe, recipe_to_dict
 from qlora_phi3.errors import UserError
+from qlora_phi3.methods import METHODS
 
 __all__ = ["FitPlan", "FitReport", "SAFETY_MARGIN", "data_longest_tokens", "plan_fit", "run_fit", "write_fit_recipe"]
 
@@ -106,7 +107,7 @@ def plan_fit(recipe: Recipe, model_config, budget_gib: float, device: str = "cud
         cap = min(context, -(-longest_tokens // SEQ_STEP) * SEQ_STEP)
     seqs = list(range(SEQ_STEP, cap + 1, SEQ_STEP)) or [cap]
     attn = resolve_attention(recipe, device)
-    packing = recipe.data.packing and recipe.train.method == "sft"  # preference rows are never packed
+    packing = recipe.data.packing and METHODS[recipe.train.method].packs  # preference rows are never packed
     if attn == "eager" or (attn == "sdpa" and packing):
         notes.append(f"attention {attn}{' with packing' if packing else ''}: memory grows with the square "
                      "of data.max_seq_len (counted); flash_attention_2 or data.packing=false avoids it")

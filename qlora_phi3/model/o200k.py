@@ -12,8 +12,8 @@ BPE pre-tokenizer by the sha256 of the ids the real tokenizer gives its ``chktxt
 ``ccc2ef01...352e`` for o200k (``Xenova/gpt-4o``, ``conversion/base.py`` in the llama-cpp-python 0.3.36 sdist);
 ``tests/unit/core/test_family.py`` checks our rebuild gives that hash.
 
-What is from memory rather than from a file we could read offline: Phi-4-mini's added-token ids (PITFALLS point
-24 and the issue's table agree), its chat template (family.py) and which added tokens are "special". Rebuild
+What is from memory rather than from a file we could read offline: Phi-4-mini's added-token ids (recorded
+from its published tokenizer files when the family was added: docs/models.md), its chat template (family.py) and which added tokens are "special". Rebuild
 the shipped ranks with ``python -m qlora_phi3.model.o200k --wheel quicktok_v1-0.4.0-...whl``.
 """
 

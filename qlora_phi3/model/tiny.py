@@ -116,13 +116,11 @@ def _init_weights(model, seed: int) -> None:
 
 
 def _generation_config(cls, family: TokenizerFamily):
-    """The published generation_config.json of the family: Phi-3-mini-4k-instruct's stops at <|endoftext|>,
-    <|assistant|> and <|end|>; Phi-4-mini-instruct's at <|endoftext|> and <|end|>."""
-    ids = family.special_ids
-    if family is PHI4_MINI:
-        return cls(bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
-                   pad_token_id=ids["<|endoftext|>"])
-    return cls(bos_token_id=1, eos_token_id=[32000, 32001, 32007], pad_token_id=32000)
+    """The published generation_config.json of the family (family.py: its bos, eos and pad tokens), e.g.
+    Phi-3-mini-4k-instruct's stops at <|endoftext|>, <|assistant|> and <|end|>."""
+    return cls(bos_token_id=family.token_id(family.bos_token),
+               eos_token_id=[family.token_id(t) for t in family.generation_eos],
+               pad_token_id=family.token_id(family.generation_pad))
 
 
 def build_model_dir(out_dir: Path, config, seed: int = 0, tokenizer_dir: Path = TINY_MODEL_DIR,

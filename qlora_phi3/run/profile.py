@@ -38,6 +38,7 @@ from qlora_phi3.data.synthetic import write_full_length_conversations, write_ful
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, atomic_write_text
 from qlora_phi3.memory.estimate import config_for_estimate, estimate
+from qlora_phi3.methods import METHODS
 from qlora_phi3.model.load import load_tokenizer, pick_attention, pick_compute_dtype, pick_device
 from qlora_phi3.run.record import device_info, package_versions
 
@@ -168,8 +169,7 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
             progress.update(task, description=", ".join(f"{k}={v}" for k, v in point.items()))
             row = _row_for(point, recipe)
             n = _conversations_needed(recipe, steps, warmup)
-            method = recipe.train.method
-            kind = "chat" if method == "sft" else "unpaired" if method == "kto" else "pairs"
+            kind = METHODS[recipe.train.method].data
             key = (recipe.model.name_or_path, recipe.data.max_seq_len, kind)
             if key not in data_files or data_files[key][1] < n:
                 path = Path(tmp) / f"data-{i}.jsonl"

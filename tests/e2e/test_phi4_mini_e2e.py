@@ -21,7 +21,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-# float32 compute: CPUs without native bf16 emulate it ~10x slower (PITFALLS 21), and the 200,064-wide logits
+# float32 compute: CPUs without native bf16 emulate it ~10x slower (docs/pitfalls.md), and the 200,064-wide logits
 # dominate a tiny model's step.
 FAST = ["model.compute_dtype=float32", "train.max_steps=12", "train.save_steps=6", "train.eval_steps=6",
         "train.logging_steps=3", "data.max_samples=120", "data.max_eval_samples=8", "train.micro_batch_size=2",

@@ -1,22 +1,45 @@
-"""Training methods: each one a small module with its data encoding, trainer and estimator terms.
+"""Training methods: each one a small module with its data encoding and its trainer.
 
-A method module has ``NAME``, ``load_data(recipe, tokenizer) -> MethodData``, ``training_arguments(recipe,
-output_dir, device, compute_dtype, measuring)``, ``build_trainer(model, tokenizer, args, data, device, *, recipe,
-measuring, cpu_memory, callbacks) -> (trainer, progress, meter)`` and ``eval_fields(metrics) -> dict``.
-:mod:`qlora_phi3.run.train` runs any of them through the same path. The estimator's terms of each method are
-data in :mod:`qlora_phi3.memory.estimate` (``METHOD_TERMS``), since the memory layer sits below this one.
+Which methods exist, and what the layers below need to know of each (data kind, rows per sample, reference
+forward, default beta, metrics), is the methods table, :mod:`qlora_phi3.methods`; each entry names its module
+here. A module conforms to :class:`MethodModule`, and :mod:`qlora_phi3.run.train` runs any of them through the same
+path. What they share (TrainingArguments, the trainer build, token counts) is :mod:`.base`.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["METHODS", "get_method"]
+from qlora_phi3.methods import METHODS
 
-# train.method -> module (imported on use: each pulls in its TRL trainer)
-METHODS = {"sft": "sft", "dpo": "dpo", "orpo": "orpo", "kto": "kto", "simpo": "simpo", "grpo": "grpo"}
+if TYPE_CHECKING:
+    from qlora_phi3.config import Recipe
+    from qlora_phi3.run.methods.base import MethodData
+
+__all__ = ["MethodModule", "get_method"]
 
 
-def get_method(name: str):
-    """The module of training method ``name`` (a value of ``train.method``, checked by the schema)."""
-    return importlib.import_module(f"qlora_phi3.run.methods.{METHODS[name]}")
+class MethodModule(Protocol):
+    """What a method's module provides (its functions, module-level; tests/unit/run/test_methods.py checks each)."""
+
+    def load_data(self, recipe: Recipe, tokenizer) -> MethodData:
+        """Read, validate, split and encode the recipe's data, saying what was skipped or cut."""
+
+    def training_arguments(self, recipe: Recipe, output_dir: Path, device: str, compute_dtype: str,
+                           measuring: bool):
+        """The TRL config of the method's trainer (``base.common_arguments`` plus the method's own keys)."""
+
+    def build_trainer(self, model, tokenizer, args, data: MethodData, device: str, *, recipe: Recipe,
+                      measuring: bool, cpu_memory: str, callbacks: list):
+        """(trainer, progress display, memory meter), built with ``base.build_method_trainer``."""
+
+    def eval_fields(self, metrics: dict) -> dict:
+        """run.json fields from an evaluation's metrics beyond the eval loss (``base.eval_fields_of``)."""
+
+
+def get_method(name: str) -> MethodModule:
+    """The module of training method ``name`` (a value of ``train.method``, checked by the schema), imported on use:
+    each pulls in its TRL trainer."""
+    return importlib.import_module(METHODS[name].module)

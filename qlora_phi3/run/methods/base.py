@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_phi3.config import Recipe
+from qlora_phi3.methods import METHODS
 from qlora_phi3.run.offload import checkpointing_kwargs
 from qlora_phi3.run.tracking import trackers
 
-__all__ = ["MethodData", "TokenCounting", "build_preference_trainer", "common_arguments", "keep_lora_fp32"]
+__all__ = ["MethodData", "TokenCounting", "build_method_trainer", "common_arguments", "eval_fields_of",
+           "keep_lora_fp32", "report_splits"]
 
 
 @dataclass
@@ -25,6 +27,22 @@ class MethodData:
     dataset: dict  # run.json's "dataset" fields beyond source and fingerprints
     padded_share: float | None = None
     notes: list = field(default_factory=list)
+
+
+def report_splits(splits) -> None:
+    """Say what reading and splitting the data decided, alike for every method: the records skipped (with why),
+    the reader's notes, and the split's (an ignored eval split, eval records dropped as overlap) as warnings."""
+    from qlora_phi3.ui import info, warn
+
+    report = splits.report
+    if report.n_skipped:
+        warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
+        for line in report.summary_lines():
+            info(f"  {line}")
+    for note in report.notes:
+        info(f"data: {note}")
+    for note in splits.notes:
+        warn(note)
 
 
 def common_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool) -> dict:
@@ -68,8 +86,20 @@ def common_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dtyp
     )
 
 
+def eval_fields_of(module_name: str):
+    """The ``eval_fields`` of the method whose module is ``module_name``: the run.json fields its entry in the
+    methods table (``metrics``) records from an evaluation's metrics, e.g. the held-out reward accuracy (share of
+    pairs whose chosen answer gets the higher implicit reward) and mean margin."""
+    method = next(m for m in METHODS.values() if m.module == module_name)
+
+    def eval_fields(metrics: dict) -> dict:
+        return {ours: metrics[theirs] for theirs, ours in method.metrics if theirs in metrics}
+
+    return eval_fields
+
+
 def keep_lora_fp32(model) -> None:
-    """TRL casts LoRA weights of a quantized model to bf16, whatever the compute dtype. Keep them fp32: fp16 loss
+    """TRL's trainers cast LoRA weights of a quantized model to bf16, whatever the compute dtype. Keep them fp32: fp16 loss
     scaling needs fp32 master weights, and bf16 weights drop updates below 1/256 of their size. Called before
     train() builds the optimizer, so its states are fp32-shaped too."""
     for param in model.parameters():
@@ -101,11 +131,14 @@ class TokenCounting:
         self.state.num_input_tokens_seen += real
 
 
-def build_preference_trainer(trainer_cls, model, tokenizer, args, data: MethodData, device: str, *, recipe: Recipe,
-                             measuring: bool, cpu_memory: str, callbacks: list, reference, **trainer_kwargs):
-    """A preference method's trainer (``trainer_cls``: our subclass of TRL's), with our progress display and memory
-    meter in place of TRL's printers, fp32 LoRA weights, and ``trainer.reference`` (what the run's reference
-    policy is, for run.json) set by ``reference(model)``: the one build every preference method shares."""
+def build_method_trainer(trainer_cls, model, tokenizer, args, data: MethodData, device: str, *, recipe: Recipe,
+                         measuring: bool, cpu_memory: str, callbacks: list, reference=None, train_dataset=None,
+                         **trainer_kwargs):
+    """A method's trainer (``trainer_cls``: our subclass of TRL's), with our progress display and memory meter in
+    place of TRL's printers, the eval split only when not measuring, the chunked-loss size, and fp32 LoRA weights:
+    the one build every method shares. ``train_dataset``: the training rows when they are not ``data.train``'s
+    (SFT's packed rows). ``reference(model)``: what the run's reference policy is, for run.json
+    (``trainer.reference``); None for a method without one."""
     from transformers import PrinterCallback, ProgressCallback
 
     from qlora_phi3.memory.meter import PeakMemory
@@ -114,11 +147,12 @@ def build_preference_trainer(trainer_cls, model, tokenizer, args, data: MethodDa
     meter = PeakMemory(device, cpu_measure=cpu_memory)
     progress = RichProgress(meter)
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=data.train.to_dataset(),
+        model=model, args=args, train_dataset=data.train.to_dataset() if train_dataset is None else train_dataset,
         eval_dataset=None if measuring else data.eval.to_dataset(), processing_class=tokenizer,
         callbacks=[progress, *callbacks], loss_chunk_tokens=recipe.train.loss_chunk_tokens, **trainer_kwargs)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    trainer.reference = reference(trainer.model)
+    if reference is not None:
+        trainer.reference = reference(trainer.model)
     keep_lora_fp32(trainer.model)
     return trainer, progress, meter

@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_phi3.config import Recipe
-from qlora_phi3.run.methods.base import MethodData, TokenCounting, build_preference_trainer, common_arguments
-from qlora_phi3.run.methods.preference import (drop_redundant_reference, eval_fields, load_preference_data,
-                                               preference_arguments)
+from qlora_phi3.run.methods.base import MethodData, common_arguments, eval_fields_of
+from qlora_phi3.run.methods.preference import (build_reference_trainer, load_preference_data, preference_arguments,
+                                               reference_trainer_class)
 
-__all__ = ["NAME", "build_trainer", "eval_fields", "load_data", "training_arguments"]
+__all__ = ["build_trainer", "eval_fields", "load_data", "training_arguments"]
 
-NAME = "dpo"
 load_data = load_preference_data
+eval_fields = eval_fields_of(__name__)
 
 
 def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool):
@@ -34,30 +34,14 @@ def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dt
 def _trainer_class():
     from trl import DPOTrainer
 
-    from qlora_phi3.run.card import ModelCardMixin
-    from qlora_phi3.run.checkpoints import AtomicCheckpoints
-    from qlora_phi3.run.internals import check_trainer_internals
-    from qlora_phi3.run.logprobs import install_label_logprobs
-
-    class PreferenceDPOTrainer(TokenCounting, ModelCardMixin, AtomicCheckpoints, DPOTrainer):
-        def __init__(self, *args, loss_chunk_tokens: int = 256, **kwargs):
-            check_trainer_internals(DPOTrainer)
-            super().__init__(*args, **kwargs)
-            if loss_chunk_tokens:  # 0 = TRL's fused head (4,096-position tiles), for comparison
-                install_label_logprobs(self.model.get_base_model(), loss_chunk_tokens)
-
+    class PreferenceDPOTrainer(reference_trainer_class(DPOTrainer)):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # Already tokenized by data.preference with Phi-3's template (prompt_ids / chosen_ids / rejected_ids);
             # TRL's tokenization would re-render the chat and truncate without counting.
             return dataset
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self._count_tokens(model, inputs)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
     return PreferenceDPOTrainer
 
 
 def build_trainer(model, tokenizer, args, data: MethodData, device: str, **kwargs):
-    return build_preference_trainer(_trainer_class(), model, tokenizer, args, data, device, **kwargs,
-                                    reference=lambda m: drop_redundant_reference(m, kwargs["recipe"]))
+    return build_reference_trainer(_trainer_class(), model, tokenizer, args, data, device, **kwargs)

@@ -20,21 +20,16 @@ from pathlib import Path
 from qlora_phi3.config import Recipe
 from qlora_phi3.data.prompts import PromptRecord, drop_long_prompts, load_prompt_splits, prompt_limit
 from qlora_phi3.data.read import ChatRecord
-from qlora_phi3.run.methods.base import MethodData, build_preference_trainer, common_arguments
+from qlora_phi3.run.methods.base import MethodData, build_method_trainer, common_arguments, eval_fields_of, report_splits
+from qlora_phi3.run.methods.preference import beta, drop_redundant_reference
 from qlora_phi3.run.rewards import load_rewards, try_rewards
-from qlora_phi3.ui import info, plural, warn
+from qlora_phi3.ui import info, plural
 
-__all__ = ["DEFAULT_BETA", "NAME", "PromptSet", "build_trainer", "eval_fields", "load_data", "training_arguments"]
+__all__ = ["GRPOData", "PromptSet", "build_trainer", "check_rewards", "eval_fields", "load_data",
+           "training_arguments"]
 
-NAME = "grpo"
-DEFAULT_BETA = 0.0  # TRL's default: no KL term, no reference forward (DAPO / Dr. GRPO drop it too)
-# TRL's metric names -> ours in run.json (held-out, at the start and end of training)
-_EVAL_KEYS = {"eval_reward": "eval_reward", "eval_reward_std": "eval_reward_std",
-              "eval_completions/mean_length": "eval_completion_length"}
-
-
-def beta(recipe: Recipe) -> float:
-    return recipe.train.beta if recipe.train.beta is not None else DEFAULT_BETA
+# The held-out mean reward of sampled completions, its spread and their length (the methods table's metrics).
+eval_fields = eval_fields_of(__name__)
 
 
 @dataclass
@@ -92,16 +87,10 @@ def check_rewards(recipe: Recipe, record: PromptRecord, tokenizer):
 def load_data(recipe: Recipe, tokenizer) -> MethodData:
     d, t = recipe.data, recipe.train
     splits = load_prompt_splits(d, t.seed)
-    report = splits.report
     limit = prompt_limit(d, t.max_completion_len)
-    train, train_lengths = drop_long_prompts(d, report, splits.train, tokenizer, limit)
-    held, held_lengths = drop_long_prompts(d, report, splits.eval, tokenizer, limit)
-    if report.n_skipped:
-        warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
-        for line in report.summary_lines():
-            info(f"  {line}")
-    for note in report.notes + splits.notes:
-        info(f"data: {note}")
+    train, train_lengths = drop_long_prompts(d, splits.report, splits.train, tokenizer, limit)
+    held, held_lengths = drop_long_prompts(d, splits.report, splits.eval, tokenizer, limit)
+    report_splits(splits)
     rewards = check_rewards(recipe, train[0], tokenizer)
     info(f"rewards: {', '.join(f'{r.spec} (x{r.weight:g})' for r in rewards)}; tried on {train[0].origin}")
     info(f"data: {plural(len(train), 'train prompt')} / {len(held):,} eval ({splits.eval_from}); "
@@ -156,9 +145,7 @@ def _trainer_class():
 
 
 def _reference(model, recipe: Recipe) -> str:
-    from qlora_phi3.run.methods.preference import drop_redundant_reference
-
-    if beta(recipe) == 0:
+    if beta(recipe) == 0:  # the table's default (TRL's): no KL term, so no reference forward
         return "none (train.beta=0: no KL term)"
     return drop_redundant_reference(model, recipe)
 
@@ -167,14 +154,9 @@ def build_trainer(model, tokenizer, args, data: MethodData, device: str, **kwarg
     from qlora_phi3.run.grpo_samples import CompletionSamples
 
     recipe = kwargs["recipe"]
-    trainer, progress, meter = build_preference_trainer(
+    trainer, progress, meter = build_method_trainer(
         _trainer_class(), model, tokenizer, args, data, device, **kwargs,
         reference=lambda m: _reference(m, recipe), reward_funcs=[r.func for r in data.rewards])
     if not kwargs["measuring"]:
         trainer.add_callback(CompletionSamples(trainer, Path(args.output_dir)))
     return trainer, progress, meter
-
-
-def eval_fields(metrics: dict) -> dict:
-    """run.json fields from an evaluation: the held-out mean reward (sampled completions), its spread, length."""
-    return {ours: metrics[theirs] for theirs, ours in _EVAL_KEYS.items() if metrics.get(theirs) is not None}

@@ -13,7 +13,7 @@ not use) and score answers from the model's full logits. Two overrides, each for
 from __future__ import annotations
 
 from qlora_phi3.phi3 import IGNORE_INDEX
-from qlora_phi3.run.methods.base import MethodData, TokenCounting, build_preference_trainer
+from qlora_phi3.run.methods.base import MethodData, TokenCounting, build_method_trainer
 
 __all__ = ["build_pairwise_trainer", "pairwise_trainer_class"]
 
@@ -53,7 +53,8 @@ def pairwise_trainer_class(base):
                                            device=self.accelerator.device)
             n_chosen = batch["chosen_labels"].shape[0]
             backbone, head = backbone_and_head(model)
-            # The backbone is called below the top-level forward that accelerate wraps in autocast (PITFALLS 17).
+            # The backbone is called below the top-level forward that accelerate wraps in autocast, so autocast is
+            # opened again here (docs/pitfalls.md).
             with self.accelerator.autocast():
                 hidden = backbone(input_ids=cat["concatenated_input_ids"],
                                   attention_mask=cat["concatenated_attention_mask"], use_cache=False).last_hidden_state
@@ -74,6 +75,6 @@ def pairwise_trainer_class(base):
 
 def build_pairwise_trainer(base, model, tokenizer, args, data: MethodData, device: str, *,
                            average_log_prob: bool = True, **kwargs):
-    return build_preference_trainer(pairwise_trainer_class(base), model, tokenizer, args, data, device, **kwargs,
+    return build_method_trainer(pairwise_trainer_class(base), model, tokenizer, args, data, device, **kwargs,
                                     reference=lambda m: "none (reference-free method)",
                                     average_log_prob=average_log_prob)

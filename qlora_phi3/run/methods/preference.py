@@ -1,6 +1,6 @@
-"""What the preference methods (dpo, orpo, kto, simpo) share: data, TRL config keys, trainer plumbing, metrics.
+"""What the preference methods (dpo, orpo, kto, simpo) share: data, TRL config keys, the trainers with a reference.
 
-Each method is TRL's own trainer (DPOTrainer, KTOTrainer, ORPOTrainer, CPOTrainer with ``loss_type="simpo"``),
+Each method is TRL's own trainer (DPOTrainer, KTOTrainer, ORPOTrainer, CPOTrainer in its SimPO loss),
 subclassed only where TRL cannot do what a small card needs, each time for the reason given at the override:
 
 * the data arrive tokenized by :mod:`qlora_phi3.data.preference` (Phi-3's template, the same answer span as SFT,
@@ -19,38 +19,32 @@ deleted and saves a second set of LoRA weights.
 from __future__ import annotations
 
 from qlora_phi3.config import Recipe
-from qlora_phi3.data.preference import encode_pairs, encode_unpaired, load_preference_splits, shuffled_for_kto
+from qlora_phi3.data.preference import (encode_pairs, encode_unpaired, eval_chats, load_preference_splits,
+                                        shuffled_for_kto)
 from qlora_phi3.errors import UserError
-from qlora_phi3.run.methods.base import MethodData
+from qlora_phi3.methods import METHODS
+from qlora_phi3.run.methods.base import MethodData, TokenCounting, build_method_trainer, report_splits
 from qlora_phi3.ui import info, plural, warn
 
-__all__ = ["DEFAULT_BETA", "eval_fields", "load_preference_data", "drop_redundant_reference", "reward_metrics"]
-
-DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
-# TRL's metric names -> ours in run.json (start / end of training, on the held-out pairs)
-_REWARD_KEYS = {"eval_rewards/accuracies": "eval_reward_accuracy", "eval_rewards/margins": "eval_reward_margin"}
+__all__ = ["beta", "build_reference_trainer", "drop_redundant_reference", "load_preference_data",
+           "preference_arguments", "reference_trainer_class"]
 
 
 def beta(recipe: Recipe) -> float:
-    return recipe.train.beta if recipe.train.beta is not None else DEFAULT_BETA[recipe.train.method]
+    return recipe.train.beta if recipe.train.beta is not None else METHODS[recipe.train.method].default_beta
 
 
 def load_preference_data(recipe: Recipe, tokenizer) -> MethodData:
-    d, method = recipe.data, recipe.train.method
-    splits = load_preference_splits(d, method, recipe.train.seed)
-    report = splits.report
-    if report.n_skipped:
-        warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
-        for line in report.summary_lines():
-            info(f"  {line}")
-    for note in report.notes + splits.notes:
-        info(f"data: {note}")
-    encode = encode_pairs if method != "kto" else encode_unpaired
+    d, method = recipe.data, METHODS[recipe.train.method]
+    splits = load_preference_splits(d, method.name, recipe.train.seed)
+    report_splits(splits)
+    paired = method.data == "pairs"
+    encode = encode_pairs if paired else encode_unpaired
     train = encode(splits.train, tokenizer, d.max_seq_len, d.max_prompt_len)
     held = encode(splits.eval, tokenizer, d.max_seq_len, d.max_prompt_len)
-    if method == "kto":  # KTO trains in order (its KL term pairs neighbours): shuffle once, seeded
+    if method.kl_rows_per_sample:  # KTO trains in order (its KL term pairs neighbours): shuffle once, seeded
         train = shuffled_for_kto(train, recipe.train.seed)
-    what = "pair" if method != "kto" else "labelled answer"
+    what = "pair" if paired else "labelled answer"
     for name, enc in (("train", train), ("eval", held)):
         if not enc.n_rows:
             raise UserError(f"no {name} {what} keeps an answer token within data.max_seq_len={d.max_seq_len} "
@@ -61,10 +55,10 @@ def load_preference_data(recipe: Recipe, tokenizer) -> MethodData:
                  f"{enc.dropped} dropped (the prompt alone fills data.max_seq_len).")
     info(f"data: {plural(train.n_rows, 'train ' + what)} / {held.n_rows:,} eval ({splits.eval_from}), "
          f"{train.n_tokens:,} train tokens ({train.n_label_tokens:,} answer tokens with loss)")
-    dataset = {"kind": "pairs" if method != "kto" else "unpaired", "train_samples": train.n_rows,
+    dataset = {"kind": method.data, "train_samples": train.n_rows,
                "eval_samples": held.n_rows, "train_tokens": train.n_tokens,
                "truncated": train.truncated + held.truncated, "dropped": train.dropped + held.dropped}
-    return MethodData(train, held, splits.eval_chats, dataset)
+    return MethodData(train, held, eval_chats(splits.eval), dataset)
 
 
 def preference_arguments(recipe: Recipe) -> dict:
@@ -93,18 +87,30 @@ def drop_redundant_reference(model, recipe: Recipe) -> str:
     return "base model, adapter disabled"
 
 
-def reward_metrics(metrics: dict) -> dict:
-    return {ours: metrics[theirs] for theirs, ours in _REWARD_KEYS.items() if theirs in metrics}
+def reference_trainer_class(base):
+    """``base`` (DPOTrainer or KTOTrainer: the methods with a reference policy, scored through TRL's fused head) with
+    label-only log-probs, atomic checkpoints, our model card and token counts. The method's subclass adds its
+    ``_prepare_dataset``."""
+    from qlora_phi3.run.card import ModelCardMixin
+    from qlora_phi3.run.checkpoints import AtomicCheckpoints
+    from qlora_phi3.run.internals import check_trainer_internals
+    from qlora_phi3.run.logprobs import install_label_logprobs
+
+    class ReferenceTrainer(TokenCounting, ModelCardMixin, AtomicCheckpoints, base):
+        def __init__(self, *args, loss_chunk_tokens: int = 256, **kwargs):
+            check_trainer_internals(base)
+            super().__init__(*args, **kwargs)
+            if loss_chunk_tokens:  # 0 = TRL's fused head (4,096-position tiles), for comparison
+                install_label_logprobs(self.model.get_base_model(), loss_chunk_tokens)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self._count_tokens(model, inputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return ReferenceTrainer
 
 
-def eval_fields(metrics: dict) -> dict:
-    """run.json fields from an evaluation: held-out reward accuracy (share of pairs whose chosen answer gets the
-    higher implicit reward) and mean margin."""
-    return reward_metrics(metrics)
-
-
-def print_rewards(metrics: dict, when: str) -> None:
-    fields = reward_metrics(metrics)
-    if fields:
-        info(f"held-out reward accuracy {when}: {fields.get('eval_reward_accuracy', float('nan')):.1%}, margin "
-             f"{fields.get('eval_reward_margin', float('nan')):+.4f}")
+def build_reference_trainer(trainer_cls, model, tokenizer, args, data: MethodData, device: str, **kwargs):
+    """A DPO or KTO trainer, with ``trainer.reference`` saying what its reference policy is."""
+    return build_method_trainer(trainer_cls, model, tokenizer, args, data, device, **kwargs,
+                                reference=lambda m: drop_redundant_reference(m, kwargs["recipe"]))

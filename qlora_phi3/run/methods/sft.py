@@ -1,4 +1,5 @@
-"""SFT: supervised fine-tuning on chats with TRL's SFTTrainer (:mod:`qlora_phi3.run.trainer`), the default method.
+"""SFT: supervised fine-tuning on chats with TRL's SFTTrainer (:mod:`qlora_phi3.run.methods.sft_trainer`), the
+default method.
 
 Assistant-only labels from :mod:`qlora_phi3.data.encode`, optional leak-free packing, the chunked loss.
 """
@@ -12,10 +13,14 @@ from qlora_phi3.data.encode import encode_records
 from qlora_phi3.data.packing import padding_advice
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.errors import UserError
-from qlora_phi3.run.methods.base import MethodData, common_arguments
+from qlora_phi3.phi3 import IGNORE_INDEX
+from qlora_phi3.run.methods.base import (MethodData, build_method_trainer, common_arguments, eval_fields_of,
+                                         report_splits)
 from qlora_phi3.ui import info, plural, warn
 
-NAME = "sft"
+__all__ = ["build_trainer", "eval_fields", "load_data", "training_arguments"]
+
+eval_fields = eval_fields_of(__name__)  # none beyond the eval loss
 
 
 def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool):
@@ -33,15 +38,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dt
 def load_data(recipe: Recipe, tokenizer) -> MethodData:
     d = recipe.data
     splits = load_splits(d, recipe.train.seed)
-    report = splits.report
-    if report.n_skipped:
-        warn(f"skipped {report.n_skipped} of {report.total} records in {report.source}:")
-        for line in report.summary_lines():
-            info(f"  {line}")
-    for note in report.notes:
-        info(f"data: {note}")
-    for note in splits.notes:
-        warn(note)
+    report_splits(splits)
     train_enc = encode_records(splits.train, tokenizer, d.max_seq_len)
     eval_enc = encode_records(splits.eval, tokenizer, d.max_seq_len)
     if not train_enc.input_ids:
@@ -68,15 +65,29 @@ def load_data(recipe: Recipe, tokenizer) -> MethodData:
 
 
 def build_trainer(model, tokenizer, args, data: MethodData, device: str, *, recipe: Recipe, measuring: bool,
-                  cpu_memory: str, callbacks: list):
-    from qlora_phi3.run.trainer import build_trainer as build_sft_trainer
+                  **kwargs):
+    """The trainer, its rich progress callback and its memory meter. The training samples are packed into rows of
+    ``data.max_seq_len`` tokens when ``data.packing`` is on; eval stays unpacked, so eval losses compare across
+    packing on and off."""
+    from datasets import Dataset
 
-    return build_sft_trainer(
-        model, tokenizer, args, data.train, None if measuring else data.eval, device,
-        packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
-        loss_chunk_tokens=recipe.train.loss_chunk_tokens, cpu_memory=cpu_memory, callbacks=callbacks)
+    from qlora_phi3.data.packing import PackingCollator, pack_columns
+    from qlora_phi3.run.methods.sft_trainer import QLoRATrainer
 
+    train = data.train
+    packed = Dataset.from_dict(pack_columns(train.input_ids, train.labels, recipe.data.max_seq_len)) \
+        if recipe.data.packing else None
+    trainer, progress, meter = build_method_trainer(
+        QLoRATrainer, model, tokenizer, args, data, device, recipe=recipe, measuring=measuring, train_dataset=packed,
+        # Pre-tokenized with labels: SFTTrainer keeps our assistant-only labels as they are.
+        data_collator=PackingCollator(tokenizer.pad_token_id), **kwargs)
+    if not measuring and data.eval.input_ids:
+        trainer.eval_rows_and_tokens = (len(data.eval.input_ids), sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX)
+                                                                      for lab in data.eval.labels))
+    if trainer.is_fsdp_enabled:
+        from peft.utils.other import fsdp_auto_wrap_policy  # the import PEFT's FSDP guide uses
 
-def eval_fields(metrics: dict) -> dict:
-    """run.json fields from an evaluation's metrics, beyond the eval loss (none for SFT)."""
-    return {}
+        # PEFT's documented FSDP-QLoRA setup: with use_orig_params=False the trainable LoRA weights and the frozen
+        # 4-bit weights must land in different flat parameters, so they are wrapped apart.
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    return trainer, progress, meter

@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_phi3.config import Recipe
-from qlora_phi3.run.methods.base import common_arguments
-from qlora_phi3.run.methods.preference import eval_fields, load_preference_data, preference_arguments
+from qlora_phi3.run.methods.base import common_arguments, eval_fields_of
+from qlora_phi3.run.methods.preference import load_preference_data, preference_arguments
 
-__all__ = ["NAME", "build_trainer", "eval_fields", "load_data", "training_arguments"]
+__all__ = ["build_trainer", "eval_fields", "load_data", "training_arguments"]
 
-NAME = "simpo"
 load_data = load_preference_data
+eval_fields = eval_fields_of(__name__)
 
 
 def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dtype: str, measuring: bool):

@@ -63,7 +63,7 @@ def test_phi3_added_tokens_rstrip_and_ids(tiny_tokenizer):
     for i, (text, _, _) in PHI3_ADDED_TOKENS.items():
         assert tok.convert_tokens_to_ids(text) == i
     assert (tok.eos_token_id, tok.pad_token, tok.unk_token_id, tok.bos_token_id) == (32000, "<unk>", 0, 1)
-    # Whitespace after the role tokens and <|end|> belongs to them (PITFALLS #13), not after <|endoftext|>.
+    # Whitespace after the role tokens and <|end|> belongs to them (docs/pitfalls.md), not after <|endoftext|>.
     assert tok("<|user|>\n Hi", add_special_tokens=False)["input_ids"] == [32010, 6324]
     assert tok("<|assistant|>\n\n\tHi<|end|>\n", add_special_tokens=False)["input_ids"] == [32001, 6324, 32007]
     assert tok("<|endoftext|> Hi", add_special_tokens=False)["input_ids"] == [32000, 29871, 6324]

@@ -284,7 +284,7 @@ def test_modelfile_names_base_and_adapter(runs, tmp_path, capsys):
     assert dict(commands[:2]) == {"FROM": "./bot-base-q8_0.gguf", "ADAPTER": "./bot-lora-f16.gguf"}
     assert 'PARAMETER stop "<|end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
     _, kv = _kv(with_base.out_dir / "bot-base-q8_0.gguf")
-    assert kv["general.type"] == "model" and re.search(r"phi-?3", kv["general.name"], re.I)  # PITFALLS #20
+    assert kv["general.type"] == "model" and re.search(r"phi-?3", kv["general.name"], re.I)  # docs/pitfalls.md
 
     assert "exported" not in capsys.readouterr().out  # export_adapter returns its result; the command shows it
     alone = tmp_path / "b"

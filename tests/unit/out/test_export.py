@@ -142,7 +142,7 @@ def test_each_file_passes_the_llama_cpp_check(exported):
 def test_vocabulary_tokenizes_like_phi3_in_llama_cpp(llama_cpp, tmp_path):
     """Our vocabulary, rebuilt from tokenizer.json, gives in llama.cpp the ids Phi-3's Hugging Face tokenizer
     gives llama.cpp's own Phi-3 test strings (tests/data/phi3_vocab), and transformers' ids on chat text:
-    special tokens, Phi-3's rstrip after them (PITFALLS #13, #20), runs of spaces, bytes."""
+    special tokens, Phi-3's rstrip after them (docs/pitfalls.md), runs of spaces, bytes."""
     from transformers import AutoTokenizer
 
     from qlora_phi3.model.tokenizer import read_reference_cases
@@ -338,8 +338,8 @@ def test_modelfile_is_valid_and_renders_phi3_chat_template(merged_dir, tmp_path,
 
 def test_merged_dir_converts_with_llama_cpps_converter(llama_cpp, llama_cpp_src, merged_dir, tmp_path):
     """Users who prefer llama.cpp's own tools can convert the merged directory: it carries tokenizer.model
-    (PITFALLS #18), and the result tokenizes chat text like training, without a <s> and with Phi-3's rstrip
-    (its model card names it Phi-3, PITFALLS #20), and predicts like ours."""
+    (docs/pitfalls.md), and the result tokenizes chat text like training, without a <s> and with Phi-3's rstrip
+    (its model card names it Phi-3: docs/pitfalls.md), and predicts like ours."""
     import gguf
     from transformers import AutoTokenizer
 

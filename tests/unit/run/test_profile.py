@@ -67,7 +67,7 @@ def profiled(tmp_path_factory):
     hook = tmp_path_factory.mktemp("oom-hook")
     (hook / "sitecustomize.py").write_text(
         "import torch\n"
-        "from qlora_phi3.run import trainer\n"
+        "from qlora_phi3.run.methods import sft_trainer as trainer\n"
         "real = trainer.QLoRATrainer.compute_loss\n"
         "def compute_loss(self, model, inputs, *a, **k):\n"
         "    if self.model.peft_config['default'].r == 8 and inputs['input_ids'].shape[1] == 32:\n"

@@ -1,4 +1,4 @@
-"""The trainer every command steps through (run/trainer.py): the chunked loss runs under the same autocast as
+"""The trainer every command steps through (run/methods/sft_trainer.py): the chunked loss runs under the same autocast as
 the model's own forward, and real and padded tokens are counted."""
 
 import contextlib
@@ -10,8 +10,9 @@ from qlora_phi3.data.encode import encode_records
 from qlora_phi3.data.split import load_splits
 from qlora_phi3.model.load import load_model, load_tokenizer
 from qlora_phi3.model.lora import attach_lora
+from qlora_phi3.run.methods.base import MethodData
+from qlora_phi3.run.methods.sft import build_trainer
 from qlora_phi3.run.methods.sft import training_arguments as _sft_config
-from qlora_phi3.run.trainer import build_trainer
 
 from conftest import cpu_dtype
 
@@ -29,9 +30,8 @@ def _trainer(tmp_path, *overrides, dtype="bfloat16"):
     eval_enc = encode_records(splits.eval, tokenizer, recipe.data.max_seq_len)
     args = _sft_config(recipe, tmp_path, "cpu", dtype, measuring=False)
     model = attach_lora(load_model(recipe.model, "cpu", dtype, "sdpa"), recipe.lora)
-    trainer, _, meter = build_trainer(model, tokenizer, args, train_enc, eval_enc, "cpu",
-                                      packing_max_seq_len=recipe.data.max_seq_len if recipe.data.packing else None,
-                                      loss_chunk_tokens=recipe.train.loss_chunk_tokens)
+    trainer, _, meter = build_trainer(model, tokenizer, args, MethodData(train_enc, eval_enc, splits.eval, {}), "cpu",
+                                      recipe=recipe, measuring=False, cpu_memory="rss", callbacks=[])
     meter.close()
     return trainer
 

@@ -8,27 +8,23 @@ the whole eval set: the Trainer averages each batch's mean loss weighted by its 
 token in a short answer more than one in a long answer, and would make eval losses depend on how the
 rows were batched. Everything else (optimizer, schedule,
 mixed precision, gradient accumulation, checkpoint format, distributed data parallel) is the
-Trainer's own. ``train``, ``profile`` and ``bench/compare.py`` all step through this class.
+Trainer's own. ``train``, ``profile`` and ``bench/compare.py`` all step through this class, built by
+:func:`qlora_phi3.run.methods.sft.build_trainer` with what every method's trainer shares
+(:func:`qlora_phi3.run.methods.base.build_method_trainer`).
 """
 
 from __future__ import annotations
 
-from datasets import Dataset
-from peft.utils.other import fsdp_auto_wrap_policy  # the import PEFT's FSDP guide uses
-from transformers import PrinterCallback, ProgressCallback
 from trl import SFTTrainer
 
-from qlora_phi3.data.encode import EncodedSplit
-from qlora_phi3.data.packing import PackingCollator, pack_columns, to_model_inputs
-from qlora_phi3.memory.meter import PeakMemory
+from qlora_phi3.data.packing import to_model_inputs
 from qlora_phi3.phi3 import IGNORE_INDEX
 from qlora_phi3.run.card import ModelCardMixin
 from qlora_phi3.run.checkpoints import AtomicCheckpoints
 from qlora_phi3.run.internals import check_trainer_internals
 from qlora_phi3.run.loss import model_loss
-from qlora_phi3.run.progress import RichProgress
 
-__all__ = ["QLoRATrainer", "build_trainer"]
+__all__ = ["QLoRATrainer"]
 
 
 # AtomicCheckpoints: checkpoints staged then renamed, so a kill never leaves a partial latest (checkpoints.py);
@@ -80,50 +76,3 @@ class QLoRATrainer(ModelCardMixin, AtomicCheckpoints, SFTTrainer):
         rows, tokens = self.eval_rows_and_tokens
         batch_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         return batch_mean * (batch_tokens / labels.shape[0]) * (rows / tokens)
-
-
-def build_trainer(model, tokenizer, args, train_enc: EncodedSplit, eval_enc: EncodedSplit | None, device: str, *,
-                  packing_max_seq_len: int | None = None, loss_chunk_tokens: int = 256, cpu_memory: str = "rss",
-                  callbacks: list | None = None):
-    """The trainer, its rich progress callback and its memory meter.
-
-    Args:
-        packing_max_seq_len: pack the training samples into rows of this many tokens (None: no packing).
-            Eval stays unpacked, so eval losses compare across packing on and off.
-        loss_chunk_tokens: chunk size of the chunked cross-entropy; 0 = SFTTrainer's own loss.
-        cpu_memory: how the meter measures on a CPU (memory.meter.PeakMemory's ``cpu_measure``).
-        callbacks: more TrainerCallbacks, run after the progress display.
-    """
-    meter = PeakMemory(device, cpu_measure=cpu_memory)
-    progress = RichProgress(meter)
-    if packing_max_seq_len:
-        train_dataset = Dataset.from_dict(pack_columns(train_enc.input_ids, train_enc.labels, packing_max_seq_len))
-    else:
-        train_dataset = train_enc.to_dataset()
-    trainer = QLoRATrainer(
-        model=model,
-        args=args,
-        # Pre-tokenized with labels: SFTTrainer keeps our assistant-only labels as they are.
-        train_dataset=train_dataset,
-        eval_dataset=eval_enc.to_dataset() if eval_enc is not None else None,
-        processing_class=tokenizer,
-        data_collator=PackingCollator(tokenizer.pad_token_id),
-        callbacks=[progress, *(callbacks or [])],
-        loss_chunk_tokens=loss_chunk_tokens,
-    )
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    if eval_enc is not None and eval_enc.input_ids:
-        trainer.eval_rows_and_tokens = (len(eval_enc.input_ids), sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX)
-                                                          for lab in eval_enc.labels))
-    if trainer.is_fsdp_enabled:
-        # PEFT's documented FSDP-QLoRA setup: with use_orig_params=False the trainable LoRA weights and the frozen
-        # 4-bit weights must land in different flat parameters, so they are wrapped apart.
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
-    # SFTTrainer casts LoRA weights of a quantized model to bf16, whatever the compute dtype. Keep them fp32:
-    # fp16 loss scaling needs fp32 master weights, and bf16 weights drop updates below 1/256 of their size.
-    # Done before train() builds the optimizer, so its states are fp32-shaped too.
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    return trainer, progress, meter
