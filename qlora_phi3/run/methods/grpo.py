@@ -126,11 +126,14 @@ def _trainer_class():
     from qlora_phi3.run.card import ModelCardMixin
     from qlora_phi3.run.checkpoints import AtomicCheckpoints
     from qlora_phi3.run.internals import check_trainer_internals
+    from qlora_phi3.run.logprobs import install_label_logprobs
 
     class QLoraGRPOTrainer(ModelCardMixin, AtomicCheckpoints, GRPOTrainer):
         def __init__(self, *args, loss_chunk_tokens: int = 256, **kwargs):
             check_trainer_internals(GRPOTrainer)
             super().__init__(*args, **kwargs)
+            if loss_chunk_tokens:  # label-only log-probs of the completions, as for DPO; 0 = TRL's fused head
+                install_label_logprobs(self.model.get_base_model(), loss_chunk_tokens, self.args.temperature)
 
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
