@@ -176,6 +176,7 @@ class TrainConfig:
                                 "numeric_answer), package.module:function or path/to/file.py:function in TRL's "
                                 "signature (prompts, completions, completion_ids, **columns) -> list[float | None].")
     reward_weights: list[float] | None = _f(None, "grpo only: one weight per train.rewards entry; null = all 1.")
+    answer_column: str = _f("answer", "grpo only: the data column exact_answer and numeric_answer compare with.")
     numeric_tolerance: float = _f(1e-6, "grpo only: the numeric_answer reward's tolerance (relative, and absolute "
                                         "near zero).")
     num_generations: int = _f(8, "grpo only: completions sampled per prompt (the group whose mean reward is the "

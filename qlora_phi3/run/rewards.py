@@ -9,7 +9,8 @@ the prompts are chats); every data column besides ``prompt`` arrives as a keywor
 completion (e.g. ``answer``); TRL also passes ``trainer_state``, ``log_extra`` and ``log_metric``. ``None`` means
 "does not apply to this completion". A recipe names a reward three ways:
 
-* a built-in by name: ``think_format``, ``exact_answer``, ``numeric_answer`` (below);
+* a built-in by name: ``think_format``, ``exact_answer``, ``numeric_answer`` (below; the last two compare with the
+  data column ``train.answer_column``, ``answer`` by default);
 * ``package.module:function`` (importable from the working directory or the environment);
 * ``path/to/file.py:function`` (relative to the working directory).
 
@@ -131,16 +132,27 @@ def _import_module(target: str, spec: str):
             from None
 
 
-def resolve_reward(spec: str, tolerance: float = 1e-6):
+def _reading(func, column: str, **options):
+    """A built-in that compares with the data column ``column`` (``train.answer_column``), under its own name (TRL
+    logs a reward by its function's name)."""
+    def reward(prompts, completions, completion_ids=None, **kwargs):
+        if column not in kwargs:
+            data = sorted(k for k in kwargs if k not in TRL_EXTRA_KWARGS)
+            raise ValueError(f"it compares with the data column {column!r} (train.answer_column), which the data does "
+                             f"not have (its columns: {data or 'none besides prompt'})")
+        return func(prompts, completions, kwargs.pop(column), completion_ids, **options, **kwargs)
+    reward.__name__ = reward.__qualname__ = func.__name__
+    return reward
+
+
+def resolve_reward(spec: str, tolerance: float = 1e-6, column: str = "answer"):
     """The function that ``spec`` names (see the module docstring)."""
-    if spec in BUILTIN_REWARDS:
-        func = BUILTIN_REWARDS[spec]
-        if func is numeric_answer:  # the recipe's tolerance, under the built-in's own name (TRL logs by __name__)
-            def numeric_answer_tol(prompts, completions, answer, completion_ids=None, **kwargs):
-                return numeric_answer(prompts, completions, answer, completion_ids, tolerance=tolerance, **kwargs)
-            numeric_answer_tol.__name__ = "numeric_answer"
-            return numeric_answer_tol
-        return func
+    if spec == "think_format":
+        return think_format
+    if spec == "exact_answer":
+        return _reading(exact_answer, column)
+    if spec == "numeric_answer":
+        return _reading(numeric_answer, column, tolerance=tolerance)
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name.isidentifier():
         raise UserError(f"train.rewards: {spec!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor "
@@ -157,9 +169,10 @@ def resolve_reward(spec: str, tolerance: float = 1e-6):
     return func
 
 
-def load_rewards(specs: list[str], weights: list[float] | None, tolerance: float = 1e-6) -> list[Reward]:
+def load_rewards(specs: list[str], weights: list[float] | None, tolerance: float = 1e-6,
+                 column: str = "answer") -> list[Reward]:
     weights = weights or [1.0] * len(specs)
-    return [Reward(spec, resolve_reward(spec, tolerance), float(w)) for spec, w in zip(specs, weights)]
+    return [Reward(spec, resolve_reward(spec, tolerance, column), float(w)) for spec, w in zip(specs, weights)]
 
 
 def _check_signature(reward: Reward, columns: dict) -> None:

@@ -64,10 +64,10 @@ class PromptSet:
         return Dataset.from_list([{"prompt": r.prompt, **r.columns} for r in self.records])
 
 
-def _sample_completions(record: PromptRecord, tokenizer) -> tuple[list, list[list[int]]]:
+def _sample_completions(record: PromptRecord, tokenizer, column: str) -> tuple[list, list[list[int]]]:
     """Two completions of the shape TRL hands rewards (messages for chat prompts, text otherwise): an empty one and
     one with a reasoning block and the record's answer column, so a reward sees both a miss and a plausible hit."""
-    texts = ["", f"<think>\nLet me work it out.\n</think>\n{record.columns.get('answer', 'The answer is 42.')}"]
+    texts = ["", f"<think>\nLet me work it out.\n</think>\n{record.columns.get(column, 'The answer is 42.')}"]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     if isinstance(record.prompt, list):
         return [[{"role": "assistant", "content": t}] for t in texts], ids
@@ -77,8 +77,8 @@ def _sample_completions(record: PromptRecord, tokenizer) -> tuple[list, list[lis
 def check_rewards(recipe: Recipe, record: PromptRecord, tokenizer):
     """Import every reward and call it once on ``record`` as TRL will (before the model loads); the loaded ones."""
     t = recipe.train
-    rewards = load_rewards(t.rewards, t.reward_weights, t.numeric_tolerance)
-    completions, ids = _sample_completions(record, tokenizer)
+    rewards = load_rewards(t.rewards, t.reward_weights, t.numeric_tolerance, t.answer_column)
+    completions, ids = _sample_completions(record, tokenizer, t.answer_column)
     columns = {k: [v] * len(completions) for k, v in record.columns.items()}
     try_rewards(rewards, [record.prompt] * len(completions), completions, ids, columns, record.origin)
     return rewards

@@ -86,10 +86,17 @@ def test_missing_modules_files_and_functions_are_named(spec, message):
 
 
 def test_a_reward_missing_the_column_it_needs_says_which_columns_there_are():
-    with pytest.raises(UserError, match=r"'exact_answer'.*columns \['solution'\]"):
+    with pytest.raises(UserError, match=r"'exact_answer'.*data column 'answer' \(train.answer_column\).*\['solution'\]"):
         try_rewards(load_rewards(["exact_answer"], None), ["q"], ["a"], [[1]], {"solution": ["7"]}, "x.jsonl:3")
 
 
 def test_module_function_specs_import_from_the_environment():
     (reward,) = load_rewards(["math:isfinite"], None)
     assert reward.func is math.isfinite
+
+
+def test_the_answer_column_is_the_recipes():
+    (reward,) = load_rewards(["numeric_answer"], None, column="solution")
+    try_rewards([reward], ["q"], ["7"], [[1]], {"solution": ["7"]}, "x.jsonl:3")
+    assert reward.func(prompts=["q"], completions=["is 7"], solution=["7"]) == [1.0]
+    assert reward.func.__name__ == "numeric_answer"  # TRL logs it under this name
