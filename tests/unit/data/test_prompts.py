@@ -78,3 +78,17 @@ def test_the_split_holds_prompts_out_seeded_and_never_on_both_sides(tmp_path):
     assert [r.origin for r in a.eval] == [r.origin for r in b.eval] and a.eval
     train_prompts = {json.dumps(r.prompt) for r in a.train}
     assert not [r for r in a.eval if json.dumps(r.prompt) in train_prompts]
+
+
+def test_data_inspection_shows_prompt_lengths_and_the_reward_columns(tmp_path, tiny_tokenizer):
+    from qlora_phi3.config import load_recipe, recipes_dir
+    from qlora_phi3.data.inspect_prompts import inspect_prompts
+
+    path = _write(tmp_path, GOOD + [{"prompt": "word " * 80, "answer": "x", "level": 2}])
+    recipe = load_recipe(recipes_dir() / "tiny_cpu_grpo.yaml", [f"data.path={path}", "data.max_bad_fraction=0.2",
+                                                                 f"train.output_dir={tmp_path / 'run'}"])
+    res = inspect_prompts(recipe, tiny_tokenizer, sample=0, out_dir=tmp_path / "report")
+    assert res.prompt_limit == 64 - 16 and res.usable == 8 and res.skipped == 1
+    assert res.reward_columns == ["answer"] and res.token_lengths["p100"] <= res.prompt_limit
+    assert res.sample_text.endswith("<|assistant|>")  # generation starts right after the generation prompt
+    assert json.loads((tmp_path / "report" / "data_report.json").read_text())["reward_columns"] == ["answer"]
