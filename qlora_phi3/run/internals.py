@@ -14,29 +14,52 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["CHECKED_TRANSFORMERS", "PRIVATE_TRAINER_METHODS", "UPSTREAM", "Upstream", "check_trainer_internals",
-           "check_upstream"]
+__all__ = ["CHECKED_TRANSFORMERS", "CHECKED_TRL", "PRIVATE_TRAINER_METHODS", "TRL_TRAINER_METHODS", "UPSTREAM",
+           "Upstream", "check_trainer_internals", "check_upstream"]
 
 CHECKED_TRANSFORMERS = "5.25.0"
+CHECKED_TRL = "1.16.0"
 # method name -> its parameters (after self), as overridden in checkpoints.AtomicCheckpoints
 PRIVATE_TRAINER_METHODS = {"_save_checkpoint": ("model", "trial"), "_get_output_dir": ("trial",)}
+# TRL trainer -> {method: its parameters (after self; a staticmethod's all)}: what run/methods overrides or calls
+_PREPARE = {"_prepare_dataset": ("dataset", "processing_class", "args", "dataset_name")}  # dpo.py, kto.py
+_PAIRWISE = {"tokenize_row": ("feature", "model"), "concatenated_forward": ("model", "batch"),  # pairwise.py
+             "concatenated_inputs": ("batch", "is_encoder_decoder", "padding_value", "device")}
+TRL_TRAINER_METHODS = {"DPOTrainer": _PREPARE, "KTOTrainer": _PREPARE, "ORPOTrainer": _PAIRWISE,
+                       "CPOTrainer": _PAIRWISE}
+
+
+def _parameters(cls, name: str) -> tuple[str, ...] | None:
+    method = getattr(cls, name, None)
+    if method is None:
+        return None
+    params = tuple(inspect.signature(method).parameters)
+    return params if isinstance(inspect.getattr_static(cls, name), staticmethod) else params[1:]
 
 
 def check_trainer_internals(trainer_cls=None) -> None:
-    """Raise RuntimeError naming what moved if the Trainer's private methods we override changed."""
+    """Raise RuntimeError naming what moved if the Trainer's private methods we override changed, or, for a TRL
+    trainer in ``TRL_TRAINER_METHODS``, the methods of it that run/methods overrides or calls."""
     import transformers
 
     trainer_cls = trainer_cls or transformers.Trainer
-    for name, params in PRIVATE_TRAINER_METHODS.items():
-        method = getattr(trainer_cls, name, None)
-        found = None if method is None else tuple(inspect.signature(method).parameters)[1:]
+    checks = [(f"Trainer.{name}", params, name, "transformers", CHECKED_TRANSFORMERS,
+               "qlora-phi3's atomic checkpoints override", "qlora_phi3/run/checkpoints.py")
+              for name, params in PRIVATE_TRAINER_METHODS.items()]
+    checks += [(f"{trainer_cls.__name__}.{name}", params, name, "trl", CHECKED_TRL, f"qlora-phi3's "
+                f"{trainer_cls.__name__} overrides or calls", "qlora_phi3/run/methods/")
+               for name, params in TRL_TRAINER_METHODS.get(trainer_cls.__name__, {}).items()]
+    for what, params, name, package, checked, user, home in checks:
+        found = _parameters(trainer_cls, name)
         if found != params:
-            now = "gone" if method is None else "now (" + ", ".join(found) + ")"
+            import importlib
+
+            version = importlib.import_module(package).__version__
+            now = "gone" if found is None else "now (" + ", ".join(found) + ")"
             raise RuntimeError(
-                f"transformers {transformers.__version__}: Trainer.{name} is {now}, but qlora-phi3's atomic checkpoints "
-                f"override it as ({', '.join(params)}) (checked against transformers {CHECKED_TRANSFORMERS}). "
-                "Install a transformers version qlora-phi3 supports (see constraints.txt) or update "
-                "qlora_phi3/run/checkpoints.py.")
+                f"{package} {version}: {what} is {now}, but {user} it as ({', '.join(params)}) (checked against "
+                f"{package} {checked}). Install a {package} version qlora-phi3 supports (see constraints.txt) or "
+                f"update {home}.")
 
 
 @dataclass(frozen=True)
@@ -69,10 +92,74 @@ def _check_phi3_layer_copy() -> None:
 
 def _check_attn_implementation() -> None:
     from transformers import PretrainedConfig
+    from transformers.models.phi3 import modeling_phi3
 
-    config = PretrainedConfig()
-    config._attn_implementation = "sdpa"
-    assert config._attn_implementation == "sdpa"
+    # A property that resolves the attention actually in use, not a plain attribute that could go stale...
+    assert isinstance(inspect.getattr_static(PretrainedConfig, "_attn_implementation", None), property), \
+        "PretrainedConfig._attn_implementation is no longer a property"
+    # ...and the one Phi-3's attention dispatches on.
+    assert "self.config._attn_implementation" in inspect.getsource(modeling_phi3.Phi3Attention.forward), \
+        "Phi3Attention.forward no longer picks its attention by config._attn_implementation"
+
+
+def _trl_trainers():
+    from trl import DPOTrainer, KTOTrainer
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    return DPOTrainer, KTOTrainer, ORPOTrainer, CPOTrainer
+
+
+def _check_trl_trainer_methods() -> None:
+    for cls in _trl_trainers():
+        check_trainer_internals(cls)
+
+
+def _check_trl_experimental_paths() -> None:
+    from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: F401  (simpo.py)
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: F401  (orpo.py)
+
+
+def _check_pairwise_padding() -> None:
+    _, _, orpo, cpo = _trl_trainers()
+    for cls in (orpo, cpo):
+        src = inspect.getsource(cls.__init__)
+        assert "self.padding_value" in src or "self.pad_token_id" in src, f"{cls.__name__} pads with neither"
+        # our concatenated_forward returns the five values TRL reads (a sixth, aux_loss, only for router models)
+        assert "forward_output[:5]" in inspect.getsource(cls.get_batch_loss_metrics), \
+            f"{cls.__name__}.get_batch_loss_metrics no longer reads concatenated_forward's first five outputs"
+
+
+def _check_kto_kl_flag() -> None:
+    _, kto, _, _ = _trl_trainers()
+    assert "self.calculate_KL" in inspect.getsource(kto.__init__), "KTOTrainer no longer sets calculate_KL"
+
+
+# What logprobs.install_label_logprobs fills in TRL's FusedCausalLMOutput.
+LABEL_LOGPROB_FIELDS = ("loss", "log_probs", "entropy", "mean_logits", "is_top1", "label_mask")
+
+
+def _check_fused_lm_head() -> None:
+    import dataclasses
+    import re
+
+    import trl.trainer.dpo_trainer as dpo
+    import trl.trainer.kto_trainer as kto
+    from trl import DPOConfig
+    from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head  # noqa: F401
+
+    fields = {f.name for f in dataclasses.fields(FusedCausalLMOutput)}
+    assert set(LABEL_LOGPROB_FIELDS) <= fields, f"FusedCausalLMOutput fields are now {sorted(fields)}"
+    # log_sum_sq_probs feeds WPO weighting (DPOConfig.use_weighting, off in our configs); aux_loss router models;
+    # logits the unfused path.
+    not_ours = {"log_sum_sq_probs", "aux_loss", "logits"}
+    for module in (dpo, kto):
+        src = inspect.getsource(module)
+        assert "fused_lm_head=True" in src, f"{module.__name__} no longer calls the model with fused_lm_head=True"
+        read = set(re.findall(r"\b(?:ref_)?outputs\.(\w+)", src))
+        assert read <= set(LABEL_LOGPROB_FIELDS) | not_ours, f"{module.__name__} now reads {sorted(read)}"
+    config = DPOConfig(output_dir="/nonexistent-never-written", report_to=[], use_cpu=True, bf16=False)
+    assert config.use_weighting is False, "DPOConfig now weights by default (WPO), which needs log_sum_sq_probs"
 
 
 def _check_sft_bf16_cast() -> None:
@@ -136,13 +223,13 @@ UPSTREAM: tuple[Upstream, ...] = (
     Upstream("Phi3DecoderLayer.forward and Phi3Attention.forward (mirrored)", "run/tiling.py",
              "transformers has no tiling option; the tiled layer copies their body", "transformers 5.25.0",
              _check_phi3_layer_copy),
-    Upstream("config._attn_implementation", "run/trainer.py, run/tiling.py",
+    Upstream("config._attn_implementation", "run/methods/sft_trainer.py, run/tiling.py",
              "the attention actually in use (after auto and fallbacks); no public accessor", "transformers 5.25.0",
              _check_attn_implementation),
-    Upstream("SFTTrainer casts LoRA weights of a quantized model to bf16", "run/trainer.py (cast back to fp32)",
+    Upstream("SFTTrainer casts LoRA weights of a quantized model to bf16", "run/methods/base.py (cast back to fp32)",
              "undocumented; we keep fp32 masters for fp16 loss scaling", "trl 1.16.0", _check_sft_bf16_cast),
     Upstream("accelerate FullyShardedDataParallelPlugin.auto_wrap_policy, set after the Trainer is built",
-             "run/trainer.py", "PEFT's FSDP-QLoRA guide sets it on the live plugin", "accelerate 1.16.0",
+             "run/methods/sft.py", "PEFT's FSDP-QLoRA guide sets it on the live plugin", "accelerate 1.16.0",
              _check_fsdp_plugin),
     Upstream("TrainingArguments.warmup_steps given a float < 1 is a ratio", "run/train.py",
              "transformers 5 dropped warmup_ratio in favour of this", "transformers 5.25.0", _check_warmup_ratio),
@@ -155,6 +242,20 @@ UPSTREAM: tuple[Upstream, ...] = (
     Upstream("PEFT LoRA layers keep adapters in lora_A / lora_B ModuleDicts keyed 'default', r and scaling dicts",
              "model/lora.py, out/merge.py", "OLoRA/LoftQ initialisation writes the adapter weights directly",
              "peft 0.21.2", _check_peft_default_adapter),
+    Upstream("DPOTrainer / KTOTrainer._prepare_dataset; ORPOTrainer / CPOTrainer.tokenize_row, concatenated_forward, "
+             "concatenated_inputs (overridden or called)", "run/methods/dpo.py, kto.py, pairwise.py",
+             "no public way to hand TRL pre-tokenized data or to score answers without the full logits",
+             f"trl {CHECKED_TRL}", _check_trl_trainer_methods),
+    Upstream("ORPOTrainer / CPOTrainer under trl.experimental", "run/methods/orpo.py, simpo.py",
+             "TRL moved them out of its stable API", f"trl {CHECKED_TRL}", _check_trl_experimental_paths),
+    Upstream("ORPOTrainer.padding_value / CPOTrainer.pad_token_id; the five outputs of concatenated_forward",
+             "run/methods/pairwise.py", "our concatenated_forward pads and returns as TRL's does",
+             f"trl {CHECKED_TRL}", _check_pairwise_padding),
+    Upstream("KTOTrainer.calculate_KL", "run/methods/kto.py", "whether TRL pairs KL completions (our "
+             "_prepare_dataset builds them as TRL would)", f"trl {CHECKED_TRL}", _check_kto_kl_flag),
+    Upstream("model(..., labels=, fused_lm_head=True) returning FusedCausalLMOutput (DPOTrainer, KTOTrainer)",
+             "run/logprobs.py", "the patched forward replaces TRL's fused head with label-only chunks",
+             f"trl {CHECKED_TRL}", _check_fused_lm_head),
 )
 
 

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import cpu_dtype
+
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

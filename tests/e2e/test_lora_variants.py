@@ -15,6 +15,8 @@ from qlora_phi3.cli import main
 from qlora_phi3.config import load_recipe
 from qlora_phi3.errors import UserError
 
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
+
 FAST = ["train.max_steps=2", "train.save_steps=2", "train.eval_steps=0", "train.logging_steps=1",
         "data.max_samples=32", "data.max_eval_samples=4", "train.micro_batch_size=8", "train.sample_prompts=1",
         "train.sample_max_new_tokens=4"]

@@ -13,6 +13,8 @@ import torch
 from qlora_phi3.config import load_recipe
 from qlora_phi3.model.tiny import build_model_dir, mini_phi3_config
 
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
+
 REPO = Path(__file__).resolve().parents[2]
 SIZES = dict(hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2)  # head dim 96, so the 128k config's 48 published factors apply verbatim

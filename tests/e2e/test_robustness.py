@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from conftest import cpu_dtype
 from qlora_phi3.run.checkpoints import is_complete, last_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
+
 REPO = Path(__file__).resolve().parents[2]
 # Small and quick, but with checkpoints, a paged 8-bit optimizer and RNG in play (dropout > 0).
 QUICK = ["data.max_samples=160", "train.eval_steps=0", "train.logging_steps=1", "lora.dropout=0.1",

@@ -7,6 +7,8 @@ import torch
 
 from qlora_phi3.model.load import load_model
 
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
+
 
 def test_default_run_learns_and_records(tiny_run):
     recipe, result = tiny_run

@@ -9,10 +9,7 @@ from qlora_phi3.config import field_help
 from qlora_phi3.errors import UserError
 
 
-def _run(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "qlora_phi3", *args], capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow  # a fresh interpreter: only a new process shows what --help imports
 def test_help_imports_nothing_heavy():
     code = ("import sys, qlora_phi3.cli as c; c.build_parser().format_help(); "
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'datasets') "
@@ -21,8 +18,8 @@ def test_help_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
-def test_train_help_lists_every_option_and_recipe_key():
-    res = _run("train", "--help")
+def test_train_help_lists_every_option_and_recipe_key(qlora):
+    res = qlora("train", "--help")
     assert res.returncode == 0
     for flag in ("--resume", "--force", "RECIPE", "KEY=VALUE"):
         assert flag in res.stdout
@@ -31,20 +28,20 @@ def test_train_help_lists_every_option_and_recipe_key():
 
 
 @pytest.mark.parametrize("command", ["data", "estimate", "fit", "profile"])
-def test_every_recipe_command_lists_the_recipe_keys(command):
-    res = _run(command, "--help")
+def test_every_recipe_command_lists_the_recipe_keys(command, qlora):
+    res = qlora(command, "--help")
     assert res.returncode == 0
     for key, _, _ in field_help():
         assert key in res.stdout, (command, key)
 
 
-def test_top_level_help_lists_train():
-    res = _run("--help")
+def test_top_level_help_lists_train(qlora):
+    res = qlora("--help")
     assert res.returncode == 0 and "train" in res.stdout
 
 
-def test_bad_override_is_one_clean_line(tmp_path):
-    res = _run("train", "lora.rank=4", f"train.output_dir={tmp_path / 'x'}")
+def test_bad_override_is_one_clean_line(tmp_path, qlora):
+    res = qlora("train", "lora.rank=4", f"train.output_dir={tmp_path / 'x'}")
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "unknown key 'lora.rank'" in res.stderr and "did you mean 'lora.r'" in res.stderr

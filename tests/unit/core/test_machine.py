@@ -46,6 +46,7 @@ def test_threads_leave_the_cores_other_processes_keep_busy(monkeypatch):
     assert machine.pick_threads() == (3, "OMP_NUM_THREADS")
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"), reason="Linux only")
 def test_busy_cores_sees_a_spinning_process():
     """A real busy process on one of our cores is counted (the measurement, not a mock)."""

@@ -121,16 +121,6 @@ def test_cli_estimate_bad_budget_is_one_clean_line(capsys):
     assert "--budget 'lots'" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def mini_phi3(tmp_path_factory):
-    """A mini Phi-3: real vocabulary (32064) and head dim (96), two narrow layers."""
-    from qlora_phi3.model.tiny import write_random_phi3
-
-    return write_random_phi3(tmp_path_factory.mktemp("mini") / "mini-phi3", hidden_size=192, intermediate_size=512,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=32064,
-                             max_position_embeddings=4096)
-
-
 @pytest.mark.slow  # a subprocess or a measured training run: the full tier
 def test_estimate_within_15_percent_of_measured_cpu_peak(mini_phi3):
     """Real training steps (profiler) on tiny and mini Phi-3s; the estimate must be within 15% of each peak."""

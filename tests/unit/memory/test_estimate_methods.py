@@ -53,16 +53,6 @@ def test_a_continued_adapter_adds_its_frozen_copy(tmp_path):
     assert "reference adapter" not in plain
 
 
-@pytest.fixture(scope="module")
-def mini_phi3(tmp_path_factory):
-    """A mini Phi-3: real vocabulary (32064) and head dim (96), two narrow layers."""
-    from qlora_phi3.model.tiny import write_random_phi3
-
-    return write_random_phi3(tmp_path_factory.mktemp("mini") / "mini-phi3", hidden_size=192, intermediate_size=512,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=32064,
-                             max_position_embeddings=4096)
-
-
 @pytest.mark.slow
 def test_preference_rows_profile_within_10_percent_of_the_estimate(mini_phi3):
     """Real DPO / KTO / ORPO steps through the profiler (train's own path, full-length rows, CPU live tensors): each

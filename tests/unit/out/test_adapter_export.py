@@ -30,10 +30,11 @@ from qlora_phi3.out import export as export_mod
 from qlora_phi3.out.adapter_export import export_adapter
 from qlora_phi3.out.export import CheckFailed, export
 
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
+
 REPO = Path(__file__).resolve().parents[3]
 CHECK_SAMPLES = 4  # held-out conversations: enough answer positions, quick on 2 cores
 RSLORA_STEPS = 40  # the rsLoRA run must move the base's predictions a lot, nothing more (eval loss 18.2 -> ~3)
-DPO_STEPS = 20  # enough to move the DPO policy off its reference (eval loss 0.69 -> 0.48)
 
 
 @pytest.fixture(scope="module")
@@ -207,20 +208,6 @@ def test_base_with_lora_predicts_like_the_merged_gguf(runs, llama_cpp, tmp_path,
     assert measured["f16"][1] < 0.25 * measured["base alone"][1], measured
 
 
-@pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory) -> Path:
-    """A short DPO run of the tiny DPO recipe (from the random base, so it never learned to stop: the export's
-    own check would fail on that, not on the LoRA; this test compares with the merged file only)."""
-    from qlora_phi3.config import load_recipe
-    from qlora_phi3.run.train import train
-
-    out = tmp_path_factory.mktemp("dpo") / "dpo"
-    recipe = load_recipe(REPO / "recipes" / "tiny_cpu_dpo.yaml", [
-        f"train.output_dir={out}", f"train.max_steps={DPO_STEPS}", f"train.eval_steps={DPO_STEPS}",
-        f"train.save_steps={DPO_STEPS}"])
-    return train(recipe).output_dir
-
-
 @pytest.mark.slow
 def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path):
     """A DPO-trained adapter is a LoRA like any other: base f16 + our LoRA in llama.cpp gives the merged f16 GGUF's
@@ -231,14 +218,17 @@ def test_dpo_adapter_predicts_like_the_merged_gguf(dpo_run, llama_cpp, tmp_path)
     from qlora_phi3.data.split import held_out_records
     from qlora_phi3.out.artifacts import resolve_source
 
-    merged = export(str(dpo_run), str(tmp_path / "merged"), quants="f16", check=False).files["f16"]
-    result = export_adapter(str(dpo_run), str(tmp_path / "adapter"), quants="f16,q8_0", base_quant="f16",
+    # The session's DPO run (conftest), from the random base: it never learned to stop, so the export's own check
+    # would fail on that, not on the LoRA; this compares with the merged file only.
+    run_dir = dpo_run[1].output_dir
+    merged = export(str(run_dir), str(tmp_path / "merged"), quants="f16", check=False).files["f16"]
+    result = export_adapter(str(run_dir), str(tmp_path / "adapter"), quants="f16,q8_0", base_quant="f16",
                             check=False)
-    tok = AutoTokenizer.from_pretrained(str(dpo_run / "adapter"))
-    src = resolve_source(str(dpo_run))
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
+    src = resolve_source(str(run_dir))
     records, where = held_out_records(src.recipe, src.run, tok, src.max_seq_len, 8)
     assert "preference" in where
-    measured = _agreement_with_merged(llama_cpp, "dpo", merged, result.out_dir / f"{dpo_run.name}-base-f16.gguf",
+    measured = _agreement_with_merged(llama_cpp, "dpo", merged, result.out_dir / f"{run_dir.name}-base-f16.gguf",
                                       result.files, export_mod._conversations(records, tok))
     assert measured["f16"][0] >= 0.99 and measured["q8_0"][0] >= 0.99, measured
     assert measured["base alone"][0] < 0.9, measured  # DPO moves less than SFT from a random base (beta 0.1)

@@ -11,6 +11,7 @@ from qlora_phi3.cli import main
 from qlora_phi3.data.synthetic import answer_for
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_chat_prompt_answers_like_training_data(tiny_run, capsys):
     _, run = tiny_run
     q = "What is the capital of Zorvia?"
@@ -21,6 +22,7 @@ def test_chat_prompt_answers_like_training_data(tiny_run, capsys):
     assert "4-bit" in captured.err and "warning" not in captured.err
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_interactive_chat_keeps_history_and_ends_on_empty_line(tiny_run, monkeypatch, capsys):
     from qlora_phi3.out.chat import chat
 
@@ -37,6 +39,7 @@ def test_interactive_chat_keeps_history_and_ends_on_empty_line(tiny_run, monkeyp
     assert sum_answer in out and fact_answer in out and "1 plus 1" not in out  # stopped at the empty line
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_answer_cut_by_max_new_tokens_is_reported(tiny_run, capsys):
     _, run = tiny_run
     assert main(["chat", str(run.adapter_dir), "--prompt", "What is 3 plus 4?", "--max-new-tokens", "2"]) == 0
@@ -51,6 +54,7 @@ def test_chat_refuses_a_path_that_is_not_a_model(tmp_path, capsys):
     assert "no such file or directory" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_generation_prompt_and_stop_ids_are_phi3s(tiny_run):
     from qlora_phi3.out.chat import load_chat_model
 

@@ -62,6 +62,7 @@ def _fields(path: Path) -> dict:
     return reader, {k: f.contents() for k, f in reader.fields.items()}
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_gguf_package_writes_f16_and_q8_0_with_the_merged_weights(merged_dir, tmp_path, monkeypatch):
     """Without llama-cpp-python: f16 and q8_0 are written, hold the merged weights, the PHI3 keys and the
     tokenizer; nothing claims to be checked."""
@@ -107,6 +108,7 @@ def test_gguf_package_writes_f16_and_q8_0_with_the_merged_weights(merged_dir, tm
     assert 0.5 < sizes["q8_0"] / sizes["f16"] < 0.6  # 8.5 bits per weight against 16
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_k_quants_without_llama_cpp_name_the_extra(merged_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "_llama_cpp", lambda: None)
     with pytest.raises(UserError, match=r"q4_k_m.*qlora-phi3\[gguf\]"):
@@ -119,6 +121,7 @@ def test_k_quants_without_llama_cpp_name_the_extra(merged_dir, tmp_path, monkeyp
 # ------------------------------------------------------------------------------- proof in llama.cpp
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_each_file_passes_the_llama_cpp_check(exported):
     report = json.loads((exported.out_dir / "export_report.json").read_text())
     assert report == json.loads(json.dumps(exported.report))
@@ -309,6 +312,7 @@ def _go_template(template: str, data: dict) -> str:
     return run(parse(0)[0], data, {})
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_modelfile_is_valid_and_renders_phi3_chat_template(merged_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
@@ -336,6 +340,7 @@ def test_modelfile_is_valid_and_renders_phi3_chat_template(merged_dir, tmp_path,
 # ------------------------------------------------------------------------------- llama.cpp's converter
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_merged_dir_converts_with_llama_cpps_converter(llama_cpp, llama_cpp_src, merged_dir, tmp_path):
     """Users who prefer llama.cpp's own tools can convert the merged directory: it carries tokenizer.model
     (docs/pitfalls.md), and the result tokenizes chat text like training, without a <s> and with Phi-3's rstrip
@@ -374,6 +379,7 @@ def test_merged_dir_converts_with_llama_cpps_converter(llama_cpp, llama_cpp_src,
 # ------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_what_is_not_a_phi3_model(merged_dir, tmp_path):
     other = tmp_path / "llama"
     shutil.copytree(merged_dir, other)
@@ -386,6 +392,7 @@ def test_refuses_what_is_not_a_phi3_model(merged_dir, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_an_adapter_without_its_base(tiny_run, tmp_path):
     _, run = tiny_run
     adapter = tmp_path / "adapter"
@@ -411,6 +418,7 @@ def test_cli_shows_the_files_and_what_to_run_next(tmp_path, capsys):
     assert f"`llama-cli -m {out / 'bot-q8_0.gguf'} -cnv`" in shown
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_unknown_quant_and_existing_out(merged_dir, tmp_path, capsys):
     assert main(["export", str(merged_dir), "--out", str(tmp_path / "o"), "--quant", "q8_0,q3_xs"]) == 2
     assert "--quant q3_xs: unknown; choose from f16, bf16, q8_0" in capsys.readouterr().err
@@ -426,6 +434,7 @@ def test_refuses_unknown_quant_and_existing_out(merged_dir, tmp_path, capsys):
         export(str(merged_dir), str(merged_dir.parent), check=False, force=True)
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_force_replaces_an_export_and_an_interrupted_one_leaves_it_intact(merged_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     first = export(str(merged_dir), str(out), quants="q8_0", check=False)
@@ -449,6 +458,7 @@ def test_force_replaces_an_export_and_an_interrupted_one_leaves_it_intact(merged
     assert first.report["files"].keys() != second.report["files"].keys()
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_a_failed_check_never_replaces_a_good_export(merged_dir, tmp_path, monkeypatch):
     """`export --force` whose new files fail the llama.cpp check leaves the earlier good export as it was and puts
     the failed files beside it (the first-day report: a good q8_0 was deleted by a failing q4_k_m export)."""

@@ -41,6 +41,7 @@ def merged(tiny_run, tmp_path_factory):
     return MergeResult(out, json.loads((out / "merge_report.json").read_text())), printed.getvalue()
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_merged_dir_is_complete_and_sharded(merged):
     result, _ = merged
     out = result.out_dir
@@ -91,6 +92,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_plain_transformers_loads_merged_and_matches_peft(merged, tiny_run):
     """In a fresh interpreter that never imports qlora_phi3: merged == 16-bit base + adapter via plain PEFT."""
     result, _ = merged
@@ -116,6 +118,7 @@ def test_plain_transformers_loads_merged_and_matches_peft(merged, tiny_run):
     assert not {"is_local", "local_files_only", "cache_dir", "token"} & set(r["tokenizer_config_keys"])
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_merge_report_compares_the_three_models(merged):
     result, printed = merged
     report = json.loads((result.out_dir / "merge_report.json").read_text())
@@ -156,6 +159,7 @@ def test_flag_when_merged_is_worse_than_trained(capsys):
     assert not ok["merged_worse_than_trained"] and ok["explanation"].startswith("OK")
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_chat_on_merged_dir(merged, capsys):
     from qlora_phi3.data.synthetic import answer_for
 
@@ -189,6 +193,7 @@ def _fake_base(tmp_path: Path, name: str = "other-base", **config_changes) -> Pa
     return d
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_non_empty_out_without_force(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -201,12 +206,14 @@ def test_refuses_non_empty_out_without_force(tiny_run, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_to_overwrite_its_own_adapter(tiny_run):
     _, run = tiny_run
     with pytest.raises(UserError, match="would overwrite the adapter"):
         merge(str(run.adapter_dir), str(run.output_dir), force=True)
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_bad_flags_before_loading(tiny_run, tmp_path):
     with pytest.raises(UserError, match="not a memory size"):
         merge(str(tiny_run[1].output_dir), str(tmp_path / "out"), max_shard_size="lots")
@@ -214,6 +221,7 @@ def test_refuses_bad_flags_before_loading(tiny_run, tmp_path):
         merge(str(TINY_MODEL_DIR), str(tmp_path / "out"))
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_shape_mismatch_recorded_in_adapter(tiny_run, tmp_path):
     adapter = _copy_adapter(tiny_run[1], tmp_path, hidden_size=3072, num_hidden_layers=32)
     with pytest.raises(UserError, match=r"different base.*hidden_size: adapter 3072, base 64"):
@@ -221,12 +229,14 @@ def test_refuses_shape_mismatch_recorded_in_adapter(tiny_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_base_override_with_other_shapes(tiny_run, tmp_path):
     base = _fake_base(tmp_path, hidden_size=256, max_position_embeddings=131072)
     with pytest.raises(UserError, match=r"max_position_embeddings: adapter 4096, base 131072"):
         merge(str(tiny_run[1].output_dir), str(tmp_path / "out"), base=str(base))
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_revision_mismatch(tiny_run, tmp_path):
     trained, other = "a" * 40, "b" * 40
     adapter = _copy_adapter(tiny_run[1], tmp_path, revision=trained)
@@ -249,6 +259,7 @@ def test_refuses_what_is_not_an_adapter(tmp_path, make, message):
         merge(str(src), str(tmp_path / "out"))
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_refuses_adapter_with_missing_lora_weights(tiny_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -262,6 +273,7 @@ def test_refuses_adapter_with_missing_lora_weights(tiny_run, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_interrupted_merge_leaves_old_out_intact_and_no_partial_model(merged, tiny_run, tmp_path, monkeypatch):
     """Ctrl-C after the shards are written, before the rename: --out keeps the previous complete model."""
     import qlora_phi3.out.merge as m

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -29,6 +30,7 @@ def test_plain_and_fsdp_sharded_checkpoints_are_complete_partial_ones_are_not(tm
     assert last_checkpoint(tmp_path) == sharded  # the newest complete one; --resume continues from it
 
 
+@pytest.mark.slow  # reuses the session's trained run
 def test_under_fsdp_the_adapter_is_gathered_from_every_rank(tiny_run, tmp_path):
     from qlora_phi3.run.train import _save_adapter
 

@@ -43,3 +43,41 @@ def test_a_moved_upstream_private_is_named(monkeypatch):
     monkeypatch.setitem(internals.PHI3_LAYER_DIGESTS, "Phi3DecoderLayer.forward", "0" * 16)
     moved = internals.check_upstream()
     assert len(moved) == 1 and "Phi3DecoderLayer.forward" in moved[0] and "run/tiling.py" in moved[0]
+
+
+def test_a_reshaped_trl_method_we_override_is_named():
+    from trl import DPOTrainer
+
+    class DPOTrainer(DPOTrainer):  # the registry knows TRL's trainers by class name
+        def _prepare_dataset(self, dataset, processing_class, args):  # TRL dropped a parameter
+            return dataset
+
+    with pytest.raises(RuntimeError, match=r"DPOTrainer._prepare_dataset is now \(dataset, processing_class, args\).*"
+                                           r"checked against trl"):
+        check_trainer_internals(DPOTrainer)
+
+
+def test_every_trl_trainer_we_subclass_is_registered():
+    from qlora_phi3.run.internals import TRL_TRAINER_METHODS, _trl_trainers
+
+    assert {cls.__name__ for cls in _trl_trainers()} == set(TRL_TRAINER_METHODS)
+
+
+def test_the_attention_check_can_fail(monkeypatch):
+    """config._attn_implementation must stay the property transformers resolves the attention with: a plain
+    attribute (what setting it and reading it back would also accept) fails the check."""
+    from transformers import PretrainedConfig
+
+    from qlora_phi3.run import internals
+
+    monkeypatch.setattr(PretrainedConfig, "_attn_implementation", "sdpa")
+    moved = internals.check_upstream()
+    assert len(moved) == 1 and "config._attn_implementation" in moved[0], moved
+
+
+def test_the_fused_head_check_names_a_field_we_fill_that_trl_dropped(monkeypatch):
+    from qlora_phi3.run import internals
+
+    monkeypatch.setattr(internals, "LABEL_LOGPROB_FIELDS", (*internals.LABEL_LOGPROB_FIELDS, "answer_logps"))
+    moved = internals.check_upstream()
+    assert len(moved) == 1 and "fused_lm_head=True" in moved[0] and "run/logprobs.py" in moved[0], moved

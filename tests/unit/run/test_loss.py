@@ -3,24 +3,14 @@
 import pytest
 import torch
 
-from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.run.loss import chunked_causal_lm_loss, model_loss
-from qlora_phi3.model.lora import attach_lora
-from qlora_phi3.model.load import load_model
-from qlora_phi3.run.offload import enable_checkpointing
+
+from conftest import tiny_lora_model
 
 
 @pytest.fixture(scope="module")
 def peft_model():
-    torch.manual_seed(0)
-    model = load_model(ModelConfig(), "cpu", "float32", "sdpa")
-    enable_checkpointing(model, True, "cpu")
-    model = attach_lora(model, LoraSettings(dropout=0.0))
-    with torch.no_grad():  # non-zero B so that every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    return model.train()
+    return tiny_lora_model(checkpointing=True)
 
 
 def _batch():

@@ -15,6 +15,8 @@ from qlora_phi3.config import recipes_dir
 from qlora_phi3.errors import UserError
 from qlora_phi3.memory.meter import LiveTensorTracker, PeakMemory
 
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
+
 TINY = str(recipes_dir() / "tiny_cpu.yaml")
 SMALL = ["train.micro_batch_size=2", "lora.r=4"]
 

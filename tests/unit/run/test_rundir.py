@@ -6,11 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from qlora_phi3.config import load_recipe
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
 from qlora_phi3.run.record import ADAPTER_META
+
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
 
 QUICK = ["data.max_samples=40", "data.max_eval_samples=4", "train.eval_steps=0", "train.logging_steps=1",
          "train.micro_batch_size=8"]

@@ -12,6 +12,8 @@ from qlora_phi3.config import load_recipe
 from qlora_phi3.errors import UserError
 from qlora_phi3.run.samples import SAMPLES_FILE
 
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
+
 STEPS, EVAL_STEPS = 4, 2
 
 

@@ -3,6 +3,7 @@ the model's own forward, and real and padded tokens are counted."""
 
 import contextlib
 
+import pytest
 import torch
 
 from qlora_phi3.config import load_recipe, recipes_dir
@@ -15,6 +16,8 @@ from qlora_phi3.run.methods.sft import build_trainer
 from qlora_phi3.run.methods.sft import training_arguments as _sft_config
 
 from conftest import cpu_dtype
+
+pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
 
 
 def _trainer(tmp_path, *overrides, dtype="bfloat16"):
