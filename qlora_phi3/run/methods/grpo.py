@@ -97,7 +97,8 @@ def load_data(recipe: Recipe, tokenizer) -> MethodData:
          f"{t.num_generations} completions of up to {t.max_completion_len} tokens each; reward columns: "
          f"{', '.join(sorted(train[0].columns)) or '(none)'}")
     train_set, eval_set = PromptSet(train, train_lengths), PromptSet(held, held_lengths)
-    eval_chats = [ChatRecord(r.messages + [{"role": "assistant", "content": str(r.columns.get("answer", ""))}],
+    # Sample answers (train.sample_prompts) show the answer column as the reference.
+    eval_chats = [ChatRecord(r.messages + [{"role": "assistant", "content": str(r.columns.get(t.answer_column, ""))}],
                              r.origin) for r in held]
     dataset = {"kind": "prompts", "train_samples": len(train), "eval_samples": len(held),
                "train_tokens": train_set.n_tokens, "rewards": [r.spec for r in rewards],
