@@ -26,7 +26,8 @@ _PREPARE = {"_prepare_dataset": ("dataset", "processing_class", "args", "dataset
 _PAIRWISE = {"tokenize_row": ("feature", "model"), "concatenated_forward": ("model", "batch"),  # pairwise.py
              "concatenated_inputs": ("batch", "is_encoder_decoder", "padding_value", "device")}
 TRL_TRAINER_METHODS = {"DPOTrainer": _PREPARE, "KTOTrainer": _PREPARE, "ORPOTrainer": _PAIRWISE,
-                       "CPOTrainer": _PAIRWISE}
+                       "CPOTrainer": _PAIRWISE,
+                       "GRPOTrainer": {"_generate_and_score_completions": ("inputs",)}}  # grpo.py (token counts)
 
 
 def _parameters(cls, name: str) -> tuple[str, ...] | None:
@@ -128,6 +129,19 @@ def _check_pairwise_padding() -> None:
         # our concatenated_forward returns the five values TRL reads (a sixth, aux_loss, only for router models)
         assert "forward_output[:5]" in inspect.getsource(cls.get_batch_loss_metrics), \
             f"{cls.__name__}.get_batch_loss_metrics no longer reads concatenated_forward's first five outputs"
+
+
+def _check_grpo_internals() -> None:
+    from trl import GRPOTrainer
+
+    check_trainer_internals(GRPOTrainer)
+    init, score = inspect.getsource(GRPOTrainer.__init__), inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for key in ('"prompt"', '"completion"', '"rewards"', '"advantages"'):  # grpo_samples.py reads self._logs
+        assert key in init, f"GRPOTrainer._logs no longer keeps {key}"
+    for key in ('"prompt_mask"', '"completion_mask"'):  # grpo.py counts tokens from them
+        assert key in score, f"GRPOTrainer._generate_and_score_completions no longer returns {key}"
+    assert "fused_lm_head=True" in inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies), \
+        "GRPOTrainer no longer scores completions through the fused head (run/logprobs.py patches it)"
 
 
 def _check_kto_kl_flag() -> None:
@@ -253,6 +267,9 @@ UPSTREAM: tuple[Upstream, ...] = (
              f"trl {CHECKED_TRL}", _check_pairwise_padding),
     Upstream("KTOTrainer.calculate_KL", "run/methods/kto.py", "whether TRL pairs KL completions (our "
              "_prepare_dataset builds them as TRL would)", f"trl {CHECKED_TRL}", _check_kto_kl_flag),
+    Upstream("GRPOTrainer._generate_and_score_completions (its masks), self._logs, the fused-head log-probs",
+             "run/methods/grpo.py, run/grpo_samples.py", "token counts, samples.jsonl's completions with rewards, "
+             "label-only completion log-probs", f"trl {CHECKED_TRL}", _check_grpo_internals),
     Upstream("model(..., labels=, fused_lm_head=True) returning FusedCausalLMOutput (DPOTrainer, KTOTrainer)",
              "run/logprobs.py", "the patched forward replaces TRL's fused head with label-only chunks",
              f"trl {CHECKED_TRL}", _check_fused_lm_head),
