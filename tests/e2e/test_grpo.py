@@ -51,8 +51,7 @@ def test_grpo_raises_the_held_out_reward_of_sampled_answers(tiny_run, tiny_token
     quiet_library_noise()
     _, sft = tiny_run
     recipe = load_recipe(GRPO_RECIPE, [f"model.adapter={sft.output_dir}", f"train.output_dir={tmp_path / 'grpo'}",
-                                       "train.sample_prompts=0", "train.save_steps=0", "train.logging_steps=2",
-                                       "data.max_eval_samples=4"])
+                                       "train.sample_prompts=0", "train.save_steps=0", "train.logging_steps=2"])
     result = train(recipe)
     run = json.loads((result.output_dir / "run.json").read_text())
     assert run["status"] == "completed" and run["method"] == "grpo" and run["dataset"]["kind"] == "prompts"
@@ -68,3 +67,46 @@ def test_grpo_raises_the_held_out_reward_of_sampled_answers(tiny_run, tiny_token
     before = _held_out_reward(recipe, sft.adapter_dir, tiny_tokenizer, dtype)
     after = _held_out_reward(recipe, result.adapter_dir, tiny_tokenizer, dtype)
     assert after > before + 0.05, (before, after)
+
+
+def test_kill9_then_resume_equals_uninterrupted_run_sampling_included(tiny_run, tmp_path):
+    """The completions are sampled: a resumed run equals an uninterrupted one only if the sampling RNG is restored
+    with the checkpoint (the Trainer's rng_state), and the data order too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    _, sft = tiny_run
+    args = [sys.executable, "-m", "qlora_phi3", "train", str(GRPO_RECIPE), f"model.adapter={sft.output_dir}",
+            "train.max_steps=4", "train.save_steps=2", "train.sample_prompts=0", "data.max_eval_samples=2",
+            "train.logging_steps=1"]
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, f"train.output_dir={out}", *extra], capture_output=True, text=True,
+                              timeout=600, cwd=REPO)
+
+    ref = run(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*args, f"train.output_dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoint-2" / "trainer_state.json").is_file():  # checkpoints appear complete or not at all
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
+    rewards = [[h["reward"] for h in json.loads((d / "run.json").read_text())["history"] if h.get("step", 0) > 2
+                and "reward" in h] for d in (tmp_path / "ref", out)]
+    assert rewards[0] and rewards[0] == rewards[1]  # the same completions were sampled after the resume
