@@ -23,7 +23,7 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.data.formats import FORMATS, RecordProblem, describe_formats, detect_format, format_columns, to_messages
 
 __all__ = ["PHI3_TOKEN_TEXTS", "ChatRecord", "LoadReport", "digest", "has_named_splits", "load_records", "read_rows",
-           "resolve_data_path", "turn_problem", "validate_messages"]
+           "resolve_data_path", "turn_problem"]
 
 EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_chat.jsonl"
 # The bundled preference sets (python -m qlora_phi3.data.synthetic): pairs for dpo/orpo/simpo, labelled answers for kto.
@@ -179,12 +179,6 @@ def turn_problem(messages) -> RecordProblem | None:
         return _turn_problem(_normalized_turns(messages))
     except RecordProblem as p:
         return p
-
-
-def validate_messages(messages) -> str | None:
-    """Why ``messages`` cannot be trained on (``"reason: detail"``), or None if it can."""
-    problem = _turn_problem(messages)
-    return str(problem) if problem else None
 
 
 # ---- reading: every reader yields (row, origin, problem) with problem set for unreadable rows ----

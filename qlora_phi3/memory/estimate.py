@@ -48,7 +48,7 @@ __all__ = ["Estimate", "Term", "estimate", "format_breakdown", "lora_shapes",
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
 ALLOCATOR_OVERHEAD = 0.10  # PyTorch caching allocator: reserved exceeds allocated by ~5-15% (block rounding, fragmentation)
-# The trainer runs the forward under autocast (run/trainer.py; the chunked loss included), so PEFT runs the adapters
+# The trainer runs the forward under autocast (run/methods/sft_trainer.py; the chunked loss included), so PEFT runs the adapters
 # in bf16 on bf16 inputs. False estimates the older path, where PEFT cast every LoRA input to fp32.
 TRAIN_FORWARD_AUTOCAST = True
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * 1024**2  # one cuBLAS workspace per handle (forward + backward thread), 32 MiB on Hopper

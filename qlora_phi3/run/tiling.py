@@ -37,7 +37,7 @@ from functools import partial
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["MIN_TILE_TOKENS", "disable_tiling", "enable_tiling", "tiled_layers"]
+__all__ = ["MIN_TILE_TOKENS", "disable_tiling", "enable_tiling"]
 
 MIN_TILE_TOKENS = 16  # below this the per-tile overhead (kernel launches, bnb dequantization) dominates
 
@@ -86,11 +86,6 @@ def disable_tiling(model) -> None:
         if untiled is not None:
             layer.__class__ = untiled
             del layer._qlora_tile_tokens
-
-
-def tiled_layers(model) -> int:
-    """How many decoder layers of ``model`` run tiled (for reports and tests)."""
-    return sum(hasattr(layer, "_qlora_tile_tokens") for layer in _decoder_layers(model))
 
 
 def _tiled_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,

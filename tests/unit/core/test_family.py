@@ -332,3 +332,24 @@ def test_tiling_and_chunked_loss_equal_plain_on_phi4_minis_shape(tiny_phi4_mini_
     for name in grads:
         assert grads_ref[name].abs().max() > 0, name
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_a_tokenizer_family_is_one_table_entry(monkeypatch):
+    """The lookups read FAMILIES: a new entry is found by its vocabulary and its <|end|> id, with no other change;
+    a vocabulary no entry has is the default family's (a Phi-3 with added tokens)."""
+    import dataclasses
+
+    from qlora_phi3 import family
+
+    other = dataclasses.replace(PHI3, name="phi4", title="Phi-4", vocab_size=100352,
+                                special_ids={**PHI3.special_ids, "<|end|>": 100265})
+    monkeypatch.setitem(family.FAMILIES, "phi4", other)
+
+    class Tokenizer:
+        def convert_tokens_to_ids(self, text):
+            return other.special_ids[text]
+
+    assert family_for_config({"vocab_size": 100352}) is other
+    assert family.family_for_tokenizer(Tokenizer()) is other
+    assert family_for_config({"vocab_size": 32100}) is PHI3
+    assert "Phi-4 (100,352)" in family.supported_summary()

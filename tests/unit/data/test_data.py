@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qlora_phi3.config import DataConfig
-from qlora_phi3.data.read import load_records, validate_messages
+from qlora_phi3.data.read import load_records, turn_problem
 from qlora_phi3.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -164,12 +164,13 @@ def test_every_bad_record_is_reported_with_its_line():
     assert "exact duplicate, skipped: " in summary and "(same as " in summary
 
 
-def test_validate_messages_explains():
-    assert validate_messages(GOOD["messages"]) is None
-    assert validate_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                              {"role": "assistant", "content": "c"}]) == \
+def test_turn_problem_explains():
+    assert turn_problem(GOOD["messages"]) is None
+    assert str(turn_problem([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                             {"role": "assistant", "content": "c"}])) == \
         "repeated role: messages 0 and 1 are both user"
-    assert validate_messages([{"role": "tool", "content": "x"}]).startswith("unknown role")
+    assert str(turn_problem([{"role": "robot", "content": "x"}])).startswith("unknown role")
+    assert str(turn_problem([{"role": "tool", "content": "x"}])).startswith("tool turn")
 
 
 def test_special_token_text_is_skipped_naming_the_token_and_line(tmp_path):

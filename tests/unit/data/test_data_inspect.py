@@ -53,7 +53,7 @@ def test_numbers_agree_with_training_and_files_land_beside_the_run(tmp_path, cap
     assert res.assistant_tokens_lost == everything.assistant_tokens_lost > 0 and res.dropped == everything.dropped
     train_enc = _load_data(recipe, tiny_tokenizer).train  # exactly what training would feed the model
     assert res.tokens_per_epoch == train_enc.n_tokens and res.loss_tokens_per_epoch == train_enc.n_label_tokens
-    if packing == "true":  # the rows the trainer is given (run/trainer.py packs with pack_columns)
+    if packing == "true":  # the rows the trainer is given (run/methods/sft.py packs with pack_columns)
         rows = len(pack_columns(train_enc.input_ids, train_enc.labels, 60)["input_ids"])
         assert res.packed_rows == rows < len(train_enc.input_ids) and res.padded_share is None
     else:  # the padding share is the one train prints, for the recipe's micro-batch of 3

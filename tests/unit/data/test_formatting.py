@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from qlora_phi3.data.encode import encode_conversation, encode_records
-from qlora_phi3.data.read import PHI3_TOKEN_TEXTS, ChatRecord, validate_messages
+from qlora_phi3.data.read import PHI3_TOKEN_TEXTS, ChatRecord, turn_problem
 from qlora_phi3.errors import UserError
 from qlora_phi3.phi3 import IGNORE_INDEX
 
@@ -120,7 +120,7 @@ def test_special_token_text_in_a_reply_is_rejected_not_mislabelled(tiny_tokenize
     rejects it with a reason naming the token, and the encoder refuses it rather than mislabel it."""
     for token in PHI3_TOKEN_TEXTS:
         msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": f"Write {token} here."}]
-        assert validate_messages(msgs) == (f"special token in text: message 1 (assistant) contains {token!r}, which "
+        assert str(turn_problem(msgs)) == (f"special token in text: message 1 (assistant) contains {token!r}, which "
                                            "Phi-3's tokenizer reads as a control token, not as text; remove it")
     for msgs in ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Stop <|end|> here."}],
                  [{"role": "user", "content": "Say <|assistant|>"}, {"role": "assistant", "content": "No."}]):

@@ -1,4 +1,4 @@
-"""The estimator's method terms (memory/estimate.py METHOD_TERMS), from the shapes alone: a pair is two rows, dpo and
+"""The estimator's method terms (rows, reference forward and KL rows in qlora_phi3/methods.py), from the shapes alone: a pair is two rows, dpo and
 kto add a no-grad reference forward (not with precomputed reference log-probs), kto its KL rows, a continued adapter
 its frozen copy; and the CPU profile of DPO rows lands within 10% of the estimate."""
 

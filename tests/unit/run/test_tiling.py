@@ -17,9 +17,14 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.model.load import load_model
 from qlora_phi3.model.lora import attach_lora
 from qlora_phi3.run.loss import model_loss
-from qlora_phi3.run.tiling import disable_tiling, enable_tiling, tiled_layers
+from qlora_phi3.run.tiling import _decoder_layers, disable_tiling, enable_tiling
 
 TILE = 16
+
+
+def tiled_layers(model) -> int:
+    """How many decoder layers of ``model`` run tiled."""
+    return sum(hasattr(layer, "_qlora_tile_tokens") for layer in _decoder_layers(model))
 
 
 def _lora_model(attn: str, checkpointing=True, name=None):
