@@ -26,6 +26,9 @@ before ``--budget-s`` are recorded as skipped):
            estimate for the same settings
 9b. phi4_14b random Phi-4 (14B) at full size (built in bf16 on the GPU: ~29 GB of GPU memory and disk), a few steps
            of recipes/phi4_12gb.yaml at its own length (6,144 tokens, offloaded checkpoints, tiling) beside the estimate
+9c. grpo   on that random Phi-4-mini, two GRPO steps of recipes/phi4_mini_12gb_grpo.yaml (generation with the adapter
+           active: a random model writes to train.max_completion_len, generation's worst case), peak beside the
+           estimate
 10. speed  bench/compare.py at the real shape: one pass over the mixed-length chat set, ours against the cookbook
            pipeline in the GPU's dtype (the ratio a CPU can only derive), and ours with flash-attn's varlen path
 """
@@ -397,8 +400,40 @@ def _family_step(ctx, shape: str, recipe_name: str, seq: int | None, dry_overrid
             f"{est.reserved_gib:.2f} GiB, total {est.total_gib:.2f} GiB")
 
 
+def step_grpo(ctx) -> str:
+    """GRPO on step 8's random Phi-4-mini: generation's KV cache and the training step, beside the estimate."""
+    from qlora_phi3.config import load_recipe
+    from qlora_phi3.data.synthetic import generate_prompts, write_jsonl
+    from qlora_phi3.memory.estimate import estimate
+    from qlora_phi3.model.load import read_model_config
+
+    model_dir = ctx.work / ("tiny-phi4-mini" if ctx.dry else "phi4-mini-random")
+    if not (model_dir / "config.json").is_file():
+        raise RuntimeError("needs step phi4's random model (run --only phi4 grpo)")
+    data = ctx.work / "grpo-prompts.jsonl"
+    write_jsonl(data, [{"prompt": r["prompt"], "solution": r["answer"]} for r in generate_prompts()])
+    seq, completion = (128, 32) if ctx.dry else (1536, 1024)
+    run_dir = ctx.work / "grpo"
+    overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
+    if ctx.dry:
+        overrides += ["model.compute_dtype=float32", "train.micro_batch_size=8", "train.grad_accum=1"]
+    _checked(_qlora("train", "phi4_mini_12gb_grpo", f"model.name_or_path={model_dir}", "model.revision=null",
+                    f"data.path={data}", "data.split=train", "data.max_eval_samples=1", f"data.max_seq_len={seq}",
+                    f"train.max_completion_len={completion}", "train.eval_steps=0", "train.save_steps=0",
+                    "train.logging_steps=1", "train.max_steps=2", "train.sample_prompts=0",
+                    f"train.output_dir={run_dir}", "--force", *overrides, timeout=ctx.remaining()))
+    run = json.loads((run_dir / "run.json").read_text())
+    ran = load_recipe(run_dir / "recipe.yaml")
+    est = estimate(ran, read_model_config(ran.model), ctx.device, run.get("attn_implementation"))
+    t = ran.train
+    return (f"phi4_mini_12gb_grpo at {seq:,} tokens ({completion} completion), {t.micro_batch_size * t.grad_accum} "
+            f"completions per round, {t.micro_batch_size} per forward (2 steps): {_run_summary(run_dir)}; "
+            f"estimated reserved {est.reserved_gib:.2f} GiB, total {est.total_gib:.2f} GiB")
+
+
 STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("phi4", step_phi4, 180),
          ("phi4_14b", step_phi4_14b, 480),
+         ("grpo", step_grpo, 180),
          ("packing", step_packing, 60), ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120),
          ("merge", step_merge, 150), ("eval", step_eval, 150), ("speed", step_speed, 240)]
 

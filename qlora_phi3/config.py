@@ -157,11 +157,13 @@ class TrainConfig:
                "base with the adapter off, or model.adapter's frozen copy; TRL DPOTrainer). orpo: pairs in one pass, "
                "no reference (SFT loss + odds-ratio term; TRL ORPOTrainer). kto: unpaired answers labelled "
                "good/bad (TRL KTOTrainer). simpo: pairs, no reference, length-normalised reward with a margin "
-               "(TRL CPOTrainer, loss_type=simpo). docs/preference.md has the data formats.")
+               "(TRL CPOTrainer, loss_type=simpo). grpo: prompts, completions sampled and scored by train.rewards "
+               "(TRL GRPOTrainer; docs/grpo.md). docs/preference.md has the data formats.")
     beta: float | None = _f(
         None, "Preference methods' beta. dpo/kto: how strongly the policy is held to the reference (higher = closer; "
               "default 0.1). orpo: weight lambda of the odds-ratio term (default 0.1). simpo: reward scale (default "
-              "2.0, the SimPO paper's range 2-2.5). null = the method's default.")
+              "2.0, the SimPO paper's range 2-2.5). grpo: KL weight to the reference (default 0: no KL term and no "
+              "reference forward; DeepSeek-R1 used 0.04). null = the method's default.")
     dpo_loss: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero"] = _f(
         "sigmoid", "dpo only: TRL's DPO loss type. sigmoid = the DPO paper; ipo = IPO (beta is its tau); hinge = SLiC; "
                    "robust = noisy-label DPO; sigmoid_norm = length-normalised DPO; apo_zero = APO.")
@@ -173,6 +175,20 @@ class TrainConfig:
         False, "dpo/kto: score every pair under the reference once before training (one no-grad pass over the data) "
                "instead of a reference forward per step: each step then skips that forward (~1/3 less compute per "
                "step) and its activations.")
+    # GRPO (train.method=grpo): the batch sizes above count completions, as in TRL.
+    rewards: list[str] = _f([], "grpo only: reward functions, each a built-in (think_format, exact_answer, "
+                                "numeric_answer), package.module:function or path/to/file.py:function in TRL's "
+                                "signature (prompts, completions, completion_ids, **columns) -> list[float | None].")
+    reward_weights: list[float] | None = _f(None, "grpo only: one weight per train.rewards entry; null = all 1.")
+    answer_column: str = _f("answer", "grpo only: the data column exact_answer and numeric_answer compare with.")
+    numeric_tolerance: float = _f(1e-6, "grpo only: the numeric_answer reward's tolerance (relative, and absolute "
+                                        "near zero).")
+    num_generations: int = _f(8, "grpo only: completions sampled per prompt (the group whose mean reward is the "
+                                 "baseline). micro_batch_size x grad_accum must be a multiple of it.")
+    max_completion_len: int = _f(256, "grpo only: tokens per sampled completion (longer ones are cut and counted as "
+                                      "truncated). Generation memory grows with group size x (prompt + this).")
+    temperature: float = _f(1.0, "grpo only: sampling temperature of the completions.")
+    top_p: float = _f(1.0, "grpo only: nucleus sampling of the completions (1.0 = off).")
     max_steps: int = _f(-1, "Optimizer steps; -1 = run train.epochs epochs.")
     epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.")
     micro_batch_size: int = _f(1, "Samples per forward pass. Activation memory grows linearly with it.")
@@ -411,8 +427,13 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("train.lr", recipe.train.lr > 0, "must be positive"),
         ("train.warmup_ratio", 0.0 <= recipe.train.warmup_ratio < 1.0, "must be in [0, 1)"),
         ("train.weight_decay", recipe.train.weight_decay >= 0, "must be non-negative"),
-        ("train.beta", recipe.train.beta is None or recipe.train.beta > 0, "must be positive (or null: the method's "
-                                                                            "default)"),
+        ("train.beta", recipe.train.beta is None or recipe.train.beta > 0 or (
+            recipe.train.beta == 0 and METHODS[recipe.train.method].default_beta == 0),
+         "must be positive (or null: the method's default; 0 where that is the default)"),
+        ("train.num_generations", recipe.train.num_generations >= 2, "must be at least 2 (a group needs a mean)"),
+        ("train.temperature", recipe.train.temperature > 0, "must be positive"),
+        ("train.top_p", 0 < recipe.train.top_p <= 1, "must be in (0, 1]"),
+        ("train.numeric_tolerance", recipe.train.numeric_tolerance >= 0, "must be 0 or more"),
         ("train.simpo_gamma", recipe.train.simpo_gamma >= 0, "must be 0 or more"),
         ("train.kto_desirable_weight", recipe.train.kto_desirable_weight > 0, "must be positive"),
         ("train.kto_undesirable_weight", recipe.train.kto_undesirable_weight > 0, "must be positive"),
@@ -446,8 +467,28 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         least = method.min_micro_batch
         raise UserError(f"{where('train.micro_batch_size')}: train.method={method.name} needs train.micro_batch_size of "
                         f"at least {least}: {method.min_reason}. Set train.micro_batch_size={least} or more.")
+    if method.data == "prompts":
+        _check_prompt_method(recipe.train, recipe.data.max_seq_len, where)
     if not recipe.train.output_dir.strip():
         raise UserError(f"{where('train.output_dir')}: 'train.output_dir' must not be empty.")
+
+
+def _check_prompt_method(t: TrainConfig, max_seq_len: int, where) -> None:
+    """A method that samples its own completions (grpo): rewards to score them, whole groups per step."""
+    if not t.rewards:
+        raise UserError(f"{where('train.rewards')}: train.method={t.method} needs at least one reward in train.rewards, e.g. "
+                        "train.rewards=[numeric_answer] or [think_format,my_rewards.py:score] (docs/grpo.md).")
+    if t.reward_weights is not None and len(t.reward_weights) != len(t.rewards):
+        raise UserError(f"{where('train.reward_weights')}: 'train.reward_weights' has {len(t.reward_weights)} weights "
+                        f"for {len(t.rewards)} rewards; give one per train.rewards entry (or null: all 1).")
+    if not 1 <= t.max_completion_len < max_seq_len:
+        raise UserError(f"{where('train.max_completion_len')}: 'train.max_completion_len' must be at least 1 and below "
+                        f"data.max_seq_len={max_seq_len} (the prompt needs room), got {t.max_completion_len}.")
+    if (t.micro_batch_size * t.grad_accum) % t.num_generations:
+        raise UserError(f"{where('train.num_generations')}: train.micro_batch_size x train.grad_accum = "
+                        f"{t.micro_batch_size * t.grad_accum} completions per step must be a multiple of "
+                        f"train.num_generations={t.num_generations} (whole groups of completions per prompt); "
+                        "e.g. raise train.grad_accum.")
 
 
 def _collect(problems: list[str], fn, *args) -> None:

@@ -37,6 +37,8 @@ class Method:
     default_beta: ``train.beta`` when the recipe leaves it null (None: the method has no beta).
     min_micro_batch: the smallest ``train.micro_batch_size`` the method can train with, and why (``min_reason``).
     metrics: (the trainer's evaluation metric, our run.json field) pairs recorded at the start and end of training.
+    generates: samples its own completions before each step (the estimator adds generation's KV cache and
+        sampling logits); its reference forward runs only when ``train.beta`` > 0.
     module: the dotted name of the method's module (:class:`qlora_phi3.run.methods.MethodModule`).
     """
     name: str
@@ -49,6 +51,7 @@ class Method:
     min_micro_batch: int = 1
     min_reason: str = ""
     metrics: tuple[tuple[str, str], ...] = ()
+    generates: bool = False
 
     @property
     def preference(self) -> bool:
@@ -73,6 +76,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                       "equal the reward itself)"),
     Method("simpo", "pairs", "qlora_phi3.run.methods.simpo", rows_per_sample=2, default_beta=2.0,
            metrics=_REWARD_METRICS),
+    # rows_per_sample counts completions: a prompt's group is train.num_generations rows (the batch sizes count
+    # completions, as in TRL); the reference forward runs only when train.beta > 0 (default 0: no KL term).
+    Method("grpo", "prompts", "qlora_phi3.run.methods.grpo", reference_forward=True, default_beta=0.0, generates=True,
+           metrics=(("eval_reward", "eval_reward"), ("eval_reward_std", "eval_reward_std"),
+                    ("eval_completions/mean_length", "eval_completion_length"))),
 )}
 
 DEFAULT_METHOD = "sft"

@@ -137,7 +137,8 @@ def print_fit_report(report) -> None:
     rows = t.micro_batch_size * t.grad_accum
     per_step = (f"{rows} packed rows of {d.max_seq_len:,} tokens ({rows * d.max_seq_len:,} tokens) per optimizer step"
                 if d.packing and method.packs else
-                f"{rows} {'conversations' if method.data == 'chat' else 'preference records'} per optimizer step")
+                f"{rows} {'conversations' if method.data == 'chat' else 'completions' if method.generates else 'preference records'} "
+                f"per optimizer step")
     info(f"effective batch kept: {t.micro_batch_size} x {t.grad_accum} = {per_step}")
     info(f"predicted peak {plan.predicted_gib:.2f} GiB of {plan.budget_gib:g} GiB (safety margin {SAFETY_MARGIN:.0%}); "
          f"checkpointing {'needed' if plan.checkpointing_needed else 'not needed'}")

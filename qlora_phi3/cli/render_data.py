@@ -1,5 +1,6 @@
 """What ``qlora-phi3 data`` shows: a :class:`~qlora_phi3.data.inspect.DataInspection` (chat data) or a
-:class:`~qlora_phi3.data.inspect_pairs.PairInspection` (preference data) as text, with one sample's loss mask."""
+:class:`~qlora_phi3.data.inspect_pairs.PairInspection` (preference data) as text, with one sample's loss mask, or a
+:class:`~qlora_phi3.data.inspect_prompts.PromptInspection` (grpo's prompts) with one prompt as the model sees it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from qlora_phi3.data.inspect import PERCENTILES, DataInspection, SampleTokens, h
 from qlora_phi3.data.inspect_pairs import PairInspection
 from qlora_phi3.ui import console, info, warn
 
-__all__ = ["print_data_inspection", "print_pair_inspection", "render_sample", "text_histogram"]
+__all__ = ["print_data_inspection", "print_pair_inspection", "print_prompt_inspection", "render_sample",
+           "text_histogram"]
 
 
 def text_histogram(lengths: list[int], max_seq_len: int, n_bins: int = 12, bar_chars: int = 40) -> list[str]:
@@ -159,4 +161,21 @@ def print_pair_inspection(res: PairInspection, recipe: Recipe) -> None:
     for name, sample in res.samples.items():
         info(f"[bold]{name}[/] answer:")
         render_sample(sample, res.max_seq_len)
+    info(f"report: {res.json_path}")
+
+
+def print_prompt_inspection(res, recipe: Recipe) -> None:
+    """grpo's prompts: how they were read, their token lengths against the limit, the columns the rewards get."""
+    info(f"[bold]{res.source}[/]: {res.records_read:,} records read as [bold]prompts[/] for train.method="
+         f"{recipe.train.method}; {res.usable:,} usable ({res.train:,} train / {res.eval:,} eval: {res.eval_from})")
+    _print_notes_and_skipped(res.notes, res.read, recipe.data)
+    info("prompt tokens (percentiles " + "/".join(f"p{p}" for p in PERCENTILES) + "): "
+         + "/".join(str(v) for v in res.token_lengths.values()) + f"; limit {res.prompt_limit} (data.max_prompt_len, "
+         f"or data.max_seq_len - train.max_completion_len={res.max_completion_len}); "
+         f"{res.num_generations} completions per prompt")
+    info(f"rewards {', '.join(res.rewards) or '(none: set train.rewards)'} receive the columns: "
+         f"{', '.join(res.reward_columns) or '(none besides prompt)'}")
+    info("[bold]prompt[/] as the model sees it (generation starts after it):")
+    console().print(res.sample_text, markup=False, highlight=False)
+    info(f"its columns: {res.sample_columns}")
     info(f"report: {res.json_path}")

@@ -30,6 +30,7 @@ EMBEDDED_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_c
 EMBEDDED_PREFERENCE_FILES = {
     "embedded:tiny-prefs": EMBEDDED_DATA_FILE.with_name("tiny_prefs.jsonl"),
     "embedded:tiny-kto": EMBEDDED_DATA_FILE.with_name("tiny_kto.jsonl"),
+    "embedded:tiny-sums": EMBEDDED_DATA_FILE.with_name("tiny_sums.jsonl"),  # grpo's prompts, with an answer column
 }
 ROLES = ("system", "user", "assistant")
 # Phi-3's added tokens in id order (0, 1, 2, 32000..32010). The tokenizer matches them anywhere in a string, so

@@ -22,8 +22,8 @@ import random
 import sys
 from pathlib import Path
 
-__all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "generate_pairs", "generate_unpaired", "wrong_answer_for",
-           "write_full_length_conversations", "write_full_length_pairs", "write_jsonl"]
+__all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "generate_pairs", "generate_prompts", "generate_unpaired",
+           "wrong_answer_for", "write_full_length_conversations", "write_full_length_pairs", "write_jsonl"]
 
 CAPITALS = {
     "Zorvia": "Quellan", "Maltheon": "Virest", "Korrin": "Dasko", "Elbaria": "Tunmore",
@@ -143,6 +143,15 @@ def generate(n: int = 1200, seed: int = 0) -> list[dict]:
     return records
 
 
+def generate_prompts() -> list[dict]:
+    """GRPO's prompt set (``tiny_sums.jsonl``): each of the 100 one-digit sums asked as the chat set asks it, with the
+    sum in an ``answer`` column for the ``numeric_answer`` reward. In a fixed shuffled order (seeded)."""
+    records = [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}], "answer": str(a + b)}
+               for a in range(10) for b in range(10)]
+    random.Random(3).shuffle(records)
+    return records
+
+
 def write_full_length_conversations(path: Path, tokenizer, n: int, n_tokens: int, seed: int = 0) -> Path:
     """``n`` distinct conversations, each at least ``n_tokens`` tokens long in the chat template and nearly all
     of it assistant reply (so nearly every token carries loss): truncated to ``n_tokens``, every sample is
@@ -198,3 +207,4 @@ if __name__ == "__main__":  # pragma: no cover - regeneration entry point
     write_jsonl(out, generate())
     write_jsonl(out.with_name("tiny_prefs.jsonl"), generate_pairs())
     write_jsonl(out.with_name("tiny_kto.jsonl"), generate_unpaired())
+    write_jsonl(out.with_name("tiny_sums.jsonl"), generate_prompts())

@@ -158,7 +158,8 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
                    _attention_scores(step),  # masks and scores, quadratic in the row length
                    _layer_backward(step),  # one layer's recompute and backward, whole or tiled
                    _logits_and_loss(step),  # the first thing backward runs
-                   _no_grad_forward(step)]  # a preference method's reference forward and KL rows
+                   _no_grad_forward(step),  # a preference method's reference forward and KL rows
+                   _generation(step)]  # grpo: sampling the completions (KV cache, sampling logits)
     terms = weights + [term for phase in activations for term in phase.terms]
     activation_bytes = _peak_activation_bytes(activations)
     tensor_bytes = reserved_bytes = total_bytes = sum(t.n_bytes for t in weights) + activation_bytes
@@ -300,6 +301,7 @@ def _settings(step: _Step) -> dict:
 _AT_LOSS = "the loss"  # first in backward
 _AT_LAYER = "one layer's recompute and backward"
 _AT_NO_GRAD = "a no-grad forward"  # before backward
+_AT_GENERATE = "generation"  # grpo: before the step's forward
 
 
 @dataclass(frozen=True)
@@ -656,7 +658,9 @@ def _no_grad_forward(step: _Step) -> _Phase:
     output 4I, silu and the product 4I (in bf16; twice that in fp32), beside what the policy's forward saved (the
     final norm's tensors too)."""
     train, seq = step.recipe.train, step.seq_len
-    reference_rows = (step.rows_per_forward if step.method.reference_forward
+    beta = getattr(train, "beta", None)
+    beta = step.method.default_beta if beta is None else beta  # beta 0 (grpo's default): no KL term, no reference
+    reference_rows = (step.rows_per_forward if step.method.reference_forward and beta != 0
                       and not getattr(train, "precompute_ref_log_probs", False) else 0)
     rows = reference_rows + train.micro_batch_size * step.method.kl_rows_per_sample
     if not rows:
@@ -669,6 +673,31 @@ def _no_grad_forward(step: _Step) -> _Phase:
                          "logits and probabilities (V x 8 B per position); before backward, beside the saved "
                          "activations")],
                   moment_bytes={_AT_NO_GRAD: nograd + step.final_norm_bytes})
+
+
+def _generation(step: _Step) -> _Phase:
+    """GRPO samples one round of completions (micro_batch_size x grad_accum of them, TRL's generation batch on one
+    process) with ``generate``, adapter active, before the step's forward: the KV cache of every completion over
+    prompt + completion (max_seq_len), one more layer's cache while the cache grows by concatenation, the last
+    position's logits (compute dtype) with the fp32 copy and probabilities the sampling (temperature, top-p) makes,
+    and one layer's forward working set over the prompts (prefill). Counted as a moment beside what lives through
+    the step, though nothing of the step is saved yet when it runs: an upper bound by the saved activations."""
+    if not step.method.generates:
+        return _Phase([])
+    train, seq, c = step.recipe.train, step.seq_len, step.c
+    rows = train.micro_batch_size * train.grad_accum
+    prompt = max(seq - getattr(train, "max_completion_len", 0), 1)
+    kv = rows * seq * (step.n_layers + 1) * 2 * step.kv_size * c
+    sampling = rows * step.vocab * (c + 8)
+    prefill = rows * prompt * c * (2 * step.h + 4 * step.i)
+    terms = [_term("generation KV cache", kv, f"{rows} completions (micro_batch_size x grad_accum) x max_seq_len x "
+                   f"(L + 1) layers x 2 (K, V) x {c} x kv_size: the cache of the whole round, and one layer's copy "
+                   "as it grows"),
+             _term("sampling logits", sampling, f"{rows} completions x V x ({c} B logits + 4 B fp32 copy + 4 B "
+                   "probabilities) at the last position"),
+             _term("generation prefill", prefill, f"{rows} rows x prompt tokens (max_seq_len - max_completion_len) x "
+                   f"({2 * c}h + {4 * c}I): one layer's forward working set")]
+    return _Phase(terms, moment_bytes={_AT_GENERATE: kv + sampling + prefill})
 
 
 def _gpu_overhead_terms(activation_bytes: float) -> list[Term]:

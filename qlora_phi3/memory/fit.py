@@ -57,6 +57,8 @@ def _predict(recipe: Recipe, model_config, device: str) -> float:
 def _with(recipe: Recipe, seq: int, mbs: int, ckpt, tile: int | None = None) -> Recipe:
     r = copy.deepcopy(recipe)
     r.data.max_seq_len, r.train.micro_batch_size, r.train.gradient_checkpointing = seq, mbs, ckpt
+    # The effective batch stays: a generating method (grpo) samples all of it in one round, so its memory counts it.
+    r.train.grad_accum = max(1, recipe.train.micro_batch_size * recipe.train.grad_accum // mbs)
     if tile is not None:
         r.train.tile_tokens = tile
     return r
@@ -105,6 +107,10 @@ def plan_fit(recipe: Recipe, model_config, budget_gib: float, device: str = "cud
     if longest_tokens:
         cap = min(context, -(-longest_tokens // SEQ_STEP) * SEQ_STEP)
     seqs = list(range(SEQ_STEP, cap + 1, SEQ_STEP)) or [cap]
+    if METHODS[recipe.train.method].generates:  # its rows are prompt + completion, set by the task: kept
+        seqs = [recipe.data.max_seq_len]
+        notes.append(f"data.max_seq_len kept at {recipe.data.max_seq_len} (prompt + train.max_completion_len); "
+                     "generation's KV cache grows with train.max_completion_len and the effective batch")
     attn = resolve_attention(recipe, device)
     packing = recipe.data.packing and METHODS[recipe.train.method].packs  # preference rows are never packed
     if attn == "eager" or (attn == "sdpa" and packing):

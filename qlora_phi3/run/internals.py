@@ -26,7 +26,8 @@ _PREPARE = {"_prepare_dataset": ("dataset", "processing_class", "args", "dataset
 _PAIRWISE = {"tokenize_row": ("feature", "model"), "concatenated_forward": ("model", "batch"),  # pairwise.py
              "concatenated_inputs": ("batch", "is_encoder_decoder", "padding_value", "device")}
 TRL_TRAINER_METHODS = {"DPOTrainer": _PREPARE, "KTOTrainer": _PREPARE, "ORPOTrainer": _PAIRWISE,
-                       "CPOTrainer": _PAIRWISE}
+                       "CPOTrainer": _PAIRWISE,
+                       "GRPOTrainer": {"_generate_and_score_completions": ("inputs",)}}  # grpo.py (token counts)
 
 
 def _parameters(cls, name: str) -> tuple[str, ...] | None:
@@ -103,11 +104,11 @@ def _check_attn_implementation() -> None:
 
 
 def _trl_trainers():
-    from trl import DPOTrainer, KTOTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
 
-    return DPOTrainer, KTOTrainer, ORPOTrainer, CPOTrainer
+    return DPOTrainer, KTOTrainer, ORPOTrainer, CPOTrainer, GRPOTrainer
 
 
 def _check_trl_trainer_methods() -> None:
@@ -121,7 +122,7 @@ def _check_trl_experimental_paths() -> None:
 
 
 def _check_pairwise_padding() -> None:
-    _, _, orpo, cpo = _trl_trainers()
+    _, _, orpo, cpo, _ = _trl_trainers()
     for cls in (orpo, cpo):
         src = inspect.getsource(cls.__init__)
         assert "self.padding_value" in src or "self.pad_token_id" in src, f"{cls.__name__} pads with neither"
@@ -130,8 +131,19 @@ def _check_pairwise_padding() -> None:
             f"{cls.__name__}.get_batch_loss_metrics no longer reads concatenated_forward's first five outputs"
 
 
+def _check_grpo_internals() -> None:
+    GRPOTrainer = _trl_trainers()[-1]
+    init, score = inspect.getsource(GRPOTrainer.__init__), inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for key in ('"prompt"', '"completion"', '"rewards"', '"advantages"'):  # grpo_samples.py reads self._logs
+        assert key in init, f"GRPOTrainer._logs no longer keeps {key}"
+    for key in ('"prompt_mask"', '"completion_mask"'):  # grpo.py counts tokens from them
+        assert key in score, f"GRPOTrainer._generate_and_score_completions no longer returns {key}"
+    assert "fused_lm_head=True" in inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies), \
+        "GRPOTrainer no longer scores completions through the fused head (run/logprobs.py patches it)"
+
+
 def _check_kto_kl_flag() -> None:
-    _, kto, _, _ = _trl_trainers()
+    _, kto, _, _, _ = _trl_trainers()
     assert "self.calculate_KL" in inspect.getsource(kto.__init__), "KTOTrainer no longer sets calculate_KL"
 
 
@@ -253,6 +265,9 @@ UPSTREAM: tuple[Upstream, ...] = (
              f"trl {CHECKED_TRL}", _check_pairwise_padding),
     Upstream("KTOTrainer.calculate_KL", "run/methods/kto.py", "whether TRL pairs KL completions (our "
              "_prepare_dataset builds them as TRL would)", f"trl {CHECKED_TRL}", _check_kto_kl_flag),
+    Upstream("GRPOTrainer._generate_and_score_completions (its masks), self._logs, the fused-head log-probs",
+             "run/methods/grpo.py, run/grpo_samples.py", "token counts, samples.jsonl's completions with rewards, "
+             "label-only completion log-probs", f"trl {CHECKED_TRL}", _check_grpo_internals),
     Upstream("model(..., labels=, fused_lm_head=True) returning FusedCausalLMOutput (DPOTrainer, KTOTrainer)",
              "run/logprobs.py", "the patched forward replaces TRL's fused head with label-only chunks",
              f"trl {CHECKED_TRL}", _check_fused_lm_head),

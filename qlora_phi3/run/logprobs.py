@@ -88,12 +88,16 @@ def answer_logprobs(hidden_states, lm_head, labels, chunk_tokens: int = 256):
     return log_probs, entropy, mean_logits, is_top1, mask
 
 
-def install_label_logprobs(model, chunk_tokens: int) -> None:
+def install_label_logprobs(model, chunk_tokens: int, temperature: float = 1.0) -> None:
     """Make ``model(..., labels=L, fused_lm_head=True)`` (the call DPOTrainer and KTOTrainer make) return TRL's
     ``FusedCausalLMOutput`` from :func:`answer_logprobs` instead of TRL's 4,096-position tiles. ``model`` is the
     causal LM inside the PEFT wrapper, after TRL installed its own fused head (which a call without
-    ``fused_lm_head`` still reaches, for generation)."""
+    ``fused_lm_head`` still reaches, for generation). ``temperature``: GRPO scores its sampled completions at the
+    temperature they were sampled at, as TRL's head does (logits / T)."""
     from trl.trainer.utils import FusedCausalLMOutput
+
+    if temperature != 1.0 and getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError("a temperature needs an LM head without bias (Phi-3's has none)")
 
     previous = model.forward
 
@@ -104,6 +108,8 @@ def install_label_logprobs(model, chunk_tokens: int) -> None:
                             **kwargs)
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state  # Phi3Model: the backbone, as TRL's head uses
+        if temperature != 1.0:  # W h / T = W (h / T): no bias, so the scaled logits without a second (N, V) tensor
+            hidden = hidden / temperature
         log_probs, entropy, mean_logits, is_top1, mask = answer_logprobs(hidden, self.get_output_embeddings(), labels,
                                                                          chunk_tokens)
         divisor = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

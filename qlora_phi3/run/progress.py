@@ -27,6 +27,25 @@ def _rewards(logs: dict, prefix: str = "") -> str:
                                                                      else "")
 
 
+def _sampled(logs: dict, prefix: str = "") -> str:
+    """GRPO's numbers for its sampled completions (TRL's ``reward``, ``rewards/<name>/mean|std``, ``completions/*``,
+    ``kl``): total reward with its spread, each reward's mean and spread, mean length, the truncated share, KL."""
+    total = logs.get(f"{prefix}reward")
+    if total is None:
+        return ""
+    parts = [f"reward {total:.3f}±{logs.get(f'{prefix}reward_std') or 0:.3f}"]
+    start = f"{prefix}rewards/"
+    for key in sorted(k for k in logs if k.startswith(start) and k.endswith("/mean") and logs[k] is not None):
+        name = key[len(start):-len("/mean")]
+        parts.append(f"{name} {logs[key]:.3f}±{logs.get(f'{start}{name}/std') or 0:.3f}")
+    length, cut = logs.get(f"{prefix}completions/mean_length"), logs.get(f"{prefix}completions/clipped_ratio")
+    if length is not None:
+        parts.append(f"len {length:.1f}" + (f" ({cut:.0%} cut)" if cut is not None else ""))
+    if logs.get(f"{prefix}kl") is not None:
+        parts.append(f"kl {logs[f'{prefix}kl']:.4f}")
+    return "  " + "  ".join(parts)
+
+
 class RichProgress(TrainerCallback):
     """Step, loss (and, for preference methods, reward accuracy and margin), learning rate, tokens/s, peak memory
     and ETA; the numbers also land in ``self.history``."""
@@ -94,10 +113,10 @@ class RichProgress(TrainerCallback):
         self._refresh(state)
         if "eval_loss" in logs:
             console().print(f"step {state.global_step:>5}  [cyan]eval loss {logs['eval_loss']:.4f}"
-                            f"{_rewards(logs, 'eval_')}[/]")
+                            f"{_rewards(logs, 'eval_')}{_sampled(logs, 'eval_')}[/]")
         elif "loss" in logs:
             console().print(
-                f"step {state.global_step:>5}  loss {logs['loss']:.4f}{_rewards(logs)}  lr "
+                f"step {state.global_step:>5}  loss {logs['loss']:.4f}{_rewards(logs)}{_sampled(logs)}  lr "
                 f"{logs.get('learning_rate', 0):.2e}  {row['tokens_per_second']:,.0f} tok/s  peak {mem.short()}")
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -387,7 +387,8 @@ def _carry_over(record: RunRecord, plan, progress) -> None:
     """What a resumed run keeps of the run it continues: its start losses, its history up to the checkpoint, its wall
     time (run/history.py) and the list of resumes."""
     prev = plan.previous
-    for key in ("eval_loss_start", "train_loss_start", "eval_reward_accuracy_start", "eval_reward_margin_start"):
+    for key in ("eval_loss_start", "train_loss_start", "eval_reward_accuracy_start", "eval_reward_margin_start",
+                "eval_reward_start", "eval_reward_std_start", "eval_completion_length_start"):
         if prev.get(key) is not None:
             record.data[key] = prev[key]
     progress.history[:0] = earlier_history(plan.resume_from, prev.get("history") or [])
@@ -416,6 +417,9 @@ def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path, plot: Path | N
         info(f"held-out reward accuracy {'-' if start_acc is None else f'{start_acc:.1%}'} -> "
              f"{run['eval_reward_accuracy_end']:.1%}, margin {'-' if start_margin is None else f'{start_margin:+.3f}'} "
              f"-> {run.get('eval_reward_margin_end', 0):+.3f}")
+    if run.get("eval_reward_end") is not None:  # grpo: mean reward of completions sampled for the held-out prompts
+        start = run.get("eval_reward_start")
+        info(f"held-out mean reward (sampled) {'-' if start is None else f'{start:.3f}'} -> {run['eval_reward_end']:.3f}")
     info(f"adapter: [bold]{adapter_dir}[/]   run record: {run_path}" + (f"   loss curve: {plot}" if plot else ""))
     run_dir = adapter_dir.parent
     info(f"next: `qlora-phi3 chat {run_dir}` to try it, `qlora-phi3 merge {run_dir} --out {run_dir}-merged` for one "

@@ -21,7 +21,8 @@ def _another_value(key: str, default):
                "train.warmup_ratio": "0.1", "data.max_bad_fraction": "0.3", "train.epochs": "2.5",
                "lora.target_modules": "qkv_proj,o_proj", "train.gradient_checkpointing": "offload",
                "train.neftune_noise_alpha": "5", "train.report_to": "tensorboard,mlflow", "train.tile_tokens": "64",
-               "train.beta": "0.3"}
+               "train.beta": "0.3", "train.top_p": "0.9", "train.reward_weights": "2.0",
+               "train.rewards": "numeric_answer"}
     if key in special:
         return special[key]
     hints = typing.get_type_hints(SECTIONS[key.split(".")[0]])

@@ -57,7 +57,7 @@ def test_table_entries_are_consistent():
         assert method.data in DATA_KINDS
         assert method.rows_per_sample >= 1 and method.min_micro_batch >= 1
         assert (method.min_micro_batch > 1) == bool(method.min_reason), f"{name}: say why the micro-batch floor"
-        assert (method.default_beta is None) == (not method.preference), f"{name}: a preference method has a beta"
+        assert (method.default_beta is None) == (method.data == "chat"), f"{name}: every method but SFT has a beta"
         assert importlib.util.find_spec(method.module) is not None
 
 
@@ -72,7 +72,8 @@ def test_the_micro_batch_floor_comes_from_the_table():
 
 
 def test_eval_fields_record_the_table_metrics():
-    metrics = {"eval_loss": 1.0, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.5}
+    metrics = {"eval_loss": 1.0, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.5, "eval_reward": 0.5,
+               "eval_reward_std": 0.25, "eval_completions/mean_length": 12.0}
     for name, method in METHODS.items():
         fields = get_method(name).eval_fields(metrics)
         assert fields == {ours: metrics[theirs] for theirs, ours in method.metrics}
