@@ -78,6 +78,9 @@ def profiled(tmp_path_factory):
         "trainer.QLoRATrainer.compute_loss = compute_loss\n")
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = f"{hook}{os.pathsep}{old}"
+    # The CPU workers fork from one server per test process, started by the first profile: one that an earlier test
+    # file started holds no hook. Stop it, so this grid's server starts with the hook, and again after, so none leaks.
+    _stop_forkserver()
     try:
         out = tmp_path_factory.mktemp("profile") / "out"
         configs = P.grid_recipes(TINY, SMALL, ["lora.r=8,16", "data.max_seq_len=32,96"])
@@ -85,7 +88,14 @@ def profiled(tmp_path_factory):
         paths = P.write_results(rows, meta, out)
     finally:
         os.environ["PYTHONPATH"] = old
+        _stop_forkserver()
     return rows, meta, paths
+
+
+def _stop_forkserver() -> None:
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # private, stable since Python 3.8: the next forkserver process starts afresh
 
 
 def test_oom_is_recorded_and_the_grid_goes_on(profiled):
