@@ -170,20 +170,9 @@ def _cpu_threads(device: str) -> Choice | None:
     return Choice(str(n), why)
 
 
-def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
-          measurer: MeasureSteps | None = None) -> Run:
-    """Everything before the first step: check the inputs (before any model loads), load data, the 4-bit model
-    and LoRA, build the method's trainer, and claim the run directory (only now is it written to).
-
-    ``measurer`` (the profiler's callback) makes the run a measurement: only its steps, no evaluation,
-    checkpoints, trackers, sample answers or adapter."""
-    t_start = time.perf_counter()
-    hide_load_progress_bars()
-    measuring = measurer is not None
-    plan = prepare_run_dir(recipe, resume, force)
-    recipe, out = with_absolute_paths(plan.recipe), plan.path
-    if measuring:
-        recipe.train.max_steps = measurer.total_steps
+def _check_and_choose(recipe: Recipe, measuring: bool):
+    """What can be wrong with the recipe against the model, before anything loads; then the device, compute dtype,
+    attention and CPU threads, said in one line with the reason for each."""
     model_config = read_model_config(recipe.model)
     check_context(recipe, getattr(model_config, "max_position_embeddings", None))
     device, dtype, attn = _choices(recipe)
@@ -200,6 +189,37 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     if device.value == "cpu" and recipe.train.optimizer.startswith("paged_"):
         info(f"train.optimizer={recipe.train.optimizer}: bitsandbytes has no paging on CPU and runs it unpaged "
              "(same math, same checkpoints).")
+    return model_config, device, dtype, attn, threads
+
+
+def _claim_run_dir(plan, recipe: Recipe, force: bool) -> None:
+    """Clear what an earlier run left when this one replaces it, and write the resolved recipe (rank 0 only)."""
+    out = plan.path
+    if plan.replace and is_main_process():
+        if plan.previous or force:
+            info(f"replacing the earlier run in {out}" + (f" (it ended '{plan.previous.get('status')}' with nothing "
+                                                          "saved)" if not force else ""))
+        clear_run_dir(out)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, out / RECIPE_FILE)
+
+
+def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
+          measurer: MeasureSteps | None = None) -> Run:
+    """Everything before the first step: check the inputs (before any model loads), load data, the 4-bit model
+    and LoRA, build the method's trainer, and claim the run directory (only now is it written to).
+
+    ``measurer`` (the profiler's callback) makes the run a measurement: only its steps, no evaluation,
+    checkpoints, trackers, sample answers or adapter."""
+    t_start = time.perf_counter()
+    hide_load_progress_bars()
+    measuring = measurer is not None
+    plan = prepare_run_dir(recipe, resume, force)
+    recipe, out = with_absolute_paths(plan.recipe), plan.path
+    if measuring:
+        recipe.train.max_steps = measurer.total_steps
+    model_config, device, dtype, attn, threads = _check_and_choose(recipe, measuring)
     method = get_method(recipe.train.method)
     tokenizer = load_tokenizer(recipe.model)
     data = method.load_data(recipe, tokenizer)
@@ -233,15 +253,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     else:
         attach_trackers(trainer, recipe, out, progress)
 
-    # The run starts: from here on the directory is this run's.
-    if plan.replace and is_main_process():
-        if plan.previous or force:
-            info(f"replacing the earlier run in {out}" + (f" (it ended '{plan.previous.get('status')}' with nothing "
-                                                          "saved)" if not force else ""))
-        clear_run_dir(out)
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, out / RECIPE_FILE)
+    _claim_run_dir(plan, recipe, force)  # the run starts: from here on the directory is this run's
     record = RunRecord(out, _run_fields(recipe, device, dtype, attn, world_size, effective_batch, data, threads))
     if getattr(trainer, "reference", None):
         record.data["reference"] = trainer.reference

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import family_for_config
-from qlora_phi3.files import atomic_write_json, publish_checked, staging
+from qlora_phi3.files import staging
 from qlora_phi3.data.split import held_out_records
-from qlora_phi3.ship.export import CheckFailed, ExportResult, failure_message
+from qlora_phi3.ship.export import CheckFailed, ExportResult, failure_message, publish_report
 from qlora_phi3.ship.export_checks import (DEFAULT_CHECK_SAMPLES, GGUF_EXTRA, QUANTS, REPORT_NAME, check_out,
                                            check_phi3_dir, check_phi3_source, check_samples_flag, default_name,
                                            llama_cpp_for, read_json, safe_name)
@@ -297,12 +297,7 @@ def export_adapter(path: str, out: str, quants=DEFAULT_LORA_QUANTS, base_quant: 
                          base_name, files[names[0]].name, check, reference_info, base_alone, write_base)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         failed = [q for q in names if checks.get(q) and not checks[q]["passed"]]
-
-        def finish(dest: Path) -> None:
-            report["out_dir"] = str(dest)
-            atomic_write_json(stage / REPORT_NAME, report)
-
-        out_dir, kept = publish_checked(stage, out_dir, passed=not failed, finish=finish)
+        out_dir, kept = publish_report(stage, out_dir, report, passed=not failed)
     result = ExportResult(out_dir, {q: out_dir / p.name for q, p in files.items()}, report)
     if failed:
         raise CheckFailed(failure_message(report, failed, out_dir, kept) + f"; the merged export (qlora-phi3 export "

@@ -33,7 +33,7 @@ from qlora_phi3.ui import console, warn
 # QUANTS, write_gguf, modelfile_text, MODELFILE_NAME, REPORT_NAME and DEFAULT_QUANTS are re-exported: callers
 # (the CLI, bench/, tests) name them from here, the module of the command.
 __all__ = ["CheckFailed", "DEFAULT_QUANTS", "ExportResult", "MODELFILE_NAME", "QUANTS", "REPORT_NAME", "export",
-           "modelfile_text", "write_gguf"]
+           "failure_message", "modelfile_text", "publish_report", "write_gguf"]
 
 
 @dataclass
@@ -81,18 +81,23 @@ def export(path: str, out: str, quants=DEFAULT_QUANTS, force: bool = False, chec
         files, report = _build(llama_cpp, src, stage, stem, names, check, base, revision, check_samples)
         failed = [q for q, row in report["files"].items() if row["check"] and not row["check"]["passed"]]
         report["seconds"] = round(time.perf_counter() - t0, 1)
-
-        def finish(dest: Path) -> None:
-            report["out_dir"] = str(dest)
-            atomic_write_json(stage / REPORT_NAME, report)
-
-        out_dir, kept = publish_checked(stage, out_dir, passed=not failed, finish=finish)
+        out_dir, kept = publish_report(stage, out_dir, report, passed=not failed)
     result = ExportResult(out_dir, {q: out_dir / p.name for q, p in files.items()}, report)
     if failed:
         raise CheckFailed(failure_message(report, failed, out_dir, kept)
                           + "; if the merged model itself does not stop or answer well (`qlora-phi3 chat` on a "
                           "merged dir shows it), train longer before exporting.", result)
     return result
+
+
+def publish_report(stage: Path, out_dir: Path, report: dict, passed: bool) -> tuple[Path, Path | None]:
+    """Publish an export's staged folder (``files.publish_checked``: a failed one is set aside, an earlier good one
+    kept) with its report, which records where the files ended up."""
+    def finish(dest: Path) -> None:
+        report["out_dir"] = str(dest)
+        atomic_write_json(stage / REPORT_NAME, report)
+
+    return publish_checked(stage, out_dir, passed=passed, finish=finish)
 
 
 def failure_message(report: dict, failed: list[str], out_dir: Path, kept: Path | None) -> str:
