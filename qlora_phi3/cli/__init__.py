@@ -31,9 +31,10 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     parser = argparse.ArgumentParser(
         prog="qlora-phi3",
         description="QLoRA fine-tuning of Microsoft's Phi-3 family (Phi-3-mini, Phi-3.5-mini, Phi-3-medium, "
-                    "Phi-4-mini), supervised or on preferences, on one consumer GPU (or offline on a CPU).",
+                    "Phi-4-mini, Phi-4 and the reasoning models): supervised, on preferences or with GRPO rewards, "
+                    "on one consumer GPU (or offline on a CPU).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Workflow: data -> estimate / fit -> train -> eval -> merge -> chat. "
+        epilog="Workflow: data -> estimate / fit -> train -> eval -> merge -> chat -> export. "
                "Run `qlora-phi3 COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"qlora-phi3 {__version__}")
