@@ -13,6 +13,7 @@ import pytest
 from qlora_phi3.cli import main
 
 pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow  # the session's tiny run (300 steps) and lm-eval on two models per test
 LIMIT = 24  # documents of tiny_chat_facts (of 126) and held-out conversations: a few seconds per model on 2 cores
 
 
@@ -110,6 +111,18 @@ def test_a_merged_model_scores_what_lm_evals_own_cli_scores(run_dir, tmp_path, m
     for key in ("acc,none", "acc_stderr,none", "acc_norm,none"):
         assert ours["results"]["tiny_chat_facts"][key] == theirs["results"]["tiny_chat_facts"][key], key
     assert ours["results"]["tiny_chat_facts"]["acc,none"] >= 0.9
+
+
+def test_merged_compares_the_16_bit_base_with_the_adapter_merged_into_it(run_dir, tmp_path):
+    """--merged: the run's base in 16 bits, then the adapter merged into it (what `merge` writes), same settings."""
+    code, printed = _cli("eval", run_dir, "--merged", "--tasks", "tiny_chat_facts", "--limit", 20, "--out",
+                         tmp_path / "merged_eval")
+    assert code == 0, printed
+    summary = json.loads((tmp_path / "merged_eval" / "eval_summary.json").read_text())
+    acc = _row(summary)
+    assert acc["finetune"] >= 0.9 and acc["base"] <= 0.5, acc
+    assert "merged" in summary["models"]["finetune"]["description"], summary["models"]
+    assert "merged" not in summary["models"]["base"]["description"], summary["models"]
 
 
 def test_train_eval_tasks_compares_when_training_ends(tmp_path):
