@@ -1,6 +1,6 @@
 """The estimator's method terms (rows, reference forward and KL rows in qlora_phi3/methods.py), from the shapes alone: a pair is two rows, dpo and
 kto add a no-grad reference forward (not with precomputed reference log-probs), kto its KL rows, a continued adapter
-its frozen copy; and the CPU profile of DPO rows lands within 10% of the estimate."""
+its frozen copy; grpo's generation terms (below); and the CPU profile of DPO rows lands within 10% of the estimate."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 
 from qlora_phi3.config import load_recipe, recipes_dir
 from qlora_phi3.memory.estimate import KNOWN_SHAPES, estimate
+from qlora_phi3.memory.fit import plan_fit
 
 DPO = recipes_dir() / "phi3_mini_4k_8gb_dpo.yaml"
+GRPO = recipes_dir() / "phi35_mini_12gb_grpo.yaml"
 
 
 def _cfg():
@@ -73,3 +75,32 @@ def test_preference_rows_profile_within_10_percent_of_the_estimate(mini_phi3):
     by_chunk = {r.overrides.get("train.loss_chunk_tokens"): r.peak_allocated_gib for r in rows
                 if "train.loss_chunk_tokens" in r.overrides}
     assert by_chunk["256"] < 0.5 * by_chunk["0"]  # measured: 0.118 vs 0.736 GiB
+
+
+# GRPO: generation's KV cache over the whole round (micro_batch_size x grad_accum completions of max_seq_len, every
+# layer), its sampling logits, a reference forward only when beta > 0; and fit keeps a grpo recipe's row length and
+# its generation round.
+
+def test_generation_kv_cache_counts_every_completion_of_the_round():
+    small = _terms(load_recipe(GRPO, ["train.micro_batch_size=4", "train.grad_accum=2"]))
+    round_x2 = _terms(load_recipe(GRPO, ["train.micro_batch_size=4", "train.grad_accum=4"]))
+    # Phi-3-mini: 32 layers (+1 while the cache grows), 32 KV heads x 96, K and V, bf16
+    assert small["generation KV cache"] == 8 * 1024 * 33 * 2 * 3072 * 2
+    assert round_x2["generation KV cache"] == 2 * small["generation KV cache"]
+    assert round_x2["saved activations"] == small["saved activations"]  # the training forward is micro_batch_size rows
+    assert small["sampling logits"] == 8 * 32064 * (2 + 8)
+    assert "generation KV cache" not in _terms(load_recipe(GRPO, ["train.method=sft", "train.beta=null"]))
+
+
+def test_the_reference_forward_runs_only_with_a_kl_term():
+    assert "no-grad forward" not in _terms(load_recipe(GRPO, ["train.beta=0"]))
+    assert "no-grad forward" in _terms(load_recipe(GRPO, ["train.beta=0.04"]))
+
+
+def test_fit_keeps_the_row_length_and_the_generation_round():
+    recipe = load_recipe(GRPO)
+    plan = plan_fit(recipe, _cfg(), 12.0)
+    t = plan.recipe.train
+    assert plan.recipe.data.max_seq_len == recipe.data.max_seq_len
+    assert t.micro_batch_size * t.grad_accum == recipe.train.micro_batch_size * recipe.train.grad_accum
+    assert plan.predicted_gib <= plan.usable_gib
