@@ -32,6 +32,7 @@ counts real (non-padding) tokens. The load average (``uptime``) is recorded befo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -187,8 +188,9 @@ class StepClock:
 
         trainer.add_callback(Steps())
 
-    def install(self) -> None:
-        """Attach to every Trainer this process trains (both pipelines build theirs inside library code)."""
+    @contextlib.contextmanager
+    def installed(self):
+        """Attach to every Trainer trained inside the block (both pipelines build theirs inside library code)."""
         import transformers
 
         train = transformers.Trainer.train
@@ -198,6 +200,10 @@ class StepClock:
             return train(trainer, *args, **kwargs)
 
         transformers.Trainer.train = clocked
+        try:
+            yield self
+        finally:
+            transformers.Trainer.train = train
 
     def fields(self, real_tokens: int) -> dict:
         steps_s = self.last_end - self.first_begin
@@ -207,8 +213,13 @@ class StepClock:
 
 def _worker(which: str, spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
-    clock = StepClock()
-    clock.install()
+    with StepClock().installed() as clock:
+        out = _train_pipeline(which, spec)
+    out.update(clock.fields(out["tokens"]))
+    (spec_path.parent / f"{which}.json").write_text(json.dumps(out, indent=1))
+
+
+def _train_pipeline(which: str, spec: dict) -> dict:
     if which == "ours":
         from qlora_phi3.run.train import train
         from qlora_phi3.ui import quiet_library_noise
@@ -232,15 +243,18 @@ def _worker(which: str, spec_path: Path) -> None:
                             output_dir=spec["workdir"] + "/reference", compute_dtype=spec["reference_dtype"],
                             evaluate=False, device=spec.get("device", "cpu"))
         out.update(compute_dtype=spec["reference_dtype"], threads=torch.get_num_threads())
-    out.update(clock.fields(out["tokens"]))
-    (spec_path.parent / f"{which}.json").write_text(json.dumps(out, indent=1))
+    return out
 
 
-def run_worker(which: str, spec_path: Path, threads: int | None = None, console=None) -> dict:
+def run_worker(which: str, spec_path: Path, threads: int | None = None, console=None,
+               in_process: bool = False) -> dict:
     """One pipeline ("ours" or "reference") in its own process on ``spec_path``'s model and data; its results.
-    The spec may also name ``device`` (default cpu) and ``ours_overrides`` (recipe overrides for ours)."""
-    import contextlib
-
+    The spec may also name ``device`` (default cpu) and ``ours_overrides`` (recipe overrides for ours).
+    ``in_process`` runs it here instead: for a check of the code path (gpu_check's dry run), where a fresh
+    interpreter's imports would cost more than the pass and the timings are not the point."""
+    if in_process:
+        _worker(which, spec_path)
+        return json.loads((spec_path.parent / f"{which}.json").read_text())
     log = spec_path.parent / f"{which}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
            **({"OMP_NUM_THREADS": str(threads)} if threads else {})}

@@ -189,7 +189,7 @@ def step_speed(ctx) -> str:
         work.mkdir(parents=True, exist_ok=True)
         spec = dict(base, workdir=str(work), ours_overrides=base["ours_overrides"] + extra)
         (work / "spec.json").write_text(json.dumps(spec))
-        r = run_worker(which, work / "spec.json")
+        r = run_worker(which, work / "spec.json", in_process=ctx.dry)
         tps[label] = r["tokens_per_second"]
         lines.append(f"{label}: {r['tokens_per_second']:,.0f} tokens/s, {r['tokens']:,} real + {r['padded_tokens']:,}"
                      f" padding tokens, {r['steps']} steps, {r['compute_dtype']}")
@@ -412,11 +412,12 @@ def step_grpo(ctx) -> str:
         raise RuntimeError("needs step phi4's random model (run --only phi4 grpo)")
     data = ctx.work / "grpo-prompts.jsonl"
     write_jsonl(data, [{"prompt": r["prompt"], "solution": r["answer"]} for r in generate_prompts()])
-    seq, completion = (128, 32) if ctx.dry else (1536, 1024)
+    seq, completion = (128, 16) if ctx.dry else (1536, 1024)
     run_dir = ctx.work / "grpo"
     overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
     if ctx.dry:
-        overrides += ["model.compute_dtype=float32", "train.micro_batch_size=8", "train.grad_accum=1"]
+        overrides += ["model.compute_dtype=float32", "train.num_generations=4", "train.micro_batch_size=4",
+                      "train.grad_accum=1"]
     _checked(_qlora("train", "phi4_mini_12gb_grpo", f"model.name_or_path={model_dir}", "model.revision=null",
                     f"data.path={data}", "data.split=train", "data.max_eval_samples=1", f"data.max_seq_len={seq}",
                     f"train.max_completion_len={completion}", "train.eval_steps=0", "train.save_steps=0",
@@ -450,8 +451,10 @@ class Context:
         self.grid = (["lora.r=8", "data.max_seq_len=64"] if self.dry else
                      ["lora.r=8,16,64", "data.max_seq_len=512,2048,8192"])
         self.long_seq = 256 if self.dry else None
-        # On the CPU the dry run keeps every step seconds long.
-        self.train_overrides = ["data.max_seq_len=128", "train.device=cpu"] if self.dry else []
+        # On the CPU the dry run keeps every step seconds long: no sample answers (greedy decoding token by token was
+        # most of a one-step run's time there, in emulated fp16 above all).
+        self.train_overrides = (["data.max_seq_len=128", "train.device=cpu", "train.sample_prompts=0"] if self.dry
+                                else [])
         self.deadline = time.monotonic() + args.budget_s
         self._data = {}
 
