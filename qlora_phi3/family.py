@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PUBLISHED", "THINK_TOKENS", "TokenizerFamily", "PublishedModel",
+__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PHI4_MINI_REASONING_SYSTEM_PROMPT", "PHI4_REASONING_SYSTEM_PROMPT",
+           "PUBLISHED", "THINK_TOKENS", "TokenizerFamily", "PublishedModel",
            "check_supported", "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
 
 
@@ -160,6 +161,35 @@ FAMILIES = {f.name: f for f in (PHI3, PHI4_MINI, PHI4)}
 _DEFAULT_FAMILY = next(iter(FAMILIES.values()))
 
 
+# The reasoning models' own chat templates, as package assets (assets/chat_templates/), each with its source:
+# - phi4_mini_reasoning.jinja: microsoft/Phi-4-mini-reasoning's chat_template.jinja, byte for byte as Microsoft's
+#   onnxruntime-extensions keeps it (test/data/phi-4-mini-reasoning/chat_template.jinja, commit f936ba4be191); a second
+#   copy (a project quoting unsloth/Phi-4-mini-reasoning's template verbatim) is the same text. It always opens with
+#   its fixed system prompt; a system message's content follows it after one space.
+# - phi4_reasoning.jinja: Phi-4-reasoning's template as one public copy has it (cyrup-ai/paraphym,
+#   packages/candle/src/capability/text_to_text/phi4_reasoning.rs and
+#   docs/models/text_to_text/PHI-4-REASONING-Q4_K_M.md, commit 6f633c331c37, taken from unsloth/phi-4-reasoning). No
+#   second copy of the template was found; its system prompt equals litgpt's Phi4Reasoning default (litgpt/prompts.py,
+#   commit 26857050fe3f). It renders a newline after each turn, which Phi-4's tokenizer drops (its added tokens strip
+#   the whitespace around them), and it replaces a conversation that starts with a system message by its own system
+#   prompt, dropping the turns (docs/models.md).
+_TEMPLATE_ASSETS = "assets/chat_templates"
+PHI4_REASONING_SYSTEM_PROMPT = (
+    "You are Phi, a language model trained by Microsoft to help users. Your role as an assistant involves thoroughly "
+    "exploring questions through a systematic thinking process before providing the final precise and accurate "
+    "solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, reassessment, "
+    "reflection, backtracing, and iteration to develop well-considered thinking process. Please structure your "
+    "response into two main sections: Thought and Solution using the specified format: <think> {Thought section} "
+    "</think> {Solution section}. In the Thought section, detail your reasoning process in steps. Each step should "
+    "include detailed considerations such as analysing questions, summarizing relevant findings, brainstorming new "
+    "ideas, verifying the accuracy of the current steps, refining any errors, and revisiting previous steps. In the "
+    "Solution section, based on various attempts, explorations, and reflections from the Thought section, "
+    "systematically present the final solution that you deem correct. The Solution section should be logical, "
+    "accurate, and concise and detail necessary steps needed to reach the conclusion. Now, try to solve the following "
+    "question through the above guidelines:")
+PHI4_MINI_REASONING_SYSTEM_PROMPT = "Your name is Phi, an AI math expert developed by Microsoft."
+
+
 @dataclass(frozen=True)
 class PublishedModel:
     """A published model: its Hub id, the revision our recipes pin, its tokenizer family and the config.json
@@ -169,6 +199,15 @@ class PublishedModel:
     family: TokenizerFamily
     config: dict = field(default_factory=dict)
     note: str = ""
+    # The model's own chat template where it is not its family's: a file under assets/chat_templates/ ("" = the
+    # family's), and the fixed system prompt that template writes.
+    template_asset: str = ""
+    system_prompt: str = ""
+
+    @property
+    def chat_template(self) -> str:
+        """The model's published chat template (its own asset, else its tokenizer family's)."""
+        return _template_asset(self.template_asset) if self.template_asset else self.family.chat_template
 
     @property
     def head_dim(self) -> int:
@@ -177,6 +216,12 @@ class PublishedModel:
     @property
     def rotary_dims(self) -> int:
         return int(self.head_dim * self.config.get("partial_rotary_factor", 1.0))
+
+
+def _template_asset(name: str) -> str:
+    from importlib.resources import files
+
+    return files("qlora_phi3").joinpath(_TEMPLATE_ASSETS, name).read_text(encoding="utf-8")
 
 
 # Fields shared by every phi3-architecture config.json (only the sizes, context and rope differ).
@@ -257,14 +302,17 @@ PUBLISHED = {m.hub_id: m for m in (
     PublishedModel("microsoft/Phi-4-mini-reasoning", None, PHI4_MINI,
                    dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
                         short_factor=PHI4_MINI_SHORT_FACTOR),
-                   note="Phi-4-mini-instruct's architecture and tokenizer; writes <think>...</think> before answering"),
+                   note="Phi-4-mini-instruct's architecture and tokenizer; writes <think>...</think> before answering",
+                   template_asset="phi4_mini_reasoning.jinja", system_prompt=PHI4_MINI_REASONING_SYSTEM_PROMPT),
     PublishedModel("microsoft/phi-4", None, PHI4, dict(_PHI4_CONFIG),
                    note="Phi-3-medium's layout (40 layers, 40/10 heads, hidden 5120), full rotary, untied, 16k "
                         "context"),
     PublishedModel("microsoft/Phi-4-reasoning", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
-                   note="Phi-4 fine-tuned to write <think>...</think> before answering; 32k context"),
+                   note="Phi-4 fine-tuned to write <think>...</think> before answering; 32k context",
+                   template_asset="phi4_reasoning.jinja", system_prompt=PHI4_REASONING_SYSTEM_PROMPT),
     PublishedModel("microsoft/Phi-4-reasoning-plus", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
-                   note="Phi-4-reasoning with further reinforcement learning; same architecture and template"),
+                   note="Phi-4-reasoning with further reinforcement learning; same architecture and template",
+                   template_asset="phi4_reasoning.jinja", system_prompt=PHI4_REASONING_SYSTEM_PROMPT),
 )}
 
 # Models people try that are not this architecture or tokenizer family, with why and what to use instead (matched on

@@ -87,10 +87,23 @@ def encode_conversation(tokenizer, messages: list[dict], markers=None) -> tuple[
         i = stop + 1
     expected = sum(1 for m in messages if m["role"] == "assistant")
     if replies != expected:
+        _refuse_dropped_message(messages, text)
         raise UserError(f"found {replies} assistant replies in the tokens but the conversation has {expected} "
                         "assistant turns; the chat template is not the model's own (or its reply header "
                         f"{tokenizer.decode(header)!r} is tokenized differently inside the conversation).")
     return ids, labels
+
+
+def _refuse_dropped_message(messages: list[dict], text: str) -> None:
+    """Name the message the chat template did not render at all, when one is missing: a template can drop turns
+    (the Phi-4-reasoning template we found writes its own system prompt in place of every message of a conversation
+    that starts with a system message), and 'the template is not the model's own' would then mislead."""
+    for i, m in enumerate(messages):
+        if m["content"].strip() and m["content"].strip() not in text:
+            hint = (" The template writes its own reasoning system prompt: remove the system message from the data."
+                    if messages[0]["role"] == "system" else "")
+            raise UserError(f"the model's chat template does not render message {i} ({m['role']}) of this "
+                            f"conversation, so its replies cannot be labelled.{hint}")
 
 
 @dataclass
