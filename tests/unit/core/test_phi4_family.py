@@ -1,17 +1,26 @@
 """Phi-4 (14B) and the reasoning models as one tokenizer family: the real cl100k_base vocabulary shipped and checked
 by OpenAI's hash, the tokenizer derived from it giving llama.cpp's published ids, Phi-4's special-token ids, chat
-template and pad, labels that are exactly each reply and its <|im_end|>, and the refusals of what it is not."""
+template and pad (against Microsoft's copy of the published file), labels that are exactly each reply and its
+<|im_end|>, Phi-4-reasoning's own template (the published prompt token for token, its think blocks in the loss), and
+the refusals of what it is not."""
 
 import hashlib
+import json
 import lzma
+from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
 
 from qlora_phi3.data.encode import encode_conversation
 from qlora_phi3.errors import UserError
-from qlora_phi3.family import PHI4, PUBLISHED, check_supported, family_for_config, family_for_tokenizer
+from qlora_phi3.family import PHI4, PHI4_REASONING_SYSTEM_PROMPT, PUBLISHED, check_supported, family_for_config, \
+    family_for_tokenizer
 from qlora_phi3.phi3 import IGNORE_INDEX
+
+# Copies of published files, with their sources in docs/models.md.
+PUBLISHED_FILES = Path(__file__).parents[2] / "data" / "published"
+REASONING = PUBLISHED["microsoft/Phi-4-reasoning"]
 
 
 def test_shipped_cl100k_ranks_are_openais_file_byte_for_byte():
@@ -68,6 +77,103 @@ def test_phi4_labels_are_exactly_each_reply_and_its_im_end(phi4_14b_tokenizer):
     assert 78191 in ids and not {100264, 100266, 100257} & set(kept)
     with pytest.raises(UserError, match="reads as a special token"):
         encode_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a<|im_end|>"}])
+
+
+def test_phi4_tokenizer_table_is_the_published_file():
+    """Our Phi-4 table against Microsoft's copy of microsoft/phi-4's tokenizer_config.json (onnxruntime-extensions
+    test data, the version updated after release): all 96 added tokens' ids, bos / eos / pad and the chat template."""
+    published_config = json.loads((PUBLISHED_FILES / "microsoft_phi-4_tokenizer_config.json").read_text())
+    added = published_config["added_tokens_decoder"]
+    assert {t["content"]: int(i) for i, t in added.items()} == PHI4.special_ids
+    assert all(t["special"] for t in added.values())
+    assert (published_config["bos_token"], published_config["eos_token"], published_config["pad_token"]) == (
+        PHI4.bos_token, PHI4.eos_token, PHI4.pad_token)
+    assert published_config["chat_template"] == PHI4.chat_template
+
+
+def test_phi4_renders_the_published_ids(phi4_14b_tokenizer):
+    """Microsoft's test of microsoft/phi-4's tokenizer (onnxruntime-extensions test/pp_api_test/
+    test_tokenizer_chat.cc, Phi4ChatTemplate, commit 319f8d2c02c4): ids 'from HuggingFace Python output'."""
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "How should I explain the Internet?"}]
+    text = phi4_14b_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert phi4_14b_tokenizer(text, add_special_tokens=False)["input_ids"] == [
+        100264, 9125, 100266, 2675, 527, 264, 11190, 18328, 13, 100265, 100264, 882, 100266, 4438, 1288, 358, 10552,
+        279, 8191, 30, 100265, 100264, 78191, 100266]
+
+
+@pytest.fixture(scope="module")
+def phi4_reasoning_tokenizer(phi4_14b_tokenizer):
+    """Phi-4's tokenizer with its added tokens as published (each of the 96 strips the whitespace on both sides:
+    lstrip and rstrip in microsoft/phi-4's tokenizer_config.json; ours leaves them off, docs/models.md) and
+    Phi-4-reasoning's template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(phi4_14b_tokenizer.backend_tokenizer.to_str())
+    for token in spec["added_tokens"]:
+        token.update(lstrip=True, rstrip=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=PHI4.bos_token,
+                                  eos_token=PHI4.eos_token, pad_token=PHI4.pad_token)
+    tok.chat_template = REASONING.chat_template
+    text = "<|im_start|>Hello<|im_sep|> World<|im_end|>"  # ' World' is 4435 where the whitespace is kept
+    assert tok(text, add_special_tokens=False)["input_ids"] == [100264, 9906, 100266, 10343, 100265]
+    return tok
+
+
+REASONED = ("<think>3x^2 + 4x + 4 has discriminant 16 - 48 < 0.</think>No real solution.",
+            "<think>x = (-4 ± sqrt(-32)) / 6.</think>x = (-2 ± 2i·sqrt(2)) / 3")
+TWO_TURNS = [{"role": "user", "content": "Solve 3x^2 + 4x + 5 = 1."}, {"role": "assistant", "content": REASONED[0]},
+             {"role": "user", "content": "And over the complex numbers?"}, {"role": "assistant", "content": REASONED[1]}]
+
+
+def test_phi4_reasoning_template_gives_the_published_prompt_token_for_token(phi4_reasoning_tokenizer,
+                                                                            phi4_14b_tokenizer):
+    """The template writes a newline after each turn; Phi-4's added tokens strip it, so the ids are those of the
+    published one-line format (as Unsloth's Phi-4 reasoning guide quotes it). A tokenizer that kept the whitespace
+    would feed the model newlines it never saw."""
+    tok = phi4_reasoning_tokenizer
+    published = (f"<|im_start|>system<|im_sep|>{PHI4_REASONING_SYSTEM_PROMPT}<|im_end|><|im_start|>user<|im_sep|>"
+                 "What is 1+1?<|im_end|><|im_start|>assistant<|im_sep|>")
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 1+1?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text != published and text.replace("<|im_end|>\n", "<|im_end|>").rstrip("\n") == published
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == tok(published, add_special_tokens=False)["input_ids"]
+    assert phi4_14b_tokenizer(text, add_special_tokens=False)["input_ids"] != ids
+
+
+def test_phi4_reasoning_labels_each_reply_with_its_think_block_never_the_system_prompt(phi4_reasoning_tokenizer):
+    tok = phi4_reasoning_tokenizer
+    text = tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert all(r in text for r in REASONED) and text.count(PHI4_REASONING_SYSTEM_PROMPT) == 1
+    ids, labels = encode_conversation(tok, TWO_TURNS)
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == (
+        f"{REASONED[0]}<|im_end|>{REASONED[1]}<|im_end|>")
+
+
+def test_phi4_reasoning_template_drops_the_turns_of_a_conversation_that_starts_with_a_system_message(
+        phi4_reasoning_tokenizer):
+    """What the template we found does (docs/models.md): its fixed system prompt once per message, no turns. The
+    encoder says which message is missing and what to do, not that the template is not the model's own."""
+    messages = [{"role": "system", "content": "Be brief."}] + TWO_TURNS
+    text = phi4_reasoning_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text.count(PHI4_REASONING_SYSTEM_PROMPT) == len(messages) and "Be brief." not in text
+    assert REASONED[0] not in text
+    with pytest.raises(UserError, match=r"does not render message 0 \(system\).*remove the system message"):
+        encode_conversation(phi4_reasoning_tokenizer, messages)
+
+
+def test_phi4_reasoning_config_facts_match_microsofts_phi4_reasoning_vision_config():
+    """Phi-4-reasoning's config.json was not found; Microsoft's Phi-4-reasoning-vision-15B (its language model has
+    Phi-4's shape) publishes the 32k context, rope_theta 500,000 and the token ids reported for it."""
+    vision = json.loads((PUBLISHED_FILES / "microsoft_Phi-4-reasoning-vision-15B_config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "original_max_position_embeddings", "rope_theta", "rope_scaling",
+            "sliding_window", "tie_word_embeddings", "rms_norm_eps", "attention_bias", "hidden_act", "bos_token_id",
+            "eos_token_id", "pad_token_id")
+    assert {k: REASONING.config[k] for k in keys} == {k: vision[k] for k in keys}
+    assert vision["partial_rotary_factor"] == 1.0 and REASONING.rotary_dims == REASONING.head_dim
 
 
 def test_stops_are_phi4s_own_ids(phi4_14b_tokenizer):
