@@ -274,9 +274,12 @@ _PHI4_MINI_CONFIG = dict(_COMMON, hidden_size=3072, intermediate_size=8192, num_
                          partial_rotary_factor=0.75, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999,
                          original_max_position_embeddings=4096)
 # microsoft/phi-4's config.json: Phi-3-medium's layer shapes, the 100,352-row vocabulary, 16k positions without
-# rope scaling (rope_theta 250,000), no sliding window. Phi-4-reasoning(-plus): 32k positions, rope_theta 500,000.
-# From the published config.json as public conversion code (llama.cpp's phi.py keys its 'no sliding window' case on
-# Phi-4) and model cards describe it; no copy of the file was readable offline.
+# rope scaling (rope_theta 250,000), no sliding window. Every one of these fields equals the one verbatim copy of the
+# file found (as first released, transformers 4.47.0, quoted in a public note; docs/models.md). That copy says eos =
+# pad = 100257, as the first release's tokenizer did; the updated tokenizer_config.json (Microsoft's copy in
+# onnxruntime-extensions, tests/data/published/) has eos <|im_end|> 100265 and pad <|dummy_85|> 100349, which we use.
+# Phi-4-reasoning(-plus): 32k positions, rope_theta 500,000 and those ids, as Microsoft's Phi-4-reasoning-vision-15B
+# config.json has them for its Phi-4-shaped language model (its own config.json was not found).
 _PHI4_CONFIG = dict(_MEDIUM, vocab_size=100352, rope_theta=250000.0, max_position_embeddings=16384,
                     original_max_position_embeddings=16384, sliding_window=None, rope_scaling=None,
                     bos_token_id=100257, eos_token_id=100265, pad_token_id=100349)
@@ -298,7 +301,8 @@ PUBLISHED = {m.hub_id: m for m in (
                    dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
                         short_factor=PHI4_MINI_SHORT_FACTOR),
                    note="grouped-query attention (24/8, head dim 128), rotary on 96 of 128 dims, tied embeddings"),
-    # A Phi-4-mini fine-tune for maths: the same architecture, config and tokenizer.
+    # A Phi-4-mini fine-tune for maths: the same architecture, config and tokenizer (its published
+    # tokenizer_config.json has Phi-4-mini's added tokens; its config.json was not found). Its own chat template.
     PublishedModel("microsoft/Phi-4-mini-reasoning", None, PHI4_MINI,
                    dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
                         short_factor=PHI4_MINI_SHORT_FACTOR),
