@@ -100,7 +100,8 @@ def _refuse_dropped_message(messages: list[dict], text: str) -> None:
     that starts with a system message), and 'the template is not the model's own' would then mislead."""
     for i, m in enumerate(messages):
         if m["content"].strip() and m["content"].strip() not in text:
-            hint = (" The template writes its own reasoning system prompt: remove the system message from the data."
+            hint = (" It starts with a system message, which a template with its own system prompt (Phi-4-reasoning's)"
+                    " can render in place of the turns: remove the system message from the data."
                     if messages[0]["role"] == "system" else "")
             raise UserError(f"the model's chat template does not render message {i} ({m['role']}) of this "
                             f"conversation, so its replies cannot be labelled.{hint}")
