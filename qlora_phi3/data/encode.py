@@ -102,7 +102,7 @@ def _refuse_dropped_message(messages: list[dict], text: str) -> None:
         if m["content"].strip() and m["content"].strip() not in text:
             hint = (" It starts with a system message, which a template with its own system prompt (Phi-4-reasoning's)"
                     " can render in place of the turns: remove the system message from the data."
-                    if messages[0]["role"] == "system" else "")
+                    if messages[0]["role"] == "system" else " Check that the tokenizer's template is the model's own.")
             raise UserError(f"the model's chat template does not render message {i} ({m['role']}) of this "
                             f"conversation, so its replies cannot be labelled.{hint}")
 
