@@ -166,13 +166,14 @@ _DEFAULT_FAMILY = next(iter(FAMILIES.values()))
 #   onnxruntime-extensions keeps it (test/data/phi-4-mini-reasoning/chat_template.jinja, commit f936ba4be191); a second
 #   copy (a project quoting unsloth/Phi-4-mini-reasoning's template verbatim) is the same text. It always opens with
 #   its fixed system prompt; a system message's content follows it after one space.
-# - phi4_reasoning.jinja: Phi-4-reasoning's template as one public copy has it (cyrup-ai/paraphym,
-#   packages/candle/src/capability/text_to_text/phi4_reasoning.rs and
-#   docs/models/text_to_text/PHI-4-REASONING-Q4_K_M.md, commit 6f633c331c37, taken from unsloth/phi-4-reasoning). No
-#   second copy of the template was found; its system prompt equals litgpt's Phi4Reasoning default (litgpt/prompts.py,
-#   commit 26857050fe3f). It renders a newline after each turn, which Phi-4's tokenizer drops (its added tokens strip
-#   the whitespace around them), and it replaces a conversation that starts with a system message by its own system
-#   prompt, dropping the turns (docs/models.md).
+# - phi4_reasoning.jinja: microsoft/Phi-4-reasoning's template as its conversion to GGUF for Ollama's library
+#   (phi4-reasoning:14b, May 2025) carries it in tokenizer.chat_template, which huggingface.js records verbatim
+#   (packages/ollama-utils/src/chat-template-automap.ts, commit fe42e68017ff; the same file's phi4-mini-reasoning entry
+#   is the template above, character for character). A second copy, modified (a switch to leave the system prompt
+#   out and a system branch added), keeps the rest. Its system prompt equals litgpt's Phi4Reasoning default
+#   (litgpt/prompts.py, commit 26857050fe3f). It writes its fixed system prompt, the user and assistant turns
+#   (the reply inside {% generation %}), and ignores system messages. Another copy in circulation (unsloth's,
+#   tests/data/published/) differs: docs/models.md.
 _TEMPLATE_ASSETS = "assets/chat_templates"
 PHI4_REASONING_SYSTEM_PROMPT = (
     "You are Phi, a language model trained by Microsoft to help users. Your role as an assistant involves thoroughly "

@@ -4,6 +4,7 @@ template and pad (against Microsoft's copy of the published file), labels that a
 <|im_end|>, Phi-4-reasoning's own template (the published prompt token for token, its think blocks in the loss), and
 the refusals of what it is not."""
 
+import copy
 import hashlib
 import json
 import lzma
@@ -104,64 +105,63 @@ def test_phi4_renders_the_published_ids(phi4_14b_tokenizer):
 
 @pytest.fixture(scope="module")
 def phi4_reasoning_tokenizer(phi4_14b_tokenizer):
-    """Phi-4's tokenizer with its added tokens as published (each of the 96 strips the whitespace on both sides:
-    lstrip and rstrip in microsoft/phi-4's tokenizer_config.json; ours leaves them off, docs/models.md) and
-    Phi-4-reasoning's template."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    spec = json.loads(phi4_14b_tokenizer.backend_tokenizer.to_str())
-    for token in spec["added_tokens"]:
-        token.update(lstrip=True, rstrip=True)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=PHI4.bos_token,
-                                  eos_token=PHI4.eos_token, pad_token=PHI4.pad_token)
+    tok = copy.copy(phi4_14b_tokenizer)  # the session's tokenizer keeps Phi-4's template
     tok.chat_template = REASONING.chat_template
-    text = "<|im_start|>Hello<|im_sep|> World<|im_end|>"  # ' World' is 4435 where the whitespace is kept
-    assert tok(text, add_special_tokens=False)["input_ids"] == [100264, 9906, 100266, 10343, 100265]
     return tok
 
 
 REASONED = ("<think>3x^2 + 4x + 4 has discriminant 16 - 48 < 0.</think>No real solution.",
             "<think>x = (-4 ± sqrt(-32)) / 6.</think>x = (-2 ± 2i·sqrt(2)) / 3")
 TWO_TURNS = [{"role": "user", "content": "Solve 3x^2 + 4x + 5 = 1."}, {"role": "assistant", "content": REASONED[0]},
-             {"role": "user", "content": "And over the complex numbers?"}, {"role": "assistant", "content": REASONED[1]}]
+             {"role": "user", "content": "Over the complex numbers?"}, {"role": "assistant", "content": REASONED[1]}]
 
 
-def test_phi4_reasoning_template_gives_the_published_prompt_token_for_token(phi4_reasoning_tokenizer,
-                                                                            phi4_14b_tokenizer):
-    """The template writes a newline after each turn; Phi-4's added tokens strip it, so the ids are those of the
-    published one-line format (as Unsloth's Phi-4 reasoning guide quotes it). A tokenizer that kept the whitespace
-    would feed the model newlines it never saw."""
-    tok = phi4_reasoning_tokenizer
+def test_phi4_reasoning_template_gives_the_published_prompt(phi4_reasoning_tokenizer):
+    """The model card's chat format (as Unsloth's Phi-4 reasoning guide quotes it): the fixed system prompt, then the
+    turns; a system message is not written (the template has no branch for it), so it cannot replace that prompt."""
     published = (f"<|im_start|>system<|im_sep|>{PHI4_REASONING_SYSTEM_PROMPT}<|im_end|><|im_start|>user<|im_sep|>"
                  "What is 1+1?<|im_end|><|im_start|>assistant<|im_sep|>")
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 1+1?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    assert text != published and text.replace("<|im_end|>\n", "<|im_end|>").rstrip("\n") == published
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert ids == tok(published, add_special_tokens=False)["input_ids"]
-    assert phi4_14b_tokenizer(text, add_special_tokens=False)["input_ids"] != ids
+    question = [{"role": "user", "content": "What is 1+1?"}]
+    for messages in (question, [{"role": "system", "content": "Be brief."}] + question):
+        assert phi4_reasoning_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                            add_generation_prompt=True) == published
 
 
-def test_phi4_reasoning_labels_each_reply_with_its_think_block_never_the_system_prompt(phi4_reasoning_tokenizer):
+def test_phi4_reasoning_labels_are_the_templates_own_generation_spans(phi4_reasoning_tokenizer, phi4_14b_tokenizer):
+    """The template marks each reply and its <|im_end|> with {% generation %}: our labels (the token walk) are
+    exactly those tokens, think blocks included, in every turn; the fixed system prompt and a system message carry
+    no loss, and the encoder says the system message is not in the training text."""
+    from qlora_phi3.data.encode import encode_records
+    from qlora_phi3.data.read import ChatRecord
+
     tok = phi4_reasoning_tokenizer
-    text = tok.apply_chat_template(TWO_TURNS, tokenize=False)
-    assert all(r in text for r in REASONED) and text.count(PHI4_REASONING_SYSTEM_PROMPT) == 1
-    ids, labels = encode_conversation(tok, TWO_TURNS)
-    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == (
-        f"{REASONED[0]}<|im_end|>{REASONED[1]}<|im_end|>")
+    for messages in (TWO_TURNS, [{"role": "system", "content": "Be brief."}] + TWO_TURNS):
+        ids, labels = encode_conversation(tok, messages)
+        marked = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        assert marked["input_ids"] == ids
+        assert [lab != IGNORE_INDEX for lab in labels] == [bool(m) for m in marked["assistant_masks"]]
+        assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == (
+            f"{REASONED[0]}<|im_end|>{REASONED[1]}<|im_end|>")
+    warned = []
+    records = [ChatRecord([{"role": "system", "content": "Be brief."}] + TWO_TURNS, "x.jsonl:1")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("qlora_phi3.ui.warn", warned.append)
+        encode_records(records, tok, 4096)
+        encode_records(records, phi4_14b_tokenizer, 4096)  # Phi-4's template writes system messages: no warning
+    assert len(warned) == 1 and warned[0].startswith("1 of 1 conversations have a system message")
 
 
-def test_phi4_reasoning_template_drops_the_turns_of_a_conversation_that_starts_with_a_system_message(
-        phi4_reasoning_tokenizer):
-    """What the template we found does (docs/models.md): its fixed system prompt once per message, no turns. The
-    encoder says which message is missing and what to do, not that the template is not the model's own."""
+def test_a_template_that_drops_the_turns_behind_a_system_message_is_refused_saying_why(phi4_14b_tokenizer):
+    """Unsloth's copy of Phi-4-reasoning's template (tests/data/published/, docs/models.md) writes its fixed system
+    prompt once per message, and no turns, when the conversation starts with a system message. The encoder says
+    which message is missing and what to do, not that the template is not the model's own."""
+    tok = copy.copy(phi4_14b_tokenizer)
+    tok.chat_template = (PUBLISHED_FILES / "unsloth_phi-4-reasoning_chat_template.jinja").read_text()
     messages = [{"role": "system", "content": "Be brief."}] + TWO_TURNS
-    text = phi4_reasoning_tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text.count(PHI4_REASONING_SYSTEM_PROMPT) == len(messages) and "Be brief." not in text
-    assert REASONED[0] not in text
-    with pytest.raises(UserError, match=r"does not render message 0 \(system\).*remove the system message"):
-        encode_conversation(phi4_reasoning_tokenizer, messages)
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text.count(PHI4_REASONING_SYSTEM_PROMPT) == len(messages) and REASONED[0] not in text
+    with pytest.raises(UserError, match=r"does not render message 1 \(user\).*remove the system message"):
+        encode_conversation(tok, messages)
 
 
 def test_phi4_reasoning_config_facts_match_microsofts_phi4_reasoning_vision_config():
