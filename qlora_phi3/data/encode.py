@@ -142,9 +142,14 @@ class EncodedSplit:
 def renders_system_messages(tokenizer) -> bool:
     """Whether the chat template writes a system message's content. Phi-4-reasoning's published template does not:
     it writes its own fixed system prompt and ignores a system turn."""
+    from jinja2 import TemplateError
+
     probe = "qlora-phi3 probe of the system turn"
     messages = [{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}]
-    return probe in tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return probe in tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError:  # a template that refuses the system role (raise_exception) does not render it either
+        return False
 
 
 def encode_records(records: list[ChatRecord], tokenizer, max_seq_len: int) -> EncodedSplit:
