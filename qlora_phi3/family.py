@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from qlora_phi3.errors import UserError
 
-__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PUBLISHED", "THINK_TOKENS", "TokenizerFamily", "PublishedModel",
+__all__ = ["FAMILIES", "PHI3", "PHI4", "PHI4_MINI", "PHI4_MINI_REASONING_SYSTEM_PROMPT", "PHI4_REASONING_SYSTEM_PROMPT",
+           "PUBLISHED", "THINK_TOKENS", "TokenizerFamily", "PublishedModel",
            "check_supported", "family_for_config", "family_for_tokenizer", "published", "supported_summary"]
 
 
@@ -160,6 +161,36 @@ FAMILIES = {f.name: f for f in (PHI3, PHI4_MINI, PHI4)}
 _DEFAULT_FAMILY = next(iter(FAMILIES.values()))
 
 
+# The reasoning models' own chat templates, as package assets (assets/chat_templates/), each with its source:
+# - phi4_mini_reasoning.jinja: microsoft/Phi-4-mini-reasoning's chat_template.jinja, byte for byte as Microsoft's
+#   onnxruntime-extensions keeps it (test/data/phi-4-mini-reasoning/chat_template.jinja, commit f936ba4be191); a second
+#   copy (a project quoting unsloth/Phi-4-mini-reasoning's template verbatim) is the same text. It always opens with
+#   its fixed system prompt; a system message's content follows it after one space.
+# - phi4_reasoning.jinja: microsoft/Phi-4-reasoning's template as its conversion to GGUF for Ollama's library
+#   (phi4-reasoning:14b, May 2025) carries it in tokenizer.chat_template, which huggingface.js records verbatim
+#   (packages/ollama-utils/src/chat-template-automap.ts, commit fe42e68017ff; the same file's phi4-mini-reasoning entry
+#   is the template above, character for character). A second copy, modified (a switch to leave the system prompt
+#   out and a system branch added), keeps the rest. Its system prompt equals litgpt's Phi4Reasoning default
+#   (litgpt/prompts.py, commit 26857050fe3f). It writes its fixed system prompt, the user and assistant turns
+#   (the reply inside {% generation %}), and ignores system messages. Another copy in circulation (unsloth's,
+#   tests/data/published/) differs: docs/models.md.
+_TEMPLATE_ASSETS = "assets/chat_templates"
+PHI4_REASONING_SYSTEM_PROMPT = (
+    "You are Phi, a language model trained by Microsoft to help users. Your role as an assistant involves thoroughly "
+    "exploring questions through a systematic thinking process before providing the final precise and accurate "
+    "solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, reassessment, "
+    "reflection, backtracing, and iteration to develop well-considered thinking process. Please structure your "
+    "response into two main sections: Thought and Solution using the specified format: <think> {Thought section} "
+    "</think> {Solution section}. In the Thought section, detail your reasoning process in steps. Each step should "
+    "include detailed considerations such as analysing questions, summarizing relevant findings, brainstorming new "
+    "ideas, verifying the accuracy of the current steps, refining any errors, and revisiting previous steps. In the "
+    "Solution section, based on various attempts, explorations, and reflections from the Thought section, "
+    "systematically present the final solution that you deem correct. The Solution section should be logical, "
+    "accurate, and concise and detail necessary steps needed to reach the conclusion. Now, try to solve the following "
+    "question through the above guidelines:")
+PHI4_MINI_REASONING_SYSTEM_PROMPT = "Your name is Phi, an AI math expert developed by Microsoft."
+
+
 @dataclass(frozen=True)
 class PublishedModel:
     """A published model: its Hub id, the revision our recipes pin, its tokenizer family and the config.json
@@ -169,6 +200,15 @@ class PublishedModel:
     family: TokenizerFamily
     config: dict = field(default_factory=dict)
     note: str = ""
+    # The model's own chat template where it is not its family's: a file under assets/chat_templates/ ("" = the
+    # family's), and the fixed system prompt that template writes.
+    template_asset: str = ""
+    system_prompt: str = ""
+
+    @property
+    def chat_template(self) -> str:
+        """The model's published chat template (its own asset, else its tokenizer family's)."""
+        return _template_asset(self.template_asset) if self.template_asset else self.family.chat_template
 
     @property
     def head_dim(self) -> int:
@@ -177,6 +217,12 @@ class PublishedModel:
     @property
     def rotary_dims(self) -> int:
         return int(self.head_dim * self.config.get("partial_rotary_factor", 1.0))
+
+
+def _template_asset(name: str) -> str:
+    from importlib.resources import files
+
+    return files("qlora_phi3").joinpath(_TEMPLATE_ASSETS, name).read_text(encoding="utf-8")
 
 
 # Fields shared by every phi3-architecture config.json (only the sizes, context and rope differ).
@@ -229,9 +275,12 @@ _PHI4_MINI_CONFIG = dict(_COMMON, hidden_size=3072, intermediate_size=8192, num_
                          partial_rotary_factor=0.75, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999,
                          original_max_position_embeddings=4096)
 # microsoft/phi-4's config.json: Phi-3-medium's layer shapes, the 100,352-row vocabulary, 16k positions without
-# rope scaling (rope_theta 250,000), no sliding window. Phi-4-reasoning(-plus): 32k positions, rope_theta 500,000.
-# From the published config.json as public conversion code (llama.cpp's phi.py keys its 'no sliding window' case on
-# Phi-4) and model cards describe it; no copy of the file was readable offline.
+# rope scaling (rope_theta 250,000), no sliding window. Every one of these fields equals the one verbatim copy of the
+# file found (as first released, transformers 4.47.0, quoted in a public note; docs/models.md). That copy says eos =
+# pad = 100257, as the first release's tokenizer did; the updated tokenizer_config.json (Microsoft's copy in
+# onnxruntime-extensions, tests/data/published/) has eos <|im_end|> 100265 and pad <|dummy_85|> 100349, which we use.
+# Phi-4-reasoning(-plus): 32k positions, rope_theta 500,000 and those ids, as Microsoft's Phi-4-reasoning-vision-15B
+# config.json has them for its Phi-4-shaped language model (its own config.json was not found).
 _PHI4_CONFIG = dict(_MEDIUM, vocab_size=100352, rope_theta=250000.0, max_position_embeddings=16384,
                     original_max_position_embeddings=16384, sliding_window=None, rope_scaling=None,
                     bos_token_id=100257, eos_token_id=100265, pad_token_id=100349)
@@ -253,18 +302,22 @@ PUBLISHED = {m.hub_id: m for m in (
                    dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
                         short_factor=PHI4_MINI_SHORT_FACTOR),
                    note="grouped-query attention (24/8, head dim 128), rotary on 96 of 128 dims, tied embeddings"),
-    # A Phi-4-mini fine-tune for maths: the same architecture, config and tokenizer.
+    # A Phi-4-mini fine-tune for maths: the same architecture, config and tokenizer (its published
+    # tokenizer_config.json has Phi-4-mini's added tokens; its config.json was not found). Its own chat template.
     PublishedModel("microsoft/Phi-4-mini-reasoning", None, PHI4_MINI,
                    dict(_PHI4_MINI_CONFIG, **_LONG_128K, long_factor=PHI4_MINI_LONG_FACTOR,
                         short_factor=PHI4_MINI_SHORT_FACTOR),
-                   note="Phi-4-mini-instruct's architecture and tokenizer; writes <think>...</think> before answering"),
+                   note="Phi-4-mini-instruct's architecture and tokenizer; writes <think>...</think> before answering",
+                   template_asset="phi4_mini_reasoning.jinja", system_prompt=PHI4_MINI_REASONING_SYSTEM_PROMPT),
     PublishedModel("microsoft/phi-4", None, PHI4, dict(_PHI4_CONFIG),
                    note="Phi-3-medium's layout (40 layers, 40/10 heads, hidden 5120), full rotary, untied, 16k "
                         "context"),
     PublishedModel("microsoft/Phi-4-reasoning", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
-                   note="Phi-4 fine-tuned to write <think>...</think> before answering; 32k context"),
+                   note="Phi-4 fine-tuned to write <think>...</think> before answering; 32k context",
+                   template_asset="phi4_reasoning.jinja", system_prompt=PHI4_REASONING_SYSTEM_PROMPT),
     PublishedModel("microsoft/Phi-4-reasoning-plus", None, PHI4, dict(_PHI4_CONFIG, **_PHI4_REASONING_CONTEXT),
-                   note="Phi-4-reasoning with further reinforcement learning; same architecture and template"),
+                   note="Phi-4-reasoning with further reinforcement learning; same architecture and template",
+                   template_asset="phi4_reasoning.jinja", system_prompt=PHI4_REASONING_SYSTEM_PROMPT),
 )}
 
 # Models people try that are not this architecture or tokenizer family, with why and what to use instead (matched on

@@ -30,7 +30,7 @@ from qlora_phi3.errors import UserError
 from qlora_phi3.family import THINK_TOKENS, family_for_tokenizer
 from qlora_phi3.phi3 import IGNORE_INDEX
 
-__all__ = ["EncodedSplit", "encode_conversation", "encode_records", "reply_markers"]
+__all__ = ["EncodedSplit", "encode_conversation", "encode_records", "renders_system_messages", "reply_markers"]
 
 
 def reply_markers(tokenizer) -> tuple[list[int], int, tuple[str, ...]]:
@@ -87,10 +87,27 @@ def encode_conversation(tokenizer, messages: list[dict], markers=None) -> tuple[
         i = stop + 1
     expected = sum(1 for m in messages if m["role"] == "assistant")
     if replies != expected:
+        _refuse_dropped_message(messages, text)
         raise UserError(f"found {replies} assistant replies in the tokens but the conversation has {expected} "
                         "assistant turns; the chat template is not the model's own (or its reply header "
                         f"{tokenizer.decode(header)!r} is tokenized differently inside the conversation).")
     return ids, labels
+
+
+def _refuse_dropped_message(messages: list[dict], text: str) -> None:
+    """Name the message the chat template did not render at all, when one is missing: a template can drop turns
+    (a copy of Phi-4-reasoning's template in circulation, unsloth's, writes its fixed system prompt in place of every
+    message of a conversation that starts with a system message), and 'the template is not the model's own' would
+    then mislead."""
+    for i, m in enumerate(messages):
+        # A system turn may be left out by design (Phi-4-reasoning's template writes its own): only turns count.
+        if m["role"] != "system" and m["content"].strip() and m["content"].strip() not in text:
+            hint = (" It starts with a system message, which a template with its own system prompt (a copy of"
+                    " Phi-4-reasoning's does) can render in place of the turns: remove the system message from the"
+                    " data."
+                    if messages[0]["role"] == "system" else " Check that the tokenizer's template is the model's own.")
+            raise UserError(f"the model's chat template does not render message {i} ({m['role']}) of this "
+                            f"conversation, so its replies cannot be labelled.{hint}")
 
 
 @dataclass
@@ -122,9 +139,29 @@ class EncodedSplit:
         return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
 
 
+def renders_system_messages(tokenizer) -> bool:
+    """Whether the chat template writes a system message's content. Phi-4-reasoning's published template does not:
+    it writes its own fixed system prompt and ignores a system turn."""
+    from jinja2 import TemplateError
+
+    probe = "qlora-phi3 probe of the system turn"
+    messages = [{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}]
+    try:
+        return probe in tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError:  # a template that refuses the system role (raise_exception) does not render it either
+        return False
+
+
 def encode_records(records: list[ChatRecord], tokenizer, max_seq_len: int) -> EncodedSplit:
     out = EncodedSplit([], [], [])
     markers = reply_markers(tokenizer)
+    with_system = sum(1 for rec in records if any(m["role"] == "system" for m in rec.messages))
+    if with_system and not renders_system_messages(tokenizer):
+        from qlora_phi3.ui import warn
+
+        # Not an error: the model runs with the same template, so it never sees a system turn either.
+        warn(f"{with_system} of {len(records)} conversations have a system message, which the model's chat template "
+             "does not render (it writes its own system prompt): they train without it, as the model will run.")
     for rec in records:
         try:
             ids, labels = encode_conversation(tokenizer, rec.messages, markers)

@@ -1,21 +1,26 @@
 """The Phi family as data: published facts, offline estimates, the tiny shapes, Phi-4-mini's real o200k tokenizer,
 labels and stops on each family's own tokens, and refusals that name what is supported."""
 
+import copy
 import hashlib
 import json
 import lzma
+from pathlib import Path
 
 import pytest
 
 from qlora_phi3.config import ModelConfig, load_recipe
 from qlora_phi3.data.encode import encode_conversation
 from qlora_phi3.errors import UserError
-from qlora_phi3.family import PHI3, PHI4_MINI, PUBLISHED, check_supported, family_for_config, published
+from qlora_phi3.family import PHI3, PHI4_MINI, PHI4_MINI_REASONING_SYSTEM_PROMPT, PUBLISHED, check_supported, \
+    family_for_config, published
 from qlora_phi3.memory.estimate import config_for_estimate, estimate, lora_shapes, rotary_dims
 from qlora_phi3.phi3 import IGNORE_INDEX
 
 PHI4 = "microsoft/Phi-4-mini-instruct"
 RECIPE = "recipes/phi3_mini_4k_12gb.yaml"
+# Copies of published files, with their sources in docs/models.md.
+PUBLISHED_FILES = Path(__file__).parents[2] / "data" / "published"
 
 
 def _recipe(hub, *overrides):
@@ -185,6 +190,63 @@ def test_phi4_mini_labels_are_exactly_the_replies_and_their_end(phi4_tokenizer):
     assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i in (assistant, 199999, 200021, 200022))
 
 
+def test_phi4_mini_tokenizer_tables_are_the_published_files():
+    """Our Phi-4-mini table against Microsoft's copies of Phi-4-mini-instruct's and Phi-4-mini-reasoning's
+    tokenizer_config.json (onnxruntime-extensions test data): every added token's id, which are 'special' (the tool
+    markup is not), bos / eos / pad and the chat template."""
+    instruct, reasoning = (json.loads((PUBLISHED_FILES / f"microsoft_Phi-4-mini-{name}_tokenizer_config.json")
+                                      .read_text(encoding="utf-8")) for name in ("instruct", "reasoning"))
+    for published_config in (instruct, reasoning):
+        added = published_config["added_tokens_decoder"]
+        assert {t["content"]: int(i) for i, t in added.items()} == PHI4_MINI.special_ids
+        assert {t["content"] for t in added.values() if not t["special"]} == {
+            "<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>"}
+        assert (published_config["bos_token"], published_config["eos_token"], published_config["pad_token"]) == (
+            PHI4_MINI.bos_token, PHI4_MINI.eos_token, PHI4_MINI.pad_token)
+    assert instruct["chat_template"] == PHI4_MINI.chat_template
+
+
+# Microsoft's test of Phi-4-mini-reasoning's tokenizer (onnxruntime-extensions test/pp_api_test/test_tokenizer_chat.cc,
+# Phi4MiniReasoningChatTemplate, commit 319f8d2c02c4): the prompt and ids 'from HuggingFace Python output'.
+KNIGHT = [{"role": "system", "content": "You are a medieval knight and must provide explanations to modern people."},
+          {"role": "user", "content": "How should I explain the Internet?"}]
+KNIGHT_PROMPT = ("<|system|>Your name is Phi, an AI math expert developed by Microsoft. You are a medieval knight and "
+                 "must provide explanations to modern people.<|end|><|user|>How should I explain the Internet?<|end|>"
+                 "<|assistant|>")
+KNIGHT_IDS = [200022, 9719, 1308, 382, 102143, 11, 448, 20837, 13324, 8333, 9742, 656, 8321, 13, 1608, 553, 261, 55145,
+              105457, 326, 2804, 3587, 69457, 316, 6809, 1665, 13, 200020, 200021, 5299, 1757, 357, 16644, 290, 7380,
+              30, 200020, 200019]
+
+
+def _mini_reasoning(tok):
+    tok = copy.copy(tok)  # the session's tokenizer keeps Phi-4-mini-instruct's template
+    tok.chat_template = PUBLISHED["microsoft/Phi-4-mini-reasoning"].chat_template
+    return tok
+
+
+def test_phi4_mini_reasoning_template_gives_the_published_prompt_token_for_token(phi4_tokenizer):
+    tok = _mini_reasoning(phi4_tokenizer)
+    text = tok.apply_chat_template(KNIGHT, tokenize=False, add_generation_prompt=True)
+    assert text == KNIGHT_PROMPT
+    assert tok(text, add_special_tokens=False)["input_ids"] == KNIGHT_IDS
+    # No system message: the template writes its own, as the model card's chat format shows.
+    assert tok.apply_chat_template(KNIGHT[1:], tokenize=False, add_generation_prompt=True) == (
+        f"<|system|>{PHI4_MINI_REASONING_SYSTEM_PROMPT}<|end|><|user|>How should I explain the Internet?<|end|>"
+        "<|assistant|>")
+
+
+def test_phi4_mini_reasoning_labels_each_reply_with_its_think_block_never_the_system_prompt(phi4_tokenizer):
+    tok = _mini_reasoning(phi4_tokenizer)
+    r1, r2 = "<think>3x^2 + 4x + 4 has discriminant -32.</think>No real root.", "<think>-2/3 ± ...</think>x = -2/3 ± i"
+    turns = [{"role": "user", "content": "Solve 3x^2 + 4x + 5 = 1."}, {"role": "assistant", "content": r1},
+             {"role": "user", "content": "Over the complex numbers?"}, {"role": "assistant", "content": r2}]
+    for messages in (turns, [{"role": "system", "content": "Be brief."}] + turns):
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert r1 in text and r2 in text  # the earlier reply keeps its think block: the template writes content as is
+        ids, labels = encode_conversation(tok, messages)
+        assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == f"{r1}<|end|>{r2}<|end|>"
+
+
 def test_phi3_labels_unchanged_on_its_own_tokens(tiny_tokenizer):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ids, labels = encode_conversation(tiny_tokenizer, messages)
@@ -258,7 +320,8 @@ def test_tiny_phi35_mini_keeps_its_published_longrope_factors():
 
 
 FAMILY_RECIPES = ("phi35_mini_12gb", "phi4_mini_12gb", "phi4_mini_8gb", "phi3_medium_4k_12gb", "phi4_12gb",
-                  "phi4_reasoning_12gb", "phi4_mini_reasoning_12gb")
+                  "phi4_reasoning_12gb", "phi4_mini_reasoning_12gb", "phi4_mini_12gb_grpo", "phi35_mini_12gb_grpo",
+                  "phi4_mini_reasoning_12gb_grpo")
 
 
 @pytest.mark.parametrize("name", FAMILY_RECIPES)
@@ -276,7 +339,7 @@ def test_family_recipes_fit_their_budget_as_their_header_says(name):
     said = float(re.search(r"Predicted peak: ([\d.]+) GiB", path.read_text()).group(1))
     est = estimate(recipe, config_for_estimate(recipe.model))
     assert est.total_gib == pytest.approx(said, abs=0.005)
-    budget = int(re.search(r"_(\d+)gb$", name).group(1))
+    budget = int(re.search(r"_(\d+)gb(_|$)", name).group(1))
     assert est.total_gib <= 0.9 * budget
     assert recipe.data.max_seq_len <= PUBLISHED[model.hub_id].config["max_position_embeddings"]
 

@@ -1,17 +1,27 @@
 """Phi-4 (14B) and the reasoning models as one tokenizer family: the real cl100k_base vocabulary shipped and checked
 by OpenAI's hash, the tokenizer derived from it giving llama.cpp's published ids, Phi-4's special-token ids, chat
-template and pad, labels that are exactly each reply and its <|im_end|>, and the refusals of what it is not."""
+template and pad (against Microsoft's copy of the published file), labels that are exactly each reply and its
+<|im_end|>, Phi-4-reasoning's own template (the published prompt token for token, its think blocks in the loss), and
+the refusals of what it is not."""
 
+import copy
 import hashlib
+import json
 import lzma
+from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
 
 from qlora_phi3.data.encode import encode_conversation
 from qlora_phi3.errors import UserError
-from qlora_phi3.family import PHI4, PUBLISHED, check_supported, family_for_config, family_for_tokenizer
+from qlora_phi3.family import PHI4, PHI4_REASONING_SYSTEM_PROMPT, PUBLISHED, check_supported, family_for_config, \
+    family_for_tokenizer
 from qlora_phi3.phi3 import IGNORE_INDEX
+
+# Copies of published files, with their sources in docs/models.md.
+PUBLISHED_FILES = Path(__file__).parents[2] / "data" / "published"
+REASONING = PUBLISHED["microsoft/Phi-4-reasoning"]
 
 
 def test_shipped_cl100k_ranks_are_openais_file_byte_for_byte():
@@ -68,6 +78,102 @@ def test_phi4_labels_are_exactly_each_reply_and_its_im_end(phi4_14b_tokenizer):
     assert 78191 in ids and not {100264, 100266, 100257} & set(kept)
     with pytest.raises(UserError, match="reads as a special token"):
         encode_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a<|im_end|>"}])
+
+
+def test_phi4_tokenizer_table_is_the_published_file():
+    """Our Phi-4 table against Microsoft's copy of microsoft/phi-4's tokenizer_config.json (onnxruntime-extensions
+    test data, the version updated after release): all 96 added tokens' ids, bos / eos / pad and the chat template."""
+    published_config = json.loads((PUBLISHED_FILES / "microsoft_phi-4_tokenizer_config.json").read_text())
+    added = published_config["added_tokens_decoder"]
+    assert {t["content"]: int(i) for i, t in added.items()} == PHI4.special_ids
+    assert all(t["special"] for t in added.values())
+    assert (published_config["bos_token"], published_config["eos_token"], published_config["pad_token"]) == (
+        PHI4.bos_token, PHI4.eos_token, PHI4.pad_token)
+    assert published_config["chat_template"] == PHI4.chat_template
+
+
+def test_phi4_renders_the_published_ids(phi4_14b_tokenizer):
+    """Microsoft's test of microsoft/phi-4's tokenizer (onnxruntime-extensions test/pp_api_test/
+    test_tokenizer_chat.cc, Phi4ChatTemplate, commit 319f8d2c02c4): ids 'from HuggingFace Python output'."""
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "How should I explain the Internet?"}]
+    text = phi4_14b_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert phi4_14b_tokenizer(text, add_special_tokens=False)["input_ids"] == [
+        100264, 9125, 100266, 2675, 527, 264, 11190, 18328, 13, 100265, 100264, 882, 100266, 4438, 1288, 358, 10552,
+        279, 8191, 30, 100265, 100264, 78191, 100266]
+
+
+@pytest.fixture(scope="module")
+def phi4_reasoning_tokenizer(phi4_14b_tokenizer):
+    tok = copy.copy(phi4_14b_tokenizer)  # the session's tokenizer keeps Phi-4's template
+    tok.chat_template = REASONING.chat_template
+    return tok
+
+
+REASONED = ("<think>3x^2 + 4x + 4 has discriminant 16 - 48 < 0.</think>No real solution.",
+            "<think>x = (-4 ± sqrt(-32)) / 6.</think>x = (-2 ± 2i·sqrt(2)) / 3")
+TWO_TURNS = [{"role": "user", "content": "Solve 3x^2 + 4x + 5 = 1."}, {"role": "assistant", "content": REASONED[0]},
+             {"role": "user", "content": "Over the complex numbers?"}, {"role": "assistant", "content": REASONED[1]}]
+
+
+def test_phi4_reasoning_template_gives_the_published_prompt(phi4_reasoning_tokenizer):
+    """The model card's chat format (as Unsloth's Phi-4 reasoning guide quotes it): the fixed system prompt, then the
+    turns; a system message is not written (the template has no branch for it), so it cannot replace that prompt."""
+    published = (f"<|im_start|>system<|im_sep|>{PHI4_REASONING_SYSTEM_PROMPT}<|im_end|><|im_start|>user<|im_sep|>"
+                 "What is 1+1?<|im_end|><|im_start|>assistant<|im_sep|>")
+    question = [{"role": "user", "content": "What is 1+1?"}]
+    for messages in (question, [{"role": "system", "content": "Be brief."}] + question):
+        assert phi4_reasoning_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                            add_generation_prompt=True) == published
+
+
+def test_phi4_reasoning_labels_are_the_templates_own_generation_spans(phi4_reasoning_tokenizer, phi4_14b_tokenizer):
+    """The template marks each reply and its <|im_end|> with {% generation %}: our labels (the token walk) are
+    exactly those tokens, think blocks included, in every turn; the fixed system prompt and a system message carry
+    no loss, and the encoder says the system message is not in the training text."""
+    from qlora_phi3.data.encode import encode_records
+    from qlora_phi3.data.read import ChatRecord
+
+    tok = phi4_reasoning_tokenizer
+    for messages in (TWO_TURNS, [{"role": "system", "content": "Be brief."}] + TWO_TURNS):
+        ids, labels = encode_conversation(tok, messages)
+        marked = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        assert marked["input_ids"] == ids
+        assert [lab != IGNORE_INDEX for lab in labels] == [bool(m) for m in marked["assistant_masks"]]
+        assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == (
+            f"{REASONED[0]}<|im_end|>{REASONED[1]}<|im_end|>")
+    warned = []
+    records = [ChatRecord([{"role": "system", "content": "Be brief."}] + TWO_TURNS, "x.jsonl:1")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("qlora_phi3.ui.warn", warned.append)
+        encode_records(records, tok, 4096)
+        encode_records(records, phi4_14b_tokenizer, 4096)  # Phi-4's template writes system messages: no warning
+    assert len(warned) == 1 and warned[0].startswith("1 of 1 conversations have a system message")
+
+
+def test_a_template_that_drops_the_turns_behind_a_system_message_is_refused_saying_why(phi4_14b_tokenizer):
+    """Unsloth's copy of Phi-4-reasoning's template (tests/data/published/, docs/models.md) writes its fixed system
+    prompt once per message, and no turns, when the conversation starts with a system message. The encoder says
+    which message is missing and what to do, not that the template is not the model's own."""
+    tok = copy.copy(phi4_14b_tokenizer)
+    tok.chat_template = (PUBLISHED_FILES / "unsloth_phi-4-reasoning_chat_template.jinja").read_text()
+    messages = [{"role": "system", "content": "Be brief."}] + TWO_TURNS
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text.count(PHI4_REASONING_SYSTEM_PROMPT) == len(messages) and REASONED[0] not in text
+    with pytest.raises(UserError, match=r"does not render message 1 \(user\).*remove the system message"):
+        encode_conversation(tok, messages)
+
+
+def test_phi4_reasoning_config_facts_match_microsofts_phi4_reasoning_vision_config():
+    """Phi-4-reasoning's config.json was not found; Microsoft's Phi-4-reasoning-vision-15B (its language model has
+    Phi-4's shape) publishes the 32k context, rope_theta 500,000 and the token ids reported for it."""
+    vision = json.loads((PUBLISHED_FILES / "microsoft_Phi-4-reasoning-vision-15B_config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "original_max_position_embeddings", "rope_theta", "rope_scaling",
+            "sliding_window", "tie_word_embeddings", "rms_norm_eps", "attention_bias", "hidden_act", "bos_token_id",
+            "eos_token_id", "pad_token_id")
+    assert {k: REASONING.config[k] for k in keys} == {k: vision[k] for k in keys}
+    assert vision["partial_rotary_factor"] == 1.0 and REASONING.rotary_dims == REASONING.head_dim
 
 
 def test_stops_are_phi4s_own_ids(phi4_14b_tokenizer):
