@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 # rows): at an epoch's ragged end accelerate fills each rank's last batch by repeating rows (even_batches), so
 # a run that crosses it differs from one process, packed or not.
 COMMON = ["data.max_samples=160", "train.eval_steps=0", "train.save_steps=0", "train.max_steps=2", "lora.dropout=0",
-          "train.warmup_ratio=0", "train.max_grad_norm=1e9", "train.loss_chunk_tokens=0"]
+          "train.warmup_ratio=0", "train.max_grad_norm=1e9", "train.loss_chunk_tokens=0", "train.sample_prompts=0"]
 
 
 def _env():

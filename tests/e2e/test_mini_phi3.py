@@ -30,7 +30,7 @@ def _recipe(model_dir: Path, out: Path, *overrides: str):
     return load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [
         f"model.name_or_path={model_dir}", f"train.output_dir={out}", "train.max_steps=3", "train.eval_steps=3",
         "train.save_steps=3", "train.micro_batch_size=4", "train.logging_steps=1", "data.max_samples=40",
-        "data.max_eval_samples=2", *overrides])
+        "data.max_eval_samples=2", "train.sample_prompts=0", *overrides])
 
 
 @pytest.mark.parametrize("kind", ["4k", "128k"])

@@ -128,7 +128,8 @@ def test_merged_compares_the_16_bit_base_with_the_adapter_merged_into_it(run_dir
 def test_train_eval_tasks_compares_when_training_ends(tmp_path):
     out = tmp_path / "run"
     code, printed = _cli("train", "train.max_steps=2", "train.eval_steps=0", "train.save_steps=0",
-                         "train.eval_tasks=[tiny_chat_facts]", "train.eval_limit=12", f"train.output_dir={out}")
+                         "train.eval_tasks=[tiny_chat_facts]", "train.eval_limit=12", "train.sample_prompts=0",
+                         f"train.output_dir={out}")
     assert code == 0, printed
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["eval"]["tasks"] == ["tiny_chat_facts"]

@@ -16,7 +16,7 @@ from qlora_phi3.run.record import ADAPTER_META
 pytestmark = pytest.mark.slow  # every test here trains, or reuses a trained run, or starts a process
 
 QUICK = ["data.max_samples=40", "data.max_eval_samples=4", "train.eval_steps=0", "train.logging_steps=1",
-         "train.micro_batch_size=8"]
+         "train.micro_batch_size=8", "train.sample_prompts=0"]
 
 
 def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -54,7 +54,7 @@ def runs(tiny_run, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("rslora") / "rslora"
     recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [
         f"train.output_dir={out}", f"train.max_steps={RSLORA_STEPS}", f"train.eval_steps={RSLORA_STEPS}",
-        f"train.save_steps={RSLORA_STEPS}", "lora.use_rslora=true", "lora.alpha=8"])
+        f"train.save_steps={RSLORA_STEPS}", "lora.use_rslora=true", "lora.alpha=8", "train.sample_prompts=0"])
     return {"lora": tiny_run[1].output_dir, "rslora": train(recipe).output_dir}
 
 
