@@ -17,6 +17,7 @@ import difflib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -24,6 +25,9 @@ from peft.tuners.lora import LoraLayer
 
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
+
+if TYPE_CHECKING:
+    from qlora_phi3.model.load import ModelSource
 
 __all__ = ["Coverage", "adapter_dir", "attach_lora", "check_adapter_fits", "check_lora_variant", "check_still_tied",
            "check_targets", "coverage", "initial_adapter_dir", "is_tied", "load_adapter_weights", "lora_config"]
@@ -103,25 +107,25 @@ def lora_config(settings: LoraSettings):
     )
 
 
-def _safetensors_path(model_cfg: ModelConfig) -> str | None:
+def _safetensors_path(model: ModelConfig | ModelSource) -> str | None:
     """The base model's 16-bit weights on this machine, as PEFT's LoftQ reads them (a file, or a sharded
     model's first-file name beside its index); None when they are not here."""
-    from qlora_phi3.model.load import resolve_model_path
+    from qlora_phi3.model.load import ModelSource, resolve_model_path
 
-    local = Path(resolve_model_path(model_cfg.name_or_path)).expanduser()
+    local = Path(model.path if isinstance(model, ModelSource) else resolve_model_path(model.name_or_path)).expanduser()
     if local.is_dir():
         found = [n for n in ("model.safetensors", "model.safetensors.index.json") if (local / n).is_file()]
         return str(local / "model.safetensors") if found else None
     from huggingface_hub import try_to_load_from_cache
 
     for name in ("model.safetensors", "model.safetensors.index.json"):
-        cached = try_to_load_from_cache(model_cfg.name_or_path, name, revision=model_cfg.revision)
+        cached = try_to_load_from_cache(model.name_or_path, name, revision=model.revision)
         if isinstance(cached, str):
             return str(Path(cached).parent / "model.safetensors")
     return None
 
 
-def check_lora_variant(settings: LoraSettings, model_cfg: ModelConfig) -> None:
+def check_lora_variant(settings: LoraSettings, model: ModelConfig | ModelSource) -> None:
     """Variant settings that cannot work on a 4-bit base, refused before the model loads."""
     if settings.init == "pissa":
         raise UserError("lora.init=pissa: PEFT's PiSSA takes an SVD of the 16-bit weight and rewrites the base with "
@@ -132,13 +136,13 @@ def check_lora_variant(settings: LoraSettings, model_cfg: ModelConfig) -> None:
         raise UserError(f"lora.init={settings.init} with lora.use_dora=true: the saved adapter is converted to a plain "
                         "LoRA against the original base (rank 2r), which PEFT cannot do for DoRA's magnitude vector; "
                         "use one of the two.")
-    if settings.init == "loftq" and _safetensors_path(model_cfg) is None:
+    if settings.init == "loftq" and _safetensors_path(model) is None:
         raise UserError(f"lora.init=loftq: LoftQ fits the adapter to the quantization error of each weight, so it reads "
-                        f"the 16-bit weights from safetensors files, and {model_cfg.name_or_path} has none on this "
+                        f"the 16-bit weights from safetensors files, and {model.name_or_path} has none on this "
                         "machine; download the model first (hf download ...) or use another lora.init.")
 
 
-def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | None = None):
+def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | ModelSource | None = None):
     """Wrap the frozen 4-bit model with trainable fp32 LoRA adapters on the checked targets.
 
     We skip ``prepare_model_for_kbit_training``: it upcasts all non-quantized weights to fp32 (~0.4 GB on

@@ -24,8 +24,8 @@ from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
-from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
-                                   pick_compute_dtype, pick_device, read_model_config)
+from qlora_phi3.model.load import (Choice, ModelSource, hide_load_progress_bars, load_model, load_tokenizer,
+                                   pick_attention, pick_compute_dtype, pick_device, read_model_config, resolve_model)
 from qlora_phi3.model.lora import (attach_lora, check_adapter_fits, check_lora_variant, coverage, initial_adapter_dir,
                                    load_adapter_weights)
 from qlora_phi3.run.card import write_card
@@ -123,6 +123,7 @@ class Run:
     recipe: Recipe
     out: Path
     plan: RunDir
+    source: ModelSource  # the recipe's model, resolved once
     model_config: object
     device: Choice
     dtype: Choice
@@ -170,14 +171,14 @@ def _cpu_threads(device: str) -> Choice | None:
     return Choice(str(n), why)
 
 
-def _check_and_choose(recipe: Recipe, measuring: bool):
+def _check_and_choose(recipe: Recipe, source: ModelSource, measuring: bool):
     """What can be wrong with the recipe against the model, before anything loads; then the device, compute dtype,
     attention and CPU threads, said in one line with the reason for each."""
-    model_config = read_model_config(recipe.model)
+    model_config = read_model_config(source)
     check_context(recipe, getattr(model_config, "max_position_embeddings", None))
     device, dtype, attn = _choices(recipe)
     _check_fsdp(recipe, dtype.value)
-    check_lora_variant(recipe.lora, recipe.model)
+    check_lora_variant(recipe.lora, source)
     if recipe.model.adapter:
         check_adapter_fits(recipe.model.adapter, recipe.lora, recipe.model)
     if not measuring:
@@ -219,9 +220,10 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     recipe, out = with_absolute_paths(plan.recipe), plan.path
     if measuring:
         recipe.train.max_steps = measurer.total_steps
-    model_config, device, dtype, attn, threads = _check_and_choose(recipe, measuring)
+    source = resolve_model(recipe.model)  # once: every later step takes it (no second lookup or Hub probe)
+    model_config, device, dtype, attn, threads = _check_and_choose(recipe, source, measuring)
     method = get_method(recipe.train.method)
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(source)
     data = method.load_data(recipe, tokenizer)
     prompts = [] if measuring else sample_prompts(recipe, data.eval_records)
     fingerprint = data.train.fingerprint()
@@ -233,7 +235,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     # transformers' FSDP-aware loading checks for (it is skipped when the model loads before the group exists).
     args = method.training_arguments(recipe, out, device.value, dtype.value, measuring=measuring)
     transformers.set_seed(recipe.train.seed)
-    model = _load_peft_model(recipe, tokenizer, device.value, dtype.value, attn.value)
+    model = _load_peft_model(recipe, source, tokenizer, device.value, dtype.value, attn.value)
 
     world_size = launch_world_size()
     effective_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
@@ -274,7 +276,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     if not measuring:
         prepare_trackers(recipe, out)
     record.update()
-    return Run(recipe, out, plan, model_config, device, dtype, attn, method, tokenizer, data, trainer, progress,
+    return Run(recipe, out, plan, source, model_config, device, dtype, attn, method, tokenizer, data, trainer, progress,
                meter, record, interrupt, samples, measurer, t_start, keeper=keeper)
 
 
@@ -287,15 +289,15 @@ def _keep_record(recipe: Recipe, out: Path, trainer, record: RunRecord, progress
     return keeper
 
 
-def _load_peft_model(recipe: Recipe, tokenizer, device: str, dtype: str, attn: str):
+def _load_peft_model(recipe: Recipe, source: ModelSource, tokenizer, device: str, dtype: str, attn: str):
     """The frozen 4-bit base with LoRA attached (a continued adapter loaded into it), tiled if asked."""
-    model = load_model(recipe.model, device, dtype, attn)
+    model = load_model(source, device, dtype, attn)
     # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
     # than have the Trainer "align" it with a warning.
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = attach_lora(model, recipe.lora, recipe.model)
+    model = attach_lora(model, recipe.lora, source)
     if recipe.model.adapter:  # continue a trained adapter (e.g. SFT before DPO): its weights, trainable
         load_adapter_weights(model, recipe.model.adapter)
     enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off
