@@ -36,9 +36,9 @@ from qlora_phi3.run.history import KeepRecord, earlier_history
 from qlora_phi3.run.measure import MeasureSteps
 from qlora_phi3.run.methods import get_method
 from qlora_phi3.run.methods.base import MethodData
-from qlora_phi3.run.preflight import check_context
+from qlora_phi3.run.preflight import Checked, check_context, preflight
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
-from qlora_phi3.run.rundir import RunDir, clear_run_dir, prepare_run_dir, resume_command
+from qlora_phi3.run.rundir import RunDir, clear_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
 from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers
@@ -83,7 +83,8 @@ def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
                         "(see recipes/phi3_mini_4k_fsdp.yaml).")
 
 
-def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss") -> RunResult:
+def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
+          checked: Checked | None = None) -> RunResult:
     """Run ``recipe`` to completion: :func:`setup`, :func:`fit`, :func:`finish` (see the module docstring); under
     torchrun/accelerate, one rank of it.
 
@@ -91,9 +92,11 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
         resume: continue the run in ``train.output_dir`` from its last complete checkpoint.
         force: delete the run in ``train.output_dir`` (once this run starts) and start over.
         cpu_memory: on a CPU, "rss" (sampled, near-free) or "tensors" (live-tensor peak, slower).
+        checked: what :func:`qlora_phi3.run.preflight.preflight` found for this recipe and flags (the CLI runs it
+            before torch loads); None: setup runs it.
     """
     try:
-        run = setup(recipe, resume, force, cpu_memory=cpu_memory)
+        run = setup(recipe, resume, force, cpu_memory=cpu_memory, checked=checked)
         fit(run)
         return finish(run)
     finally:
@@ -171,11 +174,13 @@ def _cpu_threads(device: str) -> Choice | None:
     return Choice(str(n), why)
 
 
-def _check_and_choose(recipe: Recipe, source: ModelSource, measuring: bool):
+def _check_and_choose(recipe: Recipe, source: ModelSource, checked_context: int | None, measuring: bool):
     """What can be wrong with the recipe against the model, before anything loads; then the device, compute dtype,
     attention and CPU threads, said in one line with the reason for each."""
     model_config = read_model_config(source)
-    check_context(recipe, getattr(model_config, "max_position_embeddings", None))
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context != checked_context:  # the preflight checked against this number already, or could not know it
+        check_context(recipe, context)
     device, dtype, attn = _choices(recipe)
     _check_fsdp(recipe, dtype.value)
     check_lora_variant(recipe.lora, source)
@@ -207,24 +212,27 @@ def _claim_run_dir(plan, recipe: Recipe, force: bool) -> None:
 
 
 def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
-          measurer: MeasureSteps | None = None) -> Run:
+          measurer: MeasureSteps | None = None, checked: Checked | None = None) -> Run:
     """Everything before the first step: check the inputs (before any model loads), load data, the 4-bit model
     and LoRA, build the method's trainer, and claim the run directory (only now is it written to).
 
     ``measurer`` (the profiler's callback) makes the run a measurement: only its steps, no evaluation,
-    checkpoints, trackers, sample answers or adapter."""
+    checkpoints, trackers, sample answers or adapter. ``checked``: the preflight's findings for this recipe and
+    flags (run directory, records, context), taken as they are; without them, the preflight runs here."""
     t_start = time.perf_counter()
     hide_load_progress_bars()
     measuring = measurer is not None
-    plan = prepare_run_dir(recipe, resume, force)
-    recipe, out = with_absolute_paths(plan.recipe), plan.path
+    if checked is None or not checked.is_for(recipe, resume, force):
+        checked = preflight(recipe, resume, force)
+    plan, out = checked.plan, checked.plan.path
+    recipe = with_absolute_paths(plan.recipe)  # as the preflight checked it (a copy: measuring sets max_steps)
     if measuring:
         recipe.train.max_steps = measurer.total_steps
     source = resolve_model(recipe.model)  # once: every later step takes it (no second lookup or Hub probe)
-    model_config, device, dtype, attn, threads = _check_and_choose(recipe, source, measuring)
+    model_config, device, dtype, attn, threads = _check_and_choose(recipe, source, checked.context, measuring)
     method = get_method(recipe.train.method)
     tokenizer = load_tokenizer(source)
-    data = method.load_data(recipe, tokenizer)
+    data = method.load_data(recipe, tokenizer, checked.records)
     prompts = [] if measuring else sample_prompts(recipe, data.eval_records)
     fingerprint = data.train.fingerprint()
     if plan.resume_from is not None and plan.previous.get("dataset", {}).get("fingerprint") not in (None, fingerprint):
