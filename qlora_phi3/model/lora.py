@@ -19,10 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
-
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
 
@@ -43,6 +39,8 @@ _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
 
 def _linear_leaf_names(model) -> dict[str, int]:
     """Leaf name -> how many Linear(-like) modules carry it (4-bit Linear4bit included)."""
+    import torch
+
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
@@ -92,6 +90,8 @@ def check_targets(model, targets: list[str]) -> None:
 
 
 def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -149,6 +149,8 @@ def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | ModelSou
     Phi-3-mini) for no benefit with bf16 compute. Activation checkpointing is the Trainer's to turn on
     (``run.train`` passes it in the training arguments), non-reentrant, so no input grads are needed.
     ``model_cfg`` (the base's identity) is needed for lora.init=loftq, which reads its 16-bit weights."""
+    from peft import get_peft_model
+
     check_targets(model, settings.target_modules)
     # autocast_adapter_dtype keeps LoRA weights in fp32 even over a bf16/fp16 base (needed for fp16 loss scaling).
     peft_model = get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
@@ -164,7 +166,6 @@ def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | ModelSou
     return peft_model
 
 
-@torch.no_grad()
 def _loftq_replace(peft_model, weights_path: str) -> None:
     """LoftQ on the 4-bit base (one step): each adapter starts as the best rank-r fit of its weight's quantization
     error, so base + adapter starts closer to the 16-bit model than the 4-bit base alone.
@@ -176,6 +177,7 @@ def _loftq_replace(peft_model, weights_path: str) -> None:
     """
     import json
 
+    import torch
     from bitsandbytes.functional import dequantize_4bit
     from peft.tuners.lora import Linear4bit
     from safetensors import safe_open
@@ -191,12 +193,13 @@ def _loftq_replace(peft_model, weights_path: str) -> None:
         with safe_open(str(path.parent / shard_of[key]) if shard_of else str(path), framework="pt") as f:
             w16 = f.get_tensor(key).float()
         weight = module.get_base_layer().weight
-        residual = w16 - dequantize_4bit(weight.data, weight.quant_state).float()
-        r, scaling = module.r["default"], module.scaling["default"]
-        u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
-        root = sv[:r].sqrt()
-        module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
-        module.lora_B["default"].weight.data = (u[:, :r] * root[None] / scaling).to(module.lora_B["default"].weight.dtype)
+        with torch.no_grad():
+            residual = w16 - dequantize_4bit(weight.data, weight.quant_state).float()
+            r, scaling = module.r["default"], module.scaling["default"]
+            u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+            root = sv[:r].sqrt()
+            module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
+            module.lora_B["default"].weight.data = (u[:, :r] * root[None] / scaling).to(module.lora_B["default"].weight.dtype)
 
 
 def check_still_tied(model, when: str) -> None:
@@ -226,6 +229,8 @@ class Coverage:
 
 def coverage(peft_model, targets: list[str]) -> list[Coverage]:
     """Per target: how many of the model's layers got an adapter, and its trainable parameters."""
+    from peft.tuners.lora import LoraLayer
+
     base = peft_model.get_base_model()
     total_layers = getattr(base.config, "num_hidden_layers", 0)
     rows = []

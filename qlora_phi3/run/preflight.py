@@ -14,6 +14,7 @@ library caller gives it none, so the messages are the same either way.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,13 @@ from qlora_phi3.data.read import LoadReport, check_data_file
 from qlora_phi3.data.split import read_training_records
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import published
+from qlora_phi3.model.lora import check_adapter_fits, check_lora_variant
 from qlora_phi3.run.rundir import RunDir, prepare_run_dir
 
-__all__ = ["Checked", "check_context", "known_context", "preflight"]
+__all__ = ["Checked", "check_context", "check_trackers", "known_context", "preflight", "trackers"]
+
+# tracker -> (module that must import, pip extra that installs it)
+_NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,11 @@ class Checked:
         return self.given is recipe and (self.resume, self.force) == (resume, force)
 
 
-def preflight(recipe: Recipe, resume: bool = False, force: bool = False) -> Checked:
+def preflight(recipe: Recipe, resume: bool = False, force: bool = False, *, measuring: bool = False) -> Checked:
     """Refuse, with the same one-line messages as :func:`qlora_phi3.run.train.setup`, what can be known wrong
-    without loading torch: the run directory, the data and its records, the context length. Writes nothing.
-    Returns what it found, for setup (:class:`Checked`)."""
+    without loading torch: the run directory, the data and its records, the context length, the LoRA variant, a
+    continued adapter's shape, the trackers (not when ``measuring``: a measurement reports to none). Writes
+    nothing. Returns what it found, for setup (:class:`Checked`)."""
     plan = prepare_run_dir(recipe, resume, force)
     run_recipe = with_absolute_paths(plan.recipe)  # as setup() uses it: on --resume, the run's own recipe
     check_data_file(run_recipe.data)
@@ -53,6 +59,11 @@ def preflight(recipe: Recipe, resume: bool = False, force: bool = False) -> Chec
     limit = known_context(run_recipe.model)
     if limit:
         check_context(run_recipe, limit)
+    check_lora_variant(run_recipe.lora, run_recipe.model)
+    if run_recipe.model.adapter:
+        check_adapter_fits(run_recipe.model.adapter, run_recipe.lora, run_recipe.model)
+    if not measuring:
+        check_trackers(run_recipe)
     return Checked(recipe, resume, force, plan, records, limit)
 
 
@@ -79,3 +90,18 @@ def check_context(recipe: Recipe, limit: int | None) -> None:
         raise UserError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's context of {limit} "
                         f"tokens ({recipe.model.name_or_path}); lower it or use a long-context model "
                         "(microsoft/Phi-3-mini-128k-instruct).")
+
+
+def trackers(recipe: Recipe) -> list[str]:
+    """The trackers a run reports to ('none' dropped)."""
+    return [name for name in dict.fromkeys(recipe.train.report_to) if name != "none"]
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Every requested tracker is installed; else one error naming the extra (``find_spec``: nothing imported)."""
+    missing = [name for name in trackers(recipe) if importlib.util.find_spec(_NEEDS[name][0]) is None]
+    if missing:
+        extras = ",".join(_NEEDS[name][1] for name in missing)
+        raise UserError(f"train.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+                        f"install with `pip install 'qlora-phi3[{extras}]'` or drop "
+                        f"{'it' if len(missing) == 1 else 'them'} from train.report_to.")

@@ -26,8 +26,7 @@ from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
 from qlora_phi3.model.load import (Choice, ModelSource, hide_load_progress_bars, load_model, load_tokenizer,
                                    pick_attention, pick_compute_dtype, pick_device, read_model_config, resolve_model)
-from qlora_phi3.model.lora import (attach_lora, check_adapter_fits, check_lora_variant, coverage, initial_adapter_dir,
-                                   load_adapter_weights)
+from qlora_phi3.model.lora import attach_lora, coverage, initial_adapter_dir, load_adapter_weights
 from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.epochs import epoch_coverage, say_coverage
@@ -41,7 +40,7 @@ from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, Ru
 from qlora_phi3.run.rundir import RunDir, clear_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
-from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers
+from qlora_phi3.run.tracking import attach_trackers, prepare_trackers
 from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
 from qlora_phi3.ui import console, info, warn
 
@@ -174,7 +173,7 @@ def _cpu_threads(device: str) -> Choice | None:
     return Choice(str(n), why)
 
 
-def _check_and_choose(recipe: Recipe, source: ModelSource, checked_context: int | None, measuring: bool):
+def _check_and_choose(recipe: Recipe, source: ModelSource, checked_context: int | None):
     """What can be wrong with the recipe against the model, before anything loads; then the device, compute dtype,
     attention and CPU threads, said in one line with the reason for each."""
     model_config = read_model_config(source)
@@ -182,12 +181,7 @@ def _check_and_choose(recipe: Recipe, source: ModelSource, checked_context: int 
     if context != checked_context:  # the preflight checked against this number already, or could not know it
         check_context(recipe, context)
     device, dtype, attn = _choices(recipe)
-    _check_fsdp(recipe, dtype.value)
-    check_lora_variant(recipe.lora, source)
-    if recipe.model.adapter:
-        check_adapter_fits(recipe.model.adapter, recipe.lora, recipe.model)
-    if not measuring:
-        check_trackers(recipe)
+    _check_fsdp(recipe, dtype.value)  # the LoRA variant, a continued adapter and the trackers: in the preflight
     threads = _cpu_threads(device.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
          f"attention [bold]{attn.value}[/] ({attn.reason})"
@@ -223,13 +217,13 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     hide_load_progress_bars()
     measuring = measurer is not None
     if checked is None or not checked.is_for(recipe, resume, force):
-        checked = preflight(recipe, resume, force)
+        checked = preflight(recipe, resume, force, measuring=measuring)
     plan, out = checked.plan, checked.plan.path
     recipe = with_absolute_paths(plan.recipe)  # as the preflight checked it (a copy: measuring sets max_steps)
     if measuring:
         recipe.train.max_steps = measurer.total_steps
     source = resolve_model(recipe.model)  # once: every later step takes it (no second lookup or Hub probe)
-    model_config, device, dtype, attn, threads = _check_and_choose(recipe, source, checked.context, measuring)
+    model_config, device, dtype, attn, threads = _check_and_choose(recipe, source, checked.context)
     method = get_method(recipe.train.method)
     tokenizer = load_tokenizer(source)
     data = method.load_data(recipe, tokenizer, checked.records)
