@@ -5,7 +5,10 @@ have been. :func:`preflight` runs, with no heavy import, the checks that need no
 checked by ``load_recipe``), the run directory (:func:`qlora_phi3.run.rundir.prepare_run_dir`), the data file's
 whole-file checks (:func:`qlora_phi3.data.read.check_data_file`) and its records one by one, as the method reads them
 (:func:`qlora_phi3.data.split.read_training_records`: data with no usable record, or too many bad ones, is refused
-now), and ``data.max_seq_len`` against the model's context when its ``config.json`` is on disk or published.
+now; a Hub dataset needs the datasets library, not torch), ``data.max_seq_len`` against the model's context when
+its ``config.json`` is on disk or published, the LoRA variant and a continued adapter's shape (files only:
+:func:`qlora_phi3.model.lora.check_lora_variant`, :func:`qlora_phi3.model.lora.check_adapter_fits`) and whether
+the trackers are installed (:func:`check_trackers`, which imports none of them).
 
 What it found is handed on (:class:`Checked`): :func:`qlora_phi3.run.train.setup` takes the run directory's plan,
 the records it read (the file is read once) and the context it checked, and runs :func:`preflight` itself when a
