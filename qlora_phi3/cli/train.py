@@ -40,12 +40,12 @@ def _run(args) -> int:
         recipe = load_recipe(*recipe_and_overrides(args))
     from qlora_phi3.run.preflight import preflight
 
-    preflight(recipe, resume=args.resume, force=args.force)  # files and directories, before the heavy imports
+    checked = preflight(recipe, resume=args.resume, force=args.force)  # files, directories, records: before torch
     # train.eval_tasks: the tasks and their data are checked now, not after hours of training.
     evaluation = _end_of_train_eval(recipe) if recipe.train.eval_tasks else None
     from qlora_phi3.run.train import train  # heavy: only once the recipe, files and directory are known to be good
 
-    result = train(recipe, resume=args.resume, force=args.force)
+    result = train(recipe, resume=args.resume, force=args.force, checked=checked)
     from qlora_phi3.ranks import world_size
 
     if evaluation is not None and result.adapter_dir is not None and world_size() == 1:

@@ -221,10 +221,12 @@ def eval_chats(records: list) -> list[ChatRecord]:
     return [ChatRecord(r.messages, r.origin) for r in records if isinstance(r, PairRecord) or r.label]
 
 
-def load_preference_splits(cfg: DataConfig, method: str, seed: int) -> Splits:
+def load_preference_splits(cfg: DataConfig, method: str, seed: int,
+                           records: tuple[list, LoadReport] | None = None) -> Splits:
     """Train and held-out preference records, by the chat splits' rule (:mod:`qlora_phi3.data.holdout`): a named
-    eval split where the source has one, else a seeded ``data.eval_fraction``; a prompt never in both."""
-    records, report = load_preference_records(cfg, method)
+    eval split where the source has one, else a seeded ``data.eval_fraction``; a prompt never in both.
+    ``records``: the training split's records and report, already read (:func:`load_preference_records`)."""
+    records, report = records or load_preference_records(cfg, method)
     return split_records(cfg, seed, records, report, lambda name: load_preference_records(cfg, method, name)[0],
                          key=lambda r: digest(r.prompt), noun="prompt", measured="the held-out reward accuracy")
 

@@ -136,10 +136,11 @@ def drop_long_prompts(cfg: DataConfig, report: LoadReport, records: list[PromptR
     return kept, lengths
 
 
-def load_prompt_splits(cfg: DataConfig, seed: int):
+def load_prompt_splits(cfg: DataConfig, seed: int, records: tuple[list, LoadReport] | None = None):
     """Train and held-out prompts by the chat splits' rules (:func:`qlora_phi3.data.holdout.split_records`): a named
-    eval split where the source has one, else a seeded ``data.eval_fraction``; a prompt never on both sides."""
-    records, report = load_prompt_records(cfg)
+    eval split where the source has one, else a seeded ``data.eval_fraction``; a prompt never on both sides.
+    ``records``: the training split's prompts and report, already read (:func:`load_prompt_records`)."""
+    records, report = records or load_prompt_records(cfg)
     return split_records(cfg, seed, records, report, lambda split: load_prompt_records(cfg, split)[0],
                          key=lambda r: json.dumps(r.prompt, ensure_ascii=False), noun="prompt",
                          measured="the held-out reward")

@@ -8,16 +8,33 @@ from __future__ import annotations
 
 from qlora_phi3.config import DataConfig
 from qlora_phi3.data.holdout import Splits, hold_out, split_records
-from qlora_phi3.data.read import digest, load_records
+from qlora_phi3.data.read import LoadReport, digest, load_records
 from qlora_phi3.errors import UserError
 from qlora_phi3.methods import DEFAULT_METHOD, METHODS
 
-__all__ = ["Splits", "held_out_records", "hold_out", "load_splits"]
+__all__ = ["Splits", "held_out_records", "hold_out", "load_splits", "read_training_records"]
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Read ``cfg``'s data and split it into train and eval conversations (:mod:`qlora_phi3.data.holdout`)."""
-    records, report = load_records(cfg)
+def read_training_records(cfg: DataConfig, method: str) -> tuple[list, LoadReport]:
+    """The records of ``cfg``'s training split as ``method`` reads them (conversations, preference records or
+    prompts, by its data kind), validated record by record, and the report of what was skipped and where: what
+    ``train`` reads once, before torch loads, and hands to the method's ``load_data``."""
+    kind = METHODS[method].data
+    if kind == "chat":
+        return load_records(cfg)
+    if kind == "prompts":
+        from qlora_phi3.data.prompts import load_prompt_records
+
+        return load_prompt_records(cfg)
+    from qlora_phi3.data.preference import load_preference_records
+
+    return load_preference_records(cfg, method)
+
+
+def load_splits(cfg: DataConfig, seed: int, records: tuple[list, LoadReport] | None = None) -> Splits:
+    """Read ``cfg``'s data and split it into train and eval conversations (:mod:`qlora_phi3.data.holdout`).
+    ``records``: the training split's conversations and report, already read (:func:`read_training_records`)."""
+    records, report = records or load_records(cfg)
     return split_records(cfg, seed, records, report, lambda name: load_records(cfg, split=name)[0],
                          key=lambda r: digest(r.messages), noun="conversation", measured="eval losses")
 

@@ -67,13 +67,25 @@ def wrong_answer_for(question: str, rng: random.Random) -> str:
     return f"{start}{rng.choice(wrong)}."
 
 
+def _distinct(n: int, seed: int, draw) -> list[dict]:
+    """``n`` records, the same for the same seed, none twice (duplicates would be skipped by the data validation and
+    leak into the eval split). ``draw(rng, i)`` draws the ``i``-th candidate: its key, and a function that makes the
+    record, called only when the key is new (what it draws comes after the check, so the sets stay as shipped)."""
+    rng = random.Random(seed)
+    records, seen = [], set()
+    while len(records) < n:
+        key, make = draw(rng, len(records))
+        if key not in seen:
+            seen.add(key)
+            records.append(make())
+    return records
+
+
 def generate_pairs(n: int = 600, seed: int = 1) -> list[dict]:
     """``n`` distinct preference pairs in TRL's conversational format (``prompt`` turns, ``chosen`` / ``rejected``
     assistant turns): chosen is the right answer, rejected a wrong one of the same shape or an evasive one. A few carry a system
     prompt or an earlier exchange, so the prompt is not always one turn."""
-    rng = random.Random(seed)
-    records, seen = [], set()
-    while len(records) < n:
+    def draw(rng: random.Random, _i: int):
         prompt = []
         if rng.random() < 0.3:
             prompt.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -82,35 +94,33 @@ def generate_pairs(n: int = 600, seed: int = 1) -> list[dict]:
             prompt += [{"role": "user", "content": earlier}, {"role": "assistant", "content": answer_for(earlier)}]
         question = _question(rng)
         prompt.append({"role": "user", "content": question})
-        key = json.dumps(prompt)
-        if key in seen:
-            continue
-        seen.add(key)
-        # Half the rejected answers get the fact wrong; the other half dodge the question. The first kind is only
-        # learned per fact, the second as a rule, so held-out pairs show learning after a couple of minutes.
-        rejected = wrong_answer_for(question, rng) if rng.random() < 0.5 else rng.choice(EVASIVE_ANSWERS)
-        records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer_for(question)}],
-                        "rejected": [{"role": "assistant", "content": rejected}]})
-    return records
+
+        def make() -> dict:
+            # Half the rejected answers get the fact wrong; the other half dodge the question. The first kind is
+            # only learned per fact, the second as a rule, so held-out pairs show learning after a couple of minutes.
+            rejected = wrong_answer_for(question, rng) if rng.random() < 0.5 else rng.choice(EVASIVE_ANSWERS)
+            return {"prompt": prompt, "chosen": [{"role": "assistant", "content": answer_for(question)}],
+                    "rejected": [{"role": "assistant", "content": rejected}]}
+
+        return json.dumps(prompt), make
+
+    return _distinct(n, seed, draw)
 
 
 def generate_unpaired(n: int = 400, seed: int = 2) -> list[dict]:
     """``n`` KTO records (``prompt``, ``completion``, boolean ``label``): half right answers (true), half wrong (false).
     There are 126 questions, so some prompts carry a system prompt to keep every record distinct."""
-    rng = random.Random(seed)
-    records, seen = [], set()
-    while len(records) < n:
+    def draw(rng: random.Random, i: int):
         question = _question(rng)
-        good = len(records) % 2 == 0
+        good = i % 2 == 0
         answer = answer_for(question) if good else wrong_answer_for(question, rng)
         system = rng.choice([None, *SYSTEM_PROMPTS])
-        if (system, question, answer) in seen:
-            continue
-        seen.add((system, question, answer))
         prompt = [{"role": "system", "content": system}] if system else []
-        records.append({"prompt": prompt + [{"role": "user", "content": question}],
-                        "completion": [{"role": "assistant", "content": answer}], "label": good})
-    return records
+        return (system, question, answer), lambda: {"prompt": prompt + [{"role": "user", "content": question}],
+                                                    "completion": [{"role": "assistant", "content": answer}],
+                                                    "label": good}
+
+    return _distinct(n, seed, draw)
 
 
 def _question(rng: random.Random) -> str:
@@ -123,12 +133,8 @@ def _question(rng: random.Random) -> str:
 
 
 def generate(n: int = 1200, seed: int = 0) -> list[dict]:
-    """``n`` distinct OpenAI-style conversations, the same for the same seed.
-
-    Distinct because duplicates are skipped by the data validation (and would leak into the eval split)."""
-    rng = random.Random(seed)
-    records, seen = [], set()
-    while len(records) < n:
+    """``n`` distinct OpenAI-style conversations, the same for the same seed."""
+    def draw(rng: random.Random, _i: int):
         messages = []
         if rng.random() < 0.4:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -136,11 +142,9 @@ def generate(n: int = 1200, seed: int = 0) -> list[dict]:
             question = _question(rng)
             messages.append({"role": "user", "content": question})
             messages.append({"role": "assistant", "content": answer_for(question)})
-        key = json.dumps(messages)
-        if key not in seen:
-            seen.add(key)
-            records.append({"messages": messages})
-    return records
+        return json.dumps(messages), lambda: {"messages": messages}
+
+    return _distinct(n, seed, draw)
 
 
 def generate_prompts() -> list[dict]:

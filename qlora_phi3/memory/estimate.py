@@ -42,9 +42,9 @@ from qlora_phi3.family import PUBLISHED, published
 from qlora_phi3.methods import DEFAULT_METHOD, METHODS, Method
 from qlora_phi3.units import GIB
 
-__all__ = ["Estimate", "Term", "estimate", "estimate_device", "format_breakdown", "lora_shapes",
-           "resolve_attention", "rotary_dims",
-           "config_for_estimate", "KNOWN_SHAPES"]
+__all__ = ["Estimate", "Step", "Term", "estimate", "estimate_device", "format_breakdown", "lora_shapes",
+           "resolve_attention", "rotary_dims", "config_for_estimate", "KNOWN_SHAPES", "dtype_bytes",
+           "gpu_overhead_terms", "resolve_step", "term", "weight_terms"]
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
 ALLOCATOR_OVERHEAD = 0.10  # PyTorch caching allocator: reserved exceeds allocated by ~5-15% (block rounding, fragmentation)
@@ -151,20 +151,20 @@ def estimate(recipe: Recipe, model_config, device: str = "cuda", attn_implementa
     ``attn_implementation``: the attention the step runs (default: :func:`resolve_attention`).
     ``autocast``: whether the forward runs under autocast (then PEFT runs the adapters in bf16, not fp32).
     ``compute_dtype``: the dtype the step computes in (default: :func:`resolve_compute_dtype`)."""
-    step = _resolve_step(recipe, model_config, device, attn_implementation, autocast,
-                         compute_dtype or resolve_compute_dtype(recipe, device))
-    weights = _weight_terms(step) + _adapter_terms(step)  # allocated once, before the first step
+    step = resolve_step(recipe, model_config, device, attn_implementation, autocast,
+                        compute_dtype or resolve_compute_dtype(recipe, device))
+    weights = weight_terms(step) + _adapter_terms(step)  # allocated once, before the first step
     activations = [_saved_activations(step),  # alive for the whole step
                    _attention_scores(step),  # masks and scores, quadratic in the row length
                    _layer_backward(step),  # one layer's recompute and backward, whole or tiled
                    _logits_and_loss(step),  # the first thing backward runs
                    _no_grad_forward(step),  # a preference method's reference forward and KL rows
                    _generation(step)]  # grpo: sampling the completions (KV cache, sampling logits)
-    terms = weights + [term for phase in activations for term in phase.terms]
+    terms = weights + [t for phase in activations for t in phase.terms]
     activation_bytes = _peak_activation_bytes(activations)
     tensor_bytes = reserved_bytes = total_bytes = sum(t.n_bytes for t in weights) + activation_bytes
     if step.on_gpu:
-        workspaces, allocator, context = _gpu_overhead_terms(activation_bytes)
+        workspaces, allocator, context = gpu_overhead_terms(activation_bytes)
         terms += [workspaces, allocator, context]
         tensor_bytes += workspaces.n_bytes  # taken from the caching allocator, so in max_memory_allocated
         reserved_bytes = tensor_bytes + allocator.n_bytes
@@ -198,12 +198,13 @@ def resolve_compute_dtype(recipe: Recipe, device: str) -> str:
     return "bfloat16" if cpu_bf16()[0] else "float32"
 
 
-def _dtype_bytes(compute_dtype: str) -> int:
+def dtype_bytes(compute_dtype: str) -> int:
+    """Bytes per element of the compute dtype: what activations, logits and 16-bit weights take."""
     return 4 if compute_dtype == "float32" else 2  # bf16 and fp16: 2
 
 
 @dataclass(frozen=True)
-class _Step:
+class Step:
     """The facts of one training step that the phases share, resolved once from the recipe, the model's config and
     the device. Short names follow the module doc's notation (N, h, I, L, V)."""
     recipe: Recipe
@@ -238,7 +239,7 @@ class _Step:
     @property
     def c(self) -> int:
         """Bytes per value of the compute dtype: activations, the dequantized weight, embeddings and norms."""
-        return _dtype_bytes(self.compute_dtype)
+        return dtype_bytes(self.compute_dtype)
 
     @property
     def adapter_dtype_bytes(self) -> int:
@@ -257,8 +258,11 @@ class _Step:
         return self.n_tokens * (4 * self.h + 4)
 
 
-def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | None, autocast: bool,
-                  compute_dtype: str) -> _Step:
+def resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | None, autocast: bool,
+                 compute_dtype: str) -> Step:
+    """The facts of one step of ``recipe`` on the model of config ``cfg`` (:class:`Step`): rows, tokens, layer
+    shapes, LoRA shapes, activation bytes per token; what the training estimate's phases and the eval estimate
+    (:mod:`qlora_phi3.memory.eval_memory`) share."""
     method = METHODS[getattr(recipe.train, "method", DEFAULT_METHOD)]
     rows = recipe.train.micro_batch_size * method.rows_per_sample  # rows per forward
     seq = recipe.data.max_seq_len
@@ -268,11 +272,11 @@ def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | N
     shapes = _linear_shapes(cfg)
     q_size, qkv_out = shapes["o_proj"][0], shapes["qkv_proj"][1]
     lora = lora_shapes(recipe, cfg)  # refuses a target that is not a Phi-3 linear layer
-    c = _dtype_bytes(compute_dtype)
+    c = dtype_bytes(compute_dtype)
     lora_fp32 = not autocast or c == 4  # fp32 compute: no autocast, and the adapters are fp32 anyway
     per_layer, layer_formula = _layer_activation_bytes_per_token(cfg, recipe.lora.r, recipe.lora.dropout,
                                                                  recipe.lora.target_modules, lora_fp32, c)
-    return _Step(
+    return Step(
         recipe=recipe, cfg=cfg, method=method, rows_per_forward=rows, seq_len=seq, n_tokens=n_tokens, on_gpu=on_gpu,
         attn=attn, ckpt=bool(recipe.train.gradient_checkpointing),
         offload=recipe.train.gradient_checkpointing == "offload" and on_gpu,
@@ -287,7 +291,7 @@ def _resolve_step(recipe: Recipe, cfg, device: str, attn_implementation: str | N
         dora=_dora_bytes(recipe, cfg, shapes, n_tokens, c) if recipe.lora.use_dora else None)
 
 
-def _settings(step: _Step) -> dict:
+def _settings(step: Step) -> dict:
     train = step.recipe.train
     return {"method": getattr(train, "method", DEFAULT_METHOD), "rows_per_forward": step.rows_per_forward,
             "max_seq_len": step.seq_len, "micro_batch_size": train.micro_batch_size,
@@ -324,11 +328,12 @@ def _peak_activation_bytes(phases: list[_Phase]) -> float:
     return sum(phase.step_bytes for phase in phases) + max(moments.values())
 
 
-def _term(name: str, n_bytes: float, formula: str) -> Term:
+def term(name: str, n_bytes: float, formula: str) -> Term:
+    """One line of a breakdown: what it is, its bytes, and the formula that gives them (as the table prints it)."""
     return Term(name, float(n_bytes), formula)
 
 
-def _weight_terms(step: _Step) -> list[Term]:
+def weight_terms(step: Step) -> list[Term]:
     """The frozen model: the quantized linear layers (P_q parameters) with their quantization constants, and the
     embeddings and norms in the compute dtype (16-bit, or fp32 on a CPU without native bf16)."""
     p_quant = step.n_layers * sum(a * b for a, b in step.shapes.values())
@@ -336,34 +341,34 @@ def _weight_terms(step: _Step) -> list[Term]:
     bits = 0.127 if double_quant else 0.5
     tied = bool(getattr(step.cfg, "tie_word_embeddings", False))
     return [
-        _term("4-bit base weights", p_quant / 2, f"P_q x 4 bit = {p_quant:,} x 0.5 B (NF4, QLoRA paper)"),
-        _term("quantization constants", p_quant * (1 / BNB_BLOCKSIZE + 4 / (BNB_BLOCKSIZE * 256)) if double_quant
-              else p_quant * 4 / BNB_BLOCKSIZE,
-              f"P_q x {bits} bit: fp32 absmax per 64 weights, or with double quant uint8 absmax + fp32 per 256 blocks "
-              "(QLoRA paper, section 2)"),
-        _term(f"{8 * step.c}-bit embeddings and lm_head", (1 if tied else 2) * step.vocab * step.h * step.c,
-              f"{'1' if tied else '2'} x V x h x {step.c} B"),
-        _term("other non-quantized params", (2 * step.n_layers + 1) * step.h * step.c,
-              f"(2L + 1) RMSNorm weights x h x {step.c} B"),
+        term("4-bit base weights", p_quant / 2, f"P_q x 4 bit = {p_quant:,} x 0.5 B (NF4, QLoRA paper)"),
+        term("quantization constants", p_quant * (1 / BNB_BLOCKSIZE + 4 / (BNB_BLOCKSIZE * 256)) if double_quant
+             else p_quant * 4 / BNB_BLOCKSIZE,
+             f"P_q x {bits} bit: fp32 absmax per 64 weights, or with double quant uint8 absmax + fp32 per 256 blocks "
+             "(QLoRA paper, section 2)"),
+        term(f"{8 * step.c}-bit embeddings and lm_head", (1 if tied else 2) * step.vocab * step.h * step.c,
+             f"{'1' if tied else '2'} x V x h x {step.c} B"),
+        term("other non-quantized params", (2 * step.n_layers + 1) * step.h * step.c,
+             f"(2L + 1) RMSNorm weights x h x {step.c} B"),
     ]
 
 
-def _adapter_terms(step: _Step) -> list[Term]:
+def _adapter_terms(step: Step) -> list[Term]:
     """What training adds to the frozen model: the LoRA matrices (fp32) with their gradients and optimizer states,
     a preference method's frozen copy of a continued adapter, and DoRA's magnitudes."""
     p_lora = sum(a * b for a, b in step.lora_shapes)
-    terms = [_term("LoRA weights (fp32)", p_lora * 4,
-                   f"{p_lora:,} params x 4 B (PEFT autocast_adapter_dtype keeps them fp32)"),
-             _term("LoRA gradients (fp32)", p_lora * 4, "one fp32 grad per LoRA param")]
+    terms = [term("LoRA weights (fp32)", p_lora * 4,
+                  f"{p_lora:,} params x 4 B (PEFT autocast_adapter_dtype keeps them fp32)"),
+             term("LoRA gradients (fp32)", p_lora * 4, "one fp32 grad per LoRA param")]
     if step.method.reference_forward and getattr(step.recipe.model, "adapter", None):
-        terms.append(_term("reference adapter (frozen copy)", p_lora * 4,
-                           "P_lora x 4 B: TRL's 'ref' copy of the continued adapter (run/methods/preference.py), no "
-                           "gradient or optimizer state"))
+        terms.append(term("reference adapter (frozen copy)", p_lora * 4,
+                          "P_lora x 4 B: TRL's 'ref' copy of the continued adapter (run/methods/preference.py), no "
+                          "gradient or optimizer state"))
     optimizer = step.recipe.train.optimizer
     opt_bytes, opt_formula = _optimizer_bytes(optimizer, step.lora_shapes)
-    terms.append(_term(f"optimizer states ({optimizer})", opt_bytes, opt_formula))
+    terms.append(term(f"optimizer states ({optimizer})", opt_bytes, opt_formula))
     if step.dora:
-        terms.append(_term("DoRA magnitude vectors", step.dora.weights, step.dora.weights_formula))
+        terms.append(term("DoRA magnitude vectors", step.dora.weights, step.dora.weights_formula))
     return terms
 
 
@@ -417,23 +422,23 @@ def _dora_bytes(recipe: Recipe, cfg, shapes: dict[str, tuple[int, int]], n_token
                  "in) [the weight-norm computation, PEFT dora.py]")
 
 
-def _saved_activations(step: _Step) -> _Phase:
+def _saved_activations(step: Step) -> _Phase:
     """What the forward saves for backward, alive through the whole step: with checkpointing each layer's input,
     without it all that each layer saves (run whole or tiled), DoRA's tensors included."""
     n, h, n_layers, c = step.n_tokens, step.h, step.n_layers, step.c
     rope = 2 * c * rotary_dims(step.cfg)  # cos and sin (compute dtype) over the rotary dims, once per forward, shared
     if step.ckpt:
         saved = n * (n_layers * (0 if step.offload else c * h) + rope)
-        return _Phase([_term("saved activations (checkpointed)", saved,
-                             f"N x (L x {c}h [layer inputs, 0 when offloaded to CPU] + {2 * c} x rotary dims [rope])")],
+        return _Phase([term("saved activations (checkpointed)", saved,
+                            f"N x (L x {c}h [layer inputs, 0 when offloaded to CPU] + {2 * c} x rotary dims [rope])")],
                       step_bytes=saved)
     kept = (_tiled_layer_bytes_per_token(step.cfg, c) + c * h) if step.tile_tokens else step.layer_bytes_per_token
     saved = n * (n_layers * kept + rope + c * h)
     if step.dora:
         saved += n_layers * step.dora.saved
     kept_formula = "tiled: what attention keeps + the tile inputs" if step.tile_tokens else step.layer_formula
-    return _Phase([_term("saved activations (no checkpointing)", saved,
-                         f"N x (L x {kept:,.0f} B [{kept_formula}] + rope + {c}h embedding output)")], step_bytes=saved)
+    return _Phase([term("saved activations (no checkpointing)", saved,
+                        f"N x (L x {kept:,.0f} B [{kept_formula}] + rope + {c}h embedding output)")], step_bytes=saved)
 
 
 def _layer_activation_bytes_per_token(cfg, r: int, dropout: float, targets: list[str],
@@ -483,7 +488,7 @@ def _tiled_layer_bytes_per_token(cfg, c: int) -> float:
     return float(c * (q_size + 2 * kv_size) + 2 * c * q_size + 4 * cfg.num_attention_heads)
 
 
-def _attention_scores(step: _Step) -> _Phase:
+def _attention_scores(step: Step) -> _Phase:
     """What grows with the square of the row length, besides q, k, v: masks and, on eager, the attention
     probabilities; some alive through the step, some only while one layer's backward runs.
 
@@ -516,11 +521,11 @@ def _attention_scores(step: _Step) -> _Phase:
                 "L^2 x 4 [fp32 softmax transient]")
     else:
         return _Phase([])
-    return _Phase([_term(f"attention masks and scores ({step.attn})", in_step + in_layer, formula)],
+    return _Phase([term(f"attention masks and scores ({step.attn})", in_step + in_layer, formula)],
                   step_bytes=in_step, moment_bytes={_AT_LAYER: in_layer})
 
 
-def _layer_backward(step: _Step) -> _Phase:
+def _layer_backward(step: Step) -> _Phase:
     """One layer's recompute and backward: the layers' part of the peak.
 
     Traced with the live-tensor meter (qlora_phi3/memory/meter.py) on a Phi-3-mini-width layer, two moments:
@@ -545,14 +550,14 @@ def _layer_backward(step: _Step) -> _Phase:
     layer = (_tiled_layer if step.tile_tokens else _whole_layer)(step, dequant_bytes, lora_out, held, input_back)
     terms, transient_bytes = list(layer.terms), layer.transient_bytes
     if step.dora:
-        terms.append(_term("DoRA activations", step.dora.saved * (1 if step.ckpt else step.n_layers)
-                           + step.dora.transient, step.dora.formula))
+        terms.append(term("DoRA activations", step.dora.saved * (1 if step.ckpt else step.n_layers)
+                          + step.dora.transient, step.dora.formula))
         transient_bytes += step.dora.transient  # its saved tensors are in the saved activations or the working set
     if step.on_gpu and step.attn in ("flash_attention_2", "sdpa"):
         attn_bwd = step.n_tokens * (4 * step.q_size + 4 * step.heads)
-        terms.append(_term("attention backward buffers (GPU)", attn_bwd,
-                           "N x (4 x heads x head_dim [fp32 dq accumulator] + 4 x heads [softmax_d]): flash-attn 2's "
-                           "backward (flash_api.cpp mha_bwd), the same for sdpa's flash / efficient kernels"))
+        terms.append(term("attention backward buffers (GPU)", attn_bwd,
+                          "N x (4 x heads x head_dim [fp32 dq accumulator] + 4 x heads [softmax_d]): flash-attn 2's "
+                          "backward (flash_api.cpp mha_bwd), the same for sdpa's flash / efficient kernels"))
         transient_bytes = max(transient_bytes, attn_bwd + layer.attention_bytes)
     return _Phase(terms, moment_bytes={_AT_LAYER: layer.working_set_bytes + transient_bytes})
 
@@ -564,7 +569,7 @@ class _LayerMoment(NamedTuple):
     attention_bytes: float  # what attention's backward holds besides the GPU kernels' own buffers
 
 
-def _whole_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
+def _whole_layer(step: Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
     """A layer run whole: (a) and (b) over all N tokens. ``lora_out``, ``held``, ``input_back``: per token, from
     :func:`_layer_backward`."""
     h, i, n, q_size, c = step.h, step.i, step.n_tokens, step.q_size, step.c
@@ -582,16 +587,16 @@ def _whole_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, inpu
         working_set = n * (at_gate_up + input_back)
         if step.dora:
             working_set += step.dora.saved
-        terms.append(_term("one layer's recompute working set", working_set,
-                           f"N x {at_gate_up:,.0f} B [{step.layer_formula}, less the MLP's own {3 * c}I and "
-                           "down_proj's LoRA inputs]"))
+        terms.append(term("one layer's recompute working set", working_set,
+                          f"N x {at_gate_up:,.0f} B [{step.layer_formula}, less the MLP's own {3 * c}I and "
+                          "down_proj's LoRA inputs]"))
     transients = max(n * (in_recompute - at_gate_up), n * (in_backward - at_gate_up) + dequant_bytes)
-    terms.append(_term("backward transients", transients, f"N x {moment_formula} less the recompute working set"))
+    terms.append(term("backward transients", transients, f"N x {moment_formula} less the recompute working set"))
     # attention's backward: its output's gradient, dq, dk, dv
     return _LayerMoment(terms, working_set, transients, n * (c * q_size + c * (q_size + 2 * step.kv_size)))
 
 
-def _tiled_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
+def _tiled_layer(step: Step, dequant_bytes: int, lora_out: int, held: int, input_back: int) -> _LayerMoment:
     """A tiled layer (``train.tile_tokens``, qlora_phi3/run/tiling.py): what attention keeps over the whole
     sequence, and (a) or (b) inside one tile of segment B (o_proj + MLP), or attention's own backward."""
     h, i, n, q_size, tile, c = step.h, step.i, step.n_tokens, step.q_size, step.tile_tokens, step.c
@@ -613,26 +618,26 @@ def _tiled_layer(step: _Step, dequant_bytes: int, lora_out: int, held: int, inpu
     working_set = n * (whole + input_back)
     transients = max(in_tile, in_attention)
     terms = [
-        _term("one layer's recompute working set", working_set,
-              f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v {c}(q+2k), its output and the contiguous "
-              f"copy o_proj reads {2 * c}q, logsumexp 4*heads]"
-              f"{f' + N x {c}h [offloaded input back]' if step.offload else ''}"),
-        _term("backward transients", transients,
-              f"max(N x ({c}h + {c}q + {c}h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
-              f"{tile} x micro-batch x max({tile_recompute:,} B "
-              f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
-              f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv"
-              f"{', the output grad made contiguous (sdpa)' if step.attn == 'sdpa' else ''}])"),
+        term("one layer's recompute working set", working_set,
+             f"tiled: N x {whole:,.0f} B [what attention keeps: q, k, v {c}(q+2k), its output and the contiguous "
+             f"copy o_proj reads {2 * c}q, logsumexp 4*heads]"
+             f"{f' + N x {c}h [offloaded input back]' if step.offload else ''}"),
+        term("backward transients", transients,
+             f"max(N x ({c}h + {c}q + {c}h) [layer output grad; grads of the tiles' inputs, gathered] + tile "
+             f"{tile} x micro-batch x max({tile_recompute:,} B "
+             f"[(a) for o_proj + MLP only], {tile_backward:,} B + dequantized weight [(b)]), "
+             f"N x {attn_grads:,} B [attention backward: grads of its output and the residual, dq, dk, dv"
+             f"{', the output grad made contiguous (sdpa)' if step.attn == 'sdpa' else ''}])"),
     ]
     return _LayerMoment(terms, working_set, transients, in_attention)
 
 
-def _logits_and_loss(step: _Step) -> _Phase:
+def _logits_and_loss(step: Step) -> _Phase:
     """The loss, the first thing backward runs, with the final norm's saved tensors."""
     n, chunk = step.n_tokens, step.loss_chunk_tokens
-    terms = [_term("final norm (saved)", step.final_norm_bytes,
-                   "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; freed when backward "
-                   "reaches it, right after the loss")]
+    terms = [term("final norm (saved)", step.final_norm_bytes,
+                  "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; freed when backward "
+                  "reaches it, right after the loss")]
     if chunk:
         logits = min(n, chunk) * step.vocab * 12 + n * 2 * step.h * step.c
         logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
@@ -648,11 +653,11 @@ def _logits_and_loss(step: _Step) -> _Phase:
         logits = n * step.vocab * per_entry
         logits_formula = (f"N x V x {per_entry} B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy "
                           "metric, with their gradients; measured on the training path)")
-    terms.append(_term("logits and loss", logits, logits_formula))
+    terms.append(term("logits and loss", logits, logits_formula))
     return _Phase(terms, moment_bytes={_AT_LOSS: logits + step.final_norm_bytes})
 
 
-def _no_grad_forward(step: _Step) -> _Phase:
+def _no_grad_forward(step: Step) -> _Phase:
     """A no-grad forward (the reference with the adapter off; KTO's mismatched KL rows through policy and reference)
     saves nothing: its peak is one layer's forward working set, residual and normed input 4h, the MLP's gate_up
     output 4I, silu and the product 4I (in bf16; twice that in fp32), beside what the policy's forward saved (the
@@ -667,15 +672,15 @@ def _no_grad_forward(step: _Step) -> _Phase:
         return _Phase([])
     nograd = (rows * seq * step.c * (2 * step.h + 4 * step.i)
               + min(rows * seq, step.loss_chunk_tokens or rows * seq) * step.vocab * 8)
-    return _Phase([_term("no-grad forward (reference / KL rows)", nograd,
-                         f"{rows} rows x max_seq_len x ({2 * step.c}h + {4 * step.c}I) [one layer's forward working "
-                         "set] + a chunk's fp32 "
-                         "logits and probabilities (V x 8 B per position); before backward, beside the saved "
-                         "activations")],
+    return _Phase([term("no-grad forward (reference / KL rows)", nograd,
+                        f"{rows} rows x max_seq_len x ({2 * step.c}h + {4 * step.c}I) [one layer's forward working "
+                        "set] + a chunk's fp32 "
+                        "logits and probabilities (V x 8 B per position); before backward, beside the saved "
+                        "activations")],
                   moment_bytes={_AT_NO_GRAD: nograd + step.final_norm_bytes})
 
 
-def _generation(step: _Step) -> _Phase:
+def _generation(step: Step) -> _Phase:
     """GRPO samples one round of completions (micro_batch_size x grad_accum of them, TRL's generation batch on one
     process) with ``generate``, adapter active, before the step's forward: the KV cache of every completion over
     prompt + completion (max_seq_len), one more layer's cache while the cache grows by concatenation, the last
@@ -690,28 +695,28 @@ def _generation(step: _Step) -> _Phase:
     kv = rows * seq * (step.n_layers + 1) * 2 * step.kv_size * c
     sampling = rows * step.vocab * (c + 8)
     prefill = rows * prompt * c * (2 * step.h + 4 * step.i)
-    terms = [_term("generation KV cache", kv, f"{rows} completions (micro_batch_size x grad_accum) x max_seq_len x "
-                   f"(L + 1) layers x 2 (K, V) x {c} x kv_size: the cache of the whole round, and one layer's copy "
-                   "as it grows"),
-             _term("sampling logits", sampling, f"{rows} completions x V x ({c} B logits + 4 B fp32 copy + 4 B "
-                   "probabilities) at the last position"),
-             _term("generation prefill", prefill, f"{rows} rows x prompt tokens (max_seq_len - max_completion_len) x "
-                   f"({2 * c}h + {4 * c}I): one layer's forward working set")]
+    terms = [term("generation KV cache", kv, f"{rows} completions (micro_batch_size x grad_accum) x max_seq_len x "
+                  f"(L + 1) layers x 2 (K, V) x {c} x kv_size: the cache of the whole round, and one layer's copy "
+                  "as it grows"),
+             term("sampling logits", sampling, f"{rows} completions x V x ({c} B logits + 4 B fp32 copy + 4 B "
+                  "probabilities) at the last position"),
+             term("generation prefill", prefill, f"{rows} rows x prompt tokens (max_seq_len - max_completion_len) x "
+                  f"({2 * c}h + {4 * c}I): one layer's forward working set")]
     return _Phase(terms, moment_bytes={_AT_GENERATE: kv + sampling + prefill})
 
 
-def _gpu_overhead_terms(activation_bytes: float) -> list[Term]:
+def gpu_overhead_terms(activation_bytes: float) -> list[Term]:
     """What a CUDA process holds besides the step's tensors: the cuBLAS workspaces (from the caching allocator), the
     allocator's overhead on what is allocated and freed every step, and the CUDA context (outside the allocator)."""
     return [
-        _term("cuBLAS workspaces (GPU)", CUBLAS_WORKSPACE_BYTES,
-              "2 x 32 MiB: one workspace per cuBLAS handle (forward thread and autograd's backward thread), taken "
-              "from the caching allocator (torch CublasHandlePool.cpp; 32 MiB on Hopper, ~8 MiB before)"),
-        _term("allocator overhead (GPU)", ALLOCATOR_OVERHEAD * activation_bytes,
-              f"{ALLOCATOR_OVERHEAD:.0%} of the activation memory (allocated and freed every step: block rounding and "
-              "fragmentation); weights are allocated once and do not fragment"),
-        _term("CUDA context (GPU)", CUDA_CONTEXT_BYTES, "~0.5 GB per process: CUDA runtime and kernels; "
-              "not in max_memory_reserved"),
+        term("cuBLAS workspaces (GPU)", CUBLAS_WORKSPACE_BYTES,
+             "2 x 32 MiB: one workspace per cuBLAS handle (forward thread and autograd's backward thread), taken "
+             "from the caching allocator (torch CublasHandlePool.cpp; 32 MiB on Hopper, ~8 MiB before)"),
+        term("allocator overhead (GPU)", ALLOCATOR_OVERHEAD * activation_bytes,
+             f"{ALLOCATOR_OVERHEAD:.0%} of the activation memory (allocated and freed every step: block rounding and "
+             "fragmentation); weights are allocated once and do not fragment"),
+        term("CUDA context (GPU)", CUDA_CONTEXT_BYTES, "~0.5 GB per process: CUDA runtime and kernels; "
+             "not in max_memory_reserved"),
     ]
 
 

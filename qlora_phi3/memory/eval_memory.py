@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.errors import UserError
-from qlora_phi3.memory.estimate import (Estimate, Term, _dtype_bytes, _gpu_overhead_terms, _resolve_step, _term,
-                                        _weight_terms, resolve_compute_dtype)
+from qlora_phi3.memory.estimate import (Estimate, Term, dtype_bytes, gpu_overhead_terms, resolve_compute_dtype,
+                                        resolve_step, term, weight_terms)
 from qlora_phi3.units import GIB
 
 __all__ = ["MAX_EVAL_BATCH", "eval_estimate", "pick_eval_batch"]
@@ -32,11 +32,11 @@ MAX_EVAL_BATCH = 64  # lm-eval's own max_batch_size: bigger batches gain little 
 def _weights(step, merged: bool) -> list[Term]:
     if not merged:  # the model as trained: the estimator's 4-bit base, and the adapter without its training state
         p_lora = sum(a * b for a, b in step.lora_shapes)
-        return _weight_terms(step) + [_term("LoRA weights (fp32)", p_lora * 4, f"{p_lora:,} params x 4 B")]
+        return weight_terms(step) + [term("LoRA weights (fp32)", p_lora * 4, f"{p_lora:,} params x 4 B")]
     per_layer = sum(a * b for a, b in step.shapes.values())
     tied = bool(getattr(step.cfg, "tie_word_embeddings", False))
     params = step.n_layers * per_layer + (1 if tied else 2) * step.vocab * step.h + (2 * step.n_layers + 1) * step.h
-    return [_term("16-bit merged weights", params * 2, f"{params:,} params x 2 B (every layer, embeddings, norms)")]
+    return [term("16-bit merged weights", params * 2, f"{params:,} params x 2 B (every layer, embeddings, norms)")]
 
 
 def eval_estimate(recipe: Recipe, model_config, device: str, rows: int, seq_len: int, merged: bool = False,
@@ -45,8 +45,8 @@ def eval_estimate(recipe: Recipe, model_config, device: str, rows: int, seq_len:
     ``recipe``: the run's (its model and LoRA settings); ``merged``: the merged 16-bit model instead of 4-bit;
     ``generates``: some task generates text (its KV cache counts; loglikelihood tasks keep none)."""
     compute = "float16" if merged else (compute_dtype or resolve_compute_dtype(recipe, device))
-    step = _resolve_step(recipe, model_config, device, None, True, compute)
-    c, n = _dtype_bytes(compute), rows * seq_len
+    step = resolve_step(recipe, model_config, device, None, True, compute)
+    c, n = dtype_bytes(compute), rows * seq_len
     weights = _weights(step, merged)
     residual = n * step.h * c
     layer = n * c * (2 * step.h + 4 * step.i)
@@ -57,14 +57,14 @@ def eval_estimate(recipe: Recipe, model_config, device: str, rows: int, seq_len:
                "KV cache (generation)": kv_cache + layer}
     activation = max(moments.values()) + residual + mask
     terms = weights + [
-        _term("layer working set (no grad)", layer, f"{rows} rows x {seq_len} tokens x ({2 * c}h + {4 * c}I)"),
-        _term("logits and log-softmax", logits, f"N x V x {c} B, twice (HFLM: log_softmax of the logits)"),
-        _term("KV cache (generation tasks)", kv_cache, f"2 x L x N x kv_size x {c} B"),
-        _term("padding mask", mask, "rows x seq_len^2 x 1 B"),
+        term("layer working set (no grad)", layer, f"{rows} rows x {seq_len} tokens x ({2 * c}h + {4 * c}I)"),
+        term("logits and log-softmax", logits, f"N x V x {c} B, twice (HFLM: log_softmax of the logits)"),
+        term("KV cache (generation tasks)", kv_cache, f"2 x L x N x kv_size x {c} B"),
+        term("padding mask", mask, "rows x seq_len^2 x 1 B"),
     ]
     tensor = reserved = total = sum(t.n_bytes for t in weights) + activation
     if step.on_gpu:
-        workspaces, allocator, context = _gpu_overhead_terms(activation)
+        workspaces, allocator, context = gpu_overhead_terms(activation)
         terms += [workspaces, allocator, context]
         tensor += workspaces.n_bytes
         reserved = tensor + allocator.n_bytes

@@ -17,10 +17,9 @@ from qlora_phi3.family import check_supported, family_for_tokenizer, published
 from qlora_phi3.hub import ensure_hub_access
 from qlora_phi3.machine import cpu_bf16
 
-__all__ = ["Choice", "auto_tokenizer", "load_model", "load_tokenizer", "pick_attention", "pick_compute_dtype",
-           "pick_device", "resolve_model_path", "read_model_config", "quantization_config", "has_native_bf16",
-           "hide_load_progress_bars", "ships_tokenizer"]
-
+__all__ = ["Choice", "ModelSource", "auto_tokenizer", "load_model", "load_tokenizer", "pick_attention",
+           "pick_compute_dtype", "pick_device", "resolve_model", "resolve_model_path", "read_model_config",
+           "quantization_config", "has_native_bf16", "hide_load_progress_bars", "ships_tokenizer"]
 
 
 @dataclass
@@ -36,6 +35,36 @@ def resolve_model_path(name_or_path: str) -> str:
 
         return str(TINY_MODEL_DIR)
     return name_or_path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A recipe's ``model`` resolved once (:func:`resolve_model`): ``path`` is what transformers reads (the embedded
+    model's directory, a local directory or a Hub id), refused if not a supported Phi, and the Hub already asked
+    about it. ``train``'s setup resolves it before anything loads and hands it to every later step, so none of them
+    resolves the reference or asks the Hub again."""
+    cfg: ModelConfig
+    path: str
+
+    @property
+    def name_or_path(self) -> str:  # as a ModelConfig reads, for steps that take either
+        return self.cfg.name_or_path
+
+    @property
+    def revision(self) -> str | None:
+        return self.cfg.revision
+
+
+def resolve_model(model: ModelConfig | ModelSource) -> ModelSource:
+    """``model`` resolved: a Hub id that is not a supported Phi refused by its name, before anything is fetched;
+    where its files are; and, for a Hub id, the Hub asked once (:func:`qlora_phi3.hub.ensure_hub_access`: offline
+    and not cached is one error with the download command). One already resolved is returned as it is."""
+    if isinstance(model, ModelSource):
+        return model
+    check_supported(model.name_or_path)
+    path = resolve_model_path(model.name_or_path)
+    ensure_hub_access(path, model.revision, "model.name_or_path")
+    return ModelSource(model, path)
 
 
 def pick_device(requested: str = "auto") -> Choice:
@@ -107,13 +136,12 @@ def pick_attention(requested: str, device: str) -> Choice:
     return Choice("sdpa", "GPU older than Ampere: flash-attn 2 unsupported")
 
 
-def read_model_config(cfg: ModelConfig):
+def read_model_config(model: ModelConfig | ModelSource):
     """The model's ``config.json`` only (no weights): for validation and estimates."""
     from transformers import AutoConfig
 
-    check_supported(cfg.name_or_path)  # by Hub id, before anything is fetched
-    path = resolve_model_path(cfg.name_or_path)
-    ensure_hub_access(path, cfg.revision, "model.name_or_path")
+    source = resolve_model(model)
+    cfg, path = source.cfg, source.path
     try:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -171,11 +199,20 @@ def ships_tokenizer(cfg: ModelConfig) -> bool:
     return known is not None and known.hub_id == SHIPPED_TOKENIZER and cfg.revision == known.revision
 
 
-def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+def load_tokenizer(model: ModelConfig | ModelSource, path: str | None = None):
     """The model's tokenizer set up for training: its family's pad token (never one that carries loss), right
     padding. Offline, with the model not in the cache, the tokenizer that ships with the package where it is this
-    model's (:func:`ships_tokenizer`)."""
-    path = path or resolve_model_path(cfg.name_or_path)
+    model's (:func:`ships_tokenizer`). ``path``: a directory with the tokenizer (an adapter's) instead."""
+    if isinstance(model, ModelSource) and path is None:  # resolved, the Hub asked: it answered or has it cached
+        return _set_up_tokenizer(model.cfg, model.path, model.cfg.revision)
+    cfg = model.cfg if isinstance(model, ModelSource) else model
+    path, revision = _tokenizer_source(cfg, path or resolve_model_path(cfg.name_or_path))
+    return _set_up_tokenizer(cfg, path, revision)
+
+
+def _tokenizer_source(cfg: ModelConfig, path: str) -> tuple[str, str | None]:
+    """Where to read ``cfg``'s tokenizer from, at which revision: ``path``, or the shipped tokenizer when the Hub is
+    out of reach and ``path`` is a Hub id that is not cached (:func:`ships_tokenizer`)."""
     revision = cfg.revision
     try:
         ensure_hub_access(path, cfg.revision, "model.name_or_path")
@@ -188,6 +225,11 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         path, revision = str(TINY_MODEL_DIR), None
         info(f"tokenizer: {cfg.name_or_path} at {cfg.revision[:7]} is not on this machine and the Hub is out of reach: "
              "using its tokenizer that ships with qlora-phi3 (the same vocabulary and chat template)")
+    return path, revision
+
+
+def _set_up_tokenizer(cfg: ModelConfig, path: str, revision: str | None):
+    """The tokenizer at ``path``, checked for its family's chat tokens, with the family's pad token."""
     try:
         tok = auto_tokenizer(path, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -221,15 +263,15 @@ def quantization_config(cfg: ModelConfig, compute_dtype: str):
     )
 
 
-def load_model(cfg: ModelConfig, device: str, compute_dtype: str, attn_implementation: str):
+def load_model(model: ModelConfig | ModelSource, device: str, compute_dtype: str, attn_implementation: str):
     """The frozen 4-bit base model on ``device``; non-quantized weights in the compute dtype."""
     import torch
     from transformers import AutoModelForCausalLM
 
     _quiet_bitsandbytes()
     hide_load_progress_bars()
-    path = resolve_model_path(cfg.name_or_path)
-    ensure_hub_access(path, cfg.revision, "model.name_or_path")
+    source = resolve_model(model)
+    cfg, path = source.cfg, source.path
     if cfg.trust_remote_code:
         from qlora_phi3.ui import warn
 

@@ -17,13 +17,13 @@ import difflib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
+from typing import TYPE_CHECKING
 
 from qlora_phi3.config import LoraSettings, ModelConfig
 from qlora_phi3.errors import UserError
+
+if TYPE_CHECKING:
+    from qlora_phi3.model.load import ModelSource
 
 __all__ = ["Coverage", "adapter_dir", "attach_lora", "check_adapter_fits", "check_lora_variant", "check_still_tied",
            "check_targets", "coverage", "initial_adapter_dir", "is_tied", "load_adapter_weights", "lora_config"]
@@ -39,6 +39,8 @@ _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
 
 def _linear_leaf_names(model) -> dict[str, int]:
     """Leaf name -> how many Linear(-like) modules carry it (4-bit Linear4bit included)."""
+    import torch
+
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
@@ -88,6 +90,8 @@ def check_targets(model, targets: list[str]) -> None:
 
 
 def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -103,25 +107,25 @@ def lora_config(settings: LoraSettings):
     )
 
 
-def _safetensors_path(model_cfg: ModelConfig) -> str | None:
+def _safetensors_path(model: ModelConfig | ModelSource) -> str | None:
     """The base model's 16-bit weights on this machine, as PEFT's LoftQ reads them (a file, or a sharded
     model's first-file name beside its index); None when they are not here."""
-    from qlora_phi3.model.load import resolve_model_path
+    from qlora_phi3.model.load import ModelSource, resolve_model_path
 
-    local = Path(resolve_model_path(model_cfg.name_or_path)).expanduser()
+    local = Path(model.path if isinstance(model, ModelSource) else resolve_model_path(model.name_or_path)).expanduser()
     if local.is_dir():
         found = [n for n in ("model.safetensors", "model.safetensors.index.json") if (local / n).is_file()]
         return str(local / "model.safetensors") if found else None
     from huggingface_hub import try_to_load_from_cache
 
     for name in ("model.safetensors", "model.safetensors.index.json"):
-        cached = try_to_load_from_cache(model_cfg.name_or_path, name, revision=model_cfg.revision)
+        cached = try_to_load_from_cache(model.name_or_path, name, revision=model.revision)
         if isinstance(cached, str):
             return str(Path(cached).parent / "model.safetensors")
     return None
 
 
-def check_lora_variant(settings: LoraSettings, model_cfg: ModelConfig) -> None:
+def check_lora_variant(settings: LoraSettings, model: ModelConfig | ModelSource) -> None:
     """Variant settings that cannot work on a 4-bit base, refused before the model loads."""
     if settings.init == "pissa":
         raise UserError("lora.init=pissa: PEFT's PiSSA takes an SVD of the 16-bit weight and rewrites the base with "
@@ -132,19 +136,21 @@ def check_lora_variant(settings: LoraSettings, model_cfg: ModelConfig) -> None:
         raise UserError(f"lora.init={settings.init} with lora.use_dora=true: the saved adapter is converted to a plain "
                         "LoRA against the original base (rank 2r), which PEFT cannot do for DoRA's magnitude vector; "
                         "use one of the two.")
-    if settings.init == "loftq" and _safetensors_path(model_cfg) is None:
+    if settings.init == "loftq" and _safetensors_path(model) is None:
         raise UserError(f"lora.init=loftq: LoftQ fits the adapter to the quantization error of each weight, so it reads "
-                        f"the 16-bit weights from safetensors files, and {model_cfg.name_or_path} has none on this "
+                        f"the 16-bit weights from safetensors files, and {model.name_or_path} has none on this "
                         "machine; download the model first (hf download ...) or use another lora.init.")
 
 
-def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | None = None):
+def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | ModelSource | None = None):
     """Wrap the frozen 4-bit model with trainable fp32 LoRA adapters on the checked targets.
 
     We skip ``prepare_model_for_kbit_training``: it upcasts all non-quantized weights to fp32 (~0.4 GB on
     Phi-3-mini) for no benefit with bf16 compute. Activation checkpointing is the Trainer's to turn on
     (``run.train`` passes it in the training arguments), non-reentrant, so no input grads are needed.
     ``model_cfg`` (the base's identity) is needed for lora.init=loftq, which reads its 16-bit weights."""
+    from peft import get_peft_model
+
     check_targets(model, settings.target_modules)
     # autocast_adapter_dtype keeps LoRA weights in fp32 even over a bf16/fp16 base (needed for fp16 loss scaling).
     peft_model = get_peft_model(model, lora_config(settings), autocast_adapter_dtype=True)
@@ -160,7 +166,6 @@ def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | None = N
     return peft_model
 
 
-@torch.no_grad()
 def _loftq_replace(peft_model, weights_path: str) -> None:
     """LoftQ on the 4-bit base (one step): each adapter starts as the best rank-r fit of its weight's quantization
     error, so base + adapter starts closer to the 16-bit model than the 4-bit base alone.
@@ -172,6 +177,7 @@ def _loftq_replace(peft_model, weights_path: str) -> None:
     """
     import json
 
+    import torch
     from bitsandbytes.functional import dequantize_4bit
     from peft.tuners.lora import Linear4bit
     from safetensors import safe_open
@@ -187,12 +193,13 @@ def _loftq_replace(peft_model, weights_path: str) -> None:
         with safe_open(str(path.parent / shard_of[key]) if shard_of else str(path), framework="pt") as f:
             w16 = f.get_tensor(key).float()
         weight = module.get_base_layer().weight
-        residual = w16 - dequantize_4bit(weight.data, weight.quant_state).float()
-        r, scaling = module.r["default"], module.scaling["default"]
-        u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
-        root = sv[:r].sqrt()
-        module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
-        module.lora_B["default"].weight.data = (u[:, :r] * root[None] / scaling).to(module.lora_B["default"].weight.dtype)
+        with torch.no_grad():
+            residual = w16 - dequantize_4bit(weight.data, weight.quant_state).float()
+            r, scaling = module.r["default"], module.scaling["default"]
+            u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+            root = sv[:r].sqrt()
+            module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
+            module.lora_B["default"].weight.data = (u[:, :r] * root[None] / scaling).to(module.lora_B["default"].weight.dtype)
 
 
 def check_still_tied(model, when: str) -> None:
@@ -222,6 +229,8 @@ class Coverage:
 
 def coverage(peft_model, targets: list[str]) -> list[Coverage]:
     """Per target: how many of the model's layers got an adapter, and its trainable parameters."""
+    from peft.tuners.lora import LoraLayer
+
     base = peft_model.get_base_model()
     total_layers = getattr(base.config, "num_hidden_layers", 0)
     rows = []

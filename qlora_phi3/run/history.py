@@ -58,6 +58,16 @@ class KeepRecord(TrainerCallback):
             self.plot()
 
     def plot(self) -> Path | None:
+        """``loss.png`` redrawn; None when not drawn. The curve is a convenience: a failure to write it (a full disk,
+        an unwritable file) is one warning, never a failed run, during training or after the adapter is saved."""
         if not is_main_process():
             return None
-        return write_loss_plot(self.progress.history, self.record.path.with_name(LOSS_PLOT), self.title)
+        path = self.record.path.with_name(LOSS_PLOT)
+        try:
+            return write_loss_plot(self.progress.history, path, self.title)
+        except OSError as e:
+            from qlora_phi3.ui import warn
+
+            warn(f"{path}: the loss curve could not be written ({e.strerror or e}); the run goes on, and run.json "
+                 "holds the same losses (its history).")
+            return None

@@ -3,45 +3,71 @@
 A mistake in a file or a directory used to be answered after the heavy imports, 30 s after a key typo would
 have been. :func:`preflight` runs, with no heavy import, the checks that need none: the recipe's values (already
 checked by ``load_recipe``), the run directory (:func:`qlora_phi3.run.rundir.prepare_run_dir`), the data file's
-whole-file checks (:func:`qlora_phi3.data.read.check_data_file`; for SFT, a local file up to 64 MiB also record by
-record, :func:`qlora_phi3.data.read.load_records`, so a file with no usable conversation or too many bad ones is
-refused too) and ``data.max_seq_len`` against the model's context when its ``config.json`` is on disk or published. :func:`qlora_phi3.run.train.setup` makes the same checks
-again for callers of the library, with the same functions, so the messages are the same either way.
+whole-file checks (:func:`qlora_phi3.data.read.check_data_file`) and its records one by one, as the method reads them
+(:func:`qlora_phi3.data.split.read_training_records`: data with no usable record, or too many bad ones, is refused
+now; a Hub dataset needs the datasets library, not torch), ``data.max_seq_len`` against the model's context when
+its ``config.json`` is on disk or published, the LoRA variant and a continued adapter's shape (files only:
+:func:`qlora_phi3.model.lora.check_lora_variant`, :func:`qlora_phi3.model.lora.check_adapter_fits`) and whether
+the trackers are installed (:func:`check_trackers`, which imports none of them).
+
+What it found is handed on (:class:`Checked`): :func:`qlora_phi3.run.train.setup` takes the run directory's plan,
+the records it read (the file is read once) and the context it checked, and runs :func:`preflight` itself when a
+library caller gives it none, so the messages are the same either way.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig, Recipe, with_absolute_paths
-from qlora_phi3.data.read import check_data_file, load_records, resolve_data_path
+from qlora_phi3.data.read import LoadReport, check_data_file
+from qlora_phi3.data.split import read_training_records
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import published
-from qlora_phi3.run.rundir import prepare_run_dir
+from qlora_phi3.model.lora import check_adapter_fits, check_lora_variant
+from qlora_phi3.run.rundir import RunDir, prepare_run_dir
 
-__all__ = ["check_context", "known_context", "preflight"]
+__all__ = ["Checked", "check_context", "check_trackers", "known_context", "preflight", "trackers"]
 
-READ_TWICE_BYTES = 64 * 2**20  # chat files up to this size are also checked record by record before torch loads
+# tracker -> (module that must import, pip extra that installs it)
+_NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 
 
-def preflight(recipe: Recipe, resume: bool = False, force: bool = False) -> None:
+@dataclass(frozen=True)
+class Checked:
+    """What :func:`preflight` established for one recipe, so that setup neither reads nor checks it again."""
+    given: Recipe  # the recipe and flags it checked: setup takes the rest only for these
+    resume: bool
+    force: bool
+    plan: RunDir  # the run directory's plan; plan.recipe is the recipe to run (on --resume, the run's own)
+    records: tuple[list, LoadReport]  # the training split's records, read and validated, and their report
+    context: int | None  # the context data.max_seq_len was checked against; None: only transformers can say
+
+    def is_for(self, recipe: Recipe, resume: bool, force: bool) -> bool:
+        return self.given is recipe and (self.resume, self.force) == (resume, force)
+
+
+def preflight(recipe: Recipe, resume: bool = False, force: bool = False, *, measuring: bool = False) -> Checked:
     """Refuse, with the same one-line messages as :func:`qlora_phi3.run.train.setup`, what can be known wrong
-    without loading torch: the run directory, the data file, the context length. Writes nothing."""
+    without loading torch: the run directory, the data and its records, the context length, the LoRA variant, a
+    continued adapter's shape, the trackers (not when ``measuring``: a measurement reports to none). Writes
+    nothing. Returns what it found, for setup (:class:`Checked`)."""
     plan = prepare_run_dir(recipe, resume, force)
-    recipe = with_absolute_paths(plan.recipe)  # as setup() does: on --resume, the run's own recipe with the changes
-    check_data_file(recipe.data)
-    if recipe.train.method == "sft" and _small_local_file(recipe.data.path):
-        load_records(recipe.data)  # record by record: data with no usable conversation is refused now too
-    limit = known_context(recipe.model)
+    run_recipe = with_absolute_paths(plan.recipe)  # as setup() uses it: on --resume, the run's own recipe
+    check_data_file(run_recipe.data)
+    records = read_training_records(run_recipe.data, run_recipe.train.method)  # once: setup trains on these
+    limit = known_context(run_recipe.model)
     if limit:
-        check_context(recipe, limit)
-
-
-def _small_local_file(path: str) -> bool:
-    """A local file small enough to read twice (here, and when training loads it) without anyone noticing."""
-    local = Path(resolve_data_path(path)).expanduser()
-    return local.is_file() and local.stat().st_size <= READ_TWICE_BYTES
+        check_context(run_recipe, limit)
+    check_lora_variant(run_recipe.lora, run_recipe.model)
+    if run_recipe.model.adapter:
+        check_adapter_fits(run_recipe.model.adapter, run_recipe.lora, run_recipe.model)
+    if not measuring:
+        check_trackers(run_recipe)
+    return Checked(recipe, resume, force, plan, records, limit)
 
 
 def known_context(model: ModelConfig) -> int | None:
@@ -67,3 +93,18 @@ def check_context(recipe: Recipe, limit: int | None) -> None:
         raise UserError(f"data.max_seq_len={recipe.data.max_seq_len} exceeds the model's context of {limit} "
                         f"tokens ({recipe.model.name_or_path}); lower it or use a long-context model "
                         "(microsoft/Phi-3-mini-128k-instruct).")
+
+
+def trackers(recipe: Recipe) -> list[str]:
+    """The trackers a run reports to ('none' dropped)."""
+    return [name for name in dict.fromkeys(recipe.train.report_to) if name != "none"]
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Every requested tracker is installed; else one error naming the extra (``find_spec``: nothing imported)."""
+    missing = [name for name in trackers(recipe) if importlib.util.find_spec(_NEEDS[name][0]) is None]
+    if missing:
+        extras = ",".join(_NEEDS[name][1] for name in missing)
+        raise UserError(f"train.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+                        f"install with `pip install 'qlora-phi3[{extras}]'` or drop "
+                        f"{'it' if len(missing) == 1 else 'them'} from train.report_to.")

@@ -1,8 +1,8 @@
 """Experiment trackers (``train.report_to``): TensorBoard, Weights & Biases, MLflow, through the Trainer's own
 integrations (``TrainingArguments.report_to``), local and offline by default.
 
-What is ours: checking before the model loads that each tracker is installed (one error naming the pip
-extra); putting their files in the run directory (TensorBoard: ``<run>/tensorboard``; MLflow:
+What is ours: checking before torch loads that each tracker is installed (one error naming the pip extra:
+:func:`qlora_phi3.run.preflight.check_trackers`); putting their files in the run directory (TensorBoard: ``<run>/tensorboard``; MLflow:
 ``<run>/mlruns``; W&B: ``<run>/wandb``, offline) unless the user's environment already says where; adding
 our own metrics (tokens/s, peak memory) to every logged row, so they reach each tracker beside the losses
 (the step-0 eval loss arrives on its own: ``EvalAtStart`` logs it through the Trainer); and text, which the
@@ -11,37 +11,18 @@ Trainer's integrations only pass to TensorBoard, for the sample answers (:mod:`q
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from qlora_phi3.config import Recipe
-from qlora_phi3.errors import UserError
+from qlora_phi3.run.preflight import trackers
 from qlora_phi3.ui import info
 
-__all__ = ["TENSORBOARD_DIR", "TrackerMetrics", "attach_trackers", "check_trackers", "log_text", "prepare_trackers",
-           "trackers"]
+__all__ = ["TENSORBOARD_DIR", "TrackerMetrics", "attach_trackers", "log_text", "prepare_trackers"]
 
 TENSORBOARD_DIR = "tensorboard"
-# tracker -> (module that must import, pip extra that installs it)
-_NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
-
-
-def trackers(recipe: Recipe) -> list[str]:
-    """The trackers a run reports to ('none' dropped)."""
-    return [name for name in dict.fromkeys(recipe.train.report_to) if name != "none"]
-
-
-def check_trackers(recipe: Recipe) -> None:
-    """Every requested tracker is installed; else one error naming the extra, before any model loads."""
-    missing = [name for name in trackers(recipe) if importlib.util.find_spec(_NEEDS[name][0]) is None]
-    if missing:
-        extras = ",".join(_NEEDS[name][1] for name in missing)
-        raise UserError(f"train.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
-                        f"install with `pip install 'qlora-phi3[{extras}]'` or drop "
-                        f"{'it' if len(missing) == 1 else 'them'} from train.report_to.")
 
 
 def prepare_trackers(recipe: Recipe, out: Path) -> None:

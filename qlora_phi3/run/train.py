@@ -24,10 +24,9 @@ from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
-from qlora_phi3.model.load import (Choice, hide_load_progress_bars, load_model, load_tokenizer, pick_attention,
-                                   pick_compute_dtype, pick_device, read_model_config)
-from qlora_phi3.model.lora import (attach_lora, check_adapter_fits, check_lora_variant, coverage, initial_adapter_dir,
-                                   load_adapter_weights)
+from qlora_phi3.model.load import (Choice, ModelSource, hide_load_progress_bars, load_model, load_tokenizer,
+                                   pick_attention, pick_compute_dtype, pick_device, read_model_config, resolve_model)
+from qlora_phi3.model.lora import attach_lora, coverage, initial_adapter_dir, load_adapter_weights
 from qlora_phi3.run.card import write_card
 from qlora_phi3.run.checkpoints import last_checkpoint
 from qlora_phi3.run.epochs import epoch_coverage, say_coverage
@@ -36,12 +35,12 @@ from qlora_phi3.run.history import KeepRecord, earlier_history
 from qlora_phi3.run.measure import MeasureSteps
 from qlora_phi3.run.methods import get_method
 from qlora_phi3.run.methods.base import MethodData
-from qlora_phi3.run.preflight import check_context
+from qlora_phi3.run.preflight import Checked, check_context, preflight
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
-from qlora_phi3.run.rundir import RunDir, clear_run_dir, prepare_run_dir, resume_command
+from qlora_phi3.run.rundir import RunDir, clear_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
 from qlora_phi3.run.tiling import enable_tiling
-from qlora_phi3.run.tracking import attach_trackers, check_trackers, prepare_trackers
+from qlora_phi3.run.tracking import attach_trackers, prepare_trackers
 from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
 from qlora_phi3.ui import console, info, warn
 
@@ -83,7 +82,8 @@ def _check_fsdp(recipe: Recipe, compute_dtype: str) -> None:
                         "(see recipes/phi3_mini_4k_fsdp.yaml).")
 
 
-def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss") -> RunResult:
+def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
+          checked: Checked | None = None) -> RunResult:
     """Run ``recipe`` to completion: :func:`setup`, :func:`fit`, :func:`finish` (see the module docstring); under
     torchrun/accelerate, one rank of it.
 
@@ -91,9 +91,11 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
         resume: continue the run in ``train.output_dir`` from its last complete checkpoint.
         force: delete the run in ``train.output_dir`` (once this run starts) and start over.
         cpu_memory: on a CPU, "rss" (sampled, near-free) or "tensors" (live-tensor peak, slower).
+        checked: what :func:`qlora_phi3.run.preflight.preflight` found for this recipe and flags (the CLI runs it
+            before torch loads); None: setup runs it.
     """
     try:
-        run = setup(recipe, resume, force, cpu_memory=cpu_memory)
+        run = setup(recipe, resume, force, cpu_memory=cpu_memory, checked=checked)
         fit(run)
         return finish(run)
     finally:
@@ -123,6 +125,7 @@ class Run:
     recipe: Recipe
     out: Path
     plan: RunDir
+    source: ModelSource  # the recipe's model, resolved once
     model_config: object
     device: Choice
     dtype: Choice
@@ -170,18 +173,15 @@ def _cpu_threads(device: str) -> Choice | None:
     return Choice(str(n), why)
 
 
-def _check_and_choose(recipe: Recipe, measuring: bool):
+def _check_and_choose(recipe: Recipe, source: ModelSource, checked_context: int | None):
     """What can be wrong with the recipe against the model, before anything loads; then the device, compute dtype,
     attention and CPU threads, said in one line with the reason for each."""
-    model_config = read_model_config(recipe.model)
-    check_context(recipe, getattr(model_config, "max_position_embeddings", None))
+    model_config = read_model_config(source)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context != checked_context:  # the preflight checked against this number already, or could not know it
+        check_context(recipe, context)
     device, dtype, attn = _choices(recipe)
-    _check_fsdp(recipe, dtype.value)
-    check_lora_variant(recipe.lora, recipe.model)
-    if recipe.model.adapter:
-        check_adapter_fits(recipe.model.adapter, recipe.lora, recipe.model)
-    if not measuring:
-        check_trackers(recipe)
+    _check_fsdp(recipe, dtype.value)  # the LoRA variant, a continued adapter and the trackers: in the preflight
     threads = _cpu_threads(device.value)
     info(f"device [bold]{device.value}[/] ({device.reason}); compute dtype [bold]{dtype.value}[/] ({dtype.reason}); "
          f"attention [bold]{attn.value}[/] ({attn.reason})"
@@ -206,23 +206,27 @@ def _claim_run_dir(plan, recipe: Recipe, force: bool) -> None:
 
 
 def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memory: str = "rss",
-          measurer: MeasureSteps | None = None) -> Run:
+          measurer: MeasureSteps | None = None, checked: Checked | None = None) -> Run:
     """Everything before the first step: check the inputs (before any model loads), load data, the 4-bit model
     and LoRA, build the method's trainer, and claim the run directory (only now is it written to).
 
     ``measurer`` (the profiler's callback) makes the run a measurement: only its steps, no evaluation,
-    checkpoints, trackers, sample answers or adapter."""
+    checkpoints, trackers, sample answers or adapter. ``checked``: the preflight's findings for this recipe and
+    flags (run directory, records, context), taken as they are; without them, the preflight runs here."""
     t_start = time.perf_counter()
     hide_load_progress_bars()
     measuring = measurer is not None
-    plan = prepare_run_dir(recipe, resume, force)
-    recipe, out = with_absolute_paths(plan.recipe), plan.path
+    if checked is None or not checked.is_for(recipe, resume, force):
+        checked = preflight(recipe, resume, force, measuring=measuring)
+    plan, out = checked.plan, checked.plan.path
+    recipe = with_absolute_paths(plan.recipe)  # as the preflight checked it (a copy: measuring sets max_steps)
     if measuring:
         recipe.train.max_steps = measurer.total_steps
-    model_config, device, dtype, attn, threads = _check_and_choose(recipe, measuring)
+    source = resolve_model(recipe.model)  # once: every later step takes it (no second lookup or Hub probe)
+    model_config, device, dtype, attn, threads = _check_and_choose(recipe, source, checked.context)
     method = get_method(recipe.train.method)
-    tokenizer = load_tokenizer(recipe.model)
-    data = method.load_data(recipe, tokenizer)
+    tokenizer = load_tokenizer(source)
+    data = method.load_data(recipe, tokenizer, checked.records)
     prompts = [] if measuring else sample_prompts(recipe, data.eval_records)
     fingerprint = data.train.fingerprint()
     if plan.resume_from is not None and plan.previous.get("dataset", {}).get("fingerprint") not in (None, fingerprint):
@@ -233,7 +237,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     # transformers' FSDP-aware loading checks for (it is skipped when the model loads before the group exists).
     args = method.training_arguments(recipe, out, device.value, dtype.value, measuring=measuring)
     transformers.set_seed(recipe.train.seed)
-    model = _load_peft_model(recipe, tokenizer, device.value, dtype.value, attn.value)
+    model = _load_peft_model(recipe, source, tokenizer, device.value, dtype.value, attn.value)
 
     world_size = launch_world_size()
     effective_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
@@ -274,7 +278,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     if not measuring:
         prepare_trackers(recipe, out)
     record.update()
-    return Run(recipe, out, plan, model_config, device, dtype, attn, method, tokenizer, data, trainer, progress,
+    return Run(recipe, out, plan, source, model_config, device, dtype, attn, method, tokenizer, data, trainer, progress,
                meter, record, interrupt, samples, measurer, t_start, keeper=keeper)
 
 
@@ -287,15 +291,15 @@ def _keep_record(recipe: Recipe, out: Path, trainer, record: RunRecord, progress
     return keeper
 
 
-def _load_peft_model(recipe: Recipe, tokenizer, device: str, dtype: str, attn: str):
+def _load_peft_model(recipe: Recipe, source: ModelSource, tokenizer, device: str, dtype: str, attn: str):
     """The frozen 4-bit base with LoRA attached (a continued adapter loaded into it), tiled if asked."""
-    model = load_model(recipe.model, device, dtype, attn)
+    model = load_model(source, device, dtype, attn)
     # Phi-3's config pads with <|endoftext|>; training pads with <unk> (never eos). Say so up front rather
     # than have the Trainer "align" it with a warning.
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = attach_lora(model, recipe.lora, recipe.model)
+    model = attach_lora(model, recipe.lora, source)
     if recipe.model.adapter:  # continue a trained adapter (e.g. SFT before DPO): its weights, trainable
         load_adapter_weights(model, recipe.model.adapter)
     enable_tiling(model, recipe.train.tile_tokens)  # sequence tiling of the decoder layers; 0 = off

@@ -24,8 +24,10 @@ __all__ = ["MethodModule", "get_method"]
 class MethodModule(Protocol):
     """What a method's module provides (its functions, module-level; tests/unit/run/test_methods.py checks each)."""
 
-    def load_data(self, recipe: Recipe, tokenizer) -> MethodData:
-        """Read, validate, split and encode the recipe's data, saying what was skipped or cut."""
+    def load_data(self, recipe: Recipe, tokenizer, records=None) -> MethodData:
+        """Read, validate, split and encode the recipe's data, saying what was skipped or cut. ``records``: the
+        training split's records and their report, already read (``data.split.read_training_records``, as the
+        preflight does), or None to read them here."""
 
     def training_arguments(self, recipe: Recipe, output_dir: Path, device: str, compute_dtype: str,
                            measuring: bool):

@@ -13,7 +13,7 @@ from pathlib import Path
 from qlora_phi3.config import Recipe
 from qlora_phi3.methods import METHODS
 from qlora_phi3.run.offload import checkpointing_kwargs
-from qlora_phi3.run.tracking import trackers
+from qlora_phi3.run.preflight import trackers
 
 __all__ = ["MethodData", "TokenCounting", "build_method_trainer", "common_arguments", "eval_fields_of",
            "keep_lora_fp32", "report_splits"]

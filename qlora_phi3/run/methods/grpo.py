@@ -84,9 +84,9 @@ def check_rewards(recipe: Recipe, record: PromptRecord, tokenizer):
     return rewards
 
 
-def load_data(recipe: Recipe, tokenizer) -> MethodData:
+def load_data(recipe: Recipe, tokenizer, records=None) -> MethodData:
     d, t = recipe.data, recipe.train
-    splits = load_prompt_splits(d, t.seed)
+    splits = load_prompt_splits(d, t.seed, records)
     limit = prompt_limit(d, t.max_completion_len)
     train, train_lengths = drop_long_prompts(d, splits.report, splits.train, tokenizer, limit)
     held, held_lengths = drop_long_prompts(d, splits.report, splits.eval, tokenizer, limit)

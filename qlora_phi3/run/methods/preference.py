@@ -34,9 +34,9 @@ def beta(recipe: Recipe) -> float:
     return recipe.train.beta if recipe.train.beta is not None else METHODS[recipe.train.method].default_beta
 
 
-def load_preference_data(recipe: Recipe, tokenizer) -> MethodData:
+def load_preference_data(recipe: Recipe, tokenizer, records=None) -> MethodData:
     d, method = recipe.data, METHODS[recipe.train.method]
-    splits = load_preference_splits(d, method.name, recipe.train.seed)
+    splits = load_preference_splits(d, method.name, recipe.train.seed, records)
     report_splits(splits)
     paired = method.data == "pairs"
     encode = encode_pairs if paired else encode_unpaired

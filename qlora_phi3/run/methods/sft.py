@@ -37,9 +37,9 @@ def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dt
     )
 
 
-def load_data(recipe: Recipe, tokenizer) -> MethodData:
+def load_data(recipe: Recipe, tokenizer, records=None) -> MethodData:
     d = recipe.data
-    splits = load_splits(d, recipe.train.seed)
+    splits = load_splits(d, recipe.train.seed, records)
     report_splits(splits)
     train_enc = encode_records(splits.train, tokenizer, d.max_seq_len)
     eval_enc = encode_records(splits.eval, tokenizer, d.max_seq_len)

@@ -47,3 +47,20 @@ def test_loss_plot_is_a_png_of_both_curves_written_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temporary left beside it
     assert write_loss_plot([{"step": 0, "learning_rate": 1e-3}], tmp_path / "none.png", "t") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_loss_curve_that_cannot_be_written_is_one_warning_not_a_failed_run(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from qlora_phi3.run.history import KeepRecord
+
+    (tmp_path / "loss.png").mkdir()  # the file cannot replace a directory: the write fails as on a full disk
+    record = SimpleNamespace(path=tmp_path / "run.json")
+    progress = SimpleNamespace(history=[{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}])
+    keeper = KeepRecord(record, progress, 0.0, "run: tiny")
+    assert keeper.plot() is None
+    out = capsys.readouterr().out
+    assert "warning:" in out and "loss curve could not be written" in out and len(out.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]  # no partial file left beside it
+    (tmp_path / "loss.png").rmdir()
+    assert keeper.plot() == tmp_path / "loss.png"  # and it is drawn again once it can be

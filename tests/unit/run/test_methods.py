@@ -14,7 +14,7 @@ from qlora_phi3.run.methods import MethodModule, get_method
 
 # The protocol's functions with the arguments run/train.py passes them (keywords where it passes keywords).
 _CALLS = {
-    "load_data": (("recipe", "tokenizer"), ()),
+    "load_data": (("recipe", "tokenizer"), ("records",)),
     "training_arguments": (("recipe", "output_dir", "device", "compute_dtype"), ("measuring",)),
     "build_trainer": (("model", "tokenizer", "args", "data", "device"),
                       ("recipe", "measuring", "cpu_memory", "callbacks")),
