@@ -15,7 +15,7 @@ from qlora_phi3.config import EMBEDDED_MODEL, ModelConfig
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import check_supported, family_for_tokenizer, published
 from qlora_phi3.hub import ensure_hub_access
-from qlora_phi3.machine import cpu_bf16
+from qlora_phi3 import machine  # machine.cpu_bf16 is looked up per call: a name bound at import keeps a stale one
 
 __all__ = ["Choice", "ModelSource", "auto_tokenizer", "load_model", "load_tokenizer", "pick_attention",
            "pick_compute_dtype", "pick_device", "resolve_model", "resolve_model_path", "read_model_config",
@@ -99,12 +99,12 @@ def pick_compute_dtype(requested: str, device: str) -> Choice:
 
             raise UserError(f"model.compute_dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no native bf16 "
                             "(pre-Ampere, compute capability < 8.0); use model.compute_dtype=float16 or auto.")
-        if requested == "bfloat16" and device == "cpu" and not cpu_bf16()[0]:
+        if requested == "bfloat16" and device == "cpu" and not machine.cpu_bf16()[0]:
             return Choice(requested, "model.compute_dtype; this CPU has no native bf16, so it is emulated and about "
                                      "10x slower than model.compute_dtype=auto (fp32)")
         return Choice(requested, "model.compute_dtype")
     if device == "cpu":
-        native, why = cpu_bf16()
+        native, why = machine.cpu_bf16()
         return Choice("bfloat16" if native else "float32", why)
     if has_native_bf16(device):
         return Choice("bfloat16", "GPU has native bf16 (Ampere or newer)")
