@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from qlora_phi3.run.history import earlier_history
 from qlora_phi3.run.loss_plot import write_loss_plot
 
@@ -64,3 +66,19 @@ def test_a_loss_curve_that_cannot_be_written_is_one_warning_not_a_failed_run(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]  # no partial file left beside it
     (tmp_path / "loss.png").rmdir()
     assert keeper.plot() == tmp_path / "loss.png"  # and it is drawn again once it can be
+
+
+@pytest.mark.parametrize(("method", "start", "end", "share"), [
+    ("sft", 2.0, 0.5, "(25.0% of step 0)"), ("grpo", 1e-5, 0.0156, None), ("dpo", 0.6931, -0.2, None)])
+def test_the_done_line_gives_a_share_of_step_0_only_for_a_chat_loss(capsys, tmp_path, method, start, end, share):
+    """A cross-entropy's share of its step-0 value says how much was learned; a GRPO or preference loss starts near 0
+    or goes negative, where the share read 156380.6%."""
+    from qlora_phi3.memory.meter import MemoryStats
+    from qlora_phi3.run.train import _say_done
+
+    run = {"method": method, "eval_loss_start": start, "eval_loss_end": end, "wall_seconds": 1.0,
+           "tokens_per_second": 1.0}
+    _say_done(run, MemoryStats("cpu", 0.1, 0.1), tmp_path / "adapter", tmp_path / "run.json")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "eval loss" in printed and ("of step 0" in printed) == (share is not None)
+    assert share is None or share in printed
