@@ -40,6 +40,7 @@ from qlora_phi3.run.preflight import Checked, check_context, preflight
 from qlora_phi3.run.record import ADAPTER_META, BASE_SHAPE_KEYS, RECIPE_FILE, RunRecord, device_info, package_versions
 from qlora_phi3.run.rundir import RunDir, clear_run_dir, resume_command
 from qlora_phi3.run.samples import SampleAnswers, sample_prompts
+from qlora_phi3.run.schedule import LearningRateOnResume
 from qlora_phi3.run.tiling import enable_tiling
 from qlora_phi3.run.tracking import attach_trackers, prepare_trackers
 from qlora_phi3.ranks import is_main_process, world_size as launch_world_size
@@ -252,7 +253,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False, *, cpu_memo
     trainer, progress, meter = method.build_trainer(
         model, tokenizer, args, data, device.value, recipe=recipe, measuring=measuring, cpu_memory=cpu_memory,
         # The guard runs after every callback that may ask for a save, so no checkpoint holds a NaN.
-        callbacks=[interrupt, guard] + ([measurer] if measuring else []))
+        callbacks=[interrupt, guard, LearningRateOnResume()] + ([measurer] if measuring else []))
     if measuring:
         measurer.meter = meter
     else:
