@@ -176,8 +176,8 @@ class TrainConfig:
                "instead of a reference forward per step: each step then skips that forward (~1/3 less compute per "
                "step) and its activations.")
     # GRPO (train.method=grpo): the batch sizes above count completions, as in TRL.
-    rewards: list[str] = _f([], "grpo only: reward functions, each a built-in (think_format, number_format, "
-                                "exact_answer, numeric_answer), package.module:function or path/to/file.py:function in TRL's "
+    rewards: list[str] = _f([], "grpo only: reward functions, each a built-in (think_format, exact_answer, "
+                                "numeric_answer), package.module:function or path/to/file.py:function in TRL's "
                                 "signature (prompts, completions, completion_ids, **columns) -> list[float | None].")
     reward_weights: list[float] | None = _f(None, "grpo only: one weight per train.rewards entry; null = all 1.")
     answer_column: str = _f("answer", "grpo only: the data column exact_answer and numeric_answer compare with.")

@@ -9,8 +9,8 @@ the prompts are chats); every data column besides ``prompt`` arrives as a keywor
 completion (e.g. ``answer``); TRL also passes ``trainer_state``, ``log_extra`` and ``log_metric``. ``None`` means
 "does not apply to this completion". A recipe names a reward three ways:
 
-* a built-in by name: ``think_format``, ``number_format``, ``exact_answer``, ``numeric_answer`` (below; the last
-  two compare with the data column ``train.answer_column``, ``answer`` by default);
+* a built-in by name: ``think_format``, ``exact_answer``, ``numeric_answer`` (below; the last two compare with the
+  data column ``train.answer_column``, ``answer`` by default);
 * ``package.module:function`` (importable from the working directory or the environment);
 * ``path/to/file.py:function`` (relative to the working directory).
 
@@ -37,8 +37,6 @@ __all__ = ["BUILTIN_REWARDS", "Reward", "final_answer", "load_rewards", "try_rew
 # What TRL passes to every reward function besides the data columns (GRPOTrainer._calculate_rewards).
 TRL_EXTRA_KWARGS = ("trainer_state", "log_extra", "log_metric")
 _THINK = re.compile(r"^\s*<think>(.+?)</think>\s*(\S.*)$", re.DOTALL)
-# A final answer that ends in a number standing as a word (after a space or at the start), a final period allowed.
-_ENDS_WITH_NUMBER = re.compile(r"(?:^|\s)[-+]?\d[\d,]*(?:\.\d+)?\.?$")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 
@@ -57,13 +55,6 @@ def final_answer(text: str) -> str:
 def think_format(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
     """1.0 for a ``<think>...</think>`` block followed by an answer (as Phi-4-mini-reasoning writes), else 0.0."""
     return [1.0 if _THINK.match(_text(c)) else 0.0 for c in completions]
-
-
-def number_format(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-    """1.0 when the final answer ends with a number standing as a word (a final period allowed), else 0.0: the shape
-    of an arithmetic answer, right or wrong. Beside ``numeric_answer`` it rewards an answer that is at least a number
-    over one that trails off into other tokens, a skill every prompt shares (docs/grpo.md, Offline on a CPU)."""
-    return [1.0 if _ENDS_WITH_NUMBER.search(final_answer(_text(c))) else 0.0 for c in completions]
 
 
 def _normalized(text: str) -> str:
@@ -99,8 +90,7 @@ def numeric_answer(prompts, completions, answer, completion_ids=None, tolerance:
     return out
 
 
-BUILTIN_REWARDS = {"think_format": think_format, "number_format": number_format, "exact_answer": exact_answer,
-                   "numeric_answer": numeric_answer}
+BUILTIN_REWARDS = {"think_format": think_format, "exact_answer": exact_answer, "numeric_answer": numeric_answer}
 
 
 @dataclass
@@ -157,8 +147,8 @@ def _reading(func, column: str, **options):
 
 def resolve_reward(spec: str, tolerance: float = 1e-6, column: str = "answer"):
     """The function that ``spec`` names (see the module docstring)."""
-    if spec in ("think_format", "number_format"):
-        return BUILTIN_REWARDS[spec]
+    if spec == "think_format":
+        return think_format
     if spec == "exact_answer":
         return _reading(exact_answer, column)
     if spec == "numeric_answer":

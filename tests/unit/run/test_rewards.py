@@ -21,13 +21,6 @@ def test_think_format_wants_a_closed_block_then_an_answer():
     assert got == [1.0, 0.0, 0.0, 1.0]
 
 
-def test_number_format_wants_the_answer_to_end_in_a_number_right_or_wrong():
-    f = resolve_reward("number_format")
-    got = f(prompts=[""] * 7, completions=["9 plus 5 is 13.", "9 plus 5 is 1 min.", "9 plus 5 is 1Compiler is.",
-                                          "<think>5</think> -3.5", "9 plus 5 is 1'}[.", _chat("it is 1,000."), "x14"])
-    assert got == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]  # a sampled tail after the first digit is not a number
-
-
 def test_exact_and_numeric_answers_read_the_answer_after_the_reasoning():
     assert final_answer("<think>maybe 6</think> 7") == "7"
     exact = resolve_reward("exact_answer")
