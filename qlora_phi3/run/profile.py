@@ -44,7 +44,7 @@ from qlora_phi3.methods import METHODS
 from qlora_phi3.model.load import load_tokenizer, pick_attention, pick_compute_dtype, pick_device
 from qlora_phi3.run.record import device_info, package_versions
 
-__all__ = ["ProfileRow", "grid_recipes", "parse_grid", "pick", "profile", "write_results"]
+__all__ = ["ProfileRow", "check_quality_applies", "grid_recipes", "parse_grid", "pick", "profile", "write_results"]
 
 
 @dataclass
@@ -212,7 +212,7 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
                         "allocates the optimizer states, which the measured steps must include).")
     if quality_steps < 0:
         raise UserError(f"--quality-steps {quality_steps}: give a number of optimizer steps (0 = no quality run).")
-    _check_quality_applies(configs, quality_steps)
+    check_quality_applies(configs, quality_steps)
     first = configs[0][1]
     dev = pick_device(first.train.device).value
     rows: list[ProfileRow] = []
@@ -252,7 +252,7 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
     return rows, meta
 
 
-def _check_quality_applies(configs: list[tuple[dict, Recipe]], quality_steps: int) -> None:
+def check_quality_applies(configs: list[tuple[dict, Recipe]], quality_steps: int) -> None:
     """--quality-steps ranks configurations by held-out eval loss; a generating method (grpo) has none."""
     methods = sorted({r.train.method for _, r in configs if METHODS[r.train.method].generates})
     if quality_steps and methods:

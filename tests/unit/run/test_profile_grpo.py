@@ -51,11 +51,14 @@ def test_profile_data_for_grpo_is_prompts_at_the_configurations_limit(tmp_path, 
     assert P._conversations_needed(recipe, steps=2, warmup=1) == 3 + 2  # 3 steps x 8 completions = 3 prompts
 
 
-def test_quality_steps_are_refused_for_grpo_before_any_work():
-    configs = P.grid_recipes(GRPO, BASE, ["lora.r=4,8"])
-    with pytest.raises(UserError, match="--quality-steps does not apply to train.method=grpo") as e:
-        P.profile(configs, steps=1, warmup=1, quality_steps=2)
-    assert "\n" not in str(e.value) and "held-out eval loss" in str(e.value)
+def test_quality_steps_are_refused_for_grpo_in_one_line_before_any_work(qlora, tmp_path):
+    res = qlora("profile", GRPO, *BASE, "--grid", "lora.r=4,8", "--quality-steps", "2", "--out", tmp_path / "out")
+    assert res.returncode != 0 and "Traceback" not in res.stderr + res.stdout
+    said = (res.stdout + res.stderr).strip()
+    assert "--quality-steps does not apply to train.method=grpo" in said and "held-out eval loss" in said
+    assert "profiling" not in said and not (tmp_path / "out").exists()  # refused before the plan, nothing written
+    with pytest.raises(UserError, match="does not apply to train.method=grpo"):  # the library call says the same
+        P.profile(P.grid_recipes(GRPO, BASE, []), steps=1, warmup=1, quality_steps=2)
 
 
 @pytest.mark.slow  # two configurations, each a forked process training 2 GRPO steps of the tiny model (~10 s)
