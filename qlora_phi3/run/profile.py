@@ -144,11 +144,15 @@ def _write_data(path: Path, recipe: Recipe, n: int) -> Path:
 
 
 def _measure_recipe(recipe: Recipe, data_path: Path, run_dir: Path) -> Recipe:
-    """The configuration as the worker trains it: full-length data, a scratch run directory."""
+    """The configuration as the worker trains it: full-length data, a scratch run directory. grpo's rewards become
+    the built-in numeric_answer on the synthetic prompts' ``answer`` column: the recipe's own may need columns those
+    lack, and a reward is Python between generation and the step, with no tensors of its own."""
     r = copy.deepcopy(recipe)
     r.data.path, r.data.eval_split, r.data.max_samples = str(data_path), None, None
     r.data.max_eval_samples, r.data.eval_fraction = 1, 0.01
     r.train.output_dir = str(run_dir)
+    if METHODS[r.train.method].data == "prompts":
+        r.train.rewards, r.train.reward_weights, r.train.answer_column = ["numeric_answer"], None, "answer"
     return r
 
 

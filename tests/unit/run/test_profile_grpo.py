@@ -51,6 +51,16 @@ def test_profile_data_for_grpo_is_prompts_at_the_configurations_limit(tmp_path, 
     assert P._conversations_needed(recipe, steps=2, warmup=1) == 3 + 2  # 3 steps x 8 completions = 3 prompts
 
 
+def test_profile_scores_grpo_with_a_reward_the_synthetic_prompts_can_feed(tmp_path):
+    """The 12 GB recipe's rewards read a `solution` column (and a user's reward file may read any column): the
+    measured run scores the synthetic prompts with numeric_answer on their `answer` column instead."""
+    (_, recipe), = P.grid_recipes("phi4_mini_12gb_grpo", [], [])
+    assert recipe.train.answer_column == "solution"
+    measured = P._measure_recipe(recipe, tmp_path / "d.jsonl", tmp_path / "run")
+    assert (measured.train.rewards, measured.train.answer_column) == (["numeric_answer"], "answer")
+    assert measured.train.reward_weights is None and recipe.train.rewards == ["think_format", "numeric_answer"]
+
+
 def test_quality_steps_are_refused_for_grpo_in_one_line_before_any_work(qlora, tmp_path):
     res = qlora("profile", GRPO, *BASE, "--grid", "lora.r=4,8", "--quality-steps", "2", "--out", tmp_path / "out")
     assert res.returncode != 0 and "Traceback" not in res.stderr + res.stdout
