@@ -1,7 +1,7 @@
 """qlora-phi3's 12 GB GRPO recipe versus a plain TRL GRPOTrainer + PEFT + bitsandbytes pipeline, same model, CPU.
 
-    OMP_NUM_THREADS=1 python bench/grpo_compare.py --write   # ~10 minutes on 2 shared cores; writes
-                                                              # bench/results/cpu_grpo_compare.{md,json}
+    OMP_NUM_THREADS=1 python bench/grpo_compare.py --write   # ~30 minutes on 2 cores shared at load 5-8;
+                                                              # writes bench/results/cpu_grpo_compare.{md,json}
 
 Ours is ``qlora-phi3 train phi4_mini_12gb_grpo`` (generation with transformers' ``generate``, the adapter active;
 label-only chunked completion log-probs, run/logprobs.py; LoRA fp32; 8-bit paged AdamW). The reference is what TRL's
@@ -16,7 +16,7 @@ grouped-query attention 3:1 as its 24:8, partial rotary 0.75, longrope) with two
 weights, and its o200k tokenizer. The vocabulary is kept whole because the log-prob head over it is what the two
 pipelines do differently. The lengths are a quarter of the recipe's (prompt 128 + completion 256 instead of
 512 + 1,024: a random model never stops early, so every completion is full length, and one full-length step of
-both pipelines would take ~10 minutes of a shared core); ``--prompt-len`` / ``--completion-len`` change them.
+both pipelines would take ~4x this one's); ``--prompt-len`` / ``--completion-len`` change them.
 
 Each pipeline runs in its own process. Memory: sampled RSS (every 10 ms), the same meter for both; "over the loaded
 model" is the training peak minus the RSS just before the first step (model, adapter and trainer built), i.e. what
@@ -108,7 +108,8 @@ def _recipe_overrides(args) -> list[str]:
     return [f"model.name_or_path={args.model}", "model.revision=null", "model.adapter=null", f"data.path={args.data}",
             "data.eval_split=null", "data.max_eval_samples=1", "data.eval_fraction=0.01",
             f"data.max_seq_len={args.prompt_len + args.completion_len}", "data.max_prompt_len=null",
-            f"train.max_completion_len={args.completion_len}", f"train.rewards=[{Path(__file__).resolve()}:digit_share]",
+            f"train.max_completion_len={args.completion_len}",
+            f"train.rewards=[{Path(__file__).resolve()}:digit_share]",
             "train.reward_weights=null", "train.answer_column=answer", f"train.output_dir={args.workdir}/ours",
             f"train.max_steps={args.steps}", "train.eval_steps=0", "train.save_steps=0", "train.sample_prompts=0",
             "train.logging_steps=1", "train.device=cpu", f"train.loss_chunk_tokens={args.chunk}"]
@@ -156,7 +157,7 @@ def _reference_trainer(args, recipe, dtype):
         output_dir=f"{args.workdir}/reference", max_steps=args.steps, per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum, num_generations=t.num_generations,
         max_completion_length=args.completion_len, temperature=t.temperature, top_p=t.top_p, beta=t.beta or 0.0,
-        learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler, warmup_ratio=t.warmup_ratio,
+        learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # < 1: a share of the steps
         max_grad_norm=t.max_grad_norm, optim=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
         bf16=dtype == torch.bfloat16, use_cpu=True, seed=t.seed, logging_steps=1, eval_strategy="no",
         save_strategy="no", report_to=[], disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
@@ -292,7 +293,28 @@ def _table(args, s: dict, t) -> list[str]:
         f"| mean completion length per step | {', '.join(f'{x:.0f}' for x in ref['completion_lengths'] if x)} | "
         f"{', '.join(f'{x:.0f}' for x in ours['completion_lengths'] if x)} | |",
         f"| loss per step | {', '.join(f'{x:.4f}' for x in ref['losses'])} | "
-        f"{', '.join(f'{x:.4f}' for x in ours['losses'])} | |"]
+        f"{', '.join(f'{x:.4f}' for x in ours['losses'])} | |", "", *_notes(args, t)]
+
+
+def _notes(args, t) -> list[str]:
+    rows, seq = t.micro_batch_size, args.prompt_len + args.completion_len
+    return [
+        "Notes: on this mini model generation is not the peak in either pipeline (its KV cache is two layers of one "
+        "128-wide KV head, and only the last position's logits are taken), so the peak is the training forward and "
+        "backward, and the difference is the log-prob head. TRL's (add_fused_lm_head, trl/kernels/chunked_logprob.py) "
+        f"on a device without Triton scores every position of a micro-batch ({rows} x {seq - 1}, prompt included) in "
+        "tiles of up to 4,096 positions x 32,768 vocabulary columns, folded in fp32 with torch ops (the tile, its "
+        "scaled copy, exp and exp x logit for the entropy), and its backward rebuilds them; ours projects only the "
+        f"{rows} x {args.completion_len} completion positions, {args.chunk} at a time (run/logprobs.py). TRL 1.16 no "
+        "longer builds the full-vocabulary logits.",
+        "- On a GPU with Triton, TRL's head scores only the completion positions and folds each tile in the kernel "
+        "(4,096 x 32,768 bf16 = 256 MiB), less than our 256-position chunk over 200,064 columns in fp32: there the "
+        "head's difference reverses, and the ratio is set by what both pipelines share (activations, the round's "
+        "KV cache). Not measured: no GPU was lent. prepare_model_for_kbit_training also upcasts the tied "
+        "embedding to fp32 (on Phi-4-mini +1.15 GiB at load on a GPU; here both load fp32, so it does not show).",
+        "- The two pipelines sample different completions (their own RNG use); with a random model every completion "
+        "runs to the full length in both (the table's mean lengths), so both process the same tokens. CPU timings "
+        "on a shared 2-core box are noisy: the speed ratio is not a result."]
 
 
 if __name__ == "__main__":
