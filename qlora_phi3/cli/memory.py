@@ -172,6 +172,11 @@ def _profile(args) -> int:
     return 0
 
 
+# Grid keys the table shows from the row's own fields, and short column names for other axes (80 columns).
+_ROW_KEYS = ("lora.r", "data.max_seq_len", "train.micro_batch_size", "train.gradient_checkpointing")
+_SHORT_KEYS = {"train.max_completion_len": "compl", "train.num_generations": "group", "train.grad_accum": "accum"}
+
+
 def profile_table(rows, meta: dict):
     """Measured beside estimated, error, speed, and whether each fits the budget, in at most 80 columns: the
     settings that are the same on every row go to the caption, GPU rows add reserved and device-used memory."""
@@ -182,6 +187,9 @@ def profile_table(rows, meta: dict):
     mem = "{:.2f}" if on_gpu else "{:.3f}"
     settings = {"r": [str(r.lora_r) for r in rows], "seq": [str(r.max_seq_len) for r in rows],
                 "mbs": [str(r.micro_batch_size) for r in rows], "ckpt": [r.gradient_checkpointing for r in rows]}
+    for key in dict.fromkeys(k for r in rows for k in r.overrides):  # other grid axes, e.g. grpo's completion length
+        if key not in _ROW_KEYS:
+            settings[_SHORT_KEYS.get(key, key.split(".")[-1])] = [str(r.overrides.get(key, "-")) for r in rows]
     varying = [k for k, v in settings.items() if len(set(v)) > 1] or ["seq"]
     fixed = [f"{k} {v[0]}" for k, v in settings.items() if k not in varying]
     quality = any(r.eval_loss is not None for r in rows)

@@ -89,3 +89,21 @@ def test_profile_grpo_measures_full_length_rounds_per_configuration():
         assert 8 * (r.max_seq_len - 4) <= tokens * 1.01 and tokens <= 8 * r.max_seq_len * 1.01, (tokens, r)
     assert rows[1].peak_allocated_gib > rows[0].peak_allocated_gib  # longer rows, more memory, each measured
     assert meta["steps"] == 1 and meta["quality_steps"] == 0
+
+
+def test_table_shows_other_grid_axes_such_as_the_completion_length():
+    from rich.console import Console
+
+    from qlora_phi3.cli.memory import profile_table
+
+    rows = [P.ProfileRow(overrides={"data.max_seq_len": seq, "train.max_completion_len": c}, lora_r=16,
+                         max_seq_len=seq, micro_batch_size=8, gradient_checkpointing="true",
+                         optimizer="paged_adamw_8bit", peak_allocated_gib=0.06, peak_reserved_gib=0.06,
+                         estimated_gib=0.1, tokens_per_second=500.0) for seq in (40, 72) for c in (8, 16)]
+    console = Console(width=80, record=True)
+    console.print(profile_table(rows, {"recipe_name": "tiny_cpu_grpo", "device": {"name": "cpu", "kind": "cpu"}}))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "status" in line).split()
+    assert header[:3] == ["seq", "compl", "status"]
+    assert [line.split()[:2] for line in lines if line.split()[:1] in (["40"], ["72"])] == \
+        [["40", "8"], ["40", "16"], ["72", "8"], ["72", "16"]]
