@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,20 +55,13 @@ def build_pairs(path: Path, tokenizer, n: int, seed: int = 0) -> Path:
 
 
 def _ours(args) -> dict:
-    import qlora_phi3.memory.meter as meter_mod
+    from bench.pipelines import note_rss_at_meter_reset
     from qlora_phi3.config import load_recipe
     from qlora_phi3.run.train import train
     from qlora_phi3.ui import quiet_library_noise
 
     quiet_library_noise()
-    loaded = {}
-    reset = meter_mod.PeakMemory.reset
-
-    def reset_and_note(self):  # train() resets the meter right before the first step: what is loaded by then
-        loaded["rss"] = meter_mod._rss_bytes()
-        reset(self)
-
-    meter_mod.PeakMemory.reset = reset_and_note
+    loaded = note_rss_at_meter_reset()
     recipe = load_recipe("phi3_mini_4k_12gb_dpo", [
         f"model.name_or_path={args.model}", "model.revision=null", f"data.path={args.data}", "data.eval_split=null",
         "data.max_eval_samples=1", "data.eval_fraction=0.01", "data.max_seq_len=2048", "data.max_prompt_len=null",
@@ -88,8 +78,6 @@ def _ours(args) -> dict:
 
 
 def _reference(args) -> dict:
-    import time
-
     import torch
     import transformers
     from datasets import Dataset
@@ -97,7 +85,7 @@ def _reference(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer
 
-    from qlora_phi3.memory.meter import PeakMemory, _rss_bytes
+    from bench.pipelines import train_reference
     from qlora_phi3.model.load import _keep_cpu_4bit_format
 
     transformers.set_seed(42)
@@ -121,18 +109,8 @@ def _reference(args) -> dict:
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
                                                 task_type="CAUSAL_LM",
                                                 target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
-    loaded = _rss_bytes()
-    meter = PeakMemory("cpu", cpu_measure="rss")
-    meter.reset()
-    t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
-    peak = meter.read()
-    meter.close()
-    tokens = int(trainer.state.num_input_tokens_seen)
-    return {"loaded_gib": loaded / 2**30, "peak_gib": peak.peak_allocated_gib, "tokens": tokens,
-            "train_seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1),
-            "steps": trainer.state.global_step, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    out = train_reference(trainer)
+    return out | {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
 def _worker(which: str, args) -> int:
@@ -141,30 +119,15 @@ def _worker(which: str, args) -> int:
     return 0
 
 
-def _cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in info})
-    return {"cpu": name or platform.processor(), "cores": os.cpu_count(), "bf16_flags": flags or "none (bf16 emulated)",
-            "load_average": os.getloadavg()}
-
-
 def main(argv=None) -> int:
+    from bench.pipelines import add_pipeline_args, cpu_facts, run_pipelines
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--micro", type=int, default=1, help="pairs per micro-batch (2 rows each)")
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--chunk", type=int, default=256, help="ours: train.loss_chunk_tokens (0 = TRL's fused head)")
-    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qlora-phi3-dpo-compare"))
-    p.add_argument("--write", action="store_true", help="write bench/results/cpu_dpo_compare.{md,json}")
-    p.add_argument("--reuse-reference", action="store_true",
-                   help="keep the reference's result from an earlier run in the same --workdir (same settings): it "
-                        "runs no qlora-phi3 training code, so a change to ours does not change it")
-    p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_pipeline_args(p, "dpo")
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args.worker, args)
@@ -180,25 +143,14 @@ def main(argv=None) -> int:
         build_mini_phi3(model, layers=2, hidden=384, intermediate=1024)
     data = build_pairs(work / "pairs.jsonl", AutoTokenizer.from_pretrained(model),
                        n=args.steps * args.micro * args.accum + 4)
-    results = {}
-    for which in ("reference", "ours"):
-        result = work / f"{which}.json"
-        if which == "reference" and args.reuse_reference and result.is_file():
-            results[which] = json.loads(result.read_text())
-            continue
-        result.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--model", str(model), "--data",
-               str(data), "--result", str(result), "--workdir", str(work), "--steps", str(args.steps), "--micro",
-               str(args.micro), "--accum", str(args.accum), "--lr", str(args.lr), "--chunk", str(args.chunk)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
-        if proc.returncode != 0 or not result.is_file():
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[which] = json.loads(result.read_text())
+    results = run_pipelines(__file__, args, model, data, [
+        "--steps", str(args.steps), "--micro", str(args.micro), "--accum", str(args.accum), "--lr", str(args.lr),
+        "--chunk", str(args.chunk)])
+    if results is None:
+        return 1
     ref, ours = results["reference"], results["ours"]
     over = {k: r["peak_gib"] - r["loaded_gib"] for k, r in results.items()}
-    summary = {"hardware": _cpu(), "versions": package_versions(), "settings": vars(args) | {"worker": None},
+    summary = {"hardware": cpu_facts(), "versions": package_versions(), "settings": vars(args) | {"worker": None},
                "reference_reused": bool(args.reuse_reference),
                "reference": ref, "ours": ours, "training_memory_ratio": round(over["ours"] / over["reference"], 3),
                "speed_ratio": round(ours["tokens_per_second"] / ref["tokens_per_second"], 2)}

@@ -146,12 +146,13 @@ def print_fit_report(report) -> None:
 
 
 def _profile(args) -> int:
-    from qlora_phi3.run.profile import grid_recipes, profile, write_results
+    from qlora_phi3.run.profile import check_quality_applies, grid_recipes, profile, write_results
     from qlora_phi3.ui import console, info, warn
 
     path, overrides = recipe_and_overrides(args)
     budget_gib = _budget_gib(args.budget)
     configs = grid_recipes(path, overrides, args.grid)
+    check_quality_applies(configs, args.quality_steps)  # before the plan is announced
     out = Path(args.out) if args.out else Path("profiles") / path.stem
     quality = (f", then {args.quality_steps} step(s) on the recipe's data for the held-out eval loss"
                if args.quality_steps else "")
@@ -171,6 +172,11 @@ def _profile(args) -> int:
     return 0
 
 
+# Grid keys the table shows from the row's own fields, and short column names for other axes (80 columns).
+_ROW_KEYS = ("lora.r", "data.max_seq_len", "train.micro_batch_size", "train.gradient_checkpointing")
+_SHORT_KEYS = {"train.max_completion_len": "compl", "train.num_generations": "group", "train.grad_accum": "accum"}
+
+
 def profile_table(rows, meta: dict):
     """Measured beside estimated, error, speed, and whether each fits the budget, in at most 80 columns: the
     settings that are the same on every row go to the caption, GPU rows add reserved and device-used memory."""
@@ -181,6 +187,9 @@ def profile_table(rows, meta: dict):
     mem = "{:.2f}" if on_gpu else "{:.3f}"
     settings = {"r": [str(r.lora_r) for r in rows], "seq": [str(r.max_seq_len) for r in rows],
                 "mbs": [str(r.micro_batch_size) for r in rows], "ckpt": [r.gradient_checkpointing for r in rows]}
+    for key in dict.fromkeys(k for r in rows for k in r.overrides):  # other grid axes, e.g. grpo's completion length
+        if key not in _ROW_KEYS:
+            settings[_SHORT_KEYS.get(key, key.split(".")[-1])] = [str(r.overrides.get(key, "-")) for r in rows]
     varying = [k for k, v in settings.items() if len(set(v)) > 1] or ["seq"]
     fixed = [f"{k} {v[0]}" for k, v in settings.items() if k not in varying]
     quality = any(r.eval_loss is not None for r in rows)

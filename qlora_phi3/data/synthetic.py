@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 __all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "generate_pairs", "generate_prompts", "generate_unpaired",
-           "wrong_answer_for", "write_full_length_conversations", "write_full_length_pairs", "write_jsonl"]
+           "wrong_answer_for", "write_full_length_conversations", "write_full_length_pairs", "write_full_length_prompts",
+           "write_jsonl"]
 
 CAPITALS = {
     "Zorvia": "Quellan", "Maltheon": "Virest", "Korrin": "Dasko", "Elbaria": "Tunmore",
@@ -195,6 +196,37 @@ def write_full_length_pairs(path: Path, tokenizer, n: int, n_tokens: int, seed: 
         else:
             records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer()}],
                             "rejected": [{"role": "assistant", "content": answer()}]})
+    write_jsonl(path, records)
+    return path
+
+
+def write_full_length_prompts(path: Path, tokenizer, n: int, n_tokens: int, seed: int = 0) -> Path:
+    """``n`` distinct grpo prompt records (one user turn ending with a one-digit sum, the sum in an ``answer``
+    column) each ``n_tokens`` tokens long in the chat template with the generation prompt, or a few tokens
+    shorter where no word boundary lands exactly: a prompt is never cut (its end is the question), so the filler
+    before the question is sized to fill the limit. The profiler's worst case for grpo, where the prompt limit is
+    ``data.max_seq_len - train.max_completion_len``. Raises ValueError when not even the question fits."""
+    from qlora_phi3.data.prompts import PromptRecord, prompt_token_ids
+
+    rng = random.Random(seed)
+    words = " ".join(answer_for(_question(rng)) for _ in range(max(8, n_tokens // 4))).split()
+    records = []
+    for i in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        question = f"Set {i}. What is {a} plus {b}?"
+
+        def length(k: int) -> int:  # the templated prompt with k filler words before the question
+            text = " ".join(words[:k] + [question])
+            return len(prompt_token_ids(tokenizer, PromptRecord([{"role": "user", "content": text}], {}, "")))
+
+        if length(0) > n_tokens:
+            raise ValueError(f"a prompt of {n_tokens} tokens cannot hold the question ({length(0)} tokens)")
+        lo, hi = 0, len(words)  # the most filler words that fit: length() grows with k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if length(mid) <= n_tokens else (lo, mid - 1)
+        records.append({"prompt": [{"role": "user", "content": " ".join(words[:lo] + [question])}],
+                        "answer": str(a + b)})
     write_jsonl(path, records)
     return path
 

@@ -34,7 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_phi3.config import Recipe, dump_recipe, load_recipe, recipe_to_dict, with_absolute_paths
-from qlora_phi3.data.synthetic import write_full_length_conversations, write_full_length_pairs
+from qlora_phi3.data.prompts import prompt_limit
+from qlora_phi3.data.synthetic import (write_full_length_conversations, write_full_length_pairs,
+                                       write_full_length_prompts)
 from qlora_phi3.errors import RunFailed, UserError
 from qlora_phi3.files import atomic_write_json, atomic_write_text
 from qlora_phi3.memory.estimate import config_for_estimate, estimate
@@ -42,7 +44,7 @@ from qlora_phi3.methods import METHODS
 from qlora_phi3.model.load import load_tokenizer, pick_attention, pick_compute_dtype, pick_device
 from qlora_phi3.run.record import device_info, package_versions
 
-__all__ = ["ProfileRow", "grid_recipes", "parse_grid", "pick", "profile", "write_results"]
+__all__ = ["ProfileRow", "check_quality_applies", "grid_recipes", "parse_grid", "pick", "profile", "write_results"]
 
 
 @dataclass
@@ -107,16 +109,50 @@ def _row_for(point: dict, recipe: Recipe) -> ProfileRow:
 
 
 def _conversations_needed(recipe: Recipe, steps: int, warmup: int) -> int:
+    """Records the run reads: micro-batches x steps, plus the held-out one and a spare. grpo's batch sizes count
+    completions, num_generations per prompt record."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return recipe.train.micro_batch_size * recipe.train.grad_accum * (steps + warmup) * world + 2
+    rows = recipe.train.micro_batch_size * recipe.train.grad_accum * (steps + warmup) * world
+    if METHODS[recipe.train.method].generates:
+        rows = -(-rows // recipe.train.num_generations)
+    return rows + 2
+
+
+def _data_key(recipe: Recipe) -> tuple:
+    """What the profile's data depends on: configurations that share it share one file."""
+    kind = METHODS[recipe.train.method].data
+    if kind == "prompts":  # the prompt fills what the completion leaves of the row
+        return recipe.model.name_or_path, kind, prompt_limit(recipe.data, recipe.train.max_completion_len)
+    return recipe.model.name_or_path, kind, recipe.data.max_seq_len
+
+
+def _write_data(path: Path, recipe: Recipe, n: int) -> Path:
+    """``n`` records of the recipe's data kind at the configuration's full length (its worst case)."""
+    kind = METHODS[recipe.train.method].data
+    tokenizer = load_tokenizer(recipe.model)
+    if kind == "chat":
+        return write_full_length_conversations(path, tokenizer, n, recipe.data.max_seq_len)
+    if kind == "prompts":  # grpo: prompts at the limit; the completions fill the rest of the row (training_arguments)
+        limit = prompt_limit(recipe.data, recipe.train.max_completion_len)
+        try:
+            return write_full_length_prompts(path, tokenizer, n, limit)
+        except ValueError as e:
+            raise UserError(f"profile: {e}; raise data.max_seq_len or data.max_prompt_len, or lower "
+                            "train.max_completion_len.") from None
+    # preference rows: chosen and rejected (or KTO answers) that each fill max_seq_len
+    return write_full_length_pairs(path, tokenizer, n, recipe.data.max_seq_len, unpaired=kind == "unpaired")
 
 
 def _measure_recipe(recipe: Recipe, data_path: Path, run_dir: Path) -> Recipe:
-    """The configuration as the worker trains it: full-length data, a scratch run directory."""
+    """The configuration as the worker trains it: full-length data, a scratch run directory. grpo's rewards become
+    the built-in numeric_answer on the synthetic prompts' ``answer`` column: the recipe's own may need columns those
+    lack, and a reward is Python between generation and the step, with no tensors of its own."""
     r = copy.deepcopy(recipe)
     r.data.path, r.data.eval_split, r.data.max_samples = str(data_path), None, None
     r.data.max_eval_samples, r.data.eval_fraction = 1, 0.01
     r.train.output_dir = str(run_dir)
+    if METHODS[r.train.method].data == "prompts":
+        r.train.rewards, r.train.reward_weights, r.train.answer_column = ["numeric_answer"], None, "answer"
     return r
 
 
@@ -180,6 +216,7 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
                         "allocates the optimizer states, which the measured steps must include).")
     if quality_steps < 0:
         raise UserError(f"--quality-steps {quality_steps}: give a number of optimizer steps (0 = no quality run).")
+    check_quality_applies(configs, quality_steps)
     first = configs[0][1]
     dev = pick_device(first.train.device).value
     rows: list[ProfileRow] = []
@@ -192,16 +229,9 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
             progress.update(task, description=", ".join(f"{k}={v}" for k, v in point.items()))
             row = _row_for(point, recipe)
             n = _conversations_needed(recipe, steps, warmup)
-            kind = METHODS[recipe.train.method].data
-            key = (recipe.model.name_or_path, recipe.data.max_seq_len, kind)
+            key = _data_key(recipe)
             if key not in data_files or data_files[key][1] < n:
-                path = Path(tmp) / f"data-{i}.jsonl"
-                if kind == "chat":
-                    write_full_length_conversations(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len)
-                else:  # preference rows: chosen and rejected (or KTO answers) that each fill max_seq_len
-                    write_full_length_pairs(path, load_tokenizer(recipe.model), n, recipe.data.max_seq_len,
-                                            unpaired=kind == "unpaired")
-                data_files[key] = (path, n)
+                data_files[key] = (_write_data(Path(tmp) / f"data-{i}.jsonl", recipe, n), n)
             workdir = Path(tmp) / f"config-{i}"
             workdir.mkdir()
             quality = _quality_recipe(recipe, quality_steps, workdir / "quality") if quality_steps else None
@@ -224,6 +254,16 @@ def profile(configs: list[tuple[dict, Recipe]], steps: int = 2, warmup: int = 1,
     choice, why = pick(rows, budget_gib)
     meta["pick"] = {"overrides": None if choice is None else choice.overrides, "why": why}
     return rows, meta
+
+
+def check_quality_applies(configs: list[tuple[dict, Recipe]], quality_steps: int) -> None:
+    """--quality-steps ranks configurations by held-out eval loss; a generating method (grpo) has none."""
+    methods = sorted({r.train.method for _, r in configs if METHODS[r.train.method].generates})
+    if quality_steps and methods:
+        raise UserError(f"--quality-steps does not apply to train.method={methods[0]}: it ranks configurations by "
+                        "held-out eval loss, and grpo has none (its held-out measure is the mean reward of sampled "
+                        "completions, which a few steps do not move beyond sampling noise, docs/grpo.md); profile "
+                        "it without --quality-steps for memory and speed.")
 
 
 def _fill(row: ProfileRow, result: dict) -> None:

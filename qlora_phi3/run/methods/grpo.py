@@ -114,6 +114,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dt
     del args["dataset_num_proc"]  # GRPOConfig has none: prompts are tokenized as they are sampled
     group = t.num_generations
     args["per_device_eval_batch_size"] = group * -(-t.micro_batch_size // group)  # whole groups per eval batch
+    if measuring:  # profile and benchmarks measure the worst case: every completion runs to max_completion_len
+        args["generation_kwargs"] = {"min_new_tokens": t.max_completion_len}
     return GRPOConfig(**args, beta=beta(recipe), num_generations=group, max_completion_length=t.max_completion_len,
                       temperature=t.temperature, top_p=t.top_p, reward_weights=t.reward_weights,
                       disable_dropout=False,  # lora.dropout is the recipe's choice, as for SFT
