@@ -20,10 +20,14 @@ import math
 from dataclasses import dataclass
 
 from qlora_phi3.config import EMBEDDED_MODEL, Recipe
+from qlora_phi3.methods import METHODS
 from qlora_phi3.ui import info, warn
 
 __all__ = ["Coverage", "MAX_EPOCHS", "MIN_RANDOM_BASE_STEPS", "SMALL_DATA", "SUGGESTED_EPOCHS", "coverage_warning",
            "epoch_coverage", "say_coverage"]
+
+# What one record of each data kind (methods.DATA_KINDS) is called in the plan line.
+UNIT_OF_DATA = {"chat": "conversations", "pairs": "preference pairs", "unpaired": "labelled answers", "prompts": "prompts"}
 
 MAX_EPOCHS = 10
 SUGGESTED_EPOCHS = 3
@@ -79,8 +83,9 @@ def say_coverage(recipe: Recipe, cov: Coverage, data) -> dict:
     """Print the run's plan (steps, passes, train and eval size with their tokens with loss) and the warning, if
     any; returns run.json's ``plan`` fields. ``data`` is the method's MethodData."""
     n_train, n_eval = data.dataset["train_samples"], data.dataset["eval_samples"]
-    unit = {"sft": "conversations", "kto": "labelled answers"}.get(recipe.train.method, "preference pairs")
-    packed = recipe.train.method == "sft" and recipe.data.packing
+    method = METHODS[recipe.train.method]
+    unit = UNIT_OF_DATA[method.data]
+    packed = method.packs and recipe.data.packing
     rows = f", {cov.rows_per_epoch:,} packed rows" if packed else ""
     eval_every = f"every {recipe.train.eval_steps} steps and at the end" if recipe.train.eval_steps else "at the end"
     info(f"plan: {cov.steps:,} optimizer steps = {cov.epochs:.2g} epochs ({cov.steps_per_epoch:,} steps per pass over "

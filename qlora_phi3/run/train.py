@@ -21,7 +21,7 @@ import transformers
 from transformers import TrainerCallback
 from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict, with_absolute_paths
 from qlora_phi3.errors import RunFailed, UserError
-from qlora_phi3.methods import METHODS
+from qlora_phi3.methods import DEFAULT_METHOD, METHODS
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
@@ -427,7 +427,7 @@ def _carry_over(record: RunRecord, plan, progress) -> None:
 def _say_done(run: dict, peak, adapter_dir: Path, run_path: Path, plot: Path | None = None) -> None:
     start, end = run.get("eval_loss_start"), run["eval_loss_end"]
     # A share of step 0 means something for a cross-entropy (chats); a preference or GRPO loss can be ~0 or negative.
-    chat_loss = METHODS[run.get("method") or "sft"].data == "chat"
+    chat_loss = METHODS[run.get("method") or DEFAULT_METHOD].data == "chat"
     ratio = f" ({end / start:.1%} of step 0)" if chat_loss and start and start > 0 else ""
     info(f"[bold green]done[/] in {run['wall_seconds']:.0f}s: eval loss "
          f"{'-' if start is None else f'{start:.4f}'} -> {end:.4f}{ratio}, peak memory {peak.explained()}, "

@@ -54,3 +54,20 @@ def test_the_embedded_random_model_needs_steps_not_passes():
     assert continued and "far too long" in continued and "random" not in continued
     default = _recipe("tiny_cpu")  # the recipe's own 300 steps: in range
     assert coverage_warning(default, epoch_coverage(default, rows_per_epoch=380), 1_140, "conversations") is None
+
+
+def test_the_plan_names_what_each_method_trains_on(capsys):
+    from types import SimpleNamespace
+
+    from qlora_phi3.methods import METHODS
+    from qlora_phi3.run.epochs import say_coverage
+
+    words = {("tiny_cpu", "sft"): "conversations", ("tiny_cpu_dpo", "dpo"): "preference pairs",
+             ("tiny_cpu_dpo", "kto"): "labelled answers", ("tiny_cpu_grpo", "grpo"): "prompts"}
+    for (name, method), unit in words.items():
+        recipe = _recipe(name, f"train.method={method}")
+        data = SimpleNamespace(dataset={"train_samples": 80, "eval_samples": 20}, train=None, eval=None)
+        say_coverage(recipe, epoch_coverage(recipe, rows_per_epoch=80), data)
+        plan = " ".join(capsys.readouterr().out.split())
+        assert f"80 train {unit}" in plan and f"20 held-out {unit}" in plan, (method, plan)
+        assert ("packed rows" in plan) == (METHODS[method].packs and recipe.data.packing)
