@@ -51,8 +51,11 @@ def test_grpo_trains_from_the_sft_adapter_and_records_rewards_kl_and_completions
 
     quiet_library_noise()
     _, sft = tiny_run
+    # 10 of the recipe's 30 steps and 4 of its 20 held-out prompts: nothing here asserts a rise (see above), and the
+    # held-out reward at the start and end samples num_generations answers per prompt.
     recipe = load_recipe(GRPO_RECIPE, [f"model.adapter={sft.output_dir}", f"train.output_dir={tmp_path / 'grpo'}",
-                                       "train.sample_prompts=0", "train.save_steps=0", "train.logging_steps=2"])
+                                       "train.sample_prompts=0", "train.save_steps=0", "train.logging_steps=2",
+                                       "train.max_steps=10", "data.max_eval_samples=4"])
     result = train(recipe)
     run = json.loads((result.output_dir / "run.json").read_text())
     assert run["status"] == "completed" and run["method"] == "grpo" and run["dataset"]["kind"] == "prompts"
