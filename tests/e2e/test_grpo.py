@@ -77,7 +77,7 @@ def test_grpo_trains_from_the_sft_adapter_and_records_rewards_kl_and_completions
     assert 0.0 <= after <= 1.0
 
 
-def test_kill9_then_resume_equals_uninterrupted_run_sampling_included(tiny_run, tmp_path):
+def test_kill9_then_resume_equals_uninterrupted_run_sampling_included(tiny_run, tmp_path, qlora):
     """The completions are sampled: a resumed run equals an uninterrupted one only if the sampling RNG is restored
     with the checkpoint (the Trainer's rng_state), and the data order too."""
     import os
@@ -94,8 +94,8 @@ def test_kill9_then_resume_equals_uninterrupted_run_sampling_included(tiny_run, 
             "train.logging_steps=1"]
 
     def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*args, f"train.output_dir={out}", *extra], capture_output=True, text=True,
-                              timeout=600, cwd=REPO)
+        """The same command in this process (the ``qlora`` fixture): only the kill needs a process of its own."""
+        return qlora(*args[3:], f"train.output_dir={out}", *extra, cwd=REPO)
 
     ref = run(tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
