@@ -120,7 +120,7 @@ def _worker(which: str, args) -> int:
 
 
 def main(argv=None) -> int:
-    from bench.pipelines import add_pipeline_args, cpu_facts, run_pipelines
+    from bench.pipelines import add_pipeline_args, compare_summary, run_pipelines, write_compare
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3)
@@ -148,16 +148,10 @@ def main(argv=None) -> int:
         "--chunk", str(args.chunk)])
     if results is None:
         return 1
-    ref, ours = results["reference"], results["ours"]
-    over = {k: r["peak_gib"] - r["loaded_gib"] for k, r in results.items()}
-    summary = {"hardware": cpu_facts(), "versions": package_versions(), "settings": vars(args) | {"worker": None},
-               "reference_reused": bool(args.reuse_reference),
-               "reference": ref, "ours": ours, "training_memory_ratio": round(over["ours"] / over["reference"], 3),
-               "speed_ratio": round(ours["tokens_per_second"] / ref["tokens_per_second"], 2)}
+    summary = compare_summary(args, results, package_versions())
+    ref, ours, over = summary["reference"], summary["ours"], summary["over_loaded_gib"]
     print(json.dumps(summary, indent=1))
     if args.write:
-        out = REPO / "bench" / "results"
-        (out / "cpu_dpo_compare.json").write_text(json.dumps(summary, indent=1) + "\n")
         hw = summary["hardware"]
         v = summary["versions"]
         lines = [
@@ -190,7 +184,7 @@ def main(argv=None) -> int:
             "positions, 256 at a time. The two pipelines draw their pairs from the same file in their own order (ours holds "
             "one pair out for its eval split), so their token counts differ a little; tokens/s is each one's own count "
             "over its own training time. CPU timings on a shared 2-core box are noisy; no GPU figure is claimed here."]
-        (out / "cpu_dpo_compare.md").write_text("\n".join(lines) + "\n")
+        write_compare("dpo", summary, lines)
     return 0
 
 

@@ -195,7 +195,7 @@ def _worker(which: str, args) -> int:
 
 
 def main(argv=None) -> int:
-    from bench.pipelines import add_pipeline_args, run_pipelines
+    from bench.pipelines import add_pipeline_args, compare_summary, run_pipelines, write_compare
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2, help="optimizer steps (each samples one round of completions)")
@@ -229,27 +229,14 @@ def main(argv=None) -> int:
         "--chunk", str(args.chunk)])
     if results is None:
         return 1
-    summary = _summary(args, results, t, package_versions())
+    summary = compare_summary(args, results, package_versions(), recipe={
+        "name": RECIPE, "num_generations": t.num_generations, "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum, "beta": t.beta, "optimizer": t.optimizer,
+        "gradient_checkpointing": t.gradient_checkpointing})
     print(json.dumps(summary, indent=1))
     if args.write:
-        out = REPO / "bench" / "results"
-        (out / "cpu_grpo_compare.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (out / "cpu_grpo_compare.md").write_text("\n".join(_table(args, summary, t)) + "\n")
+        write_compare("grpo", summary, _table(args, summary, t))
     return 0
-
-
-def _summary(args, results: dict, t, versions: dict) -> dict:
-    from bench.pipelines import cpu_facts
-
-    over = {k: r["peak_gib"] - r["loaded_gib"] for k, r in results.items()}
-    return {"hardware": cpu_facts(), "versions": versions, "settings": vars(args) | {"worker": None},
-            "recipe": {"name": RECIPE, "num_generations": t.num_generations, "micro_batch_size": t.micro_batch_size,
-                       "grad_accum": t.grad_accum, "beta": t.beta, "optimizer": t.optimizer,
-                       "gradient_checkpointing": t.gradient_checkpointing},
-            "reference_reused": bool(args.reuse_reference), "reference": results["reference"],
-            "ours": results["ours"], "over_loaded_gib": over,
-            "training_memory_ratio": round(over["ours"] / over["reference"], 3),
-            "speed_ratio": round(results["ours"]["tokens_per_second"] / results["reference"]["tokens_per_second"], 2)}
 
 
 def _table(args, s: dict, t) -> list[str]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-__all__ = ["add_pipeline_args", "cpu_facts", "note_rss_at_meter_reset", "run_pipelines", "train_reference"]
+__all__ = ["add_pipeline_args", "compare_summary", "cpu_facts", "note_rss_at_meter_reset", "run_pipelines",
+           "train_reference", "write_compare"]
 
 
 def add_pipeline_args(p: argparse.ArgumentParser, name: str) -> None:
@@ -54,6 +55,24 @@ def run_pipelines(script: str, args, model: Path, data: Path, settings: list[str
         results[which] = json.loads(result.read_text()) | {"load_before": load, "load_after": os.getloadavg()[0]}
         result.write_text(json.dumps(results[which]))
     return results
+
+
+def compare_summary(args, results: dict, versions: dict, **extra) -> dict:
+    """The comparison's record: machine, versions, settings, both pipelines' results, their training memory over the
+    loaded model and its ratio, the speed ratio; ``extra`` fields (e.g. the recipe's settings) after the settings."""
+    ref, ours = results["reference"], results["ours"]
+    over = {k: r["peak_gib"] - r["loaded_gib"] for k, r in results.items()}
+    return {"hardware": cpu_facts(), "versions": versions, "settings": vars(args) | {"worker": None}, **extra,
+            "reference_reused": bool(args.reuse_reference), "reference": ref, "ours": ours, "over_loaded_gib": over,
+            "training_memory_ratio": round(over["ours"] / over["reference"], 3),
+            "speed_ratio": round(ours["tokens_per_second"] / ref["tokens_per_second"], 2)}
+
+
+def write_compare(name: str, summary: dict, table_lines: list[str]) -> None:
+    """bench/results/cpu_{name}_compare.json (the summary) and .md (``table_lines``)."""
+    out = REPO / "bench" / "results"
+    (out / f"cpu_{name}_compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / f"cpu_{name}_compare.md").write_text("\n".join(table_lines) + "\n")
 
 
 def cpu_facts() -> dict:
