@@ -21,10 +21,10 @@ import transformers
 from transformers import TrainerCallback
 from qlora_phi3.config import Recipe, dump_recipe, recipe_to_dict, with_absolute_paths
 from qlora_phi3.errors import RunFailed, UserError
-from qlora_phi3.methods import DEFAULT_METHOD, METHODS
 from qlora_phi3.files import atomic_write_json, partial_dir, publish_dir
 from qlora_phi3.machine import pick_threads
 from qlora_phi3.memory.oom import is_oom, oom_message
+from qlora_phi3.methods import DEFAULT_METHOD, METHODS
 from qlora_phi3.model.load import (Choice, ModelSource, hide_load_progress_bars, load_model, load_tokenizer,
                                    pick_attention, pick_compute_dtype, pick_device, read_model_config, resolve_model)
 from qlora_phi3.model.lora import attach_lora, coverage, initial_adapter_dir, load_adapter_weights
