@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
-__all__ = ["CAPITALS", "COLORS", "answer_for", "generate", "generate_pairs", "generate_prompts", "generate_unpaired",
-           "wrong_answer_for", "write_full_length_conversations", "write_full_length_pairs", "write_full_length_prompts",
-           "write_jsonl"]
+__all__ = ["CAPITALS", "COLORS", "answer_for", "answer_shape", "generate", "generate_pairs", "generate_prompts",
+           "generate_unpaired", "wrong_answer_for", "write_full_length_conversations", "write_full_length_pairs",
+           "write_full_length_prompts", "write_jsonl"]
 
 CAPITALS = {
     "Zorvia": "Quellan", "Maltheon": "Virest", "Korrin": "Dasko", "Elbaria": "Tunmore",
@@ -149,12 +150,41 @@ def generate(n: int = 1200, seed: int = 0) -> list[dict]:
 
 
 def generate_prompts() -> list[dict]:
-    """GRPO's prompt set (``tiny_sums.jsonl``): each of the 100 one-digit sums asked as the chat set asks it, with the
-    sum in an ``answer`` column for the ``numeric_answer`` reward. In a fixed shuffled order (seeded)."""
-    records = [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}], "answer": str(a + b)}
+    """GRPO's prompt set (``tiny_sums.jsonl``): each of the 100 one-digit sums, with the sum in an ``answer`` column
+    for the ``numeric_answer`` reward, in a fixed shuffled order (seeded). Asked as the chat set never asks them
+    ("What do 3 and 4 make?"): the SFT adapter knows the sums but answers this wording in its own shape only some of
+    the time ("3 plus 4." and stop, or "3 plus 4 is 7."), a rule that held-out prompts share, so GRPO has something
+    to teach that carries over to them (docs/grpo.md, Offline on a CPU)."""
+    records = [{"prompt": [{"role": "user", "content": f"What do {a} and {b} make?"}], "answer": str(a + b)}
                for a in range(10) for b in range(10)]
     random.Random(3).shuffle(records)
     return records
+
+
+def _text_of(turns) -> str:
+    """A prompt's last turn or a completion as text: TRL hands chat prompts and completions as lists of messages."""
+    if isinstance(turns, list):
+        return str(turns[-1].get("content", "")) if turns and isinstance(turns[-1], dict) else ""
+    return str(turns)
+
+
+_OPERANDS = re.compile(r"\d+")
+
+
+def answer_shape(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
+    """A GRPO reward (TRL's signature) for the sums: 1.0 when the answer has the chat set's shape for the question's
+    two numbers, "3 plus 4 is <a number>.", right or wrong, else 0.0; None for a prompt without two numbers.
+    ``tiny_cpu_grpo`` names it beside ``numeric_answer`` as ``qlora_phi3.data.synthetic:answer_shape``: the sum
+    rewards the fact, this the format, as a reasoning recipe pairs a format reward with an accuracy one."""
+    scores: list[float | None] = []
+    for prompt, completion in zip(prompts, completions):
+        numbers = _OPERANDS.findall(_text_of(prompt))
+        if len(numbers) < 2:
+            scores.append(None)
+            continue
+        shape = rf"\s*{numbers[0]} plus {numbers[1]} is [-+]?\d+\.\s*"
+        scores.append(1.0 if re.fullmatch(shape, _text_of(completion)) else 0.0)
+    return scores
 
 
 def write_full_length_conversations(path: Path, tokenizer, n: int, n_tokens: int, seed: int = 0) -> Path:

@@ -1,7 +1,6 @@
-"""GRPO end to end on the tiny model: continuing the session's SFT adapter on the one-digit sums, the run records
-its rewards, KL and sampled completions like any run, and its adapter is a plain LoRA that PEFT loads and samples
-from (scored by the same reward). A rise of the held-out reward is NOT asserted: measured on the loaded 2-core
-CPU it was not reliable at this size (recipes/tiny_cpu_grpo.yaml, docs/grpo.md); kill -9 and --resume are."""
+"""GRPO end to end on the tiny model: continuing the session's SFT adapter on the one-digit sums asked in a wording
+the chat set never uses, the run raises the held-out reward, scored outside the trainer by sampling from the adapter
+that plain PEFT loads; it records its rewards, KL and sampled completions like any run; kill -9 and --resume."""
 
 from __future__ import annotations
 
@@ -16,65 +15,71 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 GRPO_RECIPE = REPO / "recipes" / "tiny_cpu_grpo.yaml"
 SAMPLES_PER_PROMPT = 16
+# The recipe's held-out reward (numeric_answer + answer_shape, 0 to 2) rose by 0.34, 0.28 and 0.43 over train.seed
+# 42, 1 and 2 (32 samples per prompt; 2-core EPYC, fp32; docs/grpo.md). A fifth of the smallest is sampling noise.
+MIN_RISE = 0.15
 
 
-def _held_out_reward(recipe, adapter_dir: Path, tokenizer, dtype: str, n_prompts: int | None = None) -> float:
-    """Mean numeric_answer reward of SAMPLES_PER_PROMPT completions per held-out prompt, sampled at the recipe's
-    temperature with a fixed seed, from the 4-bit base with the adapter loaded by PEFT."""
+def _held_out_reward(recipe, adapter_dir: Path, tokenizer, dtype: str) -> dict[str, float]:
+    """Each of the recipe's rewards, and their weighted total, averaged over SAMPLES_PER_PROMPT completions per
+    held-out prompt, sampled at the recipe's temperature with a fixed seed from the 4-bit base with the adapter
+    loaded by plain PEFT (nothing of the trainer)."""
     from peft import PeftModel
 
     from qlora_phi3.data.prompts import load_prompt_splits, prompt_token_ids
     from qlora_phi3.model.load import load_model
-    from qlora_phi3.run.rewards import resolve_reward
+    from qlora_phi3.run.rewards import load_rewards
 
-    held = load_prompt_splits(recipe.data, recipe.train.seed).eval[:n_prompts]
+    t = recipe.train
+    held = load_prompt_splits(recipe.data, t.seed).eval
+    rewards = load_rewards(t.rewards, t.reward_weights, t.numeric_tolerance, t.answer_column)
     model = PeftModel.from_pretrained(load_model(recipe.model, "cpu", dtype, "sdpa"), str(adapter_dir)).eval()
-    reward = resolve_reward("numeric_answer")
-    scores = []
+    sums = dict.fromkeys([r.func.__name__ for r in rewards] + ["total"], 0.0)  # as TRL names them
     torch.manual_seed(0)
     for record in held:
         ids = torch.tensor([prompt_token_ids(tokenizer, record)] * SAMPLES_PER_PROMPT)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=recipe.train.temperature, top_p=1.0, top_k=0,
-                                 max_new_tokens=recipe.train.max_completion_len, pad_token_id=tokenizer.pad_token_id)
+                                 temperature=t.temperature, top_p=1.0, top_k=0, max_new_tokens=t.max_completion_len,
+                                 pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        scores += reward(prompts=[record.prompt] * len(texts), completions=texts,
-                         answer=[record.columns["answer"]] * len(texts))
-    return sum(scores) / len(scores)
+        completions = [[{"role": "assistant", "content": text}] for text in texts]  # as TRL hands chat completions
+        columns = {k: [v] * len(texts) for k, v in record.columns.items()}
+        for r in rewards:
+            scores = [s or 0.0 for s in r.func(prompts=[record.prompt] * len(texts), completions=completions,
+                                                 completion_ids=out[:, ids.shape[1]:].tolist(), **columns)]
+            sums[r.func.__name__] += sum(scores)
+            sums["total"] += r.weight * sum(scores)
+    return {k: v / (len(held) * SAMPLES_PER_PROMPT) for k, v in sums.items()}
 
 
-def test_grpo_trains_from_the_sft_adapter_and_records_rewards_kl_and_completions(tiny_run, tiny_tokenizer, tmp_path):
+def test_grpo_raises_the_held_out_reward_and_records_rewards_kl_and_completions(tiny_run, tiny_tokenizer, tmp_path):
     from qlora_phi3.config import load_recipe
     from qlora_phi3.run.train import train
     from qlora_phi3.ui import quiet_library_noise
 
     quiet_library_noise()
     _, sft = tiny_run
-    # 10 of the recipe's 30 steps and 4 of its 20 held-out prompts: nothing here asserts a rise (see above), and the
-    # held-out reward at the start and end samples num_generations answers per prompt.
     recipe = load_recipe(GRPO_RECIPE, [f"model.adapter={sft.output_dir}", f"train.output_dir={tmp_path / 'grpo'}",
-                                       "train.sample_prompts=0", "train.save_steps=0", "train.logging_steps=2",
-                                       "train.max_steps=10", "data.max_eval_samples=4"])
+                                       "train.sample_prompts=0", "train.save_steps=0"])
     result = train(recipe)
     run = json.loads((result.output_dir / "run.json").read_text())
     assert run["status"] == "completed" and run["method"] == "grpo" and run["dataset"]["kind"] == "prompts"
     assert run["reference"].startswith("frozen copy of the starting adapter")  # beta > 0, continuing SFT
-    assert {"eval_reward_start", "eval_reward_end"} <= set(run)
+    names = {"numeric_answer", "answer_shape"}
     logged = [h for h in run["history"] if "reward" in h]
-    assert logged and all("rewards/numeric_answer/mean" in h and "kl" in h for h in logged)
+    assert logged and all({f"rewards/{n}/mean" for n in names} <= set(h) and "kl" in h for h in logged)
     samples = [json.loads(line) for line in (result.output_dir / "samples.jsonl").read_text().splitlines()]
     groups = [s for s in samples if s.get("kind") == "grpo_completion"]
-    assert groups and all(set(s["rewards"]) == {"numeric_answer"} for s in groups)
+    assert groups and all(set(s["rewards"]) == names for s in groups)
 
-    from safetensors.torch import load_file
-
-    start = load_file(sft.adapter_dir / "adapter_model.safetensors")
-    end = load_file(result.adapter_dir / "adapter_model.safetensors")
-    assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)  # it trained
-    # Plain PEFT loads the adapter on the 4-bit base and samples answers the reward can score (held-out prompts).
-    after = _held_out_reward(recipe, result.adapter_dir, tiny_tokenizer, run["compute_dtype"], n_prompts=2)
-    assert 0.0 <= after <= 1.0
+    # The held-out prompts are never trained on; what GRPO teaches (to answer this wording in the chat set's shape,
+    # with the sums the SFT adapter knows) carries over to them. The trainer's own figure and plain PEFT's agree.
+    assert run["eval_reward_end"] > run["eval_reward_start"]
+    before = _held_out_reward(recipe, sft.adapter_dir, tiny_tokenizer, run["compute_dtype"])
+    after = _held_out_reward(recipe, result.adapter_dir, tiny_tokenizer, run["compute_dtype"])
+    assert after["total"] - before["total"] >= MIN_RISE, (before, after)
+    assert after["answer_shape"] > before["answer_shape"], (before, after)
 
 
 def test_kill9_then_resume_equals_uninterrupted_run_sampling_included(tiny_run, tmp_path, qlora):
