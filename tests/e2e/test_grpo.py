@@ -35,18 +35,22 @@ def _held_out_reward(recipe, adapter_dir: Path, tokenizer, dtype: str) -> dict[s
     rewards = load_rewards(t.rewards, t.reward_weights, t.numeric_tolerance, t.answer_column)
     model = PeftModel.from_pretrained(load_model(recipe.model, "cpu", dtype, "sdpa"), str(adapter_dir)).eval()
     sums = dict.fromkeys([r.func.__name__ for r in rewards] + ["total"], 0.0)  # as TRL names them
-    torch.manual_seed(0)
+    by_length: dict[int, list] = {}  # one generate call per prompt length (the sums' prompts are all one length)
     for record in held:
-        ids = torch.tensor([prompt_token_ids(tokenizer, record)] * SAMPLES_PER_PROMPT)
+        by_length.setdefault(len(prompt_token_ids(tokenizer, record)), []).append(record)
+    torch.manual_seed(0)
+    for records in by_length.values():
+        rows = [record for record in records for _ in range(SAMPLES_PER_PROMPT)]
+        ids = torch.tensor([prompt_token_ids(tokenizer, record) for record in rows])
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                  temperature=t.temperature, top_p=1.0, top_k=0, max_new_tokens=t.max_completion_len,
                                  pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": text}] for text in texts]  # as TRL hands chat completions
-        columns = {k: [v] * len(texts) for k, v in record.columns.items()}
+        columns = {k: [record.columns[k] for record in rows] for k in rows[0].columns}
         for r in rewards:
-            scores = [s or 0.0 for s in r.func(prompts=[record.prompt] * len(texts), completions=completions,
+            scores = [s or 0.0 for s in r.func(prompts=[record.prompt for record in rows], completions=completions,
                                                  completion_ids=out[:, ids.shape[1]:].tolist(), **columns)]
             sums[r.func.__name__] += sum(scores)
             sums["total"] += r.weight * sum(scores)
