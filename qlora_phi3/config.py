@@ -206,7 +206,9 @@ class TrainConfig:
               "'offload' also keeps the saved layer inputs in pinned CPU memory.")
     loss_chunk_tokens: int = _f(
         256, "Labelled positions whose logits are built at once by the chunked cross-entropy "
-             "(256 x 32064 vocab ~ 82 MB, vs ~0.6 GB for full logits at 2k tokens); 0 = the model's plain loss.")
+             "(256 x 32064 vocab ~ 82 MB); 0 = the trainer's own head: TRL's tiled log-prob head (up to 4096 "
+             "positions x 32768 columns, ~3.7 GiB with its metrics) for sft, dpo, kto and grpo, the full logits "
+             "for orpo and simpo.")
     tile_tokens: int = _f(
         0, "Sequence tiling: each decoder layer's norms, projections and MLP (with LoRA) run over chunks of this "
            "many tokens, in forward and in the checkpoint recompute, so one layer's working set scales with the "

@@ -38,7 +38,11 @@ class Method:
     min_micro_batch: the smallest ``train.micro_batch_size`` the method can train with, and why (``min_reason``).
     metrics: (the trainer's evaluation metric, our run.json field) pairs recorded at the start and end of training.
     generates: samples its own completions before each step (the estimator adds generation's KV cache and
-        sampling logits); its reference forward runs only when ``train.beta`` > 0.
+        sampling logits); its reference forward runs only when ``train.beta`` > 0; only completion positions are
+        scored.
+    tiled_trl_head: at ``train.loss_chunk_tokens=0`` TRL's trainer scores with its tiled log-prob head
+        (``add_fused_lm_head``: tiles of at most 4,096 positions x 32,768 vocabulary columns) rather than the full
+        logits (ORPO's and SimPO's CPOTrainer take ``.logits``).
     module: the dotted name of the method's module (:class:`qlora_phi3.run.methods.MethodModule`).
     """
     name: str
@@ -52,6 +56,7 @@ class Method:
     min_reason: str = ""
     metrics: tuple[tuple[str, str], ...] = ()
     generates: bool = False
+    tiled_trl_head: bool = True
 
     @property
     def preference(self) -> bool:
@@ -69,13 +74,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dpo", "pairs", "qlora_phi3.run.methods.dpo", rows_per_sample=2, reference_forward=True,
            default_beta=0.1, metrics=_REWARD_METRICS),
     Method("orpo", "pairs", "qlora_phi3.run.methods.orpo", rows_per_sample=2, default_beta=0.1,
-           metrics=_REWARD_METRICS),
+           metrics=_REWARD_METRICS, tiled_trl_head=False),
     Method("kto", "unpaired", "qlora_phi3.run.methods.kto", reference_forward=True, kl_rows_per_sample=1,
            default_beta=0.1, min_micro_batch=2, metrics=_REWARD_METRICS,
            min_reason="KTO estimates its KL term from the other answers of the same micro-batch (with 1 it would "
                       "equal the reward itself)"),
     Method("simpo", "pairs", "qlora_phi3.run.methods.simpo", rows_per_sample=2, default_beta=2.0,
-           metrics=_REWARD_METRICS),
+           metrics=_REWARD_METRICS, tiled_trl_head=False),
     # rows_per_sample counts completions: a prompt's group is train.num_generations rows (the batch sizes count
     # completions, as in TRL); the reference forward runs only when train.beta > 0 (default 0: no KL term).
     Method("grpo", "prompts", "qlora_phi3.run.methods.grpo", reference_forward=True, default_beta=0.0, generates=True,

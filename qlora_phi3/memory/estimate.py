@@ -28,7 +28,8 @@ lines of the breakdown; an activation phase also says what it adds to the peak, 
 through the step plus the largest of the moments that transient memory comes and goes in.
 
 Notation: N = micro_batch_size x rows per sample x max_seq_len tokens, h = hidden, I = MLP width, L = layers,
-V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers.
+V = vocabulary, r = LoRA rank, P_q = parameters of the quantized linear layers, scored = positions whose next token
+is scored (N, or grpo's completions: micro_batch_size x max_completion_len).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ __all__ = ["Estimate", "Step", "Term", "estimate", "estimate_device", "format_br
            "gpu_overhead_terms", "resolve_step", "term", "weight_terms"]
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles: 0.3-0.6 GB on recent cards (nvidia-smi)
+# TRL's tiled log-prob head (train.loss_chunk_tokens=0 for SFT, DPO, KTO, GRPO): tiles of at most this many
+# positions x vocabulary columns (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE, trl.trainer.utils
+# _CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16; tests/unit/memory/test_estimate_methods.py reads them from the installed
+# TRL). Without Triton (CPUs) it scores every position; with Triton (CUDA) only the labelled ones.
+TRL_HEAD_TILE_TOKENS = 4096
+TRL_HEAD_TILE_VOCAB = 32768
 ALLOCATOR_OVERHEAD = 0.10  # PyTorch caching allocator: reserved exceeds allocated by ~5-15% (block rounding, fragmentation)
 # The trainer runs the forward under autocast (run/methods/sft_trainer.py; the chunked loss included), so PEFT runs the adapters
 # in bf16 on bf16 inputs. False estimates the older path, where PEFT cast every LoRA input to fp32.
@@ -250,6 +257,22 @@ class Step:
         """What one LoRA target saves per token: its input (:func:`_lora_bytes_per_input`) and lora_A's output."""
         per_in = _lora_bytes_per_input(self.recipe.lora.dropout, self.lora_fp32)
         return per_in * self.shapes[target][0] + self.adapter_dtype_bytes * self.recipe.lora.r
+
+    @property
+    def scored_tokens(self) -> int:
+        """Positions whose next token is scored, at most: a generating method's completions (micro_batch_size x
+        max_completion_len), else every token of the forward (N; labels bound it, but the data decides by how much)."""
+        if self.method.generates:
+            return min(self.n_tokens, self.rows_per_forward * getattr(self.recipe.train, "max_completion_len", 0))
+        return self.n_tokens
+
+    def trl_head_entries(self, rows_tokens: int, scored: int) -> tuple[int, str]:
+        """(positions x vocabulary columns) of one tile of TRL's log-prob head at ``train.loss_chunk_tokens=0``,
+        and its formula: every position of the rows without Triton (a CPU), the scored ones with it."""
+        positions = min(scored if self.on_gpu else rows_tokens, TRL_HEAD_TILE_TOKENS)
+        which = "scored positions (Triton)" if self.on_gpu else "all positions (no Triton)"
+        return (positions * min(self.vocab, TRL_HEAD_TILE_VOCAB),
+                f"min({which}, {TRL_HEAD_TILE_TOKENS}) x min(V, {TRL_HEAD_TILE_VOCAB})")
 
     @property
     def final_norm_bytes(self) -> int:
@@ -638,21 +661,32 @@ def _logits_and_loss(step: Step) -> _Phase:
     terms = [term("final norm (saved)", step.final_norm_bytes,
                   "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; freed when backward "
                   "reaches it, right after the loss")]
+    scored = step.scored_tokens
     if chunk:
-        logits = min(n, chunk) * step.vocab * 12 + n * 2 * step.h * step.c
-        logits_formula = (f"min(N, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' fp32 "
-                          f"grad, recomputed in backward: qlora_phi3/run/loss.py) + N x 2 x {step.c}h (final hidden "
-                          "states and the labelled rows gathered from them; their gradient)")
+        logits = min(scored, chunk) * step.vocab * 12 + (n + scored) * step.h * step.c
+        logits_formula = (f"min(scored, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' "
+                          f"fp32 grad, recomputed in backward: qlora_phi3/run/loss.py) + (N + scored) x {step.c}h "
+                          "(final hidden states and the scored rows gathered from them; their gradient)")
     else:
-        # train.loss_chunk_tokens=0 hands the loss to SFTTrainer, whose fused LM head also computes the entropy
-        # and top-1 metrics from the full fp32 logits: about 30 bytes per (token, vocabulary entry) at the peak,
-        # measured through the training path (tests/unit/memory/test_estimate.py), not the 12 of a bare cross-entropy;
-        # 33 in fp32 compute (measured the same way on the tiny and mini Phi-3s: SFT 384 tokens, DPO 2 x 384; on the
-        # 2-core Xeon with avx512_bf16, fp32 forced: bytes do not depend on the CPU kind).
+        # train.loss_chunk_tokens=0 hands the loss to TRL's trainer. SFT, DPO, KTO and GRPO score with TRL's tiled
+        # head, which also computes the entropy and top-1 metrics: about 30 bytes per (position, vocabulary column)
+        # of a tile at the peak, measured through the training path (tests/unit/memory/test_estimate.py), not the 12
+        # of a bare cross-entropy; 33 in fp32 compute (measured the same way on the tiny and mini Phi-3s: SFT 384
+        # tokens, DPO 2 x 384, one tile each; on the 2-core Xeon with avx512_bf16, fp32 forced: bytes do not depend
+        # on the CPU kind). Past one tile: a mini Phi-4-mini's GRPO step on a CPU (8 x 383 positions, 200,064
+        # columns: seven tiles of 3,064 x <= 32,768) measured 3.17 GiB over the loaded model with TRL's head and 0.68
+        # with our 0.57 GiB chunk (bench/results/cpu_grpo_compare.md); one tile at 33 B is 3.09 GiB, so 3.09 + 0.11.
+        # With Triton the tile is folded in the kernel, so on a GPU this is an upper bound. ORPO and SimPO take the
+        # full logits: every position by the whole vocabulary.
         per_entry = 30 if step.c == 2 else 33
-        logits = n * step.vocab * per_entry
-        logits_formula = (f"N x V x {per_entry} B (SFTTrainer's fused LM head: fp32 logits, log-softmax and the entropy "
-                          "metric, with their gradients; measured on the training path)")
+        if step.method.tiled_trl_head:
+            entries, shape = step.trl_head_entries(n, scored)
+            logits_formula = f"{shape} x {per_entry} B (one tile of TRL's log-prob head, with the entropy metric)"
+        else:
+            entries = n * step.vocab
+            logits_formula = (f"N x V x {per_entry} B (the trainer's full logits: fp32 log-softmax and the metrics, "
+                              "with their gradients)")
+        logits = entries * per_entry
     terms.append(term("logits and loss", logits, logits_formula))
     return _Phase(terms, moment_bytes={_AT_LOSS: logits + step.final_norm_bytes})
 
@@ -670,13 +704,17 @@ def _no_grad_forward(step: Step) -> _Phase:
     rows = reference_rows + train.micro_batch_size * step.method.kl_rows_per_sample
     if not rows:
         return _Phase([])
-    nograd = (rows * seq * step.c * (2 * step.h + 4 * step.i)
-              + min(rows * seq, step.loss_chunk_tokens or rows * seq) * step.vocab * 8)
+    tokens = rows * seq
+    scored = min(tokens, rows * train.max_completion_len) if step.method.generates else tokens
+    if step.loss_chunk_tokens:
+        head = min(scored, step.loss_chunk_tokens) * step.vocab
+    else:
+        head = step.trl_head_entries(tokens, scored)[0] if step.method.tiled_trl_head else tokens * step.vocab
+    nograd = tokens * step.c * (2 * step.h + 4 * step.i) + head * 8
     return _Phase([term("no-grad forward (reference / KL rows)", nograd,
                         f"{rows} rows x max_seq_len x ({2 * step.c}h + {4 * step.c}I) [one layer's forward working "
-                        "set] + a chunk's fp32 "
-                        "logits and probabilities (V x 8 B per position); before backward, beside the saved "
-                        "activations")],
+                        "set] + a chunk's (or TRL head tile's) fp32 logits and probabilities (8 B per position "
+                        "and vocabulary column); before backward, beside the saved activations")],
                   moment_bytes={_AT_NO_GRAD: nograd + step.final_norm_bytes})
 
 

@@ -1,6 +1,7 @@
-"""The estimator's method terms (rows, reference forward and KL rows in qlora_phi3/methods.py), from the shapes alone: a pair is two rows, dpo and
-kto add a no-grad reference forward (not with precomputed reference log-probs), kto its KL rows, a continued adapter
-its frozen copy; grpo's generation terms (below); and the CPU profile of DPO rows lands within 10% of the estimate."""
+"""The estimator's method terms (rows, reference forward and KL rows in qlora_phi3/methods.py), from the shapes
+alone: a pair is two rows, dpo and kto add a no-grad reference forward (not with precomputed reference log-probs), kto
+its KL rows, a continued adapter its frozen copy; grpo's generation terms and its completion-only head; TRL's own head
+at train.loss_chunk_tokens=0; and the CPU profile of DPO rows lands within 10% of the estimate."""
 
 from __future__ import annotations
 
@@ -104,3 +105,39 @@ def test_fit_keeps_the_row_length_and_the_generation_round():
     assert plan.recipe.data.max_seq_len == recipe.data.max_seq_len
     assert t.micro_batch_size * t.grad_accum == recipe.train.micro_batch_size * recipe.train.grad_accum
     assert plan.predicted_gib <= plan.usable_gib
+
+
+# The log-prob head: grpo scores only its completions, and train.loss_chunk_tokens=0 is TRL's tiled head (sft, dpo,
+# kto, grpo) or the full logits (orpo, simpo).
+
+def test_grpo_projects_only_the_completions_so_a_short_completion_costs_less_head():
+    # 4 completions x 32 tokens = 128 scored positions < the 256-position chunk: the chunk holds only those.
+    short = _terms(load_recipe(GRPO, ["train.micro_batch_size=4", "train.max_completion_len=32"]))
+    full = _terms(load_recipe(GRPO, ["train.micro_batch_size=4", "train.max_completion_len=64"]))
+    vocab, h = 32064, 3072
+    assert full["logits and loss"] - short["logits and loss"] == 128 * vocab * 12 + 128 * h * 2
+    # SFT scores every labelled token: the same rows are a whole chunk.
+    sft = _terms(load_recipe(GRPO, ["train.method=sft", "train.beta=null", "train.micro_batch_size=4"]))
+    assert sft["logits and loss"] > full["logits and loss"]
+
+
+def test_trls_own_head_is_one_tile_of_at_most_4096_positions_by_32768_columns():
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer import utils as trl_utils
+
+    from qlora_phi3.memory import estimate as E
+
+    # The tile the estimator assumes is the one the installed TRL uses.
+    assert (E.TRL_HEAD_TILE_TOKENS, E.TRL_HEAD_TILE_VOCAB) == (TOKEN_CHUNK_SIZE,
+                                                               trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    from transformers import Phi3Config
+
+    cfg = Phi3Config(**KNOWN_SHAPES["microsoft/Phi-4-mini-instruct"])
+    recipe = load_recipe(recipes_dir() / "phi4_mini_12gb_grpo.yaml", ["train.loss_chunk_tokens=0"])
+    terms = {t.name.split(" (")[0]: t.n_bytes for t in estimate(recipe, cfg, "cuda").terms}
+    # 8 completions x 1,024 scored positions on a GPU (Triton scores only those): a tile of 4,096 x 32,768, bf16.
+    assert terms["logits and loss"] == 4096 * 32768 * 30  # not 8 x 1,536 x 200,064 x 30 (68.7 GiB)
+    # ORPO's trainer takes the full logits: every position by the whole vocabulary.
+    orpo = load_recipe(DPO, ["train.method=orpo", "train.loss_chunk_tokens=0", "train.micro_batch_size=1",
+                             "data.max_seq_len=2048"])
+    assert _terms(orpo)["logits and loss"] == 2 * 2048 * 32064 * 30
