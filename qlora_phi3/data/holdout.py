@@ -39,7 +39,8 @@ class Splits:
 def hold_out(records: list, eval_fraction: float, max_eval: int, seed: int):
     """A seeded, reproducible held-out split: (train, eval)."""
     if len(records) < 2:
-        raise UserError(f"need at least 2 usable conversations to hold one out for eval, got {len(records)}.")
+        raise UserError(f"need at least 2 usable records to hold one out for eval (data.eval_fraction), got "
+                        f"{len(records)}: add records, or name a held-out split (data.eval_split).")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_eval = min(max_eval, max(1, round(len(records) * eval_fraction)))
