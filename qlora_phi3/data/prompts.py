@@ -20,7 +20,7 @@ from qlora_phi3.data.holdout import split_records
 from qlora_phi3.data.read import LoadReport, apply_bad_record_policy, read_rows, resolve_data_path, turn_problem
 from qlora_phi3.errors import UserError
 
-__all__ = ["PromptRecord", "drop_long_prompts", "load_prompt_records", "load_prompt_splits",
+__all__ = ["PromptRecord", "answer_chats", "drop_long_prompts", "load_prompt_records", "load_prompt_splits",
            "prompt_limit", "prompt_token_ids"]
 
 PROMPT_EXAMPLE = '{"prompt": [{"role": "user", "content": "What is 3 plus 4?"}], "answer": "7"}'
@@ -35,6 +35,15 @@ class PromptRecord:
     @property
     def messages(self) -> list[dict]:
         return self.prompt if isinstance(self.prompt, list) else [{"role": "user", "content": self.prompt}]
+
+
+def answer_chats(records: list[PromptRecord], column: str) -> list:
+    """Prompt records as chats, each prompt with its ``column`` (``train.answer_column``) as the reply: what a GRPO
+    run's sample answers show as the reference, and what merge's report and export's check score models on."""
+    from qlora_phi3.data.read import ChatRecord
+
+    return [ChatRecord(r.messages + [{"role": "assistant", "content": str(r.columns.get(column, ""))}], r.origin)
+            for r in records]
 
 
 def _prompt(row) -> tuple[list[dict] | str, dict]:

@@ -56,6 +56,13 @@ def held_out_records(recipe, run: dict | None, tokenizer, max_seq_len: int, n: i
 
                 records = eval_chats(load_preference_splits(recipe.data, method, recipe.train.seed).eval)
                 return records[:n], f"the run's held-out preference prompts with their chosen answers ({recipe.data.path})"
+            if METHODS[method].data == "prompts":  # a GRPO run: its held-out prompts, the answer column as the reply
+                from qlora_phi3.data.prompts import answer_chats, load_prompt_splits
+
+                column = recipe.train.answer_column
+                records = answer_chats(load_prompt_splits(recipe.data, recipe.train.seed).eval, column)
+                return records[:n], (f"the run's held-out prompts with their {column!r} column as the answer "
+                                     f"({recipe.data.path})")
             records = load_splits(recipe.data, recipe.train.seed).eval
             where = f"the run's eval split ({recipe.data.path})"
             recorded = (run or {}).get("dataset", {}).get("eval_fingerprint")

@@ -57,16 +57,23 @@ def _held_out_reward(recipe, adapter_dir: Path, tokenizer, dtype: str) -> dict[s
     return {k: v / (len(held) * SAMPLES_PER_PROMPT) for k, v in sums.items()}
 
 
-def test_grpo_raises_the_held_out_reward_and_records_rewards_kl_and_completions(tiny_run, tiny_tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def grpo_run(tiny_run, tmp_path_factory):
+    """The recipe as shipped (30 steps), continuing the session's SFT run."""
     from qlora_phi3.config import load_recipe
     from qlora_phi3.run.train import train
     from qlora_phi3.ui import quiet_library_noise
 
     quiet_library_noise()
-    _, sft = tiny_run
-    recipe = load_recipe(GRPO_RECIPE, [f"model.adapter={sft.output_dir}", f"train.output_dir={tmp_path / 'grpo'}",
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    recipe = load_recipe(GRPO_RECIPE, [f"model.adapter={tiny_run[1].output_dir}", f"train.output_dir={out}",
                                        "train.sample_prompts=0", "train.save_steps=0"])
-    result = train(recipe)
+    return recipe, train(recipe)
+
+
+def test_grpo_raises_the_held_out_reward_and_records_rewards_kl_and_completions(grpo_run, tiny_run, tiny_tokenizer):
+    recipe, result = grpo_run
+    _, sft = tiny_run
     run = json.loads((result.output_dir / "run.json").read_text())
     assert run["status"] == "completed" and run["method"] == "grpo" and run["dataset"]["kind"] == "prompts"
     assert run["reference"].startswith("frozen copy of the starting adapter")  # beta > 0, continuing SFT
@@ -84,6 +91,28 @@ def test_grpo_raises_the_held_out_reward_and_records_rewards_kl_and_completions(
     after = _held_out_reward(recipe, result.adapter_dir, tiny_tokenizer, run["compute_dtype"])
     assert after["total"] - before["total"] >= MIN_RISE, (before, after)
     assert after["answer_shape"] > before["answer_shape"], (before, after)
+
+
+def test_a_grpo_run_merges_chats_and_exports_a_gguf_and_a_gguf_lora_that_pass_their_checks(grpo_run, llama_cpp, qlora,
+                                                                                           tmp_path):
+    """A GRPO run ships as any run: its adapter/ is a plain LoRA. Merge's report and export's check score the run's own
+    held-out prompts (the answer column as the reply), and llama.cpp runs both GGUF files."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_phi3.ship.adapter_export import export_adapter
+    from qlora_phi3.ship.export import export
+    from qlora_phi3.ship.merge import merge
+
+    run_dir = grpo_run[1].output_dir
+    merged = merge(str(run_dir), str(tmp_path / "merged"), report_samples=2)
+    assert "the run's held-out prompts" in merged.report["eval_samples"]["source"]
+    assert AutoModelForCausalLM.from_pretrained(merged.out_dir).config.model_type == "phi3"
+    gguf = export(str(run_dir), str(tmp_path / "gguf"), quants="q8_0", check_samples=2)
+    assert gguf.report["files"]["q8_0"]["check"]["passed"], gguf.report["files"]["q8_0"]["check"]
+    lora = export_adapter(str(run_dir), str(tmp_path / "lora"), quants="f16", check_samples=2)
+    assert all(f["check"]["passed"] for f in lora.report["files"].values()), lora.report["files"]
+    said = qlora("chat", run_dir, "--prompt", "What is 2 plus 3?")
+    assert said.returncode == 0 and said.stdout.strip(), said.stderr[-2000:]
 
 
 def test_kill9_then_resume_equals_uninterrupted_run_sampling_included(tiny_run, tmp_path, qlora):

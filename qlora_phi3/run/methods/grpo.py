@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_phi3.config import Recipe
-from qlora_phi3.data.prompts import PromptRecord, drop_long_prompts, load_prompt_splits, prompt_limit
-from qlora_phi3.data.read import ChatRecord
+from qlora_phi3.data.prompts import PromptRecord, answer_chats, drop_long_prompts, load_prompt_splits, prompt_limit
 from qlora_phi3.run.methods.base import MethodData, build_method_trainer, common_arguments, eval_fields_of, report_splits
 from qlora_phi3.run.methods.preference import beta, drop_redundant_reference
 from qlora_phi3.run.rewards import load_rewards, try_rewards
@@ -98,8 +97,7 @@ def load_data(recipe: Recipe, tokenizer, records=None) -> MethodData:
          f"{', '.join(sorted(train[0].columns)) or '(none)'}")
     train_set, eval_set = PromptSet(train, train_lengths), PromptSet(held, held_lengths)
     # Sample answers (train.sample_prompts) show the answer column as the reference.
-    eval_chats = [ChatRecord(r.messages + [{"role": "assistant", "content": str(r.columns.get(t.answer_column, ""))}],
-                             r.origin) for r in held]
+    eval_chats = answer_chats(held, t.answer_column)
     dataset = {"kind": "prompts", "train_samples": len(train), "eval_samples": len(held),
                "train_tokens": train_set.n_tokens, "rewards": [r.spec for r in rewards],
                "reward_weights": [r.weight for r in rewards]}
