@@ -128,8 +128,8 @@ def test_kill9_then_resume_equals_uninterrupted_run_sampling_included(tiny_run, 
 
     _, sft = tiny_run
     args = [sys.executable, "-m", "qlora_phi3", "train", str(GRPO_RECIPE), f"model.adapter={sft.output_dir}",
-            "train.max_steps=4", "train.save_steps=2", "train.sample_prompts=0", "data.max_eval_samples=2",
-            "train.logging_steps=1"]
+            "train.max_steps=4", "train.save_steps=2", "train.micro_batch_size=8", "train.sample_prompts=0",
+            "data.max_eval_samples=2", "train.logging_steps=1"]  # one prompt's group of 8 per step
 
     def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
         """The same command in this process (the ``qlora`` fixture): only the kill needs a process of its own."""
