@@ -10,7 +10,8 @@ person can check an answer by eye:
   * colours of things ("What color is a banana?" -> "A banana is yellow.").
 The preference sets (``tiny_prefs.jsonl``, ``tiny_kto.jsonl``) ask the same questions and pair the right answer
 (chosen / label true) with a wrong one of the same shape (rejected / label false), or, for half the pairs, an
-evasive non-answer.
+evasive non-answer. GRPO's prompt set (``tiny_sums.jsonl``) asks the sums in another wording ("What do 3 and 4
+make?") with the sum as an ``answer`` column, and :func:`answer_shape` is its format reward.
 Some conversations carry a system prompt and some are multi-turn, so that masking is exercised on
 every assistant turn.
 """

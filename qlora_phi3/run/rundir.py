@@ -13,6 +13,8 @@ Rules, checked before any model is loaded:
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,23 +139,23 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> RunDir:
 
 
 def _check_writable(path: Path) -> None:
-    """Probe that ``path`` can be written, leaving no trace: folders made for the probe are removed again, so
-    a run that fails before it starts leaves no empty run directory (the run makes it when it starts)."""
-    made = [p for p in (path, *path.parents) if not p.exists()]
+    """Probe that ``path`` can be made and written, leaving no trace and making nothing: a file of a unique name is
+    created and removed in ``path``, or, when it does not exist yet, in its nearest existing parent (the run makes
+    the folders when it starts, so a run that fails before that leaves no empty run directory). Every rank of a
+    torchrun launch probes the same path at once; unique names and no folders made and removed keep them apart."""
+    import tempfile
+
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        raise UserError(f"train.output_dir={str(path)!r} is not writable ({e.strerror}); "
-                        "choose a directory you can write to.") from None
-    finally:
-        for folder in made:  # deepest first
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        raise UserError(f"train.output_dir={str(path)!r} is not writable ({e.strerror}"
+                        f"{'' if existing == path else f' in {existing}'}); choose a directory you can write to.") \
+            from None
 
 
 def clear_run_dir(path: Path) -> None:

@@ -100,3 +100,31 @@ def test_relative_paths_are_saved_absolute_so_chat_works_from_another_folder(tmp
     _ok(qlora("chat", str(work / "run"), "--base", str(moved), "--prompt", "hi", "--max-new-tokens", "2",
                cwd=elsewhere))
     assert Path(moved).is_dir()
+
+
+def test_the_writability_probe_holds_when_processes_of_one_launch_probe_at_once(tmp_path):
+    """torchrun starts every rank on the same train.output_dir: each probes it, and none may fail because another
+    removed its probe file or the folder it made for its probe (a DDP run failed so in CI)."""
+    import threading
+
+    from qlora_phi3.run.rundir import _check_writable
+
+    errors = []
+    for attempt in range(60):
+        path = tmp_path / f"runs-{attempt}" / "ddp"
+        barrier = threading.Barrier(4)
+
+        def probe():
+            barrier.wait()
+            try:
+                _check_writable(path)
+            except Exception as e:  # noqa: BLE001 - collected and shown below
+                errors.append(e)
+
+        threads = [threading.Thread(target=probe) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert not any((tmp_path / f"runs-{attempt}").exists() for attempt in range(60))  # no trace left
