@@ -258,18 +258,27 @@ class Step:
         per_in = _lora_bytes_per_input(self.recipe.lora.dropout, self.lora_fp32)
         return per_in * self.shapes[target][0] + self.adapter_dtype_bytes * self.recipe.lora.r
 
+    def scored_in(self, rows: int) -> int:
+        """Positions whose next token is scored in ``rows`` rows of max_seq_len, at most: a generating method's
+        completions (rows x max_completion_len), else every token (labels bound it, but the data decides by how much)."""
+        tokens = rows * self.seq_len
+        if self.method.generates:
+            return min(tokens, rows * self.recipe.train.max_completion_len)
+        return tokens
+
     @property
     def scored_tokens(self) -> int:
-        """Positions whose next token is scored, at most: a generating method's completions (micro_batch_size x
-        max_completion_len), else every token of the forward (N; labels bound it, but the data decides by how much)."""
-        if self.method.generates:
-            return min(self.n_tokens, self.rows_per_forward * getattr(self.recipe.train, "max_completion_len", 0))
-        return self.n_tokens
+        """:meth:`scored_in` the training forward's rows."""
+        return self.scored_in(self.rows_per_forward)
 
-    def trl_head_entries(self, rows_tokens: int, scored: int) -> tuple[int, str]:
-        """(positions x vocabulary columns) of one tile of TRL's log-prob head at ``train.loss_chunk_tokens=0``,
-        and its formula: every position of the rows without Triton (a CPU), the scored ones with it."""
-        positions = min(scored if self.on_gpu else rows_tokens, TRL_HEAD_TILE_TOKENS)
+    def trainer_head(self, rows: int) -> tuple[int, str]:
+        """(positions x vocabulary columns) that TRL's trainer projects at once for ``rows`` rows at
+        ``train.loss_chunk_tokens=0``, and its formula: one tile of TRL's log-prob head (every position of the rows
+        without Triton, a CPU; the scored ones with it), or the full logits (orpo, simpo)."""
+        tokens = rows * self.seq_len
+        if not self.method.tiled_trl_head:
+            return tokens * self.vocab, "N x V"
+        positions = min(self.scored_in(rows) if self.on_gpu else tokens, TRL_HEAD_TILE_TOKENS)
         which = "scored positions (Triton)" if self.on_gpu else "all positions (no Triton)"
         return (positions * min(self.vocab, TRL_HEAD_TILE_VOCAB),
                 f"min({which}, {TRL_HEAD_TILE_TOKENS}) x min(V, {TRL_HEAD_TILE_VOCAB})")
@@ -661,8 +670,8 @@ def _logits_and_loss(step: Step) -> _Phase:
     terms = [term("final norm (saved)", step.final_norm_bytes,
                   "N x (4h fp32 input + 4 B 1/rms): model.norm runs outside checkpointing; freed when backward "
                   "reaches it, right after the loss")]
-    scored = step.scored_tokens
     if chunk:
+        scored = step.scored_tokens
         logits = min(scored, chunk) * step.vocab * 12 + (n + scored) * step.h * step.c
         logits_formula = (f"min(scored, {chunk}) x V x 12 B (one chunk's fp32 log-softmax, its grad and the logits' "
                           f"fp32 grad, recomputed in backward: qlora_phi3/run/loss.py) + (N + scored) x {step.c}h "
@@ -675,18 +684,16 @@ def _logits_and_loss(step: Step) -> _Phase:
         # tokens, DPO 2 x 384, one tile each; on the 2-core Xeon with avx512_bf16, fp32 forced: bytes do not depend
         # on the CPU kind). Past one tile: a mini Phi-4-mini's GRPO step on a CPU (8 x 383 positions, 200,064
         # columns: seven tiles of 3,064 x <= 32,768) measured 3.17 GiB over the loaded model with TRL's head and 0.68
-        # with our 0.57 GiB chunk (bench/results/cpu_grpo_compare.md); one tile at 33 B is 3.09 GiB, so 3.09 + 0.11.
+        # with our 0.57 GiB chunk (bench/results/cpu_grpo_compare.md: 2-core AMD EPYC, AVX2 only, so fp32); one tile
+        # at 33 B is 3.09 GiB, so 3.09 + 0.11.
         # With Triton the tile is folded in the kernel, so on a GPU this is an upper bound. ORPO and SimPO take the
         # full logits: every position by the whole vocabulary.
         per_entry = 30 if step.c == 2 else 33
-        if step.method.tiled_trl_head:
-            entries, shape = step.trl_head_entries(n, scored)
-            logits_formula = f"{shape} x {per_entry} B (one tile of TRL's log-prob head, with the entropy metric)"
-        else:
-            entries = n * step.vocab
-            logits_formula = (f"N x V x {per_entry} B (the trainer's full logits: fp32 log-softmax and the metrics, "
-                              "with their gradients)")
+        entries, shape = step.trainer_head(step.rows_per_forward)
+        what = ("one tile of TRL's log-prob head, with the entropy metric" if step.method.tiled_trl_head else
+                "the trainer's full logits: fp32 log-softmax and the metrics, with their gradients")
         logits = entries * per_entry
+        logits_formula = f"{shape} x {per_entry} B ({what})"
     terms.append(term("logits and loss", logits, logits_formula))
     return _Phase(terms, moment_bytes={_AT_LOSS: logits + step.final_norm_bytes})
 
@@ -704,13 +711,11 @@ def _no_grad_forward(step: Step) -> _Phase:
     rows = reference_rows + train.micro_batch_size * step.method.kl_rows_per_sample
     if not rows:
         return _Phase([])
-    tokens = rows * seq
-    scored = min(tokens, rows * train.max_completion_len) if step.method.generates else tokens
     if step.loss_chunk_tokens:
-        head = min(scored, step.loss_chunk_tokens) * step.vocab
+        head = min(step.scored_in(rows), step.loss_chunk_tokens) * step.vocab
     else:
-        head = step.trl_head_entries(tokens, scored)[0] if step.method.tiled_trl_head else tokens * step.vocab
-    nograd = tokens * step.c * (2 * step.h + 4 * step.i) + head * 8
+        head = step.trainer_head(rows)[0]
+    nograd = rows * seq * step.c * (2 * step.h + 4 * step.i) + head * 8
     return _Phase([term("no-grad forward (reference / KL rows)", nograd,
                         f"{rows} rows x max_seq_len x ({2 * step.c}h + {4 * step.c}I) [one layer's forward working "
                         "set] + a chunk's (or TRL head tile's) fp32 logits and probabilities (8 B per position "

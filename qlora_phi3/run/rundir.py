@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +144,6 @@ def _check_writable(path: Path) -> None:
     created and removed in ``path``, or, when it does not exist yet, in its nearest existing parent (the run makes
     the folders when it starts, so a run that fails before that leaves no empty run directory). Every rank of a
     torchrun launch probes the same path at once; unique names and no folders made and removed keep them apart."""
-    import tempfile
-
     existing = next(p for p in (path, *path.parents) if p.exists())
     try:
         if not existing.is_dir():
