@@ -260,7 +260,7 @@ class Step:
 
     def scored_in(self, rows: int) -> int:
         """Positions whose next token is scored in ``rows`` rows of max_seq_len, at most: a generating method's
-        completions (rows x max_completion_len), else every token (labels bound it, but the data decides by how much)."""
+        completions (rows x max_completion_len), else every token (labels bound it; the data decides how much)."""
         tokens = rows * self.seq_len
         if self.method.generates:
             return min(tokens, rows * self.recipe.train.max_completion_len)
