@@ -189,6 +189,14 @@ class TrainConfig:
                                       "truncated). Generation memory grows with group size x (prompt + this).")
     temperature: float = _f(1.0, "grpo only: sampling temperature of the completions.")
     top_p: float = _f(1.0, "grpo only: nucleus sampling of the completions (1.0 = off).")
+    generator: Literal["transformers", "vllm"] = _f(
+        "transformers", "grpo only: what samples the completions. transformers: generate on the training model, "
+                        "adapter active (any device). vllm: a vLLM engine on the same GPU, fed the adapter as a LoRA "
+                        "after every step, never merged into the 4-bit base; needs a CUDA GPU and "
+                        "pip install 'trl[vllm]'; not tested on a GPU here (docs/grpo.md).")
+    vllm_gib: float = _f(6.0, "grpo with train.generator=vllm: GPU memory vLLM may take while it samples (its own "
+                              "4-bit copy of the base, CUDA graphs, the KV cache); during each training step it "
+                              "sleeps, its weights offloaded to CPU memory.")
     max_steps: int = _f(-1, "Optimizer steps; -1 = run train.epochs epochs.")
     epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.")
     micro_batch_size: int = _f(1, "Samples per forward pass. Activation memory grows linearly with it.")
@@ -435,6 +443,7 @@ def _check_values(recipe: Recipe, origins: dict[str, str], source: str) -> None:
         ("train.num_generations", recipe.train.num_generations >= 2, "must be at least 2 (a group needs a mean)"),
         ("train.temperature", recipe.train.temperature > 0, "must be positive"),
         ("train.top_p", 0 < recipe.train.top_p <= 1, "must be in (0, 1]"),
+        ("train.vllm_gib", recipe.train.vllm_gib > 0, "must be positive"),
         ("train.numeric_tolerance", recipe.train.numeric_tolerance >= 0, "must be 0 or more"),
         ("train.simpo_gamma", recipe.train.simpo_gamma >= 0, "must be 0 or more"),
         ("train.kto_desirable_weight", recipe.train.kto_desirable_weight > 0, "must be positive"),

@@ -733,6 +733,13 @@ def _generation(step: Step) -> _Phase:
     if not step.method.generates:
         return _Phase([])
     train, seq, c = step.recipe.train, step.seq_len, step.c
+    if getattr(train, "generator", "transformers") == "vllm":
+        engine = train.vllm_gib * 2**30
+        return _Phase([term("vLLM engine (while it samples)", engine, "train.vllm_gib: vLLM's own 4-bit copy of the "
+                            "base, CUDA graphs and KV cache, awake only while it samples (the training process holds "
+                            "nothing of the step then); asleep during the step, its weights in CPU memory. What it "
+                            "keeps on the GPU asleep is not counted (not measured)")],
+                      moment_bytes={_AT_GENERATE: engine})
     rows = train.micro_batch_size * train.grad_accum
     prompt = max(seq - getattr(train, "max_completion_len", 0), 1)
     kv = rows * seq * (step.n_layers + 1) * 2 * step.kv_size * c

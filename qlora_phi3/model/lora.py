@@ -125,8 +125,11 @@ def _safetensors_path(model: ModelConfig | ModelSource) -> str | None:
     return None
 
 
-def check_lora_variant(settings: LoraSettings, model: ModelConfig | ModelSource) -> None:
-    """Variant settings that cannot work on a 4-bit base, refused before the model loads."""
+def check_lora_variant(settings: LoraSettings, model: ModelConfig | ModelSource, vllm: bool = False) -> None:
+    """Variant settings that cannot work on a 4-bit base, or (``vllm``: GRPO sampling with train.generator=vllm)
+    that vLLM cannot load as a LoRA over the original base, refused before the model loads."""
+    if vllm:
+        _check_vllm_lora(settings)
     if settings.init == "pissa":
         raise UserError("lora.init=pissa: PEFT's PiSSA takes an SVD of the 16-bit weight and rewrites the base with "
                         "the residual, which a 4-bit base cannot hold (PEFT: 'initialize PiSSA under float32, float16, "
@@ -140,6 +143,20 @@ def check_lora_variant(settings: LoraSettings, model: ModelConfig | ModelSource)
         raise UserError(f"lora.init=loftq: LoftQ fits the adapter to the quantization error of each weight, so it reads "
                         f"the 16-bit weights from safetensors files, and {model.name_or_path} has none on this "
                         "machine; download the model first (hf download ...) or use another lora.init.")
+
+
+def _check_vllm_lora(settings: LoraSettings) -> None:
+    why = None
+    if settings.use_dora:
+        why = "lora.use_dora=true: vLLM loads no DoRA adapter ('vLLM does not yet support DoRA')"
+    elif settings.init in CONVERTED_INITS:
+        why = (f"lora.init={settings.init}: the adapter trains against a base it rewrote, and vLLM loads the "
+               "original base (the saved adapter is converted only when training ends)")
+    elif settings.r > 512:
+        why = f"lora.r={settings.r}: vLLM's LoRA ranks stop at 512"
+    if why:
+        raise UserError(f"train.generator=vllm with {why}; use train.generator=transformers, or change the LoRA "
+                        "setting.")
 
 
 def attach_lora(model, settings: LoraSettings, model_cfg: ModelConfig | ModelSource | None = None):

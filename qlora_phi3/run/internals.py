@@ -142,6 +142,25 @@ def _check_grpo_internals() -> None:
         "GRPOTrainer no longer scores completions through the fused head (run/logprobs.py patches it)"
 
 
+def _check_vllm_generation() -> None:
+    import trl.trainer.grpo_trainer as grpo_module
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    assert "self.vllm_generation = VLLMGeneration(" in inspect.getsource(grpo_module.GRPOTrainer.__init__), \
+        "GRPOTrainer.__init__ no longer builds its vLLM generation from the module's VLLMGeneration"
+    assert grpo_module.VLLMGeneration is VLLMGeneration
+    init = inspect.getsource(VLLMGeneration._init_vllm)
+    for needed in ("self.llm = LLM(", "self._llm_weights_sleeping"):  # vllm_lora.py's _init_vllm does what TRL's does
+        assert needed in init, f"VLLMGeneration._init_vllm no longer has {needed}"
+    generate = inspect.getsource(VLLMGeneration.generate)
+    for needed in ("self.llm.generate(vllm_prompts", "self.llm.sleep(level=2)",  # what _LoraEngine stands in for
+                   'self.llm.wake_up(tags=["kv_cache"])', "self._llm_weights_sleeping"):
+        assert needed in generate, f"VLLMGeneration.generate no longer calls {needed}"
+    for name in ("gpu_memory_utilization", "max_model_length", "max_num_seqs", "enable_sleep_mode", "model_impl",
+                 "trust_remote_code", "tensor_parallel_size"):  # read by vllm_lora.py's _init_vllm
+        assert name in inspect.signature(VLLMGeneration.__init__).parameters, f"VLLMGeneration takes no {name}"
+
+
 def _check_kto_kl_flag() -> None:
     _, kto, _, _, _ = _trl_trainers()
     assert "self.calculate_KL" in inspect.getsource(kto.__init__), "KTOTrainer no longer sets calculate_KL"
@@ -268,6 +287,9 @@ UPSTREAM: tuple[Upstream, ...] = (
     Upstream("GRPOTrainer._generate_and_score_completions (its masks), self._logs, the fused-head log-probs",
              "run/methods/grpo.py, run/grpo_samples.py", "token counts, samples.jsonl's completions with rewards, "
              "label-only completion log-probs", f"trl {CHECKED_TRL}", _check_grpo_internals),
+    Upstream("trl.trainer.grpo_trainer.VLLMGeneration (the class GRPOTrainer builds), its _init_vllm, "
+             "sync_weights and generate", "run/vllm_lora.py", "TRL's colocated vLLM has no LoRA-only sync: it merges "
+             "the adapter into the base", f"trl {CHECKED_TRL}", _check_vllm_generation),
     Upstream("model(..., labels=, fused_lm_head=True) returning FusedCausalLMOutput (DPOTrainer, KTOTrainer)",
              "run/logprobs.py", "the patched forward replaces TRL's fused head with label-only chunks",
              f"trl {CHECKED_TRL}", _check_fused_lm_head),

@@ -1,7 +1,8 @@
 """GRPO: group-relative policy optimisation with verifiable rewards (TRL's GRPOTrainer), on the 4-bit base + LoRA.
 
 Each step samples ``train.num_generations`` completions per prompt with transformers' ``generate``, the adapter
-active (never merged into the 4-bit base), scores them with the recipe's reward functions
+active (never merged into the 4-bit base), or with a colocated vLLM engine fed the adapter as a LoRA
+(``train.generator=vllm``, :mod:`qlora_phi3.run.vllm_lora`), scores them with the recipe's reward functions
 (:mod:`qlora_phi3.run.rewards`, tried on a sample record before the model loads) and pushes the policy towards the
 completions that beat their group's mean. ``train.beta`` > 0 adds a KL term to a reference: the 4-bit base with the
 adapter off, or a frozen copy of ``model.adapter`` when training continues one (as for DPO,
@@ -14,6 +15,7 @@ round covers ``micro_batch_size x grad_accum`` completions, i.e. that many / ``n
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from qlora_phi3.data.prompts import PromptRecord, answer_chats, drop_long_prompt
 from qlora_phi3.run.methods.base import MethodData, build_method_trainer, common_arguments, eval_fields_of, report_splits
 from qlora_phi3.run.methods.preference import beta, drop_redundant_reference
 from qlora_phi3.run.rewards import load_rewards, try_rewards
+from qlora_phi3.errors import UserError
 from qlora_phi3.ui import info, plural
 
 __all__ = ["GRPOData", "PromptSet", "build_trainer", "check_rewards", "eval_fields", "load_data",
@@ -114,7 +117,18 @@ def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dt
     args["per_device_eval_batch_size"] = group * -(-t.micro_batch_size // group)  # whole groups per eval batch
     if measuring:  # profile and benchmarks measure the worst case: every completion runs to max_completion_len
         args["generation_kwargs"] = {"min_new_tokens": t.max_completion_len}
-    return GRPOConfig(**args, beta=beta(recipe), num_generations=group, max_completion_length=t.max_completion_len,
+    vllm = {}
+    if t.generator == "vllm":
+        from qlora_phi3.run.vllm_lora import check_vllm_here, vllm_arguments
+
+        if measuring:
+            raise UserError("train.generator=vllm: profile and the benchmarks measure generation with transformers "
+                            "in the training process; vLLM's memory is its own (train.vllm_gib). Measure the "
+                            "training side with train.generator=transformers.")
+        check_vllm_here(device)
+        vllm = vllm_arguments(recipe)
+    return GRPOConfig(**args, **vllm, beta=beta(recipe), num_generations=group,
+                      max_completion_length=t.max_completion_len,
                       temperature=t.temperature, top_p=t.top_p, reward_weights=t.reward_weights,
                       disable_dropout=False,  # lora.dropout is the recipe's choice, as for SFT
                       log_completions=False,  # our samples.jsonl instead of TRL's rich tables and parquet files
@@ -128,11 +142,14 @@ def _trainer_class():
     from qlora_phi3.run.checkpoints import AtomicCheckpoints
     from qlora_phi3.run.internals import check_trainer_internals
     from qlora_phi3.run.logprobs import install_label_logprobs
+    from qlora_phi3.run.vllm_lora import lora_only_sync
 
     class QLoraGRPOTrainer(ModelCardMixin, AtomicCheckpoints, GRPOTrainer):
         def __init__(self, *args, loss_chunk_tokens: int = 256, **kwargs):
             check_trainer_internals(GRPOTrainer)
-            super().__init__(*args, **kwargs)
+            # train.generator=vllm: TRL's engine, fed the adapter as a LoRA instead of merging it (run/vllm_lora.py)
+            with lora_only_sync() if kwargs["args"].use_vllm else nullcontext():
+                super().__init__(*args, **kwargs)
             if loss_chunk_tokens:  # label-only log-probs of the completions, as for DPO; 0 = TRL's fused head
                 install_label_logprobs(self.model.get_base_model(), loss_chunk_tokens, self.args.temperature)
 
