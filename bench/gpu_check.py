@@ -29,6 +29,8 @@ before ``--budget-s`` are recorded as skipped):
 9c. grpo   on that random Phi-4-mini, two GRPO steps of recipes/phi4_mini_12gb_grpo.yaml (generation with the adapter
            active: a random model writes to train.max_completion_len, generation's worst case), peak beside the
            estimate
+9d. grpo_vllm the same with train.generator=vllm (a colocated vLLM fed the adapter as a LoRA), where vLLM is
+           installed; said not run otherwise
 10. speed  bench/compare.py at the real shape: one pass over the mixed-length chat set, ours against the cookbook
            pipeline in the GPU's dtype (the ratio a CPU can only derive), and ours with flash-attn's varlen path
 """
@@ -402,6 +404,20 @@ def _family_step(ctx, shape: str, recipe_name: str, seq: int | None, dry_overrid
 
 def step_grpo(ctx) -> str:
     """GRPO on step 8's random Phi-4-mini: generation's KV cache and the training step, beside the estimate."""
+    return _grpo(ctx, "grpo")
+
+
+def step_grpo_vllm(ctx) -> str:
+    """The same two steps sampled by a colocated vLLM fed the adapter as a LoRA (train.generator=vllm), where vLLM
+    is installed: the first run of that path on vLLM itself."""
+    import importlib.util
+
+    if ctx.dry or importlib.util.find_spec("vllm") is None:
+        return "not run: " + ("a dry run has no CUDA" if ctx.dry else "vLLM is not installed on this machine")
+    return _grpo(ctx, "grpo-vllm", "train.generator=vllm", "train.vllm_gib=6")
+
+
+def _grpo(ctx, name: str, *extra: str) -> str:
     from qlora_phi3.config import load_recipe
     from qlora_phi3.data.synthetic import generate_prompts, write_jsonl
     from qlora_phi3.memory.estimate import estimate
@@ -413,8 +429,8 @@ def step_grpo(ctx) -> str:
     data = ctx.work / "grpo-prompts.jsonl"
     write_jsonl(data, [{"prompt": r["prompt"], "solution": r["answer"]} for r in generate_prompts()])
     seq, completion = (128, 16) if ctx.dry else (1536, 1024)
-    run_dir = ctx.work / "grpo"
-    overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")]
+    run_dir = ctx.work / name
+    overrides = [o for o in ctx.train_overrides if not o.startswith("data.max_seq_len=")] + list(extra)
     if ctx.dry:
         overrides += ["model.compute_dtype=float32", "train.num_generations=4", "train.micro_batch_size=4",
                       "train.grad_accum=1"]
@@ -434,7 +450,7 @@ def step_grpo(ctx) -> str:
 
 STEPS = [("build", step_build, 120), ("train", step_train, 120), ("dpo", step_dpo, 120), ("phi4", step_phi4, 180),
          ("phi4_14b", step_phi4_14b, 480),
-         ("grpo", step_grpo, 180),
+         ("grpo", step_grpo, 180), ("grpo_vllm", step_grpo_vllm, 240),
          ("packing", step_packing, 60), ("fp16", step_fp16, 90), ("grid", step_grid, 240), ("long", step_long, 120),
          ("merge", step_merge, 150), ("eval", step_eval, 150), ("speed", step_speed, 240)]
 

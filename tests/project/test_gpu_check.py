@@ -16,8 +16,8 @@ def test_dry_run_runs_every_step_and_writes_each_result_as_it_goes(tmp_path):
                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
     report = (tmp_path / "dry-run-cpu.md").read_text()
     assert res.returncode == 0, report[-3000:] + res.stderr[-2000:]
-    for step in ("build", "train", "dpo", "phi4", "phi4_14b", "grpo", "packing", "fp16", "grid", "long", "merge", "eval",
-                 "speed"):
+    for step in ("build", "train", "dpo", "phi4", "phi4_14b", "grpo", "grpo_vllm", "packing", "fp16", "grid", "long",
+                 "merge", "eval", "speed"):
         assert f"## {step} (" in report, step  # each step's section, none FAILED or skipped
     assert "DRY RUN" in report and "0 step(s) failed" in report
     packing = next(line for line in report.splitlines() if line.startswith("packed vs alone"))
@@ -32,6 +32,7 @@ def test_dry_run_runs_every_step_and_writes_each_result_as_it_goes(tmp_path):
     grpo = next(line for line in report.splitlines() if line.startswith("phi4_mini_12gb_grpo at"))
     assert "status completed, 2 steps" in grpo and "estimated reserved" in grpo
     assert "status completed" in phi4 and "estimated reserved" in phi4
+    assert "not run: a dry run has no CUDA" in report  # grpo_vllm says why it did not run, never a silent skip
     evaluated = next(line for line in report.splitlines() if line.startswith("`qlora-phi3 eval` at"))
     assert "256 tokens per row, batch 2" in evaluated and "base" in evaluated and "fine-tune" in evaluated
     speed = next(line for line in report.splitlines() if line.startswith("one pass over"))
