@@ -146,13 +146,14 @@ def print_fit_report(report) -> None:
 
 
 def _profile(args) -> int:
-    from qlora_phi3.run.profile import check_quality_applies, grid_recipes, profile, write_results
+    from qlora_phi3.run.profile import check_measurable, check_quality_applies, grid_recipes, profile, write_results
     from qlora_phi3.ui import console, info, warn
 
     path, overrides = recipe_and_overrides(args)
     budget_gib = _budget_gib(args.budget)
     configs = grid_recipes(path, overrides, args.grid)
     check_quality_applies(configs, args.quality_steps)  # before the plan is announced
+    check_measurable(configs)
     out = Path(args.out) if args.out else Path("profiles") / path.stem
     quality = (f", then {args.quality_steps} step(s) on the recipe's data for the held-out eval loss"
                if args.quality_steps else "")

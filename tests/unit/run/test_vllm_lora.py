@@ -67,8 +67,14 @@ def test_vllm_takes_its_share_of_the_gpu_and_refuses_the_whole_of_it(monkeypatch
 
 
 def test_profile_refuses_vllm_generation():
+    from qlora_phi3.run import profile as P
     from qlora_phi3.run.methods import grpo
 
+    configs = P.grid_recipes(str(GRPO), ["model.adapter=null"], ["train.generator=transformers,vllm"])
+    assert [r.train.generator for _, r in configs] == ["transformers", "vllm"]
+    P.check_measurable(configs[:1])
+    with pytest.raises(UserError, match="profile does not measure train.generator=vllm"):
+        P.check_measurable(configs)
     with pytest.raises(UserError, match="profile and the benchmarks measure generation with transformers"):
         grpo.training_arguments(_recipe(), Path("unused"), "cpu", "float32", measuring=True)
 
