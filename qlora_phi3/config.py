@@ -545,18 +545,22 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
-            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8.")
+            raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8."
+                            + _data_file_hint(p))
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise UserError(f"{loc}: invalid YAML: {getattr(e, 'problem', None) or e}.")
+            raise UserError(f"{loc}: invalid YAML: {getattr(e, 'problem', None) or e}." + _data_file_hint(p))
         lines = _yaml_lines(text)
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise UserError(f"{p}: a recipe is a mapping with sections {', '.join(SECTIONS)}, got {type(data).__name__}.")
+            raise UserError(f"{p}: a recipe is a mapping with sections {', '.join(SECTIONS)}, got "
+                            f"{type(data).__name__}." + _data_file_hint(p))
+        if data and _data_file_hint(p) and not any(str(k) in SECTIONS for k in data):  # e.g. a one-record JSONL
+            raise UserError(f"{p}: no recipe section ({', '.join(SECTIONS)})." + _data_file_hint(p))
         _refuse_other_tools(p, data, lines)
         for section, body in data.items():
             sec_where = f"{p}:{lines.get(str(section), 1)}"
@@ -586,6 +590,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     recipe.source = source
     _check_values(recipe, origins, source)
     return recipe
+
+
+def _data_file_hint(path: Path) -> str:
+    """For a data file given where the recipe goes (``qlora-phi3 data chats.jsonl``): where it belongs instead."""
+    if not path.name.lower().endswith((".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".gz")):
+        return ""
+    return (f" {path.name} looks like a data file, not a recipe: name a recipe first and give the file as "
+            f"data.path, e.g. `tiny_cpu data.path={path}`.")
 
 
 def _absolute(path: str) -> str:

@@ -176,3 +176,16 @@ def test_headline_recipe_is_pinned_and_commented():
     for knob in ("max_seq_len", "micro_batch_size", "grad_accum", "optimizer", "gradient_checkpointing", "r:"):
         line = next(ln for ln in lines if ln.strip().startswith(knob))
         assert "#" in line, f"memory knob {knob} needs a comment"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("chats.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": []}\n'),  # YAML error, line 2
+    ("one.jsonl", b'{"prompt": "What is 2+2?", "answer": "4"}\n'),  # one record: a YAML mapping, no section
+    ("rows.json", b'[{"prompt": "a"}]'),  # a list
+    ("rows.parquet", b"PAR1\x15\x04\x15\xff\xfe\x00"),  # binary
+])
+def test_a_data_file_given_as_the_recipe_says_where_it_belongs(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(body)
+    with pytest.raises(UserError, match=rf"{name} looks like a data file, not a recipe: .*data\.path={path}"):
+        load_recipe(path)
