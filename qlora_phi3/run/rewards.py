@@ -66,23 +66,53 @@ def exact_answer(prompts, completions, answer, completion_ids=None, **kwargs) ->
     return [float(_normalized(final_answer(_text(c))) == _normalized(str(a))) for c, a in zip(completions, answer)]
 
 
-def _last_number(text: str) -> float | None:
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
+# A value: a fraction (\frac{a}{b}, \dfrac, a/b) or a number. Fractions first, so "1/3" is 1/3, not 3.
+_VALUE = re.compile(r"(-)?\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*(\d+)\s*\}|([-+]?\d+)\s*/\s*(\d+)(?!\.?\d)|"
+                    + _NUMBER.pattern)
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def _value(match: re.Match) -> float | None:
+    minus, num, den, a, b = match.groups()
     try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
+        if num is not None or a is not None:
+            value = int(num if num is not None else a) / int(den if den is not None else b)
+            return -value if minus else value
+        return float(match.group(0).replace(",", ""))
+    except (ValueError, ZeroDivisionError):
         return None
+
+
+def _last_value(text: str) -> float | None:
+    """The last number or fraction of a completion's answer (the content of its last \\boxed{} when it has one)."""
+    boxed = _BOXED.findall(text)
+    found = list(_VALUE.finditer(boxed[-1] if boxed else text))
+    return _value(found[-1]) if found else None
+
+
+def _target_value(text: str) -> float | None:
+    """The number an answer column holds: all of it (or of its \\boxed{}, or what follows GSM8K's '####') when that
+    is one number or fraction; the last number of plain prose; None for any other expression (\\sqrt{2}, \\pi, an
+    interval or a tuple), whose value a number match would misread (as its last digit)."""
+    boxed = _BOXED.findall(text)
+    core = (boxed[-1] if boxed else text.rsplit("####", 1)[-1]).strip().strip("$").strip().rstrip(".")
+    whole = _VALUE.fullmatch(core)
+    if whole:
+        return _value(whole)
+    if any(ch in core for ch in "\\^{}_()[]π√∞"):  # an expression, an interval or a tuple: not one number
+        return None
+    found = list(_NUMBER.finditer(core))
+    return _value(found[-1]) if found else None
 
 
 def numeric_answer(prompts, completions, answer, completion_ids=None, tolerance: float = 1e-6, **kwargs):
-    """1.0 when the last number of the final answer is within ``tolerance`` (relative, and absolute near 0) of the
-    ``answer`` column's number, else 0.0; None for a record whose ``answer`` holds no number."""
+    """1.0 when the last number or fraction of the final answer (in its last ``\\boxed{}`` if it has one) is within
+    ``tolerance`` (relative, and absolute near 0) of the ``answer`` column's value, else 0.0; None for a record whose
+    ``answer`` holds no number, or an expression other than a number or a fraction (see :func:`_target_value`)."""
     out = []
     for c, a in zip(completions, answer):
-        want = _last_number(str(a))
-        got = _last_number(final_answer(_text(c)))
+        want = _target_value(str(a))
+        got = _last_value(final_answer(_text(c)))
         if want is None:
             out.append(None)
         else:

@@ -32,6 +32,23 @@ def test_exact_and_numeric_answers_read_the_answer_after_the_reasoning():
     assert got == [1.0, 1.0, 0.0, 0.0, None]  # 7.1 is outside 1% of 7; no number in the answer column: None
 
 
+@pytest.mark.parametrize("answer, completions, expected", [
+    # Fractions are values: the last digit of 1/3 is not its answer (DeepMath-103K's 'solution' column is LaTeX).
+    (r"\frac{1}{3}", [r"\boxed{\frac{1}{3}}", "It is 1/3.", "3", r"\dfrac{2}{6}"], [1.0, 1.0, 0.0, 1.0]),
+    (r"$-\dfrac{3}{4}$", ["-3/4", "3/4", r"-\frac{3}{4}"], [1.0, 0.0, 1.0]),
+    (r"\boxed{12}", [r"<think>11?</think> So \boxed{12}, not 13.", "13"], [1.0, 0.0]),  # the boxed answer counts
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", ["72", "24"], [1.0, 0.0]),  # GSM8K: after '####'
+    # Not one number: no reward rather than a wrong one.
+    (r"\sqrt{2}", ["2", "1.414"], [None, None]),
+    ("[0, 1)", ["1", "0"], [None, None]),
+    (r"2\pi", ["2"], [None]),
+])
+def test_numeric_answer_reads_fractions_and_boxed_answers_and_skips_expressions(answer, completions, expected):
+    numeric = resolve_reward("numeric_answer", tolerance=1e-6)
+    assert numeric(prompts=[""] * len(completions), completions=completions,
+                   answer=[answer] * len(completions)) == expected
+
+
 def _write(tmp_path, body: str):
     path = tmp_path / "my_rewards.py"
     path.write_text(body)
