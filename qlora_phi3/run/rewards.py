@@ -37,6 +37,7 @@ __all__ = ["BUILTIN_REWARDS", "Reward", "final_answer", "load_rewards", "try_rew
 # What TRL passes to every reward function besides the data columns (GRPOTrainer._calculate_rewards).
 TRL_EXTRA_KWARGS = ("trainer_state", "log_extra", "log_metric")
 _THINK = re.compile(r"^\s*<think>(.+?)</think>\s*(\S.*)$", re.DOTALL)
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")  # one level of braces inside: \boxed{\frac{1}{3}}
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 
@@ -61,15 +62,22 @@ def _normalized(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip(".")
 
 
+def _unboxed(text: str) -> str:
+    """The content of the last ``\\boxed{}`` (how math answers are marked), or the text when it has none."""
+    boxed = _BOXED.findall(text)
+    return boxed[-1] if boxed else text
+
+
 def exact_answer(prompts, completions, answer, completion_ids=None, **kwargs) -> list[float]:
-    """1.0 when the final answer equals the ``answer`` column (case, spacing and a final period ignored), else 0.0."""
-    return [float(_normalized(final_answer(_text(c))) == _normalized(str(a))) for c, a in zip(completions, answer)]
+    """1.0 when the final answer equals the ``answer`` column (case, spacing, a final period and a ``\\boxed{}``
+    around either ignored), else 0.0."""
+    return [float(_normalized(_unboxed(final_answer(_text(c)))) == _normalized(_unboxed(str(a))))
+            for c, a in zip(completions, answer)]
 
 
 # A value: a fraction (\frac{a}{b}, \dfrac, a/b) or a number. Fractions first, so "1/3" is 1/3, not 3.
 _VALUE = re.compile(r"(-)?\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*(\d+)\s*\}|([-+]?\d+)\s*/\s*(\d+)(?!\.?\d)|"
                     + _NUMBER.pattern)
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 
 
 def _value(match: re.Match) -> float | None:
@@ -85,8 +93,7 @@ def _value(match: re.Match) -> float | None:
 
 def _last_value(text: str) -> float | None:
     """The last number or fraction of a completion's answer (the content of its last \\boxed{} when it has one)."""
-    boxed = _BOXED.findall(text)
-    found = list(_VALUE.finditer(boxed[-1] if boxed else text))
+    found = list(_VALUE.finditer(_unboxed(text)))
     return _value(found[-1]) if found else None
 
 
@@ -94,8 +101,8 @@ def _target_value(text: str) -> float | None:
     """The number an answer column holds: all of it (or of its \\boxed{}, or what follows GSM8K's '####') when that
     is one number or fraction; the last number of plain prose; None for any other expression (\\sqrt{2}, \\pi, an
     interval or a tuple), whose value a number match would misread (as its last digit)."""
-    boxed = _BOXED.findall(text)
-    core = (boxed[-1] if boxed else text.rsplit("####", 1)[-1]).strip().strip("$").strip().rstrip(".")
+    unboxed = _unboxed(text)
+    core = (unboxed if unboxed != text else text.rsplit("####", 1)[-1]).strip().strip("$").strip().rstrip(".")
     whole = _VALUE.fullmatch(core)
     if whole:
         return _value(whole)

@@ -26,6 +26,8 @@ def test_exact_and_numeric_answers_read_the_answer_after_the_reasoning():
     exact = resolve_reward("exact_answer")
     assert exact(prompts=[""] * 3, completions=["<think>6?</think> Paris.", "paris", "Lyon"],
                  answer=["Paris", "Paris", "Paris"]) == [1.0, 1.0, 0.0]
+    assert exact(prompts=[""] * 3, completions=[r"So \boxed{\frac{1}{3}}.", r"\frac{1}{3}", r"\boxed{3}"],
+                 answer=[r"\frac{1}{3}", r"\boxed{\frac{1}{3}}", r"\frac{1}{3}"]) == [1.0, 1.0, 0.0]
     numeric = resolve_reward("numeric_answer", tolerance=0.01)
     got = numeric(prompts=[""] * 5, completions=["<think>6</think> 3 plus 4 is 7.", "it is 1,000.5", "7.1", "none",
                                                 _chat("7")], answer=["7", "1000.5", "7", "7", "n/a"])
