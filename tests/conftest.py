@@ -84,6 +84,21 @@ def llama_cpp_src(tmp_path_factory, llama_cpp_sdist) -> Path:
     return out / root / "vendor" / "llama.cpp"
 
 
+def read_gguf(path: Path) -> tuple:
+    """gguf's reader of the GGUF at ``path`` and its keys' values ({key: contents}). The file is read into memory
+    first: the reader slices its buffer once per value and string (~4 million times on Phi-4-mini's 200,064 tokens
+    and 446,000 merges), and each slice of numpy's memmap costs ~3x one of a plain array (2-core EPYC: 19 s against
+    7 s for the tiny Phi-4-mini's f16 file, 1.9 s against 0.6 s for the tiny Phi-3's)."""
+    from unittest import mock
+
+    import gguf.gguf_reader
+    import numpy as np
+
+    with mock.patch.object(gguf.gguf_reader.np, "memmap", lambda p, mode="r", **kw: np.fromfile(p, dtype=np.uint8)):
+        reader = gguf.GGUFReader(str(path))
+    return reader, {k: f.contents() for k, f in reader.fields.items()}
+
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     import importlib.util

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import read_gguf
+
 pytestmark = pytest.mark.slow
 
 # float32 compute: CPUs without native bf16 emulate it ~10x slower (docs/pitfalls.md), and the 200,064-wide logits
@@ -132,18 +134,9 @@ def _chat_stops(cm, msgs, emitted: int, capsys) -> bool:
 
 @functools.cache
 def _fields(path: Path):
-    """The file's reader and its keys, parsed once per file: gguf's reader takes 15-35 s on the 200,064-token
-    vocabulary and its 446,000 merges (2 busy cores), and several tests read the same f16 file. The file is read into
-    memory first: the reader slices its buffer ~4 million times, and each slice of numpy's memmap costs ~3x one of a
-    plain array (measured on a 2-core Xeon with avx512_bf16: 22 s against 7 s for the f16 file)."""
-    from unittest import mock
-
-    import gguf
-    import gguf.gguf_reader
-
-    with mock.patch.object(gguf.gguf_reader.np, "memmap", lambda p, mode="r", **kw: np.fromfile(p, dtype=np.uint8)):
-        reader = gguf.GGUFReader(str(path))
-    return reader, {k: f.contents() for k, f in reader.fields.items()}
+    """The file's reader and its keys (conftest.read_gguf), parsed once per file: several tests read the same f16
+    file, and reading one with the 200,064-token vocabulary and its 446,000 merges takes seconds."""
+    return read_gguf(path)
 
 
 CHECK_SAMPLES = 4  # held-out conversations per llama.cpp check, as tests/unit/ship/test_export.py

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import read_gguf
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.ship import adapter_export as adapter_mod
@@ -59,10 +60,8 @@ def runs(tiny_run, tmp_path_factory) -> dict[str, Path]:
 
 
 def _kv(path: Path) -> tuple:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    return reader, {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    reader, kv = read_gguf(path)
+    return reader, {k: v for k, v in kv.items() if not k.startswith("GGUF.")}
 
 
 # ------------------------------------------------------------------------------- the file, against llama.cpp's own

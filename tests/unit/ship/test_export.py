@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import read_gguf
 from qlora_phi3.cli import main
 from qlora_phi3.errors import UserError
 from qlora_phi3.model.tiny import TINY_MODEL_DIR
@@ -56,13 +57,6 @@ def exported(tiny_run, tmp_path_factory, llama_cpp):
 # ------------------------------------------------------------------------------- the gguf package alone
 
 
-def _fields(path: Path) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    return reader, {k: f.contents() for k, f in reader.fields.items()}
-
-
 @pytest.mark.slow  # reuses the session's trained run
 def test_gguf_package_writes_f16_and_q8_0_with_the_merged_weights(merged_dir, tmp_path, monkeypatch):
     """Without llama-cpp-python: f16 and q8_0 are written, hold the merged weights, the PHI3 keys and the
@@ -83,7 +77,7 @@ def test_gguf_package_writes_f16_and_q8_0_with_the_merged_weights(merged_dir, tm
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     config = json.loads((merged_dir / "config.json").read_text())
     for quant, tol in (("f16", 0.0), ("q8_0", 1 / 127)):  # q8_0: one step of the block's absmax / 127
-        reader, kv = _fields(result.files[quant])
+        reader, kv = read_gguf(result.files[quant])
         assert kv["general.architecture"] == "phi3" and "Phi-3" in kv["general.name"]
         assert kv["phi3.block_count"] == config["num_hidden_layers"]
         assert kv["phi3.context_length"] == config["max_position_embeddings"]
@@ -184,7 +178,7 @@ def test_rope_keys_run_like_transformers(llama_cpp, kind, n_tokens, tmp_path):
         kind, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
     path = tmp_path / f"{kind}.gguf"
     write_gguf(model_dir, path, "f16", "mini")
-    reader, kv = _fields(path)
+    reader, kv = read_gguf(path)
     assert kv["phi3.rope.scaling.original_context_length"] == 4096
     if kind == "128k":
         assert kv["phi3.context_length"] == 131072
@@ -346,7 +340,6 @@ def test_merged_dir_converts_with_llama_cpps_converter(llama_cpp, llama_cpp_src,
     """Users who prefer llama.cpp's own tools can convert the merged directory: it carries tokenizer.model
     (docs/pitfalls.md), and the result tokenizes chat text like training, without a <s> and with Phi-3's rstrip
     (its model card names it Phi-3: docs/pitfalls.md), and predicts like ours."""
-    import gguf
     from transformers import AutoTokenizer
 
     assert (merged_dir / "tokenizer.model").is_file()
@@ -356,7 +349,7 @@ def test_merged_dir_converts_with_llama_cpps_converter(llama_cpp, llama_cpp_src,
                            "--outfile", str(converted), "--outtype", "f16"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Phi-3" in gguf.GGUFReader(str(converted)).fields["general.name"].contents()
+    assert "Phi-3" in read_gguf(converted)[1]["general.name"]
     ours = tmp_path / "ours-f16.gguf"
     write_gguf(merged_dir, ours, "f16", "tiny")
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
@@ -442,11 +435,11 @@ def test_force_replaces_an_export_and_an_interrupted_one_leaves_it_intact(merged
     before = sorted(p.name for p in out.iterdir())
     calls = []
 
-    def dies_on_second(model_dir, dest, quant, name):
+    def dies_on_second(model_dir, dest, quant, name, vocab=None):
         calls.append(quant)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return write_gguf(model_dir, dest, quant, name)
+        return write_gguf(model_dir, dest, quant, name, vocab)
 
     monkeypatch.setattr(gguf_writer, "write_gguf", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
