@@ -108,8 +108,11 @@ def _generation_class(base):
                 if any(isinstance(m, bnb.nn.Linear4bit) for m in self.model.modules()):
                     quantization = "bitsandbytes"  # vLLM quantizes the checkpoint to 4-bit as it loads it
             rank = self.model.peft_config[ADAPTER_NAME].r
+            base = self.model.name_or_path
+            # A Hub id: the commit the trainer loaded (the recipe's model.revision, resolved), not the newest one.
+            revision = None if Path(base).is_dir() else getattr(self.model.config, "_commit_hash", None)
             self.llm = _LoraEngine(LLM(
-                model=self.model.name_or_path, gpu_memory_utilization=self.gpu_memory_utilization,
+                model=base, revision=revision, gpu_memory_utilization=self.gpu_memory_utilization,
                 max_model_len=self.max_model_length, max_num_seqs=self.max_num_seqs,
                 enable_sleep_mode=self.enable_sleep_mode, model_impl=self.model_impl,
                 distributed_executor_backend="external_launcher", seed=self.accelerator.process_index,

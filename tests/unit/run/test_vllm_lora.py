@@ -190,6 +190,11 @@ def test_grpo_samples_from_the_adapter_of_every_step_and_never_merges(monkeypatc
 
     _fake_vllm(monkeypatch)
     FakeLLM.made.clear()
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        # vLLM's colocated start writes the launch's ranks into the environment, as TRL's does; in this test process
+        # they must not outlive the test, or the next test's Trainer sees a distributed launch and wraps in DDP.
+        monkeypatch.setenv(name, "")  # recorded, so that the end of the test removes what the code sets
+        monkeypatch.delenv(name)
 
     def no_merge(*args, **kwargs):
         raise AssertionError("the adapter was merged into the 4-bit base")
@@ -229,6 +234,7 @@ def test_grpo_samples_from_the_adapter_of_every_step_and_never_merges(monkeypatc
     options = engine.options
     assert options["enable_lora"] and options["max_loras"] == 1 and options["max_lora_rank"] == 16  # lora.r 16
     assert options["quantization"] == "bitsandbytes" and options["enable_sleep_mode"]
+    assert Path(engine.base).is_dir() and options["revision"] is None  # a local base: no Hub revision to pin
     assert options["gpu_memory_utilization"] == pytest.approx(3 / 12) and options["max_model_len"] == 64
     assert {level for event, level in engine.events if event == "sleep"} == {1}  # level 2 would drop the base
     weights_back = False
