@@ -21,10 +21,10 @@ from pathlib import Path
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.data.prompts import PromptRecord, answer_chats, drop_long_prompts, load_prompt_splits, prompt_limit
+from qlora_phi3.errors import UserError
 from qlora_phi3.run.methods.base import MethodData, build_method_trainer, common_arguments, eval_fields_of, report_splits
 from qlora_phi3.run.methods.preference import beta, drop_redundant_reference
 from qlora_phi3.run.rewards import load_rewards, try_rewards
-from qlora_phi3.errors import UserError
 from qlora_phi3.ui import info, plural
 
 __all__ = ["GRPOData", "PromptSet", "build_trainer", "check_rewards", "eval_fields", "load_data",
