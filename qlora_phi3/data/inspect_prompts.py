@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qlora_phi3.config import Recipe
 from qlora_phi3.data.inspect import PERCENTILES, percentile
-from qlora_phi3.data.prompts import drop_long_prompts, load_prompt_splits, prompt_limit, prompt_token_ids
+from qlora_phi3.data.prompts import drop_long_prompts, eval_from, load_prompt_splits, prompt_limit, prompt_token_ids
 from qlora_phi3.data.read import LoadReport
 from qlora_phi3.errors import UserError
 
@@ -59,7 +59,7 @@ def inspect_prompts(recipe: Recipe, tokenizer, sample: int = 0, out_dir: str | P
         skipped=splits.report.n_bad, train=len(train), eval=len(held), prompt_limit=limit,
         max_completion_len=t.max_completion_len, num_generations=t.num_generations,
         token_lengths={f"p{p}": percentile(lengths, p) for p in PERCENTILES}, reward_columns=columns,
-        rewards=list(t.rewards), eval_from=splits.eval_from, notes=splits.report.notes + splits.notes,
+        rewards=list(t.rewards), eval_from=eval_from(splits, held), notes=splits.report.notes + splits.notes,
         read=splits.report, sample_text=tokenizer.decode(prompt_token_ids(tokenizer, records[sample])),
         sample_columns=records[sample].columns)
     out = Path(out_dir) if out_dir else Path(t.output_dir).expanduser().with_name(Path(t.output_dir).name + "-data")

@@ -145,6 +145,13 @@ def drop_long_prompts(cfg: DataConfig, report: LoadReport, records: list[PromptR
     return kept, lengths
 
 
+def eval_from(splits, held: list) -> str:
+    """Where the held-out prompts come from, and how many of them :func:`drop_long_prompts` dropped since, so that
+    "4 eval" beside "5 held out" reads as what happened."""
+    dropped = len(splits.eval) - len(held)
+    return splits.eval_from + (f"; {dropped} of them over the prompt limit" if dropped else "")
+
+
 def load_prompt_splits(cfg: DataConfig, seed: int, records: tuple[list, LoadReport] | None = None):
     """Train and held-out prompts by the chat splits' rules (:func:`qlora_phi3.data.holdout.split_records`): a named
     eval split where the source has one, else a seeded ``data.eval_fraction``; a prompt never on both sides.

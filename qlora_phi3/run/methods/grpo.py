@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_phi3.config import Recipe
-from qlora_phi3.data.prompts import PromptRecord, answer_chats, drop_long_prompts, load_prompt_splits, prompt_limit
+from qlora_phi3.data.prompts import (PromptRecord, answer_chats, drop_long_prompts, eval_from, load_prompt_splits,
+                                     prompt_limit)
 from qlora_phi3.errors import UserError
 from qlora_phi3.run.methods.base import MethodData, build_method_trainer, common_arguments, eval_fields_of, report_splits
 from qlora_phi3.run.methods.preference import beta, drop_redundant_reference
@@ -95,7 +96,7 @@ def load_data(recipe: Recipe, tokenizer, records=None) -> MethodData:
     report_splits(splits)
     rewards = check_rewards(recipe, train[0], tokenizer)
     info(f"rewards: {', '.join(f'{r.spec} (x{r.weight:g})' for r in rewards)}; tried on {train[0].origin}")
-    info(f"data: {plural(len(train), 'train prompt')} / {len(held):,} eval ({splits.eval_from}); "
+    info(f"data: {plural(len(train), 'train prompt')} / {len(held):,} eval ({eval_from(splits, held)}); "
          f"{t.num_generations} completions of up to {t.max_completion_len} tokens each; reward columns: "
          f"{', '.join(sorted(train[0].columns)) or '(none)'}")
     train_set, eval_set = PromptSet(train, train_lengths), PromptSet(held, held_lengths)

@@ -92,3 +92,17 @@ def test_data_inspection_shows_prompt_lengths_and_the_reward_columns(tmp_path, t
     assert res.reward_columns == ["answer"] and res.token_lengths["p100"] <= res.prompt_limit
     assert res.sample_text.endswith("<|assistant|>")  # generation starts right after the generation prompt
     assert json.loads((tmp_path / "report" / "data_report.json").read_text())["reward_columns"] == ["answer"]
+
+
+def test_a_held_out_prompt_over_the_limit_is_counted_beside_the_held_out_share(tmp_path, tiny_tokenizer):
+    from qlora_phi3.config import load_recipe, recipes_dir
+    from qlora_phi3.data.inspect_prompts import inspect_prompts
+
+    long = [{"prompt": f"word {i} " * 40, "answer": "x"} for i in range(6)]
+    path = _write(tmp_path, GOOD + long)
+    recipe = load_recipe(recipes_dir() / "tiny_cpu_grpo.yaml", [f"data.path={path}", "data.max_bad_fraction=0.5",
+                                                                 "data.eval_fraction=0.5"])
+    res = inspect_prompts(recipe, tiny_tokenizer, sample=0, out_dir=tmp_path / "report")
+    held = int(res.eval_from.split(" held out")[0])
+    dropped = held - res.eval
+    assert dropped > 0 and res.eval_from.endswith(f"; {dropped} of them over the prompt limit")
