@@ -248,6 +248,11 @@ class TrainConfig:
     eval_limit: int | None = _f(None, "train.eval_tasks on only the first N documents of each task (a quick look); "
                                       "null = all of them.")
 
+    @property
+    def samples_with_vllm(self) -> bool:
+        """A method that samples its own completions (grpo), sampling them with vLLM (train.generator=vllm)."""
+        return self.generator == "vllm" and METHODS[self.method].generates
+
 
 @dataclass
 class Recipe:

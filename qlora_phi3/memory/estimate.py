@@ -733,7 +733,7 @@ def _generation(step: Step) -> _Phase:
     if not step.method.generates:
         return _Phase([])
     train, seq, c = step.recipe.train, step.seq_len, step.c
-    if getattr(train, "generator", "transformers") == "vllm":
+    if getattr(train, "samples_with_vllm", False):
         engine = train.vllm_gib * 2**30
         return _Phase([term("vLLM engine (while it samples)", engine, "train.vllm_gib: vLLM's own 4-bit copy of the "
                             "base, CUDA graphs and KV cache, awake only while it samples (the training process holds "

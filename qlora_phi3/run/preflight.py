@@ -27,7 +27,6 @@ from qlora_phi3.data.read import LoadReport, check_data_file
 from qlora_phi3.data.split import read_training_records
 from qlora_phi3.errors import UserError
 from qlora_phi3.family import published
-from qlora_phi3.methods import METHODS
 from qlora_phi3.model.lora import check_adapter_fits, check_lora_variant
 from qlora_phi3.run.rundir import RunDir, prepare_run_dir
 
@@ -63,8 +62,7 @@ def preflight(recipe: Recipe, resume: bool = False, force: bool = False, *, meas
     limit = known_context(run_recipe.model)
     if limit:
         check_context(run_recipe, limit)
-    t = run_recipe.train
-    check_lora_variant(run_recipe.lora, run_recipe.model, vllm=t.generator == "vllm" and METHODS[t.method].generates)
+    check_lora_variant(run_recipe.lora, run_recipe.model, vllm=run_recipe.train.samples_with_vllm)
     if run_recipe.model.adapter:
         check_adapter_fits(run_recipe.model.adapter, run_recipe.lora, run_recipe.model)
     if not measuring:

@@ -268,7 +268,7 @@ def check_quality_applies(configs: list[tuple[dict, Recipe]], quality_steps: int
 
 def check_measurable(configs: list[tuple[dict, Recipe]]) -> None:
     """profile measures the training process; with train.generator=vllm the completions are sampled outside it."""
-    if any(r.train.generator == "vllm" and METHODS[r.train.method].generates for _, r in configs):
+    if any(r.train.samples_with_vllm for _, r in configs):
         raise UserError("profile does not measure train.generator=vllm: vLLM samples in memory of its own "
                         "(train.vllm_gib, docs/grpo.md), which this profile cannot see. Profile the training side "
                         "with train.generator=transformers.")

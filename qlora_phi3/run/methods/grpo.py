@@ -119,7 +119,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, device: str, compute_dt
     if measuring:  # profile and benchmarks measure the worst case: every completion runs to max_completion_len
         args["generation_kwargs"] = {"min_new_tokens": t.max_completion_len}
     vllm = {}
-    if t.generator == "vllm":
+    if t.samples_with_vllm:
         from qlora_phi3.run.vllm_lora import check_vllm_here, vllm_arguments
 
         if measuring:
